@@ -1,0 +1,28 @@
+# `make demo` and `make test` each set up .venv on first use (Python 3.11), then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export GLOG_v ?= 3
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --output outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) -m pip install -e ".[bench]" >/dev/null
+	$(PY) tools/benchmark.py --output outputs/bench
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,8 @@
+"""pvt_dense: the Pyramid Vision Transformer (PVT v1) as a dense-prediction backbone on MindSpore."""
+__version__ = "0.1.0"
+
+from .models import (PVT_SPECS, FeatureInfo, PVTBackbone, PVTClassifier, PVTSpec, create_backbone, create_model,
+                     list_models)
+
+__all__ = ["__version__", "create_backbone", "create_model", "list_models", "PVT_SPECS", "PVTSpec", "PVTBackbone",
+           "PVTClassifier", "FeatureInfo"]

@@ -1,0 +1,151 @@
+"""The building blocks of PVT v1: patch embedding, spatial-reduction attention, MLP, transformer block.
+
+Every layer mirrors the official PyTorch code (whai362/PVT) so that converted weights give the same numbers:
+PyTorch-style Conv2d padding and bias, LayerNorm eps per norm, exact (erf) GELU, (out, in) Linear weights.
+Tokens are (B, N, C) with N = H * W in row-major order, the layout the official code uses.
+"""
+from mindspore import nn, ops
+from mindspore.common.initializer import TruncatedNormal
+
+
+# The official code uses 1e-6 for the block norms and the final norm, and PyTorch's default 1e-5 for the
+# patch-embedding norm and the spatial-reduction norm. Mixing them up costs parity at the 1e-4 level.
+BLOCK_NORM_EPS = 1e-6
+EMBED_NORM_EPS = 1e-5
+
+
+def dense(in_features, out_features):
+    """A Linear layer initialised as in the official code: truncated normal std 0.02, zero bias."""
+    return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(0.02), bias_init="zeros", has_bias=True)
+
+
+def layer_norm(channels, eps):
+    return nn.LayerNorm((channels,), epsilon=eps)
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob` in training.
+
+    The per-sample mask comes from a Dropout over a (B, 1, 1) tensor of ones, so it is scaled by 1/keep_prob and
+    switches itself off in eval mode like every other dropout.
+    """
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+        self.enabled = self.drop_prob > 0.0
+        self.dropout = nn.Dropout(p=self.drop_prob if self.enabled else 0.5)
+
+    def construct(self, x):
+        if not self.enabled or not self.training:
+            return x
+        mask = self.dropout(ops.ones((x.shape[0], 1, 1), x.dtype))
+        return x * mask
+
+
+class PatchEmbed(nn.Cell):
+    """Non-overlapping patch embedding: (B, C_in, H, W) -> tokens (B, H//p * W//p, C) and the grid (H//p, W//p).
+
+    A 'valid' convolution floors H/p and W/p exactly like PyTorch's Conv2d, so odd input sizes give the same grids.
+    """
+
+    def __init__(self, in_channels, embed_dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, pad_mode="valid",
+                              has_bias=True)
+        self.norm = layer_norm(embed_dim, EMBED_NORM_EPS)
+
+    def construct(self, x):
+        x = self.proj(x)
+        batch, channels, height, width = x.shape
+        tokens = x.reshape(batch, channels, height * width).transpose(0, 2, 1)
+        return self.norm(tokens), height, width
+
+
+class SpatialReductionAttention(nn.Cell):
+    """Multi-head attention whose keys and values come from a grid shrunk `sr_ratio` times by a strided conv.
+
+    With the official ratios (8/4/2/1 at strides 4/8/16/32) the key/value length is (H/32)*(W/32) at every stage,
+    which is what makes PVT affordable on high-resolution inputs.
+    """
+
+    def __init__(self, dim, num_heads, sr_ratio, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.q = nn.Dense(dim, dim, weight_init=TruncatedNormal(0.02), has_bias=qkv_bias)
+        self.kv = nn.Dense(dim, 2 * dim, weight_init=TruncatedNormal(0.02), has_bias=qkv_bias)
+        self.proj = dense(dim, dim)
+        self.sr_ratio = sr_ratio
+        self.reduces = sr_ratio > 1
+        if self.reduces:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, pad_mode="valid", has_bias=True)
+            self.norm = layer_norm(dim, EMBED_NORM_EPS)
+        self.has_attn_drop = attn_drop > 0.0
+        self.attn_drop = nn.Dropout(p=attn_drop) if self.has_attn_drop else nn.Identity()
+        self.has_proj_drop = proj_drop > 0.0
+        self.proj_drop = nn.Dropout(p=proj_drop) if self.has_proj_drop else nn.Identity()
+        self.q_matmul_k = ops.BatchMatMul(transpose_b=True)
+        self.attn_matmul_v = ops.BatchMatMul()
+        self.softmax = ops.Softmax(axis=-1)
+
+    def construct(self, x, height, width):
+        batch, num_tokens, channels = x.shape
+        q = self.q(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if self.reduces:
+            grid = x.transpose(0, 2, 1).reshape(batch, channels, height, width)
+            reduced = self.sr(grid)
+            source = self.norm(reduced.reshape(batch, channels, -1).transpose(0, 2, 1))
+        else:
+            source = x
+        kv = self.kv(source).reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+        attn = self.softmax(self.q_matmul_k(q * self.scale, k))
+        if self.has_attn_drop:
+            attn = self.attn_drop(attn)
+        out = self.attn_matmul_v(attn, v).transpose(0, 2, 1, 3).reshape(batch, num_tokens, channels)
+        out = self.proj(out)
+        if self.has_proj_drop:
+            out = self.proj_drop(out)
+        return out
+
+
+class Mlp(nn.Cell):
+    """fc1 -> exact GELU -> fc2, the transformer feed-forward layer."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = dense(dim, hidden_dim)
+        self.act = nn.GELU(approximate=False)
+        self.fc2 = dense(hidden_dim, dim)
+        self.has_drop = drop > 0.0
+        self.drop = nn.Dropout(p=drop) if self.has_drop else nn.Identity()
+
+    def construct(self, x):
+        x = self.act(self.fc1(x))
+        if self.has_drop:
+            x = self.drop(x)
+        x = self.fc2(x)
+        if self.has_drop:
+            x = self.drop(x)
+        return x
+
+
+class Block(nn.Cell):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each branch with drop path."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0, drop=0.0, attn_drop=0.0):
+        super().__init__()
+        self.norm1 = layer_norm(dim, BLOCK_NORM_EPS)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = layer_norm(dim, BLOCK_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def construct(self, x, height, width):
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
