@@ -1,0 +1,389 @@
+"""Rename PVT v1 state dicts between checkpoint conventions and pvt_dense's native names.
+
+Pure functions over ``dict[str, numpy.ndarray]``: no torch, no MindSpore.
+
+Formats
+-------
+``native``       pvt_dense: ``stages.{s}.patch_embed.proj.weight``, ``stages.{s}.blocks.{j}.attn.kv.weight``, ...
+                 LayerNorm parameters are ``gamma``/``beta``.
+``official``     whai362/PVT (PyTorch): ``patch_embed{i}.*``, ``pos_embed{i}``, ``block{i}.{j}.*`` with i = s + 1,
+                 LayerNorm ``weight``/``bias``. mmdetection checkpoints (``backbone.`` prefix) are accepted too.
+``huggingface``  transformers ``PvtForImageClassification`` (``pvt.encoder.*``, ``classifier.*``) or bare
+                 ``PvtModel`` (``encoder.*``). Keys and values are two Linear layers there; natively they are one
+                 ``kv`` layer whose rows ``[0:C]`` are keys and ``[C:2C]`` values (the official layout).
+``mindcv``       MindCV 0.3.0 ``mindcv.models.pvt``: ``patch_embed{i}.*``, ``pos_embed{i}`` (float16),
+                 ``Blocks.{s}.{j}.*``, LayerNorm ``gamma``/``beta``.
+
+Each format is one table below, from a native *module* name to that format's module name. Parameter leaves follow
+from the module's kind: LayerNorms are ``gamma``/``beta`` natively and ``weight``/``bias`` in the PyTorch formats,
+Dense/Conv2d are ``weight``/``bias`` everywhere, and bare parameters (``pos_embed``, ``cls_token``) have no leaf.
+Placeholders: ``{s}`` stage 0..3, ``{i}`` = s + 1, ``{j}`` block within its stage, ``{last}`` the last stage.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from pvt_dense.errors import CheckpointError
+
+NATIVE = "native"
+OFFICIAL = "official"
+HUGGINGFACE = "huggingface"
+MINDCV = "mindcv"
+FORMATS = (NATIVE, OFFICIAL, HUGGINGFACE, MINDCV)
+
+# Kinds of native modules.
+_AFFINE = "affine"  # Dense / Conv2d: weight, bias
+_NORM = "norm"  # LayerNorm: gamma, beta natively
+_PARAM = "param"  # a bare Parameter
+
+_BLOCK = "stages.{s}.blocks.{j}."
+_BLOCK_MODULES = {
+    "norm1": _NORM,
+    "attn.q": _AFFINE,
+    "attn.kv": _AFFINE,
+    "attn.proj": _AFFINE,
+    "attn.sr": _AFFINE,  # only where sr_ratio > 1
+    "attn.norm": _NORM,  # only where sr_ratio > 1
+    "norm2": _NORM,
+    "mlp.fc1": _AFFINE,
+    "mlp.fc2": _AFFINE,
+}
+NATIVE_MODULES: dict[str, str] = {
+    "stages.{s}.patch_embed.proj": _AFFINE,
+    "stages.{s}.patch_embed.norm": _NORM,
+    "stages.{s}.pos_embed": _PARAM,
+    **{_BLOCK + name: kind for name, kind in _BLOCK_MODULES.items()},
+    "cls_token": _PARAM,  # classifier only
+    "norm": _NORM,  # classifier only: final LayerNorm
+    "head": _AFFINE,  # classifier only
+}
+
+# native module -> module in each format. A tuple means the native tensor is those tensors stacked along axis 0.
+_OFFICIAL_MODULES = {
+    "stages.{s}.patch_embed.proj": "patch_embed{i}.proj",
+    "stages.{s}.patch_embed.norm": "patch_embed{i}.norm",
+    "stages.{s}.pos_embed": "pos_embed{i}",
+    **{_BLOCK + name: "block{i}.{j}." + name for name in _BLOCK_MODULES},
+    "cls_token": "cls_token",
+    "norm": "norm",
+    "head": "head",
+}
+_MINDCV_MODULES = {
+    **_OFFICIAL_MODULES,
+    **{_BLOCK + name: "Blocks.{s}.{j}." + name for name in _BLOCK_MODULES},
+}
+_HF_BLOCK = "pvt.encoder.block.{s}.{j}."
+_HF_EMBED = "pvt.encoder.patch_embeddings.{s}."
+_HF_MODULES = {
+    "stages.{s}.patch_embed.proj": _HF_EMBED + "projection",
+    "stages.{s}.patch_embed.norm": _HF_EMBED + "layer_norm",
+    "stages.{s}.pos_embed": _HF_EMBED + "position_embeddings",
+    _BLOCK + "norm1": _HF_BLOCK + "layer_norm_1",
+    _BLOCK + "attn.q": _HF_BLOCK + "attention.self.query",
+    _BLOCK + "attn.kv": (_HF_BLOCK + "attention.self.key", _HF_BLOCK + "attention.self.value"),
+    _BLOCK + "attn.proj": _HF_BLOCK + "attention.output.dense",
+    _BLOCK + "attn.sr": _HF_BLOCK + "attention.self.sequence_reduction",
+    _BLOCK + "attn.norm": _HF_BLOCK + "attention.self.layer_norm",
+    _BLOCK + "norm2": _HF_BLOCK + "layer_norm_2",
+    _BLOCK + "mlp.fc1": _HF_BLOCK + "mlp.dense1",
+    _BLOCK + "mlp.fc2": _HF_BLOCK + "mlp.dense2",
+    "cls_token": "pvt.encoder.patch_embeddings.{last}.cls_token",
+    "norm": "pvt.encoder.layer_norm",
+    "head": "classifier",
+}
+
+# Prefixes that wrap a whole model inside a bigger one (mmdetection, DataParallel). Keys outside them are ignored.
+_WRAPPERS = ("backbone.", "module.", "module.backbone.", "model.", "model.backbone.")
+
+# Training state that MindSpore/MindCV .ckpt files carry next to the weights; never a model parameter.
+_TRAINING_STATE = re.compile(
+    r"^(moments|accum|adam_m|adam_v|ema|mean|variance|global_step_increase_sense)\."
+    r"|^(global_step|learning_rate|beta1_power|beta2_power|scale_sense|current_iterator_step"
+    r"|last_overflow_iterator_step|epoch_num|step_num|loss_scale)$"
+)
+
+_PLACEHOLDER = re.compile(r"\{(s|i|j|last)\}")
+_STAGE_KEY = re.compile(r"^stages\.(\d+)\.")
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = _PLACEHOLDER.split(template)  # literal, name, literal, name, ...
+    return re.compile("".join(f"(?P<{p}>\\d+)" if n % 2 else re.escape(p) for n, p in enumerate(parts)))
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One native parameter template and the source template(s) it comes from."""
+
+    native: str
+    sources: tuple[str, ...]
+    native_re: re.Pattern
+    source_res: tuple[re.Pattern, ...]
+
+
+def _leaves(kind: str, norm_leaves: tuple[str, str]) -> list[tuple[str, str]]:
+    """(native leaf, source leaf) pairs for one module kind; '' for a bare parameter."""
+    if kind == _PARAM:
+        return [("", "")]
+    if kind == _NORM:
+        return [(".gamma", "." + norm_leaves[0]), (".beta", "." + norm_leaves[1])]
+    return [(".weight", ".weight"), (".bias", ".bias")]
+
+
+def _rules(modules: Mapping[str, str | tuple[str, ...]], norm_leaves: tuple[str, str]) -> tuple[_Rule, ...]:
+    rules = []
+    for native_module, kind in NATIVE_MODULES.items():
+        sources = modules[native_module]
+        sources = sources if isinstance(sources, tuple) else (sources,)
+        for native_leaf, source_leaf in _leaves(kind, norm_leaves):
+            native = native_module + native_leaf
+            source_keys = tuple(s + source_leaf for s in sources)
+            rules.append(
+                _Rule(native, source_keys, _template_regex(native), tuple(_template_regex(s) for s in source_keys))
+            )
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class _Format:
+    name: str
+    rules: tuple[_Rule, ...]
+    normalize: Callable[[str], str] = lambda key: key  # applied to a source key before matching
+
+    def parse(self, key: str) -> tuple[str, int, int] | None:
+        """(native key, part, number of parts) for a source key, or None if no rule matches it."""
+        key = self.normalize(key)
+        for rule in self.rules:
+            for part, regex in enumerate(rule.source_res):
+                match = regex.fullmatch(key)
+                index = _indices(match.groupdict()) if match else None
+                if index is not None:
+                    return rule.native.format(**index), part, len(rule.sources)
+        return None
+
+
+def _indices(groups: dict[str, str]) -> dict[str, int] | None:
+    """Stage and block numbers from a match; None for a stage 0 in a format that counts stages from 1."""
+    out = {}
+    if "s" in groups:
+        out["s"] = int(groups["s"])
+    if "i" in groups:
+        out["s"] = int(groups["i"]) - 1
+    if "j" in groups:
+        out["j"] = int(groups["j"])
+    return None if out.get("s", 0) < 0 else out
+
+
+def _hf_normalize(key: str) -> str:
+    # A bare PvtModel has no 'pvt.' prefix; PvtForImageClassification has it on everything but 'classifier'.
+    return "pvt." + key if key.startswith("encoder.") else key
+
+
+_FORMATS: dict[str, _Format] = {
+    NATIVE: _Format(NATIVE, _rules({m: m for m in NATIVE_MODULES}, ("gamma", "beta"))),
+    OFFICIAL: _Format(OFFICIAL, _rules(_OFFICIAL_MODULES, ("weight", "bias"))),
+    HUGGINGFACE: _Format(HUGGINGFACE, _rules(_HF_MODULES, ("weight", "bias")), _hf_normalize),
+    MINDCV: _Format(MINDCV, _rules(_MINDCV_MODULES, ("gamma", "beta"))),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def _examples(keys: Iterable[str], n: int = 4) -> str:
+    keys = list(keys)
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _score(fmt: _Format, keys: Iterable[str]) -> int:
+    return sum(fmt.parse(k) is not None for k in keys)
+
+
+def _locate(state: Mapping[str, object]) -> tuple[str, str]:
+    """(format, wrapper prefix) that explains the most keys of ``state``."""
+    if not state:
+        raise CheckpointError("the checkpoint holds no tensors")
+    nested = [k for k, v in state.items() if isinstance(v, Mapping)]
+    if nested:
+        raise CheckpointError(
+            f"the checkpoint is a wrapper, not a state dict: {_examples(nested)} hold dicts; "
+            "unwrap the one with the weights (often 'model' or 'state_dict') first"
+        )
+    keys = list(state)
+    candidates = []  # (score, prefix, format)
+    for prefix in ("",) + _WRAPPERS:
+        inside = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        for name, fmt in _FORMATS.items():
+            score = _score(fmt, inside)
+            if score:
+                candidates.append((score, prefix, name))
+    if not candidates:
+        raise CheckpointError(f"not a PVT v1 checkpoint in any known format; its keys begin {_examples(keys)}")
+    best = max(c[0] for c in candidates)
+    top = [c for c in candidates if c[0] == best]
+    if len(top) > 1:
+        which = ", ".join(f"{n} (prefix {p!r})" if p else n for _, p, n in top)
+        raise CheckpointError(
+            f"cannot tell the checkpoint's format: its keys fit {which} equally well; keys begin {_examples(keys)}"
+        )
+    _, prefix, name = top[0]
+    return name, prefix
+
+
+def detect_format(state: Mapping[str, object]) -> str:
+    """One of ``FORMATS`` for a flat state dict; wrapper prefixes such as ``backbone.`` are looked through.
+
+    Raises CheckpointError when no format fits, or when two fit equally well.
+    """
+    return _locate(state)[0]
+
+
+def _as_float32(state: dict[str, object], notes: list[str]) -> dict[str, np.ndarray]:
+    """Every floating array as float32; a note per source dtype that needed a cast."""
+    out, cast = {}, {}
+    for key, value in state.items():
+        array = np.asarray(value)
+        if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
+            cast.setdefault(str(array.dtype), []).append(key)
+            array = array.astype(np.float32)
+        out[key] = array
+    for dtype, keys in cast.items():
+        if all(k.endswith("pos_embed") for k in keys):
+            notes.append(f"cast {len(keys)} {dtype} pos embeds to float32")
+        else:
+            notes.append(f"cast {len(keys)} {dtype} tensors to float32: {_examples(keys)}")
+    return out
+
+
+def _stack_parts(native: str, parts: dict[int, tuple[str, np.ndarray]], count: int) -> np.ndarray:
+    if len(parts) != count:
+        have = ", ".join(repr(parts[p][0]) for p in sorted(parts))
+        raise CheckpointError(f"{native!r} needs {count} source tensors (keys then values) but only {have} exist")
+    arrays = [np.asarray(parts[p][1]) for p in range(count)]
+    if len({a.shape for a in arrays}) != 1:
+        shapes = ", ".join(f"{parts[p][0]!r} {arrays[p].shape}" for p in range(count))
+        raise CheckpointError(f"cannot stack into {native!r}: shapes differ ({shapes})")
+    return np.concatenate(arrays, axis=0)
+
+
+def _last_stage(native_keys: Iterable[str]) -> int:
+    stages = [int(m.group(1)) for m in map(_STAGE_KEY.match, native_keys) if m]
+    return max(stages, default=3)
+
+
+# ------------------------------------------------------------------------------------------------------ public API
+
+
+def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Convert a state dict in any known format to native names, all floating arrays float32.
+
+    Returns the converted dict and human-readable notes about what was done. An unprefixed native dict comes back
+    with its keys untouched (extra keys, e.g. a dense head, are kept). For the other formats, keys outside a
+    wrapper prefix (an mmdetection neck or head) and training state (optimizer moments, step counters) are dropped
+    with a note; any other key that fits no rule raises CheckpointError, or is dropped with a note if not ``strict``.
+    """
+    name, prefix = _locate(state)
+    notes = [f"format: {name}"]
+    if name == NATIVE and not prefix:
+        return _as_float32(dict(state), notes), notes
+
+    fmt = _FORMATS[name]
+    if prefix:
+        outside = [k for k in state if not k.startswith(prefix)]
+        dropped = f"; ignored {len(outside)} keys outside it: {_examples(outside)}" if outside else ""
+        notes.append(f"stripped prefix {prefix!r}{dropped}")
+
+    parts: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+    counts: dict[str, int] = {}
+    training, unknown = [], []
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        inner = key[len(prefix):]
+        hit = fmt.parse(inner)
+        if hit is None:
+            (training if _TRAINING_STATE.search(inner) else unknown).append(key)
+            continue
+        native, part, count = hit
+        slot = parts.setdefault(native, {})
+        if part in slot:
+            raise CheckpointError(f"keys {slot[part][0]!r} and {key!r} both map to {native!r}")
+        slot[part] = (key, value)
+        counts[native] = count
+
+    if training:
+        notes.append(f"ignored {len(training)} training-state entries: {_examples(training)}")
+    if unknown:
+        if strict:
+            raise CheckpointError(
+                f"{len(unknown)} keys of this {name} checkpoint are not PVT v1 parameters: {_examples(unknown)}"
+            )
+        notes.append(f"ignored {len(unknown)} unrecognised keys: {_examples(unknown)}")
+
+    out = {}
+    for native, slot in parts.items():
+        out[native] = _stack_parts(native, slot, counts[native]) if counts[native] > 1 else slot[0][1]
+
+    if name in (OFFICIAL, HUGGINGFACE):
+        norms = sum(k.endswith(".gamma") for k in out)
+        notes.append(f"renamed LayerNorm weight/bias to gamma/beta in {norms} norms")
+    if name == HUGGINGFACE:
+        merged = sum(k.endswith("attn.kv.weight") for k in out)
+        notes.append(f"merged HF key/value into kv (keys first) for {merged} blocks")
+        if "head.weight" in out:
+            notes.append("renamed HF 'classifier' to 'head'")
+    return _as_float32(out, notes), notes
+
+
+def from_native(state: Mapping[str, object], fmt: str, *, strict: bool = True) -> dict[str, np.ndarray]:
+    """Rename a native state dict into ``fmt`` (``official``, ``huggingface`` or ``mindcv``); dtypes are kept.
+
+    The inverse of ``to_native`` for that format: ``kv`` is split back into HF key and value. Keys that are not
+    native PVT parameters raise CheckpointError, or are dropped if not ``strict``.
+    """
+    if fmt not in _FORMATS or fmt == NATIVE:
+        raise CheckpointError(f"cannot write format {fmt!r}; choose one of {', '.join(FORMATS[1:])}")
+    target = _FORMATS[fmt]
+    targets = {rule.native: rule.sources for rule in target.rules}
+    last = _last_stage(state)
+    out: dict[str, np.ndarray] = {}
+    unknown = []
+    for key, value in state.items():
+        rule = next((r for r in _FORMATS[NATIVE].rules if r.native_re.fullmatch(key)), None)
+        if rule is None:
+            unknown.append(key)
+            continue
+        index = _indices(rule.native_re.fullmatch(key).groupdict())
+        index.update(i=index.get("s", 0) + 1, last=last)
+        names = [t.format(**index) for t in targets[rule.native]]
+        array = np.asarray(value)
+        if len(names) > 1 and array.shape[0] % len(names):
+            raise CheckpointError(f"{key!r} has {array.shape[0]} rows; cannot split it into {len(names)} equal parts")
+        for name, piece in zip(names, np.split(array, len(names), axis=0) if len(names) > 1 else [array]):
+            out[name] = np.ascontiguousarray(piece)
+    if unknown and strict:
+        raise CheckpointError(f"{len(unknown)} keys are not native PVT v1 parameters: {_examples(unknown)}")
+    return out
+
+
+def native_to_mindcv(
+    state: Mapping[str, object], *, pos_embed_dtype: np.dtype = np.float16, strict: bool = True
+) -> dict[str, np.ndarray]:
+    """A native state dict in MindCV 0.3.0 PVT names and dtypes.
+
+    MindCV declares ``pos_embed1..4`` as float16 Parameters, so they are cast to ``pos_embed_dtype``; every other
+    floating array is float32. For a dict that came from MindCV through ``to_native`` this is exact (float16 ->
+    float32 -> float16 loses nothing).
+    """
+    out = {}
+    for key, value in from_native(state, MINDCV, strict=strict).items():
+        if np.issubdtype(value.dtype, np.floating):
+            value = value.astype(pos_embed_dtype if re.fullmatch(r"pos_embed\d+", key) else np.float32, copy=False)
+        out[key] = value
+    return out

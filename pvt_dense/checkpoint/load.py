@@ -1,0 +1,220 @@
+"""Read a checkpoint of any supported format, turn it into native names, fit it to a model, and report.
+
+Formats: official PyTorch PVT (.pth), HuggingFace transformers (.bin / .safetensors), MindCV (.ckpt) and our own
+(.ckpt). Reading never executes code from the file and never imports torch. Nothing is loaded silently: every
+key that is dropped, missing or reshaped is reported, and unexplained differences are errors.
+"""
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .keymaps import detect_format, to_native
+from .safetensors_reader import read_safetensors
+from .torch_reader import read_torch_state_dict
+
+def sniff_format(path):
+    """'mindspore', 'safetensors' or 'torch', from the file's first bytes (extensions lie)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "mindspore"
+
+
+def read_mindspore_checkpoint(path):
+    import mindspore as ms
+    try:
+        params = ms.load_checkpoint(path)
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {first_line}") from None
+    state = {}
+    for name, value in params.items():
+        array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+        state[name] = array
+    if not state:
+        raise CheckpointError(f"MindSpore checkpoint {path} holds no parameters")
+    return state
+
+
+def read_checkpoint(path):
+    """Any supported checkpoint file -> flat dict of name -> numpy array, in the file's own names."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    kind = sniff_format(path)
+    if kind == "torch":
+        return read_torch_state_dict(path)
+    if kind == "safetensors":
+        return read_safetensors(path)
+    return read_mindspore_checkpoint(path)
+
+
+@dataclass
+class LoadReport:
+    """What happened to each key when a checkpoint met a model."""
+
+    source_format: str = ""
+    loaded: int = 0
+    notes: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[str] = field(default_factory=list)
+    non_finite: List[str] = field(default_factory=list)
+
+    @property
+    def clean(self):
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def lines(self):
+        out = [f"loaded {self.loaded} tensors ({self.source_format} format)"]
+        out += [f"note: {note}" for note in self.notes]
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("shape mismatch", self.mismatched), ("non-finite values", self.non_finite)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                out.append(f"{label}: {shown}")
+        return out
+
+    def __str__(self):
+        return "\n".join(self.lines())
+
+
+def native_checkpoint(path):
+    """Read `path` and convert it to native names; returns (state, source_format, notes)."""
+    raw = read_checkpoint(path)
+    source_format = detect_format(raw)
+    state, notes = to_native(raw)
+    if not state:
+        raise CheckpointError(f"{path} holds no model weights")
+    notes = [note for note in notes if not note.startswith("format:")]
+    return state, source_format, notes
+
+
+def fit_to_model(state, expected_shapes, has_cls_token):
+    """Adapt a native state dict to a model's parameters: returns (fitted state, notes).
+
+    Classifier checkpoints feed backbones (cls slot, final norm and head dropped); heads of another class count are
+    dropped so the model can be fine-tuned.
+    """
+    state = dict(state)
+    notes = []
+    if not has_cls_token:
+        dropped = [k for k in state if k == "cls_token" or k.startswith(("norm.", "head."))]
+        for key in dropped:
+            del state[key]
+        last_pos = _last_stage_pos_key(state)
+        if last_pos in expected_shapes and last_pos in state:
+            pos = state[last_pos]
+            if pos.shape[1] == expected_shapes[last_pos][1] + 1:
+                state[last_pos] = pos[:, 1:]
+                dropped.append(f"{last_pos}[cls slot]")
+        if dropped:
+            notes.append(f"classifier checkpoint: dropped {', '.join(_summarise(dropped))} (a backbone has no cls "
+                         "token, final norm or head)")
+        built = _built_stage_prefixes(expected_shapes)
+        unbuilt = sorted({_stage_prefix(k) for k in state if k.startswith("stages.") and _stage_prefix(k) not in built})
+        if unbuilt:
+            state = {k: v for k, v in state.items() if _stage_prefix(k) not in unbuilt}
+            notes.append(f"dropped the weights of {', '.join(unbuilt)}, which out_indices leaves unbuilt")
+    for key in ("head.weight", "head.bias"):
+        if key in state and key in expected_shapes and tuple(state[key].shape) != tuple(expected_shapes[key]):
+            notes.append(f"dropped {key} of shape {tuple(state[key].shape)}: the model's head is "
+                         f"{tuple(expected_shapes[key])} (fine-tuning to another class count)")
+            del state[key]
+    return state, notes
+
+
+def _stage_prefix(key):
+    return ".".join(key.split(".")[:2])
+
+
+def _built_stage_prefixes(expected_shapes):
+    return {_stage_prefix(k) for k in expected_shapes if k.startswith("stages.")}
+
+
+def _last_stage_pos_key(state):
+    stages = sorted({int(k.split(".")[1]) for k in state if re.match(r"^stages\.\d+\.pos_embed$", k)})
+    return f"stages.{stages[-1]}.pos_embed" if stages else ""
+
+
+def _summarise(keys):
+    return sorted({k if k.startswith("stages.") else k.split(".")[0] for k in keys})
+
+
+def load_pretrained(net, path, strict=True, verbose=True):
+    """Load checkpoint `path` (any supported format) into `net`; returns a `LoadReport`.
+
+    With `strict` (the default) any missing, unexpected or mismatched key raises `CheckpointError` before a single
+    weight is changed; without it, the matching weights load and the report says what did not.
+    """
+    import mindspore as ms
+    state, source_format, notes = native_checkpoint(path)
+    params = {p.name: p for p in net.get_parameters()}
+    expected_shapes = {name: tuple(p.shape) for name, p in params.items()}
+    state, fit_notes = fit_to_model(state, expected_shapes, has_cls_token="cls_token" in params)
+    report = LoadReport(source_format=source_format, notes=notes + fit_notes)
+    report.missing = [name for name in params if name not in state]
+    report.unexpected = [name for name in state if name not in params]
+    report.mismatched = [f"{name} {tuple(state[name].shape)} vs model {expected_shapes[name]}" for name in state
+                         if name in params and tuple(state[name].shape) != expected_shapes[name]]
+    report.non_finite = [name for name, value in state.items()
+                         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+    model_name = getattr(net, "model_name", type(net).__name__)
+    if strict and not report.clean:
+        hint = " (is it a checkpoint of another PVT size?)" if report.missing or report.mismatched else ""
+        raise CheckpointError(f"checkpoint {path} does not fit {model_name}{hint}:\n  " +
+                              "\n  ".join(report.lines()[1:]))
+    for name, value in state.items():
+        if name in params and tuple(value.shape) == expected_shapes[name]:
+            params[name].set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32)))
+            report.loaded += 1
+    if verbose:
+        print(f"[pvt_dense] {path} -> {model_name}: " + "\n  ".join(report.lines()))
+    if report.non_finite:
+        import warnings
+        warnings.warn(f"checkpoint {path} has non-finite values in {len(report.non_finite)} tensors: "
+                      f"{', '.join(report.non_finite[:4])}", RuntimeWarning, stacklevel=2)
+    return report
+
+
+def save_native(state_or_net, path):
+    """Write a native MindSpore checkpoint atomically: a crash mid-write never leaves a corrupt file at `path`."""
+    import mindspore as ms
+    if isinstance(state_or_net, dict):
+        entries = [{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in state_or_net.items()]
+    else:
+        entries = state_or_net
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+    os.close(handle)
+    try:
+        ms.save_checkpoint(entries, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    return path
+
+
+def infer_model_name(state: Dict[str, np.ndarray]):
+    """The PVT size whose depths match the blocks in a native state dict (None if none does)."""
+    from ..models.pvt import PVT_SPECS
+    depths = []
+    for stage in range(4):
+        blocks = {int(m.group(1)) for k in state for m in [re.match(rf"^stages\.{stage}\.blocks\.(\d+)\.", k)] if m}
+        depths.append(max(blocks) + 1 if blocks else 0)
+    for name, spec in PVT_SPECS.items():
+        if tuple(depths) == spec.depths:
+            return name
+    return None
