@@ -17,6 +17,7 @@ from .keymaps import detect_format, to_native
 from .safetensors_reader import read_safetensors
 from .torch_reader import read_torch_state_dict
 
+
 def sniff_format(path):
     """'mindspore', 'safetensors' or 'torch', from the file's first bytes (extensions lie)."""
     with open(path, "rb") as handle:
@@ -171,7 +172,7 @@ def load_pretrained(net, path, strict=True, verbose=True):
                          if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
     model_name = getattr(net, "model_name", type(net).__name__)
     if strict and not report.clean:
-        hint = " (is it a checkpoint of another PVT size?)" if report.missing or report.mismatched else ""
+        hint = " (is it a checkpoint of another PVT size?)"
         raise CheckpointError(f"checkpoint {path} does not fit {model_name}{hint}:\n  " +
                               "\n  ".join(report.lines()[1:]))
     for name, value in state.items():

@@ -19,7 +19,7 @@ def get_spec(name):
 
 
 def create_backbone(name, out_indices=(0, 1, 2, 3), pretrained=None, drop_path_rate=0.0, frozen_stages=-1,
-                    recompute_stages=(), strict=False):
+                    recompute_stages=(), strict=True):
     """Build a PVT backbone returning the selected stage maps (see `PVTBackbone`).
 
     `pretrained` is a checkpoint path in any supported format (official PyTorch .pth, HuggingFace .bin or
@@ -35,7 +35,7 @@ def create_backbone(name, out_indices=(0, 1, 2, 3), pretrained=None, drop_path_r
     return net
 
 
-def create_model(name, num_classes=1000, pretrained=None, drop_path_rate=0.0, drop_rate=0.0, strict=False):
+def create_model(name, num_classes=1000, pretrained=None, drop_path_rate=0.0, drop_rate=0.0, strict=True):
     """Build the PVT ImageNet classifier; `pretrained` as in `create_backbone` (a head of another class count is
     dropped, with a note, so the model can be fine-tuned)."""
     net = PVTClassifier(get_spec(name), num_classes=num_classes, drop_path_rate=drop_path_rate, drop_rate=drop_rate)
