@@ -1,0 +1,201 @@
+"""Turn whatever image files users point us at into (H, W, 3) uint8 RGB arrays, or one clear `ImageReadError`.
+
+Decoding goes through bytes (`cv2.imdecode`) so non-ASCII paths work, and by content, so a PNG named `.jpg`
+still loads. Flags `IMREAD_COLOR | IMREAD_ANYDEPTH` make OpenCV expand grayscale and palette images, drop alpha,
+keep 16-bit samples (scaled to 8 bits here, by 257) and apply the EXIF orientation, as mmcv's OpenCV loader
+does for the dense-prediction recipes. (`IMREAD_UNCHANGED` would ignore the orientation, so phone photos would
+come out sideways.)
+"""
+import os
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, ImageReadError
+
+MAX_PIXELS_ENV = "PVT_DENSE_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# What OpenCV's wheel decodes; GIF is absent on purpose (OpenCV cannot read it), so folders full of GIFs are
+# skipped instead of reported one by one. A single file or a list entry is tried whatever its extension.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                    ".pbm", ".pnm")
+LIST_FILE_EXTENSIONS = (".txt",)
+
+DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+
+
+def image_error(path, reason):
+    """An `ImageReadError` naming the file, with the bare reason kept for summaries that print the path anyway."""
+    err = ImageReadError(f"cannot read image {os.fspath(path)!r}: {reason}")
+    err.path = os.fspath(path)
+    err.reason = reason
+    return err
+
+
+def resolve_max_pixels(max_pixels=None):
+    """The pixel limit: the argument, else $PVT_DENSE_MAX_PIXELS, else 100 megapixels."""
+    if max_pixels is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_PIXELS
+        try:
+            max_pixels = int(float(text))
+        except ValueError:
+            raise ConfigError(f"${MAX_PIXELS_ENV} must be a number of pixels, got {text!r}") from None
+    max_pixels = int(max_pixels)
+    if max_pixels <= 0:
+        raise ConfigError(f"the image pixel limit must be positive, got {max_pixels}")
+    return max_pixels
+
+
+def check_header(path, max_pixels):
+    """Refuse an over-limit image from its header alone; return PIL's name for the format, or None where PIL
+    cannot parse the header (OpenCV may still decode it, and its size is checked after decoding).
+
+    PIL reads only the header here, so a 50000x50000 PNG of a few kilobytes is refused before any pixel buffer
+    exists. PIL's own decompression-bomb guard fires above twice its `MAX_IMAGE_PIXELS`, which is all we learn
+    about the size then.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                (width, height), file_format = image.size, image.format
+    except Image.DecompressionBombError:
+        bomb_floor = 2 * Image.MAX_IMAGE_PIXELS
+        if max_pixels < bomb_floor:
+            raise image_error(path, f"more than {bomb_floor / 1e6:.0f} megapixels, above the limit of "
+                                    f"{max_pixels / 1e6:.1f} megapixels") from None
+        return None
+    except Exception:  # PIL raises many types for files it does not know; OpenCV gets the final word anyway
+        return None
+    check_pixel_count(path, height, width, max_pixels)
+    return file_format
+
+
+def check_pixel_count(path, height, width, max_pixels):
+    if height * width > max_pixels:
+        raise image_error(path, f"{width}x{height} = {height * width / 1e6:.1f} megapixels exceeds the limit of "
+                                f"{max_pixels / 1e6:.1f} megapixels (raise it with max_pixels or "
+                                f"${MAX_PIXELS_ENV})")
+
+
+def read_image(path, max_pixels=None):
+    """Read one image file as an (H, W, 3) uint8 RGB array.
+
+    Grayscale, palette, gray+alpha and RGBA images become RGB (alpha is dropped, not composited); 16-bit
+    images are scaled to 8 bits by 257; the EXIF orientation is applied. Zero-byte, truncated, non-image and
+    over-limit files (more than `max_pixels`, default $PVT_DENSE_MAX_PIXELS or 100 megapixels) raise
+    `ImageReadError` naming the file.
+    """
+    path = os.fspath(path)
+    max_pixels = resolve_max_pixels(max_pixels)
+    if not os.path.exists(path):
+        raise image_error(path, "no such file")
+    if os.path.isdir(path):
+        raise image_error(path, "is a directory")
+    if not os.path.isfile(path):
+        raise image_error(path, "not a regular file")
+    try:
+        if os.path.getsize(path) == 0:
+            raise image_error(path, "the file is empty (0 bytes)")
+        file_format = check_header(path, max_pixels)
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except PermissionError:
+        raise image_error(path, "permission denied") from None
+    except OSError as err:
+        raise image_error(path, err.strerror or str(err)) from None
+
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), DECODE_FLAGS)
+    except cv2.error:  # some decoders assert instead of returning None on malformed data
+        pixels = None
+    if pixels is None or pixels.size == 0:
+        if file_format is None:
+            raise image_error(path, "not a decodable image (unknown format, or corrupt or truncated)")
+        raise image_error(path, f"the {file_format} data is corrupt or truncated (or OpenCV cannot decode "
+                                f"{file_format} files)")
+    check_pixel_count(path, pixels.shape[0], pixels.shape[1], max_pixels)
+    return to_rgb8(path, pixels)
+
+
+def to_rgb8(path, pixels):
+    """OpenCV's decoded BGR (8- or 16-bit) -> RGB uint8."""
+    if pixels.ndim == 2:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
+    if pixels.dtype == np.uint16:
+        # Rounded division by 257 maps 0..65535 onto 0..255 exactly (65535 = 255 * 257).
+        pixels = ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif pixels.dtype != np.uint8:
+        raise image_error(path, f"unsupported sample type {pixels.dtype} (only 8- and 16-bit images are read)")
+    return np.ascontiguousarray(pixels[..., ::-1])
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image to process: where to read it, and the name the user gave it relative to their input (the file
+    name for a single file, the path under a directory, the line of a list file as written)."""
+
+    path: str
+    name: str
+
+
+def is_image_name(filename):
+    return filename.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_entries(input_path):
+    """`ImageEntry`s of an image file, a directory (recursive, sorted, image extensions only, hidden files and
+    folders skipped: macOS `._x.jpg` files are not images) or a .txt list file (one path per line, relative to
+    the list file; blank lines and lines starting with # are skipped)."""
+    input_path = os.fspath(input_path)
+    if os.path.isdir(input_path):
+        return list_directory(input_path)
+    if not os.path.exists(input_path):
+        raise ImageReadError(f"input not found: {input_path!r} (expected an image, a directory or a .txt list)")
+    if input_path.lower().endswith(LIST_FILE_EXTENSIONS):
+        return read_list_file(input_path)
+    return [ImageEntry(input_path, os.path.basename(input_path))]
+
+
+def list_images(input_path):
+    """Paths of the images named by `input_path`; see `list_image_entries`."""
+    return [entry.path for entry in list_image_entries(input_path)]
+
+
+def list_directory(root):
+    entries = []
+    for folder, subfolders, filenames in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for filename in filenames:
+            if filename.startswith(".") or not is_image_name(filename):
+                continue
+            path = os.path.join(folder, filename)
+            entries.append(ImageEntry(path, os.path.relpath(path, root).replace(os.sep, "/")))
+    if not entries:
+        raise ImageReadError(f"no images found under {root!r} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    return sorted(entries, key=lambda entry: entry.name)
+
+
+def read_list_file(list_path):
+    base = os.path.dirname(os.path.abspath(list_path))
+    try:
+        # utf-8-sig: Windows editors start UTF-8 files with a BOM that would otherwise stick to the first path.
+        with open(list_path, encoding="utf-8-sig") as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError:
+        raise ImageReadError(f"list file {list_path!r} is not UTF-8 text") from None
+    entries = []
+    for line in lines:
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        entries.append(ImageEntry(os.path.join(base, name), name))
+    if not entries:
+        raise ImageReadError(f"list file {list_path!r} names no images")
+    return entries

@@ -1,0 +1,300 @@
+"""Export PVT stage maps of many images to one .npz file per image, streaming, resumable, and safe to re-run.
+
+Output layout (see `export_features` for the arrays inside each file): the image's name relative to the input,
+plus `.npz`, under `output_dir`. A directory input keeps its subfolders (`photos/2024/a.jpg` -> `OUT/2024/a.jpg.npz`
+for input `photos`); a single file gives `OUT/a.jpg.npz`; a list file uses each line as written. The extension
+stays in the name so `a.jpg` and `a.png` never overwrite each other.
+"""
+import math
+import os
+import posixpath
+import re
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import numpy as np
+from mindspore import Tensor
+from tqdm import tqdm
+
+from .data.images import list_image_entries, read_image, resolve_max_pixels
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense
+from .errors import ConfigError, PVTDenseError
+from .models import create_backbone
+from .models.factory import get_spec
+
+PAD_DIVISOR = 32  # the stride of the last PVT stage: every stage map is then exactly padded_size // stride
+
+
+@dataclass
+class ExportSummary:
+    """What an export did: files written, outputs found from an earlier run, and images that failed (why)."""
+
+    output_dir: str
+    exported: List[str] = field(default_factory=list)
+    skipped_existing: List[str] = field(default_factory=list)
+    failed: List[Tuple[str, str]] = field(default_factory=list)
+
+    def lines(self):
+        out = [f"exported {len(self.exported)} feature files to {self.output_dir}",
+               f"skipped {len(self.skipped_existing)} images whose .npz already exists",
+               f"failed {len(self.failed)} images"]
+        out += [f"  {source}: {reason}" for source, reason in self.failed]
+        return out
+
+    def __str__(self):
+        return "\n".join(self.lines())
+
+
+def stage_key(stage_index):
+    """Array name of a stage map: 'stage1'..'stage4', numbered from 1 like the PVT paper."""
+    return f"stage{stage_index + 1}"
+
+
+def neutral_name(name):
+    """A user-given image name made relative and free of '..': either slash separates subfolders, 'a/../b'
+    collapses to 'b', and what would climb above the input, the root and a drive letter are dropped
+    ('../../etc/x.png' -> 'etc/x.png', '/data/x.png' -> 'data/x.png')."""
+    collapsed = posixpath.normpath(name.replace("\\", "/"))
+    parts = [part for part in collapsed.split("/") if part not in ("", ".", "..")]
+    if parts and re.fullmatch(r"[A-Za-z]:", parts[0]):
+        parts = parts[1:]
+    return "/".join(parts) or "image"
+
+
+def output_names(entries):
+    """One distinct output name ('<name>.npz') per entry, in order.
+
+    Names equal up to case get '~2', '~3', ... before '.npz' in input order, so they cannot overwrite each other
+    even on case-insensitive file systems, and a re-run with the same input gives the same names.
+    """
+    taken, names = set(), []
+    for entry in entries:
+        base = neutral_name(entry.name)
+        name, copy = base + ".npz", 1
+        while name.casefold() in taken:
+            copy += 1
+            name = f"{base}~{copy}.npz"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def contained_path(root_real, name):
+    """`root_real/name`, or `PVTDenseError` when resolving symlinks already present under the root would land
+    outside it."""
+    target = os.path.join(root_real, *name.split("/"))
+    resolved = os.path.realpath(target)
+    if os.path.commonpath([root_real, resolved]) != root_real or resolved == root_real:
+        raise PVTDenseError(f"output {name!r} would be written outside the output directory (through a symlink)")
+    return target
+
+
+def write_npz_atomic(path, arrays):
+    """Write an .npz via a temporary file in the same folder and `os.replace`, so a killed run never leaves a
+    half-written file that a re-run would take as done."""
+    folder, filename = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    # A dot name that never ends in .npz, so it is neither listed as an output nor skipped as one.
+    partial = os.path.join(folder, f".{filename}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(partial, "xb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
+
+
+@dataclass
+class PendingImage:
+    source: str
+    target: str
+    chw: np.ndarray
+    meta: dict
+
+
+class SameShapeBatcher:
+    """Groups preprocessed images by padded size into batches of up to `batch_size`.
+
+    Each image is padded only to its own multiple of 32, never to a batch mate's size, so its features do not
+    depend on the batch size or the other images. In graph mode each distinct (batch, height, width) compiles
+    once, so same-shape batches also keep compilations few. At most `max_pending` images wait; past that the
+    fullest group goes out as a smaller batch, which bounds memory on inputs of many different sizes.
+    """
+
+    def __init__(self, batch_size, max_pending):
+        self.batch_size = batch_size
+        self.max_pending = max_pending
+        self.groups = OrderedDict()
+
+    def add(self, item):
+        """Queue `item`; returns the batches that are now ready (possibly none)."""
+        group = self.groups.setdefault(item.chw.shape, [])
+        group.append(item)
+        if len(group) == self.batch_size:
+            return [self.groups.pop(item.chw.shape)]
+        if sum(len(waiting) for waiting in self.groups.values()) > self.max_pending:
+            fullest = max(self.groups, key=lambda shape: len(self.groups[shape]))
+            return [self.groups.pop(fullest)]
+        return []
+
+    def drain(self):
+        batches = list(self.groups.values())
+        self.groups.clear()
+        return batches
+
+
+def feature_arrays(maps, meta, source, backbone_name, ckpt, out_indices, strides, channels):
+    resized = meta["resized_size"]
+    arrays = {stage_key(index): stage_map for index, stage_map in zip(out_indices, maps)}
+    arrays.update(
+        out_indices=np.asarray(out_indices, dtype=np.int64),
+        strides=np.asarray(strides, dtype=np.int64),
+        channels=np.asarray(channels, dtype=np.int64),
+        valid_sizes=np.asarray([(math.ceil(resized[0] / s), math.ceil(resized[1] / s)) for s in strides],
+                               dtype=np.int64).reshape(len(strides), 2),
+        original_size=np.asarray(meta["original_size"], dtype=np.int64),
+        resized_size=np.asarray(resized, dtype=np.int64),
+        padded_size=np.asarray(meta["padded_size"], dtype=np.int64),
+        scale_factor=np.asarray(meta["scale_factor"], dtype=np.float64),
+        mean=np.asarray(IMAGENET_MEAN, dtype=np.float32),
+        std=np.asarray(IMAGENET_STD, dtype=np.float32),
+        backbone=np.asarray(backbone_name),
+        checkpoint=np.asarray(os.path.abspath(ckpt) if ckpt else ""),
+        source=np.asarray(os.path.abspath(source)),
+    )
+    return arrays
+
+
+def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_long_side=1333, batch_size=1,
+                    out_indices=None, progress=True, max_pixels=None):
+    """Run a PVT backbone over images and write one `.npz` of stage maps per image; returns an `ExportSummary`.
+
+    Args:
+        backbone: a model name (`pvt_tiny` ... `pvt_large`, built here, with `ckpt` loaded if given; random
+            weights otherwise) or a `PVTBackbone` already built (then `ckpt` must be None). Runs in whatever
+            MindSpore mode is set; the command-line tool uses graph mode.
+        input: an image file, a directory (recursive) or a .txt list of paths (see `list_image_entries`).
+        output_dir: where the .npz files go (module docstring: names). Nothing is ever written outside it:
+            '..', absolute paths and symlinks already inside it that point out are neutralised or refused.
+        short_side, max_long_side: the keep-ratio resize of `preprocess_dense`; padding is to a multiple of 32.
+        batch_size: images per forward; images are batched only with others of the same padded size.
+        out_indices: stages to export (0..3); default all four, or those of a built backbone.
+        max_pixels: the decode limit of `read_image`.
+
+    Each file holds float32 `stage{i+1}` maps of shape (C_i, H_pad // s_i, W_pad // s_i) for each exported stage i:
+    the maps of the padded input, exactly what a detector neck sees. Only the top-left `valid_sizes[k]`
+    (= ceil(resized_size / s_i)) cells of the k-th map cover the image: crop with
+    `stage[:, :valid_h, :valid_w]`. Metadata arrays: `out_indices`, `strides`, `channels`, `valid_sizes` (one
+    row per exported stage), `original_size`, `resized_size`, `padded_size` ((height, width) in pixels),
+    `scale_factor` (resized / original, per axis), `mean`, `std`, and strings `backbone`, `checkpoint` ('' for
+    random weights), `source` (absolute image path). Loads with `np.load(path)` (no pickle).
+
+    Images whose .npz exists are skipped (a run can be resumed; the model and checkpoint are only loaded when
+    something is left to do); unreadable images are listed in the summary and do not stop the run. Images are
+    read, run and written batch by batch, so memory does not grow with the number of images. In graph mode every
+    distinct padded size (and batch size) compiles once: a folder of one camera's photos compiles once or twice,
+    a folder of many aspect ratios pays one compilation per padded size.
+    """
+    check_positive(batch_size=batch_size, short_side=short_side, max_long_side=max_long_side)
+    max_pixels = resolve_max_pixels(max_pixels)
+    net, backbone_name, out_indices = resolve_backbone(backbone, ckpt, out_indices)
+    spec = get_spec(backbone_name)
+    strides = tuple(spec.strides[i] for i in out_indices)
+    channels = tuple(spec.embed_dims[i] for i in out_indices)
+
+    entries = list_image_entries(input)
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise PVTDenseError(f"output {output_dir!r} exists and is not a directory")
+    os.makedirs(output_dir, exist_ok=True)
+    root_real = os.path.realpath(output_dir)
+    summary = ExportSummary(output_dir)
+
+    todo = []
+    for entry, name in zip(entries, output_names(entries)):
+        try:
+            target = contained_path(root_real, name)
+        except PVTDenseError as err:
+            summary.failed.append((entry.path, str(err)))
+            continue
+        if os.path.lexists(target):
+            summary.skipped_existing.append(target)
+        else:
+            todo.append((entry, name, target))
+    if not todo:
+        return summary
+
+    if net is None:
+        net = create_backbone(backbone_name, out_indices=out_indices, pretrained=ckpt)
+    net.set_train(False)
+
+    with tqdm(total=len(todo), disable=not progress, unit="img", desc=f"{backbone_name} features") as bar:
+        def record_failure(source, reason):
+            summary.failed.append((source, reason))
+            bar.update(1)
+            bar.set_postfix(failed=len(summary.failed))
+
+        def preprocess(image):
+            return preprocess_dense(image, short_side, max_long_side, PAD_DIVISOR)
+
+        batcher = SameShapeBatcher(batch_size, max_pending=4 * batch_size)
+        for batch in ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failure):
+            for item, maps in zip(batch, forward_batch(net, batch)):
+                arrays = feature_arrays(maps, item.meta, item.source, backbone_name, ckpt, out_indices, strides,
+                                        channels)
+                try:
+                    write_npz_atomic(item.target, arrays)
+                except OSError as err:
+                    record_failure(item.source, f"cannot write {item.target}: {err.strerror or err}")
+                    continue
+                summary.exported.append(item.target)
+                bar.update(1)
+    return summary
+
+
+def ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failure):
+    """Read and preprocess the planned images one at a time, yielding same-shape batches as they fill up."""
+    for entry, name, target in todo:
+        try:
+            contained_path(root_real, name)  # again: the folder may have changed since planning
+            chw, meta = preprocess(read_image(entry.path, max_pixels))
+        except PVTDenseError as err:
+            record_failure(entry.path, getattr(err, "reason", str(err)))
+            continue
+        yield from batcher.add(PendingImage(entry.path, target, chw, meta))
+    yield from batcher.drain()
+
+
+def forward_batch(net, batch):
+    """Per image of a same-shape batch, its list of stage maps (C, h, w)."""
+    outputs = net(Tensor(np.stack([item.chw for item in batch])))
+    maps = [stage_maps.asnumpy() for stage_maps in outputs]
+    return [[stage_maps[i] for stage_maps in maps] for i in range(len(batch))]
+
+
+def resolve_backbone(backbone, ckpt, out_indices):
+    """(built net or None, model name, out_indices) for a model name or an already built backbone."""
+    if isinstance(backbone, str):
+        num_stages = len(get_spec(backbone).depths)
+        out_indices = tuple(out_indices) if out_indices is not None else tuple(range(num_stages))
+        if not out_indices or list(out_indices) != sorted(set(out_indices)) or not all(
+                0 <= i < num_stages for i in out_indices):
+            raise ConfigError(f"out_indices must be increasing stage indices in 0..{num_stages - 1}, got "
+                              f"{out_indices}")
+        return None, backbone, out_indices
+    if ckpt is not None:
+        raise ConfigError("pass ckpt only with a model name; a built backbone already has its weights")
+    name = getattr(backbone, "model_name", None)
+    if name is None or not hasattr(backbone, "out_indices"):
+        raise ConfigError(f"backbone must be a model name or a backbone from create_backbone, got "
+                          f"{type(backbone).__name__}")
+    if out_indices is not None and tuple(out_indices) != tuple(backbone.out_indices):
+        raise ConfigError(f"out_indices {tuple(out_indices)} differ from the built backbone's "
+                          f"{tuple(backbone.out_indices)}")
+    return backbone, name, tuple(backbone.out_indices)
