@@ -14,7 +14,7 @@ class CheckpointError(PVTDenseError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A pickle inside a checkpoint refers to a global that a plain state dict never needs."""
+    """A pickle inside a checkpoint refers to a global that weights and training state never need."""
 
 
 class ImageReadError(PVTDenseError):

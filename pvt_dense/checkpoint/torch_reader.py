@@ -1,0 +1,865 @@
+"""Read PyTorch checkpoints (`torch.save` files) into numpy arrays, without torch and without running their code.
+
+A `.pth` file is a pickle, and unpickling calls whatever the pickle names. This reader unpickles with a restricted
+`find_class` that hands out only harmless stand-ins: numpy re-implementations of the few torch functions a state
+dict is rebuilt with, inert tokens for torch's storage and dtype names, and a few container types. Any other
+global ends in `UnsafeCheckpointError` before it is even looked up.
+
+Full training checkpoints, as the PVT and DeiT training scripts save them (`{"model": ..., "optimizer": ...,
+"lr_scheduler": ..., "scaler": ..., "epoch": ..., "args": argparse.Namespace, "max_accuracy": ...}`), need three
+more kinds of global, each again served by a stand-in that runs none of the original code: `argparse.Namespace`
+becomes a `PickledNamespace` (also when it comes through `copyreg._reconstructor` or `copyreg.__newobj__`), and
+numpy scalars, arrays and dtypes are rebuilt from their raw bytes, for bool and numeric dtypes only. Optimizer,
+scheduler and GradScaler states are plain dicts of numbers and tensors already.
+
+Two layouts are read:
+
+* zip (torch >= 1.6): `<archive>/data.pkl` holds the object, each storage is a record `<archive>/data/<key>`, and
+  `<archive>/byteorder` says how its numbers were written;
+* legacy (`_use_new_zipfile_serialization=False`): five pickles in a row (magic number, protocol version, system
+  info, the object, the list of storage keys), then every storage in the order of that list, as an int64 element
+  count followed by the raw little-endian elements.
+
+Every size read from the file is checked before it is used, so a corrupt or crafted file fails with a one-line
+`CheckpointError` naming it, rather than with a MemoryError, a hang, or a read past the end.
+"""
+import _compat_pickle
+import collections
+import io
+import math
+import os
+import pickle
+import pickletools
+import struct
+import zipfile
+import zlib
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError, UnsafeCheckpointError
+from .safetensors_reader import decode_elements
+
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL_VERSION = 1001
+# numpy 1.x cannot hold more dimensions; no real weight comes close.
+_MAX_DIMS = 32
+# Far beyond any real storage (256 TiB of bytes), yet small enough that offsets times strides times item sizes
+# stay well inside int64 for numpy.
+_SIZE_LIMIT = 2 ** 48
+# Overlapping views (tied weights, transposes, slices of one storage) may legitimately need more memory than the
+# file, but a handful of small records claiming thousands of copies of a big storage is an attack, not weights.
+_EXPANSION_FACTOR = 4
+_EXPANSION_SLACK = 64 * 1024 * 1024
+# A state dict that wraps its tensors in one of these keys is unwrapped by read_torch_state_dict.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict")
+_DATA_PARALLEL_PREFIX = "module."
+
+
+class _ElementType(NamedTuple):
+    """One torch scalar type: its pickled names, how its elements lie in the file, which dtype we return."""
+    dtype_name: str  # pickled as torch.<dtype_name> for _rebuild_tensor_v3
+    storage_name: Optional[str]  # pickled as torch.<storage_name> in storage references; None: untyped only
+    stored: np.dtype  # little-endian; flipped for the rare big-endian zip file
+    loaded: np.dtype
+
+
+def _element_type(dtype_name, storage_name, stored, loaded):
+    return _ElementType(dtype_name, storage_name, np.dtype(stored), np.dtype(loaded))
+
+
+_ELEMENT_TYPES = (
+    _element_type("float32", "FloatStorage", "<f4", np.float32),
+    _element_type("float16", "HalfStorage", "<f2", np.float16),
+    _element_type("bfloat16", "BFloat16Storage", "<u2", np.float32),  # numpy has no bfloat16: widen it
+    _element_type("float64", "DoubleStorage", "<f8", np.float64),
+    _element_type("complex64", "ComplexFloatStorage", "<c8", np.complex64),
+    _element_type("complex128", "ComplexDoubleStorage", "<c16", np.complex128),
+    _element_type("int64", "LongStorage", "<i8", np.int64),
+    _element_type("int32", "IntStorage", "<i4", np.int32),
+    _element_type("int16", "ShortStorage", "<i2", np.int16),
+    _element_type("int8", "CharStorage", "i1", np.int8),
+    _element_type("uint8", "ByteStorage", "u1", np.uint8),
+    _element_type("bool", "BoolStorage", "u1", np.bool_),
+    _element_type("uint16", None, "<u2", np.uint16),
+    _element_type("uint32", None, "<u4", np.uint32),
+    _element_type("uint64", None, "<u8", np.uint64),
+)
+_BY_DTYPE_NAME = {element_type.dtype_name: element_type for element_type in _ELEMENT_TYPES}
+_BY_STORAGE_NAME = {element_type.storage_name: element_type for element_type in _ELEMENT_TYPES
+                    if element_type.storage_name}
+# torch >= 2 pickles storages of dtypes without a typed storage class as untyped bytes.
+_UNTYPED_STORAGE_GLOBALS = {("torch", "UntypedStorage"), ("torch.storage", "UntypedStorage")}
+_BYTES = _BY_DTYPE_NAME["uint8"]
+
+
+class _Storage(NamedTuple):
+    """A storage as the pickle refers to it. `raw` is None while the legacy reader only maps the file."""
+    element_type: _ElementType
+    raw: Optional[memoryview]
+    byteorder: str  # numpy's "<" or ">"
+
+
+# Everything the C unpickler raises for malformed input; anything else would be a bug in this module.
+_UNPICKLING_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, LookupError, AttributeError,
+                      OverflowError, RecursionError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError,
+               NotImplementedError, RuntimeError, struct.error, OverflowError)
+_MEMO_WRITES = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_READS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def read_torch_checkpoint(path):
+    """Unpickle a `torch.save` file (zip or legacy format) with every tensor turned into a numpy array.
+
+    Containers come back as they were saved (dicts, OrderedDicts, lists, tuples, numbers, strings); each tensor
+    or Parameter becomes a fresh C-contiguous array of its shape and dtype (bfloat16 is widened to float32).
+    An `argparse.Namespace` (a training script's `args`) comes back as a `PickledNamespace`, and numpy scalars,
+    arrays and dtypes as numpy scalars, fresh C-contiguous arrays and dtypes.
+    Raises `UnsafeCheckpointError` if the pickle names anything a checkpoint of weights and training state never
+    needs, and `CheckpointError` if the file is unreadable, truncated or inconsistent.
+    """
+    path = os.fspath(path)
+    try:
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as stream:
+            head = stream.read(4)
+    except OSError as error:
+        raise _fail(path, error.strerror or str(error)) from error
+    budget = _MemoryBudget(_EXPANSION_FACTOR * file_size + _EXPANSION_SLACK, path)
+    if not head:
+        raise _fail(path, "the file is empty")
+    if head in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record, or the end record of an empty zip
+        return _read_zip_checkpoint(path, file_size, budget)
+    if head[:1] == b"\x80":  # pickle's PROTO opcode, which every legacy file starts with
+        return _read_legacy_checkpoint(path, budget)
+    raise _fail(path, f"it is neither a zip-format nor a legacy PyTorch checkpoint (it starts with {head!r})")
+
+
+def read_torch_state_dict(path):
+    """Read a PyTorch checkpoint and return its state dict as a plain dict of name -> numpy array.
+
+    Accepts a bare state dict or one wrapped as {"state_dict": ...}, {"model": ...}, {"model_state": ...} or
+    {"model_state_dict": ...} (other entries, such as the optimizer state and `args` of a training checkpoint,
+    are ignored), and drops the "module."
+    prefix that DataParallel adds to every name.
+    """
+    path = os.fspath(path)
+    checkpoint = read_torch_checkpoint(path)
+    state_dict = _find_state_dict(checkpoint, levels_left=3)
+    if state_dict is None:
+        raise CheckpointError(f"{path} holds no state dict (a dict of name -> tensor); "
+                              f"{_describe_top_level(checkpoint)}")
+    return _strip_data_parallel_prefix(state_dict, path)
+
+
+def _fail(path, reason):
+    return CheckpointError(f"cannot read PyTorch checkpoint {path}: {' '.join(str(reason).split())}")
+
+
+def _describe(value):
+    """A short description of an untrusted value, safe for huge integers and deep nesting."""
+    if type(value) is int and abs(value) < 10 ** 30:
+        return str(value)
+    if type(value) is str and len(value) <= 80:
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+class _MemoryBudget:
+    """Caps the bytes of all arrays rebuilt from one file, so that overlapping views cannot exhaust memory."""
+
+    def __init__(self, limit, path):
+        self.limit, self.path, self.spent = limit, path, 0
+
+    def spend(self, nbytes):
+        self.spent += nbytes
+        if self.spent > self.limit:
+            raise _fail(self.path, f"its tensors would need more than {self.limit} bytes, far more than the file "
+                                   f"holds; refusing what looks like a crafted file")
+
+
+# ----------------------------------------------------------------------------- stand-ins for training state
+
+
+class PickledNamespace:
+    """An `argparse.Namespace` read from a checkpoint (a training script's `args`), holding plain data only.
+
+    Attributes read as on the original (`args.lr`, `"lr" in args`); `to_dict()` gives them all, and
+    `argparse.Namespace(**args.to_dict())` makes a real Namespace. Nothing of argparse is imported or called.
+    """
+    __slots__ = ("_attributes",)
+    __hash__ = None  # mutable and compared by value, as argparse.Namespace
+
+    def __new__(cls, **_attributes):
+        # NEWOBJ creates the instance through here without calling __init__, and passes the pickle's arguments
+        # positionally: a Namespace has none, so any would be a TypeError, reported as a corrupt pickle.
+        namespace = super().__new__(cls)
+        namespace._attributes = {}
+        return namespace
+
+    def __init__(self, **attributes):
+        self._attributes.update(attributes)
+
+    def __setstate__(self, state):
+        # BUILD lands here: it may add attributes and do nothing else, so it never reaches the instance's own
+        # attribute lookup (as an instance __dict__ would, letting a later BUILD find a planted __setstate__).
+        if type(state) is not dict or not all(type(name) is str for name in state):
+            raise pickle.UnpicklingError("an argparse.Namespace's state is not a dict of attribute names")
+        if not hasattr(self, "_attributes"):  # made by copyreg._reconstructor, which bypasses __new__
+            self._attributes = {}
+        self._attributes.update(state)
+
+    def __getstate__(self):
+        return dict(self._attributes)
+
+    def __getattr__(self, name):
+        # Dunder names are what copy, pickle and friends probe for hooks; the file's data must never answer them.
+        if name == "_attributes" or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        try:
+            return self._attributes[name]
+        except KeyError:
+            raise AttributeError(f"the pickled namespace has no attribute {name!r}") from None
+
+    def __contains__(self, name):
+        return name in self._attributes
+
+    def __eq__(self, other):
+        if not isinstance(other, PickledNamespace):
+            return NotImplemented
+        return self._attributes == other._attributes
+
+    def __repr__(self):
+        return f"PickledNamespace({', '.join(f'{name}={value!r}' for name, value in self._attributes.items())})"
+
+    def to_dict(self):
+        return dict(self._attributes)
+
+
+class _Token:
+    """Handed out for a class that may only appear as an argument of one of our stand-ins, never be called."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+    def __setstate__(self, state):
+        # Tokens are shared by every load; without this, BUILD's slot-state branch could rename one.
+        raise pickle.UnpicklingError(f"it applies BUILD to the global {self.name}")
+
+
+_OBJECT = _Token("builtins.object")
+_NDARRAY = _Token("numpy.ndarray")
+# Globals that are data, not functions: returned as they are, the only type among them being our own namespace,
+# because NEWOBJ (how protocol 2 pickles a Namespace) refuses anything but a type.
+_INERT_GLOBALS = {("argparse", "Namespace"): PickledNamespace, ("builtins", "object"): _OBJECT,
+                  ("numpy", "ndarray"): _NDARRAY}
+# Bool and numeric dtypes as numpy pickles their names; no object, string, void, datetime or platform-sized
+# float type, so every element is a fixed number of plain bytes.
+_NUMPY_DTYPE_CODES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8",
+                                "c16"})
+_NUMPY_BYTE_ORDERS = ("<", ">", "|", "=")
+
+
+class _StandIn:
+    """A numpy object under construction, swapped for the real one once the pickle is loaded.
+
+    BUILD applies to whatever object the pickle built, so handing it a real dtype or array would call numpy's
+    own __setstate__; a stand-in keeps BUILD within our checks. Unhashable, so it can never be a dict key or set
+    member, the two places the final swap does not look.
+    """
+    __slots__ = ()
+    __hash__ = None
+
+    def resolve(self, path):
+        raise NotImplementedError
+
+
+class _PickledDtype(_StandIn):
+    """numpy.dtype(code, align, copy), followed by BUILD with numpy's state tuple, which sets the byte order."""
+    __slots__ = ("code", "byteorder")
+
+    def __init__(self, code):
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state):
+        # Version 3 with no subarray, fields, explicit size or flags: the only state of a bool or numeric dtype.
+        if not (type(state) is tuple and len(state) == 8 and state[0] == 3 and state[1] in _NUMPY_BYTE_ORDERS
+                and state[2:] == (None, None, None, -1, -1, 0)):
+            raise pickle.UnpicklingError(f"numpy dtype {self.code!r} has an unexpected state")
+        self.byteorder = state[1]
+
+    @property
+    def stored(self):
+        dtype = np.dtype(self.code)
+        return dtype.newbyteorder(self.byteorder) if self.byteorder in "<>" else dtype
+
+    def resolve(self, path):
+        return self.stored.newbyteorder("=")  # as the arrays come back: native byte order
+
+
+class _PickledArray(_StandIn):
+    """A numpy array or scalar; an array from numpy's _reconstruct is empty until BUILD brings its data."""
+    __slots__ = ("value", "_fill")
+
+    def __init__(self, value=None, fill=None):
+        self.value, self._fill = value, fill
+
+    def __setstate__(self, state):
+        if self._fill is None or self.value is not None:
+            raise pickle.UnpicklingError("it applies BUILD to a numpy array or scalar that is already complete")
+        self.value = self._fill(state)
+
+    def resolve(self, path):
+        if self.value is None:
+            raise _fail(path, "a numpy array is reconstructed but its data never follows")
+        return self.value
+
+
+def _describe_global(value):
+    """The name of a global a stand-in was given, for refusal messages."""
+    if value is PickledNamespace:
+        return "argparse.Namespace"
+    if isinstance(value, _Token):
+        return value.name
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if callable(value) and isinstance(getattr(value, "__qualname__", None), str):
+        return value.__qualname__
+    return _describe(value)
+
+
+# --------------------------------------------------------------------------------------------- the unpickler
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles one pickle of a checkpoint, resolving only the globals a state dict is built from."""
+
+    def __init__(self, pickle_bytes, path, storages, budget):
+        super().__init__(io.BytesIO(pickle_bytes))
+        self._path, self._storages, self._budget = path, storages, budget
+        self._callables = {
+            ("collections", "OrderedDict"): collections.OrderedDict,
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+            ("_codecs", "encode"): self._encode_latin1,
+            ("builtins", "bytes"): self._empty_bytes,
+            ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
+            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter_with_state,
+            ("copyreg", "_reconstructor"): self._reconstructor,
+            ("copyreg", "__newobj__"): self._newobj,
+            ("numpy", "dtype"): self._numpy_dtype,
+        }
+        for core in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 names
+            self._callables.update({
+                (f"{core}.multiarray", "scalar"): self._numpy_scalar,
+                (f"{core}.multiarray", "_reconstruct"): self._numpy_reconstruct,
+                (f"{core}.numeric", "_frombuffer"): self._numpy_frombuffer,
+            })
+        # Set once the result holds a stand-in, so that plain state dicts skip the walk that swaps them out.
+        self.made_stand_ins = False
+
+    def find_class(self, module, name):
+        pickled_as = f"{module}.{name}"
+        # Protocols 0 to 2 write Python 2 names (copy_reg, __builtin__, commands.Popen for subprocess.Popen);
+        # pickle's own find_class translates them, so ours must too, both to allow and to name what it refuses.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name),
+                                                       (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        if (module, name) in self._callables:
+            return _fresh_callable(self._callables[module, name], f"{module}.{name}")
+        if (module, name) in _INERT_GLOBALS:
+            return _INERT_GLOBALS[module, name]
+        if module == "torch" and name in _BY_STORAGE_NAME:
+            return _BY_STORAGE_NAME[name]
+        if (module, name) in _UNTYPED_STORAGE_GLOBALS:
+            return _BYTES
+        if module == "torch" and name in _BY_DTYPE_NAME:
+            return _BY_DTYPE_NAME[name]
+        alias = f" (pickled as '{pickled_as}')" if pickled_as != f"{module}.{name}" else ""
+        raise UnsafeCheckpointError(f"refused to load global '{module}.{name}'{alias} from {self._path}: "
+                                    f"a checkpoint of weights and training state never needs it")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
+            raise _fail(self._path, f"it refers to {_describe(pid)} where only tensor storages may appear")
+        _, element_type, key, _location, numel = pid[:5]
+        view = pid[5] if len(pid) == 6 else None
+        if not isinstance(element_type, _ElementType):
+            raise _fail(self._path, f"a storage has type {_describe(element_type)}, not a torch storage type")
+        if not isinstance(key, str):
+            raise _fail(self._path, f"a storage key is {_describe(key)}, not a string")
+        numel = _checked_size(numel, "storage size", self._path)
+        if view is not None:
+            if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)):
+                raise _fail(self._path, f"storage {key!r} has a malformed view description")
+            view = (_checked_size(view[1], "storage view offset", self._path),
+                    _checked_size(view[2], "storage view size", self._path))
+        return self._storages.storage(key, element_type, numel, view)
+
+    # Stand-ins for torch functions. They take torch's positional signatures; the autograd details that follow
+    # the geometry (requires_grad, hooks, metadata, Parameter state) have no numpy meaning and are dropped.
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride):
+        if not isinstance(storage, _Storage):
+            raise _fail(self._path, f"a tensor is built on {_describe(storage)} instead of a storage")
+        return self._materialize(storage, storage.element_type, storage_offset, size, stride)
+
+    def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                           metadata=None):
+        return self._rebuild_tensor(storage, storage_offset, size, stride)
+
+    def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                           metadata=None):
+        if not isinstance(storage, _Storage):
+            raise _fail(self._path, f"a tensor is built on {_describe(storage)} instead of a storage")
+        if not isinstance(dtype, _ElementType):
+            raise _fail(self._path, f"a tensor has dtype {_describe(dtype)}, not a torch dtype")
+        return self._materialize(storage, dtype, storage_offset, size, stride)
+
+    def _rebuild_parameter(self, data, requires_grad, backward_hooks):
+        # data is None only during the legacy reader's mapping pass, where no tensor is materialized.
+        if data is not None and not isinstance(data, np.ndarray):
+            raise _fail(self._path, f"a Parameter wraps {_describe(data)} instead of a tensor")
+        return data
+
+    def _rebuild_parameter_with_state(self, data, requires_grad, backward_hooks, state):
+        return self._rebuild_parameter(data, requires_grad, backward_hooks)
+
+    def _encode_latin1(self, text, encoding="latin1"):
+        # Protocol-2 pickles store bytes objects as _codecs.encode(text, "latin1"); no other use is allowed.
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise _fail(self._path, "it calls _codecs.encode other than to rebuild a bytes object")
+        return text.encode("latin-1")
+
+    def _empty_bytes(self, *args):
+        # Protocols 0 to 2 store an empty bytes object (an empty numpy array's data) as bytes().
+        if args:
+            raise _fail(self._path, "it calls bytes other than to rebuild an empty bytes object")
+        return b""
+
+    # Stand-ins for the copyreg helpers that rebuild plain instances. The originals call base.__new__ and
+    # base.__init__ of whatever class the pickle names, so ours accept our inert namespace and nothing else.
+
+    def _reconstructor(self, cls, base, state):
+        # How protocols 0 and 1 pickle an instance of a plain class: copyreg._reconstructor(cls, object, None).
+        if cls is not PickledNamespace or base is not _OBJECT or state is not None:
+            raise UnsafeCheckpointError(
+                f"refused copyreg._reconstructor({_describe_global(cls)}, {_describe_global(base)}, "
+                f"{_describe(state)}) in {self._path}: it is only allowed to rebuild an argparse.Namespace")
+        return PickledNamespace()
+
+    def _newobj(self, cls, *args):
+        if cls is not PickledNamespace or args:
+            raise UnsafeCheckpointError(f"refused copyreg.__newobj__({_describe_global(cls)}, ...) in {self._path}: "
+                                        f"it is only allowed to create an argparse.Namespace")
+        return PickledNamespace()
+
+    # Stand-ins for numpy's unpickling functions: bytes in, a fresh array of a checked dtype out.
+
+    def _numpy_dtype(self, code, align=False, copy=True):
+        if type(code) is not str or type(align) not in (bool, int) or type(copy) not in (bool, int):
+            raise _fail(self._path, "numpy.dtype is called other than to rebuild a pickled dtype")
+        if code not in _NUMPY_DTYPE_CODES:
+            if code.startswith("O"):
+                # Object arrays exist to hold arbitrary Python objects, the very thing this reader refuses.
+                raise UnsafeCheckpointError(f"refused numpy object dtype {code!r} in {self._path}: only bool and "
+                                            f"numeric numpy data is read")
+            raise _fail(self._path, f"it holds numpy data of dtype {_describe(code)}; only bool and numeric numpy "
+                                    f"data is read")
+        self.made_stand_ins = True
+        return _PickledDtype(code)
+
+    def _numpy_scalar(self, dtype, data):
+        if not isinstance(dtype, _PickledDtype):
+            raise _fail(self._path, f"a numpy scalar has dtype {_describe(dtype)}, not a numpy dtype")
+        elements = self._numpy_elements(data, dtype, (), "C")
+        return _PickledArray(value=elements[()])
+
+    def _numpy_reconstruct(self, subtype, shape, typecode):
+        # numpy pickles every ndarray as _reconstruct(ndarray, (0,), b"b") followed by BUILD with the contents.
+        if subtype is not _NDARRAY or shape != (0,) or typecode != b"b":
+            raise _fail(self._path, "numpy's _reconstruct is called other than to rebuild a plain ndarray")
+        self.made_stand_ins = True
+        return _PickledArray(fill=self._numpy_array_state)
+
+    def _numpy_array_state(self, state):
+        if type(state) is tuple and len(state) == 5 and state[0] == 1:
+            state = state[1:]  # version 1; older numpy wrote the same four fields without a version
+        if not (type(state) is tuple and len(state) == 4):
+            raise _fail(self._path, "a numpy array's state is not (shape, dtype, is_fortran, data)")
+        shape, dtype, is_fortran, data = state
+        if not isinstance(dtype, _PickledDtype) or type(is_fortran) is not bool:
+            raise _fail(self._path, "a numpy array's state has no numpy dtype or no memory order")
+        return self._numpy_elements(data, dtype, shape, "F" if is_fortran else "C")
+
+    def _numpy_frombuffer(self, buffer, dtype, shape, order):
+        # Protocol 5 pickles contiguous arrays as _frombuffer(buffer, dtype, shape, order), with no BUILD.
+        if not isinstance(dtype, _PickledDtype) or order not in ("C", "F"):
+            raise _fail(self._path, "numpy's _frombuffer is called other than to rebuild a plain ndarray")
+        return _PickledArray(value=self._numpy_elements(buffer, dtype, shape, order))
+
+    def _numpy_elements(self, data, dtype, shape, order):
+        path = self._path
+        if type(data) not in (bytes, bytearray):
+            raise _fail(path, f"numpy data is {_describe(data)}, not bytes")
+        if not isinstance(shape, tuple):
+            raise _fail(path, "a numpy array's shape is not a tuple")
+        if len(shape) > _MAX_DIMS:
+            raise _fail(path, f"a numpy array has {len(shape)} dimensions, more than numpy's {_MAX_DIMS}")
+        shape = tuple(_checked_size(extent, "numpy array size", path) for extent in shape)
+        stored = dtype.stored
+        if math.prod(shape) * stored.itemsize != len(data):
+            raise _fail(path, f"a numpy array of shape {shape} and dtype {stored} comes with {len(data)} bytes")
+        self._budget.spend(len(data))
+        # Bools are read as bytes: decode_elements normalises bytes other than 0 and 1.
+        raw = np.frombuffer(data, dtype=np.uint8 if stored.kind == "b" else stored).reshape(shape, order=order)
+        elements = decode_elements(raw, stored.newbyteorder("="))
+        # np.ascontiguousarray would turn a scalar's 0-d array into 1-d.
+        return elements if elements.flags.c_contiguous else elements.copy(order="C")
+
+    def _materialize(self, storage, element_type, storage_offset, size, stride):
+        path = self._path
+        offset = _checked_size(storage_offset, "storage offset", path)
+        if not isinstance(size, tuple) or not isinstance(stride, tuple):
+            raise _fail(path, "a tensor's size or stride is not a tuple")
+        shape = tuple(_checked_size(extent, "tensor size", path) for extent in size)
+        strides = tuple(_checked_size(step, "tensor stride", path) for step in stride)
+        if len(shape) != len(strides):
+            raise _fail(path, f"a tensor has {len(shape)} sizes but {len(strides)} strides")
+        if len(shape) > _MAX_DIMS:
+            raise _fail(path, f"a tensor has {len(shape)} dimensions, more than numpy's {_MAX_DIMS}")
+        if storage.raw is None:
+            return None
+        count = math.prod(shape)
+        if count == 0:
+            return np.empty(shape, dtype=element_type.loaded)
+        stored = element_type.stored.newbyteorder(storage.byteorder)
+        available = len(storage.raw) // stored.itemsize
+        last_element = offset + sum((extent - 1) * step for extent, step in zip(shape, strides))
+        if last_element >= available:
+            raise _fail(path, f"a tensor of shape {shape} reaches element {last_element} of a storage that holds "
+                              f"{available} {element_type.dtype_name} elements")
+        self._budget.spend(count * element_type.loaded.itemsize)
+        elements = np.frombuffer(storage.raw, dtype=stored, count=available)
+        view = np.lib.stride_tricks.as_strided(elements[offset:], shape=shape,
+                                               strides=[step * stored.itemsize for step in strides],
+                                               writeable=False)
+        return decode_elements(view, element_type.loaded)
+
+
+def _fresh_callable(function, qualified_name):
+    # A new object per lookup: a BUILD opcode aimed at it can only decorate this throwaway, never a shared function.
+    def call(*args):
+        return function(*args)
+    call.__qualname__ = qualified_name  # names it in refusal messages
+    return call
+
+
+def _checked_size(value, what, path):
+    if type(value) is not int or not 0 <= value < _SIZE_LIMIT:
+        raise _fail(path, f"a {what} is {_describe(value)}, not an integer in [0, 2**48)")
+    return value
+
+
+def _end_of_pickle(data, start, path):
+    """Walk the opcodes of the pickle at `data[start:]` without executing them, and return where it ends.
+
+    The C unpickler allocates whatever string length or memo index a pickle claims before it checks that the
+    data really holds that much, so a few crafted bytes could demand terabytes. Walking the opcodes first proves
+    every length fits the data and every memo index is one the pickle could have filled, so the real load
+    afterwards allocates no more than the pickle's own size suggests.
+    """
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    memo_entries = 0
+    try:
+        for opcode, argument, _ in pickletools.genops(stream):
+            if opcode.name == "MEMOIZE":
+                memo_entries += 1
+            elif opcode.name in _MEMO_WRITES:
+                if not 0 <= argument <= memo_entries:
+                    raise _fail(path, f"its pickle stores memo entry {_describe(argument)} out of sequence")
+                memo_entries = max(memo_entries, argument + 1)
+            elif opcode.name in _MEMO_READS:
+                if not 0 <= argument < memo_entries:
+                    raise _fail(path, f"its pickle reads memo entry {_describe(argument)}, which was never stored")
+            elif opcode.name == "FRAME" and argument > len(data) - stream.tell():
+                raise _fail(path, "its pickle is truncated (a frame runs past the end)")
+    except CheckpointError:
+        raise
+    except (ValueError, EOFError, OverflowError, struct.error) as error:
+        raise _fail(path, f"its pickle is truncated or corrupt ({error})") from error
+    return stream.tell()
+
+
+def _load_pickle(data, start, path, storages, budget):
+    """Unpickle the pickle at `data[start:]`; return the object and the position right after the pickle."""
+    end = _end_of_pickle(data, start, path)
+    unpickler = _RestrictedUnpickler(data[start:end], path, storages, budget)
+    try:
+        obj = unpickler.load()
+    except CheckpointError:
+        raise
+    except _UNPICKLING_ERRORS as error:
+        raise _fail(path, f"its pickle is corrupt ({type(error).__name__}: {error})") from error
+    if unpickler.made_stand_ins:
+        obj = _resolve_stand_ins(obj, path)
+    return obj, end
+
+
+def _resolve_stand_ins(root, path):
+    """Swap every numpy stand-in in a loaded object for the dtype, array or scalar it stands for."""
+    resolved = {}  # id -> (original, replacement); holding the original keeps its id from being reused
+    open_tuples, cyclic_tuples = set(), set()
+
+    def resolve(value):
+        if isinstance(value, _StandIn):
+            return value.resolve(path)
+        if type(value) not in (dict, collections.OrderedDict, list, tuple, PickledNamespace):
+            return value  # sets and dict keys are hashable, so they cannot hold a stand-in
+        key = id(value)
+        if key in resolved:
+            if key in open_tuples:
+                cyclic_tuples.add(key)
+            return resolved[key][1]
+        resolved[key] = (value, value)
+        if isinstance(value, PickledNamespace):
+            resolve(value._attributes)
+        elif isinstance(value, dict):
+            changes = [(name, new) for name, item in value.items() if (new := resolve(item)) is not item]
+            for name, new in changes:
+                value[name] = new
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                new = resolve(item)
+                if new is not item:
+                    value[index] = new
+        else:
+            open_tuples.add(key)
+            items = tuple(resolve(item) for item in value)
+            open_tuples.discard(key)
+            if any(new is not old for new, old in zip(items, value)):
+                # Whatever reached this tuple through itself already holds the old one, and a tuple is immutable.
+                if key in cyclic_tuples:
+                    raise _fail(path, "a tuple that contains itself holds numpy data")
+                resolved[key] = (value, items)
+                return items
+        return value
+
+    try:
+        return resolve(root)
+    except RecursionError:
+        raise _fail(path, "its objects are nested too deeply") from None
+
+
+class _NoStorages:
+    """Storage source for the pickles that must not hold tensors (legacy header and key list)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def storage(self, key, element_type, numel, view):
+        raise _fail(self.path, "a tensor storage appears where the format has none")
+
+
+# -------------------------------------------------------------------------------------------------- zip format
+
+
+def _read_zip_checkpoint(path, file_size, budget):
+    try:
+        archive = zipfile.ZipFile(path)
+    except _ZIP_ERRORS as error:
+        raise _fail(path, f"it is not a readable zip archive ({error}); truncated download?") from error
+    with archive:
+        prefix = _archive_prefix(archive, path)
+        storages = _ZipStorages(archive, prefix, path, file_size, budget.limit)
+        pickle_bytes = storages.read_record(prefix + "data.pkl")
+        obj, _ = _load_pickle(pickle_bytes, 0, path, storages, budget)
+        return obj
+
+
+def _archive_prefix(archive, path):
+    """The top-level folder that torch names after the file; it holds data.pkl."""
+    pickles = [name for name in archive.namelist() if name.count("/") == 1 and name.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        found = "no" if not pickles else f"{len(pickles)}"
+        raise _fail(path, f"the zip holds {found} <archive>/data.pkl records, so it is no torch.save checkpoint")
+    return pickles[0][:-len("data.pkl")]
+
+
+class _ZipStorages:
+    """Storages of a zip checkpoint, one record each, read once however many tensors share them."""
+
+    def __init__(self, archive, prefix, path, file_size, size_limit):
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.file_size, self.size_limit = file_size, size_limit
+        self.records = {}
+        self.byteorder = self._byteorder()
+
+    def _byteorder(self):
+        if self.prefix + "byteorder" not in self.archive.namelist():
+            return "<"  # files written before torch recorded it came from little-endian machines
+        recorded = self.read_record(self.prefix + "byteorder")
+        if recorded not in (b"little", b"big"):
+            raise _fail(self.path, f"its byteorder record says {recorded[:20]!r}, not 'little' or 'big'")
+        return "<" if recorded == b"little" else ">"
+
+    def storage(self, key, element_type, numel, view):
+        if view is not None:
+            raise _fail(self.path, "a zip checkpoint never holds storage views")
+        if key not in self.records:
+            self.records[key] = memoryview(self.read_record(f"{self.prefix}data/{key}"))
+        raw = self.records[key]
+        nbytes = numel * element_type.stored.itemsize
+        if nbytes > len(raw):
+            raise _fail(self.path, f"storage {key!r} should hold {numel} {element_type.dtype_name} elements "
+                                   f"({nbytes} bytes) but its record has {len(raw)} bytes")
+        return _Storage(element_type, raw[:nbytes], self.byteorder)
+
+    def read_record(self, name):
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            raise _fail(self.path, f"record {name!r} is missing; truncated or incomplete file?") from None
+        # zipfile trusts the sizes in the directory; check them so a crafted entry cannot demand huge buffers.
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _fail(self.path, f"record {name!r} uses an unsupported compression method")
+        if info.header_offset + info.compress_size > self.file_size:
+            raise _fail(self.path, f"record {name!r} runs past the end of the file; truncated?")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise _fail(self.path, f"record {name!r} has inconsistent sizes in the zip directory")
+        if info.file_size > self.size_limit:
+            raise _fail(self.path, f"record {name!r} claims {info.file_size} bytes, far more than the file holds")
+        try:
+            return self.archive.read(info)
+        except _ZIP_ERRORS as error:
+            raise _fail(self.path, f"record {name!r} is corrupt ({error})") from error
+
+
+# ----------------------------------------------------------------------------------------------- legacy format
+
+
+def _read_legacy_checkpoint(path, budget):
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        raise _fail(path, error.strerror or str(error)) from error
+    no_storages = _NoStorages(path)
+    magic, position = _load_pickle(data, 0, path, no_storages, budget)
+    if magic != _LEGACY_MAGIC_NUMBER:
+        raise _fail(path, "it starts with a pickle but not with PyTorch's magic number")
+    protocol, position = _load_pickle(data, position, path, no_storages, budget)
+    if protocol != _LEGACY_PROTOCOL_VERSION:
+        raise _fail(path, f"its legacy protocol version is {_describe(protocol)}, expected 1001")
+    sys_info, object_start = _load_pickle(data, position, path, no_storages, budget)
+    if not isinstance(sys_info, dict):
+        raise _fail(path, "its system-info record is not a dict")
+
+    # The storages' bytes follow the key list, which follows the object pickle, but only the object pickle says
+    # how large each storage is. So map the storages with a first, tensor-less pass, then load for real.
+    storages = _LegacyStorages(data, path)
+    _, keys_start = _load_pickle(data, object_start, path, storages, budget)
+    keys, data_start = _load_pickle(data, keys_start, path, no_storages, budget)
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise _fail(path, "its storage key list is not a list of strings")
+    storages.locate(keys, data_start)
+    obj, _ = _load_pickle(data, object_start, path, storages, budget)
+    return obj
+
+
+class _LegacyStorages:
+    """Storages of a legacy file: declared while mapping (no bytes yet), then served once `locate` has run."""
+
+    def __init__(self, data, path):
+        self.data, self.path = data, path
+        self.declared = {}  # key -> (element type, element count)
+        self.starts = None  # key -> offset of the storage's first byte in data
+
+    def storage(self, key, element_type, numel, view):
+        if self.starts is None:
+            declared = self.declared.setdefault(key, (element_type, numel))
+            if _nbytes(*declared) != _nbytes(element_type, numel):
+                raise _fail(self.path, f"storage {key!r} is declared with two different sizes")
+            return _Storage(element_type, None, "<")
+        start = self.starts[key]
+        raw = memoryview(self.data)[start:start + _nbytes(element_type, numel)]
+        if view is not None:
+            view_offset, view_size = view
+            if view_offset + view_size > numel:
+                raise _fail(self.path, f"a view of storage {key!r} reaches past its {numel} elements")
+            itemsize = element_type.stored.itemsize
+            raw = raw[view_offset * itemsize:(view_offset + view_size) * itemsize]
+        return _Storage(element_type, raw, "<")
+
+    def locate(self, keys, position):
+        """Walk the storage section in key-list order, checking each element count against its declaration."""
+        starts = {}
+        for key in keys:
+            if key in starts:
+                raise _fail(self.path, f"storage {key!r} is listed twice")
+            if key not in self.declared:
+                raise _fail(self.path, f"storage {key!r} is listed but no tensor uses it")
+            element_type, numel = self.declared[key]
+            count_bytes = self.data[position:position + 8]
+            if len(count_bytes) < 8:
+                raise _fail(self.path, f"the file ends before storage {key!r}; truncated?")
+            count = int.from_bytes(count_bytes, "little", signed=True)
+            if count != numel:
+                raise _fail(self.path, f"storage {key!r} is stored with {count} elements, declared with {numel}")
+            starts[key] = position + 8
+            position += 8 + _nbytes(element_type, numel)
+            if position > len(self.data):
+                raise _fail(self.path, f"the file ends inside storage {key!r}; truncated?")
+        missing = self.declared.keys() - starts.keys()
+        if missing:
+            raise _fail(self.path, f"storage {sorted(missing)[0]!r} is used by a tensor but not stored")
+        self.starts = starts
+
+
+def _nbytes(element_type, numel):
+    return numel * element_type.stored.itemsize
+
+
+# ------------------------------------------------------------------------------------ state-dict unwrapping
+
+
+def _find_state_dict(value, levels_left):
+    if not isinstance(value, dict):
+        return None
+    if value and all(isinstance(name, str) and isinstance(tensor, np.ndarray) for name, tensor in value.items()):
+        return value
+    if levels_left == 0:
+        return None
+    for key in _WRAPPER_KEYS:
+        if key in value:
+            found = _find_state_dict(value[key], levels_left - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe_top_level(checkpoint):
+    if not isinstance(checkpoint, dict):
+        return f"the file holds {_describe(checkpoint)}"
+    keys = [_describe(key) for key in list(checkpoint)[:20]]
+    more = f" and {len(checkpoint) - 20} more" if len(checkpoint) > 20 else ""
+    return f"its top-level keys are [{', '.join(keys)}]{more}"
+
+
+def _strip_data_parallel_prefix(state_dict, path):
+    result = {}
+    for name, tensor in state_dict.items():
+        short_name = name[len(_DATA_PARALLEL_PREFIX):] if name.startswith(_DATA_PARALLEL_PREFIX) else name
+        if short_name in result:
+            raise CheckpointError(f"{path} has two tensors named {short_name!r} once the DataParallel "
+                                  f"'{_DATA_PARALLEL_PREFIX}' prefix is dropped")
+        result[short_name] = tensor
+    return result
