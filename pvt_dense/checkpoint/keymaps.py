@@ -104,7 +104,7 @@ _WRAPPERS = ("backbone.", "module.", "module.backbone.", "model.", "model.backbo
 _TRAINING_STATE = re.compile(
     r"^(moments|accum|adam_m|adam_v|ema|mean|variance|global_step_increase_sense)\."
     r"|^(global_step|learning_rate|beta1_power|beta2_power|scale_sense|current_iterator_step"
-    r"|last_overflow_iterator_step|epoch_num|step_num|loss_scale)$"
+    r"|last_overflow_iterator_step|epoch_num|step_num|loss_scale|loss_scale_clean_steps|pvt_dense_meta_json)$"
 )
 
 _PLACEHOLDER = re.compile(r"\{(s|i|j|last)\}")
@@ -291,7 +291,11 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
     name, prefix = _locate(state)
     notes = [f"format: {name}"]
     if name == NATIVE and not prefix:
-        return _as_float32(dict(state), notes), notes
+        training = [k for k in state if _TRAINING_STATE.search(k)]
+        if training:
+            notes.append(f"ignored {len(training)} training-state entries: {_examples(training)}")
+        weights = {k: v for k, v in state.items() if k not in set(training)}
+        return _as_float32(weights, notes), notes
 
     fmt = _FORMATS[name]
     if prefix:

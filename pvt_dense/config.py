@@ -1,0 +1,223 @@
+"""The one config mechanism: a YAML file, then command-line overrides, checked against a typed schema.
+
+A schema is a plain dict of key -> `Field`. Files are read with `yaml.safe_load`, so a config can hold only
+numbers, strings, booleans, lists and mappings: it can never name a Python object to build. Every key a user writes
+must exist in the schema, every value must have the field's type and lie in its range or choices; otherwise a
+`ConfigError` names the key, the file and what is allowed.
+"""
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+TRUE_WORDS = {"true", "yes", "y", "on", "1"}
+FALSE_WORDS = {"false", "no", "n", "off", "0"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: its default, its kind (bool/int/float/str/list/dict), and what values it allows.
+
+    `item` is the element kind of a list; `length` fixes a list's length; `choices` lists the allowed values;
+    `low`/`high` bound numbers (inclusive); `optional` lets the value be null (None).
+    """
+
+    default: Any
+    kind: type
+    help: str = ""
+    choices: Optional[Sequence[Any]] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    item: Optional[type] = None
+    length: Optional[int] = None
+    optional: bool = False
+
+    def describe(self):
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        name = self.kind.__name__
+        if self.kind is list and self.item is not None:
+            name = f"a list of {self.length or ''} {self.item.__name__}".replace("  ", " ")
+        bounds = ""
+        if self.low is not None and self.high is not None:
+            bounds = f" in [{self.low}, {self.high}]"
+        elif self.low is not None:
+            bounds = f" >= {self.low}"
+        elif self.high is not None:
+            bounds = f" <= {self.high}"
+        return name + bounds + (" or null" if self.optional else "")
+
+
+def _coerce_scalar(kind, value):
+    """Turn `value` (from YAML or a command-line string) into `kind`, or raise ValueError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise ValueError
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value) if not isinstance(value, str) else int(value.strip())
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        return dict(value)
+    raise ValueError
+
+
+def coerce(key, field, value, origin):
+    """The checked value of `key`, or a ConfigError naming the key, where it came from and what is allowed."""
+    def fail(reason=""):
+        raise ConfigError(f"{origin}: {key} = {value!r} is not allowed: expected {field.describe()}"
+                          + (f" ({reason})" if reason else ""))
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        if field.optional:
+            return None
+        fail("this key cannot be null")
+    try:
+        if field.kind is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if isinstance(value, tuple):
+                value = list(value)
+            if not isinstance(value, list):
+                raise ValueError
+            result = [_coerce_scalar(field.item, v) for v in value] if field.item else list(value)
+            if field.length is not None and len(result) != field.length:
+                fail(f"needs {field.length} values")
+        else:
+            result = _coerce_scalar(field.kind, value)
+    except (ValueError, TypeError):
+        fail()
+    if field.choices is not None and result not in field.choices:
+        fail()
+    numbers = result if isinstance(result, list) else [result]
+    for number in numbers:
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if field.low is not None and number < field.low or field.high is not None and number > field.high:
+                fail("out of range")
+    return result
+
+
+class Config(dict):
+    """A checked config: a dict whose keys also read as attributes (`cfg.lr`)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def unknown_key_error(key, schema, origin):
+    close = difflib.get_close_matches(key, list(schema), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"{origin}: unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(schema))})")
+
+
+def read_yaml(path):
+    """A YAML mapping from `path`, read with safe_load; a clear error for a missing file or bad YAML."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of key: value, got a {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args):
+    """['--lr', '0.1', '--scale', '0.08', '1.0', '--distribute=False'] -> [('lr', '0.1'), ('scale', [...]), ...].
+
+    Values stay strings (lists for several words); `coerce` gives them their types.
+    """
+    pairs, key, values = [], None, []
+    for arg in args:
+        if arg.startswith("--"):
+            if key is not None:
+                pairs.append((key, values))
+            body = arg[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+                values = [value]
+            else:
+                key, values = body, []
+            key = key.replace("-", "_")
+        else:
+            if key is None:
+                raise ConfigError(f"unexpected command-line argument {arg!r}: overrides are written --key value")
+            values.append(arg)
+    if key is not None:
+        pairs.append((key, values))
+    result = []
+    for key, values in pairs:
+        if not values:
+            result.append((key, "true"))  # a bare flag: --distribute
+        elif len(values) == 1:
+            result.append((key, values[0]))
+        else:
+            result.append((key, values))
+    return result
+
+
+def load_config(schema, path=None, overrides=(), defaults=None):
+    """Defaults of `schema`, then the YAML file at `path`, then `overrides` (pairs or '--key value' words).
+
+    Returns a `Config` with every schema key set and checked.
+    """
+    values = {key: field.default for key, field in schema.items()}
+    sources = []
+    if defaults:
+        sources.append(("defaults", dict(defaults)))
+    if path:
+        sources.append((os.fspath(path), read_yaml(path)))
+    if overrides:
+        pairs = parse_overrides(list(overrides)) if overrides and isinstance(overrides[0], str) else list(overrides)
+        sources.append(("command line", dict(pairs)))
+    for origin, data in sources:
+        for key, value in data.items():
+            if key not in schema:
+                raise unknown_key_error(key, schema, origin)
+            values[key] = coerce(key, schema[key], value, origin)
+    return Config(values)
+
+
+def dump_config(config, path):
+    """Write the resolved config next to the run's outputs, atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(dict(config), handle, sort_keys=False)
+    os.replace(tmp, path)
+    return path

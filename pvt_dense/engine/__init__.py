@@ -1,0 +1,1 @@
+"""Training infrastructure shared by classification, detection and segmentation: steps, checkpoints, logs."""

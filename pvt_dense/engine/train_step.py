@@ -1,0 +1,97 @@
+"""One optimizer step with loss scaling that reports overflows, for every training loop in pvt_dense.
+
+mindcv's `TrainStep` returns only the loss: with a fixed loss scale it applies the update even when the scaled
+gradients overflowed, and with a dynamic one it hides whether the step was skipped. Long runs need both facts
+(`tests/test_training.py` shows the first), so this cell returns (loss, overflow, scale) and never updates on an
+overflow, whichever kind of scale is used.
+"""
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.communication import get_group_size
+from mindspore.context import ParallelMode
+
+_unscale = ops.MultitypeFuncGraph("unscale")
+
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_grad(scale, grad):
+    return grad * ops.cast(ops.reciprocal(scale), grad.dtype)
+
+
+_is_finite = ops.MultitypeFuncGraph("is_finite")
+
+
+@_is_finite.register("Tensor")
+def _grad_is_finite(grad):
+    return ops.isfinite(grad).all()
+
+
+class TrainStep(nn.Cell):
+    """forward + backward + (all-reduce) + clip + optimizer, skipping the update when gradients are not finite.
+
+    Args:
+        network: a Cell returning the scalar loss for `*inputs`.
+        optimizer: a MindSpore optimizer over the network's trainable parameters.
+        loss_scale: the fixed loss scale (float), used as given for the whole run.
+        dynamic_loss_scale: halve the scale on overflow and double it after `scale_window` clean steps instead.
+        clip_grad_norm: clip the global gradient norm to this value (0: no clipping), after unscaling.
+
+    Returns (loss, overflow, scale) per call: the unscaled loss, whether the update was skipped, and the loss
+    scale for the next step.
+    """
+
+    def __init__(self, network, optimizer, loss_scale=1.0, dynamic_loss_scale=False, scale_window=2000,
+                 clip_grad_norm=0.0):
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.network.set_grad()
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.hyper_map = ops.HyperMap()
+        self.scale = Parameter(Tensor(float(loss_scale), ms.float32), name="loss_scale", requires_grad=False)
+        self.dynamic = bool(dynamic_loss_scale)
+        self.scale_window = int(scale_window)
+        self.clean_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_clean_steps", requires_grad=False)
+        self.clip = clip_grad_norm > 0
+        self.clip_grad_norm = float(clip_grad_norm)
+        self.reduce_grads = ms.get_auto_parallel_context("parallel_mode") == ParallelMode.DATA_PARALLEL
+        if self.reduce_grads:
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=get_group_size())
+            self.all_reduce = ops.AllReduce()
+        else:
+            self.grad_reducer = nn.Identity()
+
+    def construct(self, *inputs):
+        loss = self.network(*inputs)
+        scale = self.scale
+        sens = ops.ones_like(loss) * ops.cast(scale, loss.dtype)
+        grads = self.grad(self.network, self.weights)(*inputs, sens)
+        grads = self.grad_reducer(grads)
+        grads = self.hyper_map(ops.partial(_unscale, scale), grads)
+        finite = ops.cast(ops.logical_and(ops.isfinite(loss), self._all_finite(grads)), ms.float32)
+        if self.reduce_grads:
+            # Every rank must take the same decision, or the replicas drift apart.
+            finite = ops.cast(self.all_reduce(1.0 - finite) == 0, ms.float32)
+        overflow = finite < 0.5
+        if self.clip:
+            grads = ops.clip_by_global_norm(grads, clip_norm=self.clip_grad_norm)
+        if not overflow:
+            loss = ops.depend(loss, self.optimizer(grads))
+        if self.dynamic:
+            loss = ops.depend(loss, self._update_scale(overflow))
+        return loss, overflow, scale
+
+    def _all_finite(self, grads):
+        return ops.stack(self.hyper_map(_is_finite, grads)).all()
+
+    def _update_scale(self, overflow):
+        if overflow:
+            ops.assign(self.scale, ops.maximum(self.scale / 2.0, Tensor(1.0, ms.float32)))
+            ops.assign(self.clean_steps, Tensor(0, ms.int32))
+        else:
+            ops.assign_add(self.clean_steps, Tensor(1, ms.int32))
+            if self.clean_steps >= self.scale_window:
+                ops.assign(self.scale, self.scale * 2.0)
+                ops.assign(self.clean_steps, Tensor(0, ms.int32))
+        return self.scale

@@ -1,0 +1,238 @@
+"""pvt_dense's PVT inside mindcv: `mindcv.models.create_model("pvt_tiny", ...)` builds our models.
+
+`register()` (called by `import pvt_dense` when mindcv 0.3.0 is installed) puts four entry points, `pvt_tiny` ...
+`pvt_large`, into mindcv's model registry with mindcv's own `register_model`. They replace mindcv's PVT entries of
+the same names, which do not run on MindSpore 2.10 (`ops.ResizeBilinear` is gone, float16 position embeddings give
+NaN in training, only 224x224 inputs). mindcv's classes stay importable from `mindcv.models.pvt`; only the names in
+the registry point at ours.
+
+What a mindcv user gets:
+- `create_model(name, num_classes=..., drop_rate=..., drop_path_rate=...)`: a `PVTClassifier` (logits).
+- `create_model(name, features_only=True, out_indices=[1, 2, 3])`: a `PVTBackbone` returning those stage maps,
+  with `out_channels` and a `feature_info` whose entries read both ways: `info.channels` / `info.stride`
+  (pvt_dense) and `info["chs"]` / `info["reduction"]` (mindcv).
+- `checkpoint_path=`: any checkpoint pvt_dense reads (MindCV's published `.ckpt` with `Blocks.*` names and float16
+  position embeddings, checkpoints that mindcv's train.py saved with optimizer state beside the weights, official
+  `.pth`, HuggingFace), loaded strictly with a report. `ema=True` loads the `ema.*` copy, as mindcv does.
+- `pretrained=True`: MindCV's published weights for that size, downloaded with mindcv's own downloader.
+
+How `checkpoint_path=` reaches our loader: mindcv's `create_model` builds the model, then calls the name
+`load_model_checkpoint` in `mindcv.models.model_factory`. That loader matches parameters by name, so MindCV-named
+weights would silently not load into a model with pvt_dense's names (its result is ignored). `register()` rebinds
+that one name to a function that sends our two model classes to pvt_dense's loader and every other model to the
+function it replaced, unchanged. Nothing else in mindcv is touched.
+"""
+import os
+
+from ..checkpoint.keymaps import NATIVE, NATIVE_MODULES, detect_format, to_native
+from ..checkpoint.load import LoadReport, fit_to_model, read_checkpoint
+from ..errors import CheckpointError, ConfigError
+from ..models.factory import create_backbone, create_model, list_models
+from ..models.pvt import FeatureInfo, PVTBackbone, PVTClassifier
+
+__all__ = ["SUPPORTED_MINDCV", "MindCVFeatureInfo", "check_mindcv_version", "is_registered", "load_checkpoint",
+           "register"]  # register() appends the four entry points, as mindcv's register_model does
+
+SUPPORTED_MINDCV = "0.3.0"
+
+# Filled by register() from mindcv's own table, so `mindcv.models.is_model_pretrained` and `pretrained=True` use
+# MindCV's published URLs without a copy of them here.
+default_cfgs = {}
+
+_registered = False
+
+
+class MindCVFeatureInfo(FeatureInfo):
+    """A `FeatureInfo` that also answers mindcv's dict keys: `chs`, `reduction`, `name`."""
+
+    def __getitem__(self, key):
+        if key == "chs":
+            return self.channels
+        if key == "reduction":
+            return self.stride
+        if key == "name":
+            return f"stages.{self.stage}"
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def keys(self):
+        return ("chs", "reduction", "name")
+
+
+def _mindcv_version():
+    import mindcv
+    return getattr(mindcv, "__version__", "unknown")
+
+
+def check_mindcv_version():
+    """Raise ConfigError unless the installed mindcv is the version this integration was written against."""
+    try:
+        version = _mindcv_version()
+    except ImportError as err:
+        raise ConfigError(f"pvt_dense's mindcv integration needs mindcv=={SUPPORTED_MINDCV}, which does not "
+                          f"import: {err}") from None
+    if version != SUPPORTED_MINDCV:
+        raise ConfigError(f"pvt_dense's mindcv integration is written against mindcv=={SUPPORTED_MINDCV} (it hooks "
+                          f"mindcv.models.model_factory.load_model_checkpoint); found mindcv {version}. Install "
+                          f"mindcv=={SUPPORTED_MINDCV}, or build models with pvt_dense.create_model / "
+                          "create_backbone directly.")
+    return version
+
+
+def _build(name, pretrained=False, num_classes=1000, in_channels=3, features_only=False, out_indices=(0, 1, 2, 3),
+           drop_rate=0.0, drop_path_rate=0.0, frozen_stages=-1, recompute_stages=(), **unknown):
+    if unknown:
+        raise ConfigError(f"{name} (pvt_dense, through mindcv.create_model) got unknown argument(s) "
+                          f"{', '.join(sorted(unknown))}; it takes num_classes, pretrained, in_channels=3, "
+                          "drop_rate, drop_path_rate, checkpoint_path, and with features_only=True also out_indices, "
+                          "frozen_stages, recompute_stages")
+    if in_channels != 3:
+        raise ConfigError(f"{name} takes 3-channel images; in_channels={in_channels} is not supported")
+    if features_only:
+        if drop_rate:
+            raise ConfigError(f"{name} with features_only=True has no dropout (drop_rate={drop_rate}); use "
+                              "drop_path_rate")
+        net = create_backbone(name, out_indices=tuple(out_indices), drop_path_rate=drop_path_rate,
+                              frozen_stages=frozen_stages, recompute_stages=tuple(recompute_stages))
+        net.feature_info = tuple(MindCVFeatureInfo(i.stage, i.channels, i.stride) for i in net.feature_info)
+    else:
+        if frozen_stages != -1 or recompute_stages:
+            raise ConfigError(f"{name}: frozen_stages and recompute_stages apply to features_only=True models")
+        net = create_model(name, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    if pretrained:
+        load_checkpoint(net, _download_pretrained(name))
+    return net
+
+
+def _download_pretrained(name):
+    from mindcv.models.helpers import get_checkpoint_download_root
+    from mindcv.utils.download import DownLoad
+    url = default_cfgs.get(name, {}).get("url")
+    if not url:
+        raise CheckpointError(f"mindcv lists no published weights for {name}")
+    root = get_checkpoint_download_root()
+    os.makedirs(root, exist_ok=True)
+    DownLoad().download_url(url, path=root)  # skips the download when the file is already there
+    return os.path.join(root, os.path.basename(url))
+
+
+def _entry_point(name):
+    def entry(pretrained=False, num_classes=1000, in_channels=3, **kwargs):
+        return _build(name, pretrained=pretrained, num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name  # mindcv's register_model takes the model name from __name__
+    entry.__doc__ = (f"{name} from pvt_dense (mindcv entry point): a PVTClassifier, or with features_only=True a "
+                     "PVTBackbone returning the out_indices stage maps.")
+    return entry
+
+
+pvt_tiny = _entry_point("pvt_tiny")
+pvt_small = _entry_point("pvt_small")
+pvt_medium = _entry_point("pvt_medium")
+pvt_large = _entry_point("pvt_large")
+_ENTRY_POINTS = (pvt_tiny, pvt_small, pvt_medium, pvt_large)
+assert sorted(fn.__name__ for fn in _ENTRY_POINTS) == list_models()  # one entry per PVT size
+
+# Every native parameter name starts with one of these; anything else in a native-named file (optimizer moments,
+# learning rates, step counters that mindcv's train.py saves next to the weights) is training state.
+_NATIVE_ROOTS = frozenset(template.split(".")[0] for template in NATIVE_MODULES)
+
+
+def load_checkpoint(net, path, ema=False, strict=True, verbose=True):
+    """Load `path` into a pvt_dense model the way mindcv's `checkpoint_path=` would, in any format pvt_dense reads.
+
+    `ema=True` loads the `ema.*` weights (mindcv's convention for an EMA copy saved beside the model); otherwise
+    they are ignored. Optimizer state saved beside the weights is ignored with a note. Returns a `LoadReport`.
+    """
+    raw = read_checkpoint(path)
+    notes = []
+    ema_state = {key[len("ema."):]: value for key, value in raw.items() if key.startswith("ema.")}
+    if ema:
+        if not ema_state:
+            raise CheckpointError(f"ema=True but {path} holds no ema.* weights")
+        raw = ema_state
+        notes.append(f"loaded the EMA weights (ema.*) of {path}")
+    elif ema_state:
+        raw = {key: value for key, value in raw.items() if not key.startswith("ema.")}
+        notes.append(f"ignored {len(ema_state)} ema.* weights (pass ema=True to load them)")
+    if detect_format(raw) == NATIVE:
+        training = [key for key in raw if key.split(".")[0] not in _NATIVE_ROOTS]
+        if training:
+            raw = {key: value for key, value in raw.items() if key not in set(training)}
+            notes.append(f"ignored {len(training)} training-state entries (e.g. {training[0]!r})")
+    return _load_state(net, raw, path, notes, strict=strict, verbose=verbose)
+
+
+def _load_state(net, raw, path, notes, strict, verbose):
+    # The steps of pvt_dense.checkpoint.load_pretrained after it has read its file; here the state is filtered
+    # first, so they run on a dict.
+    import mindspore as ms
+    import numpy as np
+    source_format = detect_format(raw)
+    state, convert_notes = to_native(raw)
+    params = {p.name: p for p in net.get_parameters()}
+    expected = {name: tuple(p.shape) for name, p in params.items()}
+    state, fit_notes = fit_to_model(state, expected, has_cls_token="cls_token" in params)
+    report = LoadReport(source_format=source_format,
+                        notes=notes + [n for n in convert_notes if not n.startswith("format:")] + fit_notes)
+    report.missing = [name for name in params if name not in state]
+    report.unexpected = [name for name in state if name not in params]
+    report.mismatched = [f"{name} {tuple(state[name].shape)} vs model {expected[name]}" for name in state
+                         if name in params and tuple(state[name].shape) != expected[name]]
+    model_name = getattr(net, "model_name", type(net).__name__)
+    if strict and not report.clean:
+        raise CheckpointError(f"checkpoint {path} does not fit {model_name} (is it a checkpoint of another PVT "
+                              "size?):\n  " + "\n  ".join(report.lines()[1:]))
+    for name, value in state.items():
+        if name in params and tuple(value.shape) == expected[name]:
+            params[name].set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32)))
+            report.loaded += 1
+    if verbose:
+        print(f"[pvt_dense] {path} -> {model_name}: " + "\n  ".join(report.lines()))
+    return report
+
+
+def _hook_checkpoint_loader(model_factory):
+    replaced = model_factory.load_model_checkpoint
+    if getattr(replaced, "_pvt_dense_hook", False):
+        return
+
+    def load_model_checkpoint(model, checkpoint_path="", ema=False, auto_mapping=False):
+        if isinstance(model, (PVTBackbone, PVTClassifier)):
+            # auto_mapping (fuzzy name matching) has nothing to do: every format is mapped exactly.
+            load_checkpoint(model, checkpoint_path, ema=ema)
+            return None
+        return replaced(model, checkpoint_path, ema, auto_mapping)
+
+    load_model_checkpoint._pvt_dense_hook = True
+    load_model_checkpoint.__wrapped__ = replaced
+    model_factory.load_model_checkpoint = load_model_checkpoint
+
+
+def register():
+    """Make `mindcv.models.create_model("pvt_tiny" ... "pvt_large")` build pvt_dense models; idempotent.
+
+    Raises ConfigError if mindcv is missing or not version 0.3.0.
+    """
+    global _registered
+    if _registered:
+        return
+    check_mindcv_version()
+    from mindcv.models import model_factory
+    from mindcv.models import pvt as mindcv_pvt
+    from mindcv.models.registry import register_model
+    for name in list_models():
+        default_cfgs[name] = dict(mindcv_pvt.default_cfgs.get(name, {"url": ""}))
+    for entry in _ENTRY_POINTS:
+        register_model(entry)
+    _hook_checkpoint_loader(model_factory)
+    _registered = True
+
+
+def is_registered():
+    return _registered
