@@ -1,0 +1,1 @@
+"""ImageNet classification: the reference pretraining recipe, its data pipeline, training and validation."""
