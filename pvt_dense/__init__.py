@@ -6,3 +6,9 @@ from .models import (PVT_SPECS, FeatureInfo, PVTBackbone, PVTClassifier, PVTSpec
 
 __all__ = ["__version__", "create_backbone", "create_model", "list_models", "PVT_SPECS", "PVTSpec", "PVTBackbone",
            "PVTClassifier", "FeatureInfo"]
+
+# mindcv's create_model("pvt_tiny", ...) builds these models once pvt_dense is imported (mindyolo: see
+# pvt_dense.integrations.mindyolo, registered on demand because importing mindyolo is slow).
+from .integrations import autoregister as _autoregister  # noqa: E402
+
+_autoregister()

@@ -113,7 +113,8 @@ def sum_of_outputs(net):
 def test_gradients_reach_every_trainable_parameter(mode):
     ms.set_context(mode=mode)
     try:
-        net = pvt_dense.create_backbone("pvt_tiny", drop_path_rate=0.1)
+        # No drop path: a dropped residual branch legitimately gets no gradient for that batch.
+        net = pvt_dense.create_backbone("pvt_tiny")
         net.set_train(True)
         params = net.trainable_params()
         grad_fn = ms.value_and_grad(sum_of_outputs(net), None, params)
@@ -140,14 +141,15 @@ def test_classifier_gradients_reach_every_parameter(pynative):
 
 
 def test_frozen_stages_do_not_move_under_an_optimizer_step(pynative):
-    net = pvt_dense.create_backbone("pvt_tiny", frozen_stages=2)
+    net = pvt_dense.create_backbone("pvt_tiny", frozen_stages=2, drop_path_rate=0.2)
     net.set_train(True)
     frozen = [p for stage in list(net.stages)[:2] for p in stage.get_parameters()]
     assert frozen and all(not p.requires_grad for p in frozen)
-    assert not any(stage.training for stage in list(net.stages)[:2])
-    assert all(stage.training for stage in list(net.stages)[2:])
+    # No stochastic layer in a frozen stage: it computes the same in train mode, even nested in another Cell.
+    assert all(block.drop_path.drop_prob == 0 for stage in list(net.stages)[:2] for block in stage.blocks)
+    assert [block.drop_path.drop_prob for block in net.stages[3].blocks][-1] == pytest.approx(0.2)
     before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
-    optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-2)
+    optimizer = nn.Adam(net.trainable_params(), learning_rate=1e-2)
     grad_fn = ms.value_and_grad(sum_of_outputs(net), None, optimizer.parameters)
     _, grads = grad_fn(images(64, 64, batch=2))
     optimizer(grads)

@@ -175,7 +175,10 @@ def hf_models():
     )
     classifier = transformers.PvtForImageClassification(config)
     bare = transformers.PvtModel(config)
-    to_numpy = lambda model: {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+    def to_numpy(model):
+        return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
     return to_numpy(classifier), to_numpy(bare)
 
 

@@ -92,13 +92,16 @@ class LoadReport:
 
 def native_checkpoint(path):
     """Read `path` and convert it to native names; returns (state, source_format, notes)."""
-    raw = read_checkpoint(path)
+    return to_native_with_format(read_checkpoint(path), path)
+
+
+def to_native_with_format(raw, label):
+    """(native state, source format, notes) of a state dict in any supported naming."""
     source_format = detect_format(raw)
     state, notes = to_native(raw)
     if not state:
-        raise CheckpointError(f"{path} holds no model weights")
-    notes = [note for note in notes if not note.startswith("format:")]
-    return state, source_format, notes
+        raise CheckpointError(f"{label} holds no model weights")
+    return state, source_format, [note for note in notes if not note.startswith("format:")]
 
 
 def fit_to_model(state, expected_shapes, has_cls_token):
@@ -158,12 +161,17 @@ def load_pretrained(net, path, strict=True, verbose=True):
     With `strict` (the default) any missing, unexpected or mismatched key raises `CheckpointError` before a single
     weight is changed; without it, the matching weights load and the report says what did not.
     """
+    return load_state(net, read_checkpoint(path), path, strict=strict, verbose=verbose)
+
+
+def load_state(net, raw, label, notes=(), strict=True, verbose=True):
+    """`load_pretrained` for a state dict already read (any naming); `label` names it in messages."""
     import mindspore as ms
-    state, source_format, notes = native_checkpoint(path)
+    state, source_format, convert_notes = to_native_with_format(raw, label)
     params = {p.name: p for p in net.get_parameters()}
     expected_shapes = {name: tuple(p.shape) for name, p in params.items()}
     state, fit_notes = fit_to_model(state, expected_shapes, has_cls_token="cls_token" in params)
-    report = LoadReport(source_format=source_format, notes=notes + fit_notes)
+    report = LoadReport(source_format=source_format, notes=list(notes) + convert_notes + fit_notes)
     report.missing = [name for name in params if name not in state]
     report.unexpected = [name for name in state if name not in params]
     report.mismatched = [f"{name} {tuple(state[name].shape)} vs model {expected_shapes[name]}" for name in state
@@ -172,19 +180,18 @@ def load_pretrained(net, path, strict=True, verbose=True):
                          if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
     model_name = getattr(net, "model_name", type(net).__name__)
     if strict and not report.clean:
-        hint = " (is it a checkpoint of another PVT size?)"
-        raise CheckpointError(f"checkpoint {path} does not fit {model_name}{hint}:\n  " +
-                              "\n  ".join(report.lines()[1:]))
+        raise CheckpointError(f"checkpoint {label} does not fit {model_name} (is it a checkpoint of another PVT "
+                              "size?):\n  " + "\n  ".join(report.lines()[1:]))
     for name, value in state.items():
         if name in params and tuple(value.shape) == expected_shapes[name]:
             params[name].set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32)))
             report.loaded += 1
     if verbose:
-        print(f"[pvt_dense] {path} -> {model_name}: " + "\n  ".join(report.lines()))
+        print(f"[pvt_dense] {label} -> {model_name}: " + "\n  ".join(report.lines()))
     if report.non_finite:
         import warnings
-        warnings.warn(f"checkpoint {path} has non-finite values in {len(report.non_finite)} tensors: "
-                      f"{', '.join(report.non_finite[:4])}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"checkpoint {label} has non-finite values in {len(report.non_finite)} tensors: "
+                      f"{', '.join(report.non_finite[:4])}", RuntimeWarning, stacklevel=3)
     return report
 
 

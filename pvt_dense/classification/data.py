@@ -45,12 +45,22 @@ def scan_image_folder(root, split):
     return paths, np.asarray(labels, dtype=np.int32), class_names
 
 
-def epoch_order(num_samples, epoch, seed, shuffle, rank, world_size):
-    """This rank's sample indices for `epoch`: one seeded permutation, cut into equal shards (the tail that does not
-    divide evenly is dropped so every rank runs the same number of steps)."""
+def epoch_order(num_samples, epoch, seed, shuffle, rank, world_size, batch_size=1):
+    """This rank's sample indices for `epoch`, from one permutation seeded by (seed, epoch).
+
+    With several ranks the permutation is dealt out batch by batch: global batch k holds the same images as batch k
+    of a single process with `batch_size * world_size` images, so one process and N processes train on the same
+    data. The tail that does not fill a global batch is dropped, so every rank runs the same number of steps.
+    """
     order = np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else np.arange(num_samples)
-    per_rank = num_samples // world_size
-    return order[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else order
+    if world_size == 1:
+        return order
+    global_batch = batch_size * world_size
+    usable = num_samples // global_batch * global_batch
+    if usable == 0:
+        raise PVTDenseError(f"{num_samples} images cannot fill one global batch of {global_batch} "
+                            f"({world_size} processes x {batch_size})")
+    return order[:usable].reshape(-1, world_size, batch_size)[:, rank, :].reshape(-1)
 
 
 class ImageFolderSource:
@@ -69,7 +79,8 @@ class ImageFolderSource:
         self.set_epoch(0)
 
     def set_epoch(self, epoch, start_batch=0):
-        order = epoch_order(len(self.paths), epoch, self.seed, self.shuffle, self.rank, self.world_size)
+        order = epoch_order(len(self.paths), epoch, self.seed, self.shuffle, self.rank, self.world_size,
+                            self.batch_size)
         self.epoch_indices = order
         self.order = order[start_batch * self.batch_size:]
 

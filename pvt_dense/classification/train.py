@@ -120,6 +120,7 @@ class Trainer:
         set_seeds(cfg.seed)
 
         paths, labels, classes = scan_image_folder(cfg.data_dir, cfg.train_split)
+        val_split = scan_image_folder(cfg.data_dir, cfg.val_split) if cfg.val_while_train else None
         if len(classes) != cfg.num_classes:
             raise PVTDenseError(f"num_classes is {cfg.num_classes} but {os.path.join(cfg.data_dir, cfg.train_split)}"
                                 f" has {len(classes)} class folders; set num_classes: {len(classes)}")
@@ -133,9 +134,8 @@ class Trainer:
                                 f"{cfg.batch_size}")
         self.steps_per_epoch = min(full_steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else full_steps
         self.val_loader = None
-        if cfg.val_while_train and self.is_main:
-            val_paths, val_labels, _ = scan_image_folder(cfg.data_dir, cfg.val_split)
-            self.val_source = ImageFolderSource(val_paths, val_labels, shuffle=False, batch_size=cfg.batch_size)
+        if val_split is not None and self.is_main:
+            self.val_source = ImageFolderSource(*val_split[:2], shuffle=False, batch_size=cfg.batch_size)
             self.val_loader = build_loader(self.val_source, cfg, cfg.num_classes, training=False)
 
         self.net = create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path_rate,
@@ -163,7 +163,9 @@ class Trainer:
         unique = {}
         for param in list(self.net.get_parameters()) + list(self.optimizer.get_parameters()) + [
                 self.train_step.scale, self.train_step.clean_steps]:
-            unique.setdefault(param.name, param)
+            # The lr table is derived from the config, not state: a resumed run may extend epoch_size.
+            if not param.name.startswith("learning_rate"):
+                unique.setdefault(param.name, param)
         return list(unique.values())
 
     def resume_point(self):
@@ -186,6 +188,12 @@ class Trainer:
     def save(self, metric=None):
         if not self.is_main:
             return None
+        broken = [p.name for p in self.net.trainable_params() if not np.isfinite(p.asnumpy()).all()]
+        if broken:
+            raise NonFiniteLossError(
+                f"weights became non-finite ({', '.join(broken[:3])}...) at epoch {self.state['epoch']}, global "
+                f"step {self.state['global_step']}; stopping without saving. The last good checkpoint is kept in "
+                f"{self.cfg.ckpt_save_dir} (lower lr or loss_scale, or check the data)")
         meta = dict(self.state, config=dict(self.cfg), class_names=self.class_names)
         return self.checkpoints.save(self.state_parameters(), meta, metric=metric)
 

@@ -57,7 +57,8 @@ class TrainStep(nn.Cell):
         self.clip_grad_norm = float(clip_grad_norm)
         self.reduce_grads = ms.get_auto_parallel_context("parallel_mode") == ParallelMode.DATA_PARALLEL
         if self.reduce_grads:
-            self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=get_group_size())
+            self.world_size = get_group_size()
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=self.world_size)
             self.all_reduce = ops.AllReduce()
         else:
             self.grad_reducer = nn.Identity()
@@ -71,8 +72,10 @@ class TrainStep(nn.Cell):
         grads = self.hyper_map(ops.partial(_unscale, scale), grads)
         finite = ops.cast(ops.logical_and(ops.isfinite(loss), self._all_finite(grads)), ms.float32)
         if self.reduce_grads:
-            # Every rank must take the same decision, or the replicas drift apart.
+            # Every rank must take the same decision, or the replicas drift apart; and the reported loss is the
+            # mean over all ranks, the loss of the global batch.
             finite = ops.cast(self.all_reduce(1.0 - finite) == 0, ms.float32)
+            loss = self.all_reduce(loss) / self.world_size
         overflow = finite < 0.5
         if self.clip:
             grads = ops.clip_by_global_norm(grads, clip_norm=self.clip_grad_norm)

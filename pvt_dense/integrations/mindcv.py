@@ -24,8 +24,8 @@ function it replaced, unchanged. Nothing else in mindcv is touched.
 """
 import os
 
-from ..checkpoint.keymaps import NATIVE, NATIVE_MODULES, detect_format, to_native
-from ..checkpoint.load import LoadReport, fit_to_model, read_checkpoint
+from ..checkpoint.keymaps import NATIVE, NATIVE_MODULES, detect_format
+from ..checkpoint.load import load_state, read_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..models.factory import create_backbone, create_model, list_models
 from ..models.pvt import FeatureInfo, PVTBackbone, PVTClassifier
@@ -160,41 +160,15 @@ def load_checkpoint(net, path, ema=False, strict=True, verbose=True):
     elif ema_state:
         raw = {key: value for key, value in raw.items() if not key.startswith("ema.")}
         notes.append(f"ignored {len(ema_state)} ema.* weights (pass ema=True to load them)")
+    # A model that mindcv trained carries native names; whatever else its train.py saved beside them (optimizer
+    # moments under any prefix, learning rates, step counters) is training state. Other formats are sorted out by
+    # to_native.
     if detect_format(raw) == NATIVE:
-        training = [key for key in raw if key.split(".")[0] not in _NATIVE_ROOTS]
+        training = sorted(key for key in raw if key.split(".")[0] not in _NATIVE_ROOTS)
         if training:
-            raw = {key: value for key, value in raw.items() if key not in set(training)}
+            raw = {key: value for key, value in raw.items() if key.split(".")[0] in _NATIVE_ROOTS}
             notes.append(f"ignored {len(training)} training-state entries (e.g. {training[0]!r})")
-    return _load_state(net, raw, path, notes, strict=strict, verbose=verbose)
-
-
-def _load_state(net, raw, path, notes, strict, verbose):
-    # The steps of pvt_dense.checkpoint.load_pretrained after it has read its file; here the state is filtered
-    # first, so they run on a dict.
-    import mindspore as ms
-    import numpy as np
-    source_format = detect_format(raw)
-    state, convert_notes = to_native(raw)
-    params = {p.name: p for p in net.get_parameters()}
-    expected = {name: tuple(p.shape) for name, p in params.items()}
-    state, fit_notes = fit_to_model(state, expected, has_cls_token="cls_token" in params)
-    report = LoadReport(source_format=source_format,
-                        notes=notes + [n for n in convert_notes if not n.startswith("format:")] + fit_notes)
-    report.missing = [name for name in params if name not in state]
-    report.unexpected = [name for name in state if name not in params]
-    report.mismatched = [f"{name} {tuple(state[name].shape)} vs model {expected[name]}" for name in state
-                         if name in params and tuple(state[name].shape) != expected[name]]
-    model_name = getattr(net, "model_name", type(net).__name__)
-    if strict and not report.clean:
-        raise CheckpointError(f"checkpoint {path} does not fit {model_name} (is it a checkpoint of another PVT "
-                              "size?):\n  " + "\n  ".join(report.lines()[1:]))
-    for name, value in state.items():
-        if name in params and tuple(value.shape) == expected[name]:
-            params[name].set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32)))
-            report.loaded += 1
-    if verbose:
-        print(f"[pvt_dense] {path} -> {model_name}: " + "\n  ".join(report.lines()))
-    return report
+    return load_state(net, raw, path, notes, strict=strict, verbose=verbose)
 
 
 def _hook_checkpoint_loader(model_factory):

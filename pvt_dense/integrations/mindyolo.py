@@ -54,8 +54,8 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
 from ..models.factory import create_backbone, get_spec
 
-__all__ = ["SUPPORTED_MINDYOLO", "BACKBONE_ROW", "FEATURE_ROW", "PVTBackboneRow", "PVTFeature", "build_model", "check_mindyolo_version",
-           "is_registered", "main", "register"]  # register() appends the model names, as mindyolo does
+__all__ = ["SUPPORTED_MINDYOLO", "BACKBONE_ROW", "FEATURE_ROW", "PVTBackboneRow", "PVTFeature", "build_model",
+           "check_mindyolo_version", "is_registered", "main", "register"]  # register() appends the model names
 
 SUPPORTED_MINDYOLO = "0.5.0"
 BACKBONE_ROW = "PVTBackbone"
@@ -139,7 +139,10 @@ def _backbone_args(row):
         raise ConfigError(f"the {BACKBONE_ROW} row's args must be one PVT size ('pvt_tiny', ...) and key=value "
                           f"options; got {args}")
     name = names[0]
-    get_spec(name)  # raises with the valid names
+    try:
+        get_spec(name)
+    except KeyError as err:  # pvt_dense's UnknownModelError, which lists the valid names
+        raise ConfigError(str(err)) from None
     options = {}
     for arg in args:
         if isinstance(arg, str) and "=" in arg:
@@ -190,11 +193,6 @@ def plan_rows(cfg):
         if stage in features.values():
             raise ConfigError(f"row {index}: stage {stage} is already taken by another {FEATURE_ROW} row")
         features[index] = stage
-    if not features:
-        raise ConfigError(f"a PVT network needs at least one {FEATURE_ROW} row to take a stage map from "
-                          f"{BACKBONE_ROW}")
-    if list(features.values()) != sorted(features.values()):
-        raise ConfigError(f"{FEATURE_ROW} rows must take stages in increasing order, got {list(features.values())}")
     for index, row in enumerate(rows[1:], start=1):
         if index in features:
             continue
@@ -203,6 +201,11 @@ def plan_rows(cfg):
         if reads_tuple:
             raise ConfigError(f"row {index} ({_module_name(row)}) reads the {BACKBONE_ROW} row, which returns a "
                               f"tuple of maps; read a {FEATURE_ROW} row instead")
+    if not features:
+        raise ConfigError(f"a PVT network needs at least one {FEATURE_ROW} row to take a stage map from "
+                          f"{BACKBONE_ROW}")
+    if list(features.values()) != sorted(features.values()):
+        raise ConfigError(f"{FEATURE_ROW} rows must take stages in increasing order, got {list(features.values())}")
     return name, options, features
 
 
@@ -272,6 +275,7 @@ def build_model(base, cfg, in_channels=3, num_classes=None, **kwargs):
         model.layers_param[index] = (index, source, str(type(cell)), count)
         if index < recompute_layers:
             cell.recompute()
+    model.save = sorted(set(model.save))  # the stand-in Concats listed row 0 once per input
     for index, cell in cells.items():
         # CellList.__setitem__ names parameters relative to the list; give them the names every other row has.
         cell.update_parameters_name(f"{prefix}{index}.")
@@ -290,13 +294,24 @@ def _entry_point(base):
     return entry
 
 
+def _wrong_model_name(*args, **kwargs):
+    raise ConfigError(f"{BACKBONE_ROW}/{FEATURE_ROW} rows are built by the PVT models of pvt_dense, not by "
+                      "mindyolo's own: set network.model_name to yolov8_pvt (or <model>_pvt)")
+
+
 def register(bases=("yolov8",)):
     """Register `<base>_pvt` in mindyolo's model registry for each base model (default: yolov8_pvt); idempotent.
 
     Raises ConfigError if mindyolo is missing or is not version 0.5.0.
     """
     check_mindyolo_version()
+    from mindyolo.models import model_factory
     from mindyolo.models.registry import is_model, register_model
+    # With a stock model_name, mindyolo's parse_model evaluates the row names in model_factory's namespace and
+    # would stop at a bare NameError; these names say what to change instead.
+    for row_name in (BACKBONE_ROW, FEATURE_ROW):
+        if not hasattr(model_factory, row_name):
+            setattr(model_factory, row_name, _wrong_model_name)
     names = []
     for base in bases:
         if not is_model(base):

@@ -101,15 +101,21 @@ class PVTStage(nn.Cell):
         return tokens, height, width
 
 
-def build_stages(spec, drop_path_rate, with_cls_token, drop_rate=0.0, attn_drop_rate=0.0):
+def build_stages(spec, drop_path_rate, with_cls_token, drop_rate=0.0, attn_drop_rate=0.0, num_stages=None,
+                 frozen_stages=0):
+    """The first `num_stages` stages (all by default). The drop-path schedule always spans all blocks of all
+    stages, as in the official code. Frozen stages get no dropout or drop path at all: a parent Cell's
+    `set_train(True)` reaches them too, and a frozen stage must behave as in eval mode."""
     schedule = drop_path_schedule(spec.depths, drop_path_rate)
     stages, in_channels = [], 3
     last = len(spec.depths) - 1
-    for i, depth in enumerate(spec.depths):
+    for i in range(num_stages or len(spec.depths)):
+        frozen = i < frozen_stages
         stages.append(PVTStage(
-            in_channels, spec.embed_dims[i], spec.patch_sizes[i], spec.grid(i), depth, spec.num_heads[i],
-            spec.mlp_ratios[i], spec.sr_ratios[i], schedule[i], with_cls_token=with_cls_token and i == last,
-            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate))
+            in_channels, spec.embed_dims[i], spec.patch_sizes[i], spec.grid(i), spec.depths[i], spec.num_heads[i],
+            spec.mlp_ratios[i], spec.sr_ratios[i], [0.0] * spec.depths[i] if frozen else schedule[i],
+            with_cls_token=with_cls_token and i == last, drop_rate=0.0 if frozen else drop_rate,
+            attn_drop_rate=0.0 if frozen else attn_drop_rate))
         in_channels = spec.embed_dims[i]
     return nn.CellList(stages)
 
@@ -150,7 +156,8 @@ class PVTBackbone(nn.Cell):
             4/8/16/32 for the official sizes.
         drop_path_rate: the stochastic-depth rate of the last block; earlier blocks rise linearly from 0.
         frozen_stages: freeze the patch embedding, position embedding and blocks of the first k stages (-1: none).
-            Frozen stages also stay in eval mode, so their dropouts never fire.
+            Frozen stages are built without dropout or drop path, so they compute the same in train and eval mode
+            wherever the backbone is nested.
         recompute_stages: stage indices whose activations are recomputed in the backward pass (saves memory at
             high resolution, costs one extra forward of those stages).
 
@@ -175,16 +182,15 @@ class PVTBackbone(nn.Cell):
         self.out_indices = out_indices
         # Stages after the last requested output are never run, so they are not built either.
         self.num_stages = out_indices[-1] + 1
+        self.frozen_stages = min(frozen_stages, self.num_stages)
         self.stages = build_stages(spec, drop_path_rate, with_cls_token=False, drop_rate=drop_rate,
-                                   attn_drop_rate=attn_drop_rate)
-        if self.num_stages < num_stages:
-            self.stages = nn.CellList(list(self.stages)[: self.num_stages])
+                                   attn_drop_rate=attn_drop_rate, num_stages=self.num_stages,
+                                   frozen_stages=max(self.frozen_stages, 0))
         self.return_flags = tuple(i in out_indices for i in range(self.num_stages))
         self.feature_info = tuple(FeatureInfo(i, spec.embed_dims[i], spec.strides[i]) for i in out_indices)
         self.out_channels = tuple(info.channels for info in self.feature_info)
         self.strides = tuple(info.stride for info in self.feature_info)
         self.in_channels = 3
-        self.frozen_stages = min(frozen_stages, self.num_stages)
         for stage_index in recompute_stages:
             if not 0 <= stage_index < self.num_stages:
                 raise ValueError(f"recompute_stages entries must be in 0..{self.num_stages - 1}, got {stage_index}")
@@ -195,12 +201,6 @@ class PVTBackbone(nn.Cell):
         for stage in list(self.stages)[: max(self.frozen_stages, 0)]:
             for param in stage.get_parameters():
                 param.requires_grad = False
-
-    def set_train(self, mode=True):
-        super().set_train(mode)
-        for stage in list(self.stages)[: max(self.frozen_stages, 0)]:
-            stage.set_train(False)
-        return self
 
     def __call__(self, *args, **kwargs):
         if args and hasattr(args[0], "shape"):
