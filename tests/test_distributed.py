@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--num_classes", "10", "--image_resize", "32", "--amp_level", "O0", "--auto_augment", "null", "--mixup", "0",
        "--cutmix", "0", "--re_prob", "0", "--hflip", "0", "--warmup_epochs", "0", "--num_parallel_workers", "1",
        "--loss_scale", "1", "--drop_path_rate", "0", "--label_smoothing", "0", "--scale", "1.0", "1.0", "--ratio",
-       "1.0", "1.0", "--progress_bar", "False", "--scheduler", "constant", "--lr", "1e-3", "--epoch_size", "2",
+       "1.0", "1.0", "--progress_bar", "False", "--scheduler", "constant", "--opt", "sgd", "--lr", "0.05", "--weight_decay", "0",
+       "--epoch_size", "2",
        "--max_steps_per_epoch", "3", "--val_while_train", "False", "--mode", "1", "--resume", ""]
 
 
@@ -70,6 +71,6 @@ def test_two_process_msrun_matches_one_process_with_the_same_global_batch(tmp_pa
     expected, actual = final_weights(single), final_weights(double)
     assert set(expected) == set(actual)
     for name in expected:
-        # The all-reduce sums in another order than one process does; AdamW's normalised update turns those
-        # float32 rounding differences in near-zero gradients into ~1e-5 weight differences after 6 steps.
-        np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=5e-5, err_msg=name)
+        # The all-reduce sums in another order than one process: float32 rounding only. Plain SGD keeps it at
+        # that size (Adam's normalised step would blow up rounding differences of near-zero gradients to ~lr).
+        np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
