@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--num_classes", "10", "--image_resize", "32", "--amp_level", "O0", "--auto_augment", "null", "--mixup", "0",
        "--cutmix", "0", "--re_prob", "0", "--hflip", "0", "--warmup_epochs", "0", "--num_parallel_workers", "1",
        "--loss_scale", "1", "--drop_path_rate", "0", "--label_smoothing", "0", "--scale", "1.0", "1.0", "--ratio",
-       "1.0", "1.0", "--progress_bar", "False", "--scheduler", "constant", "--opt", "sgd", "--lr", "0.05", "--weight_decay", "0",
-       "--epoch_size", "2",
-       "--max_steps_per_epoch", "3", "--val_while_train", "False", "--mode", "1", "--resume", ""]
+       "1.0", "1.0", "--progress_bar", "False", "--scheduler", "constant", "--opt", "sgd", "--lr", "0.05",
+       "--weight_decay", "0", "--epoch_size", "2", "--max_steps_per_epoch", "3", "--val_while_train", "False",
+       "--mode", "1", "--resume", ""]
 
 
 def free_port():
