@@ -162,6 +162,12 @@ def test_training_learns_the_digits(digits, tmp_path):
     assert train_accuracy >= 90.0, train_accuracy
     log = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(log) == 25 and (tmp_path / "run" / "curves.png").exists()
+    # validate_cls's path (checkpoint file -> fresh model -> loader) agrees with the in-memory model.
+    from pvt_dense.classification.validate import validate_classifier
+    last = tmp_path / "run" / "pvt_tiny_e0025_s0000125.ckpt"
+    result = validate_classifier(config_for(digits, tmp_path / "run", "--batch_size", 16, "--val_split", "train",
+                                            "--ckpt_path", last))
+    assert result["top1"] == pytest.approx(train_accuracy)
 
 
 def trainer_eval_loader(trainer, cfg, split):
