@@ -7,6 +7,8 @@ Tokens are (B, N, C) with N = H * W in row-major order, the layout the official 
 from mindspore import nn, ops
 from mindspore.common.initializer import TruncatedNormal
 
+from . import fast_ops
+
 
 # The official code uses 1e-6 for the block norms and the final norm, and PyTorch's default 1e-5 for the
 # patch-embedding norm and the spatial-reduction norm. Mixing them up costs parity at the 1e-4 level.
@@ -20,7 +22,8 @@ def dense(in_features, out_features):
 
 
 def layer_norm(channels, eps):
-    return nn.LayerNorm((channels,), epsilon=eps)
+    """LayerNorm over the last axis (Parameters `gamma`, `beta`): a fused CPU kernel with nn.LayerNorm's semantics."""
+    return fast_ops.LayerNorm(channels, eps)
 
 
 class DropPath(nn.Cell):
@@ -91,6 +94,8 @@ class SpatialReductionAttention(nn.Cell):
         self.q_matmul_k = ops.BatchMatMul(transpose_b=True)
         self.attn_matmul_v = ops.BatchMatMul()
         self.softmax = ops.Softmax(axis=-1)
+        # Unstack is ~8x faster than two strided slices kv[0], kv[1] on the CPU, with identical values.
+        self.unstack_kv = ops.Unstack(axis=0)
 
     def construct(self, x, height, width):
         batch, num_tokens, channels = x.shape
@@ -102,7 +107,7 @@ class SpatialReductionAttention(nn.Cell):
         else:
             source = x
         kv = self.kv(source).reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]
+        k, v = self.unstack_kv(kv)
         attn = self.softmax(self.q_matmul_k(q * self.scale, k))
         if self.has_attn_drop:
             attn = self.attn_drop(attn)
@@ -119,7 +124,7 @@ class Mlp(nn.Cell):
     def __init__(self, dim, hidden_dim, drop=0.0):
         super().__init__()
         self.fc1 = dense(dim, hidden_dim)
-        self.act = nn.GELU(approximate=False)
+        self.act = fast_ops.GELU()  # exact (erf) GELU, one fused pass instead of MindSpore's ~16
         self.fc2 = dense(hidden_dim, dim)
         self.has_drop = drop > 0.0
         self.drop = nn.Dropout(p=drop) if self.has_drop else nn.Identity()
