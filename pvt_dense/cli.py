@@ -14,7 +14,7 @@ def run_tool(main, argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print("interrupted; run the same command again to resume (finished work is kept)", file=sys.stderr)
         return 130
 
 

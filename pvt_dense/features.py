@@ -9,7 +9,6 @@ import math
 import os
 import posixpath
 import re
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -18,6 +17,7 @@ import numpy as np
 from mindspore import Tensor
 from tqdm import tqdm
 
+from .atomic import write_atomic
 from .data.images import list_image_entries, read_image, resolve_max_pixels
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense
 from .errors import ConfigError, PVTDenseError
@@ -94,20 +94,10 @@ def contained_path(root_real, name):
 def write_npz_atomic(path, arrays):
     """Write an .npz via a temporary file in the same folder and `os.replace`, so a killed run never leaves a
     half-written file that a re-run would take as done."""
-    folder, filename = os.path.split(path)
+    folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     # A dot name that never ends in .npz, so it is neither listed as an output nor skipped as one.
-    partial = os.path.join(folder, f".{filename}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(partial, "xb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        raise
+    write_atomic(path, writer=lambda handle: np.savez(handle, **arrays), prefix=".", suffix=".partial")
 
 
 @dataclass

@@ -459,7 +459,9 @@ def test_command_line(backbone, samples, tmp_path, monkeypatch, capsys):
     assert export_tool.main(args[:2] + ["--input", str(broken), "--output", str(tmp_path / "o2")]) == 1
     assert "a.png: not a decodable image" in capsys.readouterr().out
 
-    assert export_tool.main(args[:2] + ["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3")]) == 2
+    from pvt_dense.cli import run_tool
+    missing = args[:2] + ["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3")]
+    assert run_tool(export_tool.main, missing) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: input not found") and "Traceback" not in "\n".join(err)
     with pytest.raises(SystemExit) as usage:

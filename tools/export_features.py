@@ -13,7 +13,7 @@ import sys
 import mindspore as ms
 
 from pvt_dense import list_models
-from pvt_dense.errors import PVTDenseError
+from pvt_dense.cli import run_tool
 from pvt_dense.features import export_features
 
 
@@ -53,21 +53,15 @@ def main(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE)
     if not args.ckpt:
         print("warning: no --ckpt given: the features come from randomly initialised weights", file=sys.stderr)
-    try:
-        summary = export_features(args.backbone, args.input, args.output, ckpt=args.ckpt,
-                                  short_side=args.short_side, max_long_side=args.max_long_side,
-                                  batch_size=args.batch_size, out_indices=args.out_indices,
-                                  progress=args.progress, max_pixels=args.max_pixels)
-    except PVTDenseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Finished files are complete (written atomically), so the same command picks up where this one stopped.
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    summary = export_features(args.backbone, args.input, args.output, ckpt=args.ckpt,
+                              short_side=args.short_side, max_long_side=args.max_long_side,
+                              batch_size=args.batch_size, out_indices=args.out_indices,
+                              progress=args.progress, max_pixels=args.max_pixels)
     print(summary)
     return 0 if summary.exported or summary.skipped_existing else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run_tool: user errors print one `error:` line (exit 2); Ctrl-C exits 130 with a resume hint (finished files
+    # are complete, written atomically, so the same command picks up where this one stopped).
+    sys.exit(run_tool(main))

@@ -13,10 +13,10 @@ someone else's and is never written into.
 import json
 import os
 import re
-import uuid
 
 import numpy as np
 
+from ..atomic import TEMP_PREFIX, fsync_directory, fsync_file, write_atomic
 from ..errors import ConfigError
 
 META_NAME = "digits_meta.json"
@@ -25,32 +25,10 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 _OUR_IMAGE = re.compile(r"\d{4,}\.png")
 _OUR_CLASS_DIR = re.compile(r"n\d{8}")
-_TEMP_PREFIX = ".tmp-"
 
 
 def class_folder_name(digit):
     return f"n{digit:08d}"
-
-
-def _fsync_directory(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_durable(paths):
@@ -61,26 +39,9 @@ def _make_durable(paths):
         os.sync()
         return
     for path in paths:
-        _fsync_file(path)
+        fsync_file(path)
     for folder in sorted({os.path.dirname(path) for path in paths}):
-        _fsync_directory(folder)
-
-
-def _write_atomic(path, data: bytes, durable=True):
-    """Whole file or nothing under `path`; `durable=False` leaves the fsync to a later pass over many files."""
-    folder, name = os.path.split(path)
-    temp = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
-    try:
-        with open(temp, "xb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+        fsync_directory(folder)
 
 
 def _check_parameters(image_size, val_fraction, classes, seed, limit_per_class):
@@ -151,7 +112,7 @@ def _remove_our_files(root, keep):
                 continue
             for name in os.listdir(class_path):
                 path = os.path.join(class_path, name)
-                ours = _OUR_IMAGE.fullmatch(name) or name.startswith(_TEMP_PREFIX)
+                ours = _OUR_IMAGE.fullmatch(name) or name.startswith(TEMP_PREFIX)
                 if ours and path not in keep and os.path.isfile(path):
                     os.remove(path)
             if not os.listdir(class_path):
@@ -199,7 +160,7 @@ def make_digits_imagenet(root, image_size=32, val_fraction=0.2, classes=10, seed
     meta = {"generator": GENERATOR, "format": FORMAT_VERSION, "parameters": parameters, "complete": False,
             "files": len(files), "source": "sklearn.datasets.load_digits"}
     # Claimed before the first image, so an interrupted build is recognised as ours and resumed, not refused.
-    _write_atomic(os.path.join(root, META_NAME), json.dumps(meta, indent=1).encode("utf-8"))
+    write_atomic(os.path.join(root, META_NAME), json.dumps(meta, indent=1).encode("utf-8"))
     # Images of an interrupted build with the same parameters are identical to what would be written again.
     keep = set(files) if same_parameters else set()
     _remove_our_files(root, keep)
@@ -212,11 +173,11 @@ def make_digits_imagenet(root, image_size=32, val_fraction=0.2, classes=10, seed
         ok, encoded = cv2.imencode(".png", _digit_image(digits.images[index], image_size))
         if not ok:
             raise ConfigError(f"OpenCV could not encode digit image {index} as PNG")
-        _write_atomic(path, encoded.tobytes(), durable=False)
+        write_atomic(path, encoded.tobytes(), durable=False)
     _make_durable(files)
 
     meta["complete"] = True
     meta["counts"] = {split: {class_folder_name(d): len(ix) for d, ix in plan[split].items()} for split in SPLITS}
-    _write_atomic(os.path.join(root, META_NAME), json.dumps(meta, indent=1).encode("utf-8"))
-    _fsync_directory(root)
+    write_atomic(os.path.join(root, META_NAME), json.dumps(meta, indent=1).encode("utf-8"))
+    fsync_directory(root)
     return _summary(root, parameters, plan, written=True)

@@ -20,11 +20,11 @@ import math
 import os
 import re
 import shutil
-import uuid
 import warnings
 
 import numpy as np
 
+from ..atomic import TEMP_PREFIX, fsync_directory, fsync_file, temp_path_for
 from ..errors import CheckpointError, ConfigError
 
 # Nested dicts are refused by save_checkpoint's append_dict, strings are stored verbatim, so the metadata travels
@@ -33,38 +33,9 @@ META_KEY = "pvt_dense_meta_json"
 POINTER_NAME = "latest.json"
 # Every temporary starts with this, including the `.tmp` MindSpore derives from our temporary's name while it
 # writes, so one pattern finds what a killed process left behind.
-TEMP_PREFIX = ".tmp-"
 # save_checkpoint(crc_check=True) ends the file with b"crc_num" and a 10-byte CRC32; a file cut anywhere lacks it.
 _CRC_MARK = b"crc_num"
 _CRC_TRAILER_SIZE = len(_CRC_MARK) + 10
-
-
-def _fsync_directory(directory):
-    """Make a rename durable; some filesystems cannot open or fsync a directory, and lose nothing by skipping."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path):
-    # MindSpore leaves checkpoints read-only (0400); fsync through a read-only descriptor is enough on POSIX.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_path(final_path):
-    folder, name = os.path.split(final_path)
-    return os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
 
 
 def _remove_temporaries(temp_path):
@@ -80,16 +51,16 @@ def _remove_temporaries(temp_path):
 def _publish(temp_path, final_path):
     """The single step that makes a file visible under its final name."""
     try:
-        _fsync_file(temp_path)
+        fsync_file(temp_path)
         os.replace(temp_path, final_path)
     except BaseException:
         _remove_temporaries(temp_path)
         raise
-    _fsync_directory(os.path.dirname(final_path))
+    fsync_directory(os.path.dirname(final_path))
 
 
 def _write_json_atomic(path, value):
-    temp = _temp_path(path)
+    temp = temp_path_for(path)
     try:
         with open(temp, "x", encoding="utf-8") as handle:
             json.dump(value, handle, indent=1, sort_keys=True)
@@ -376,7 +347,7 @@ class CheckpointManager:
 
         name = self.periodic_name(meta["epoch"], meta["global_step"])
         path = os.path.join(self.directory, name)
-        temp = _temp_path(path)
+        temp = temp_path_for(path)
         try:
             ms.save_checkpoint(entries, temp, append_dict={META_KEY: meta_text}, crc_check=True)
         except BaseException:
@@ -394,7 +365,7 @@ class CheckpointManager:
         return path
 
     def _publish_best(self, source):
-        temp = _temp_path(self.best_path)
+        temp = temp_path_for(self.best_path)
         try:
             try:
                 os.link(source, temp)

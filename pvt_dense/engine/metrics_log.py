@@ -12,37 +12,14 @@ import json
 import math
 import numbers
 import os
-import uuid
 import warnings
 
+from ..atomic import write_atomic
 from ..errors import PVTDenseError
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 _NAMED_METRICS = ("top1", "top5", "mAP", "mIoU")
-
-
-def _write_atomic(path, data: bytes):
-    folder, name = os.path.split(os.path.abspath(path))
-    temp = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
-    try:
-        with open(temp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # directories that cannot be fsynced lose only the rename's durability
-        pass
 
 
 def _plain_value(key, value):
@@ -131,13 +108,13 @@ class MetricsLog:
 
     def _write_files(self):
         lines = "".join(json.dumps(record) + "\n" for record in self.records)
-        _write_atomic(self.jsonl_path, lines.encode("utf-8"))
+        write_atomic(self.jsonl_path, lines.encode("utf-8"))
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=self.columns(), restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows({key: ("" if value is None else value) for key, value in record.items()}
                          for record in self.records)
-        _write_atomic(self.csv_path, table.getvalue().encode("utf-8"))
+        write_atomic(self.csv_path, table.getvalue().encode("utf-8"))
 
     # -- curves ------------------------------------------------------------------------------------------------
 
@@ -180,5 +157,5 @@ class MetricsLog:
         figure.tight_layout()
         image = io.BytesIO()
         figure.savefig(image, format="png")
-        _write_atomic(path, image.getvalue())
+        write_atomic(path, image.getvalue())
         return path
