@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
 from .layers import BLOCK_NORM_EPS, Block, PatchEmbed, dense, layer_norm
@@ -260,7 +260,3 @@ class PVTClassifier(nn.Cell):
 
 def parameter_count(net):
     return int(sum(np.prod(p.shape) for p in net.get_parameters()))
-
-
-def dummy_input(height, width, batch=1, seed=0):
-    return Tensor(np.random.default_rng(seed).standard_normal((batch, 3, height, width)).astype(np.float32))
