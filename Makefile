@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export GLOG_v ?= 3
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test venv clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
-
-bench: $(STAMP)
-	$(PY) -m pip install -e ".[bench]" >/dev/null
-	$(PY) tools/benchmark.py --output outputs/bench
 
 clean:
 	rm -rf outputs .pytest_cache
