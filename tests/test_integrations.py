@@ -44,7 +44,7 @@ def registered():
 
 
 @pytest.mark.parametrize("name", SIZES)
-def test_mindcv_create_model_builds_every_size_in_both_modes(name, pynative):
+def test_mindcv_create_model_builds_every_size(name, pynative):
     classifier = mindcv.models.create_model(name, num_classes=7, drop_rate=0.0, drop_path_rate=0.1)
     assert isinstance(classifier, PVTClassifier)
     assert parameter_count(classifier) == CLASSIFIER_PARAMS[name] - 513 * (1000 - 7)
@@ -70,6 +70,24 @@ def test_mindcv_create_model_builds_every_size_in_both_modes(name, pynative):
     assert [o.shape for o in outs] == [(1, 64, 8, 16), (1, 128, 4, 8)]
     for ours, theirs in zip(outs, reference(x)):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
+
+
+def test_mindcv_built_models_run_the_same_in_graph_and_pynative_mode():
+    classifier = mindcv.models.create_model("pvt_tiny", num_classes=7)
+    features = mindcv.models.create_model("pvt_tiny", features_only=True, out_indices=[1, 2, 3])
+    x = images(64, 96)
+    results = {}
+    for mode in (ms.PYNATIVE_MODE, ms.GRAPH_MODE):
+        ms.set_context(mode=mode)
+        try:
+            for net in (classifier, features):
+                net.set_train(False)
+            results[mode] = [classifier(images(224, 224)).asnumpy()] + [o.asnumpy() for o in features(x)]
+        finally:
+            ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert [r.shape for r in results[ms.GRAPH_MODE]] == [(1, 7), (1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]
+    for eager, graph in zip(results[ms.PYNATIVE_MODE], results[ms.GRAPH_MODE]):
+        np.testing.assert_allclose(graph, eager, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
