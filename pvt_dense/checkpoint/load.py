@@ -6,12 +6,12 @@ key that is dropped, missing or reshaped is reported, and unexplained difference
 """
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import numpy as np
 
+from ..atomic import fsync_directory, fsync_file, temp_path_for
 from ..errors import CheckpointError
 from .keymaps import detect_format, to_native
 from .safetensors_reader import read_safetensors
@@ -204,14 +204,16 @@ def save_native(state_or_net, path):
         entries = state_or_net
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
-    os.close(handle)
+    # MindSpore writes the file itself, so the temporary is handed to it by name rather than through write_atomic.
+    tmp_path = temp_path_for(path)
     try:
         ms.save_checkpoint(entries, tmp_path)
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+    fsync_directory(directory)
     return path
 
 
