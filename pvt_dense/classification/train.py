@@ -12,12 +12,9 @@ import time
 
 import numpy as np
 
+from ..engine.loop import NonFiniteLossError  # noqa: F401  (raised here, importable from here)
 from ..errors import PVTDenseError
 from .recipe import effective_lr, official_recipe_overrides
-
-
-class NonFiniteLossError(PVTDenseError):
-    """The training loss became NaN or infinite."""
 
 
 def set_seeds(seed):

@@ -1,4 +1,6 @@
-"""Per-epoch training records as `metrics.jsonl` (for programs) and `metrics.csv` (for people), plus their curves.
+"""Training records as `metrics.jsonl` (for programs) and `metrics.csv` (for people), plus their curves.
+
+Records are indexed by epoch (classification) or by iteration (the dense-prediction loop): `index_key`.
 
 Both files are rewritten whole through a fsynced temporary and `os.replace` on every record: they hold one line
 per epoch, so this costs nothing, and a crash can never leave a half-written line that a resumed run would trip
@@ -40,14 +42,16 @@ def _plain_value(key, value):
 
 
 class MetricsLog:
-    """One record per epoch in `directory`; `resume_from_epoch=E` forgets records of epochs after E."""
+    """One record per epoch (or per `index_key` value) in `directory`; `resume_from_epoch=E` forgets records
+    whose index is after E."""
 
-    def __init__(self, directory, resume_from_epoch=None):
+    def __init__(self, directory, resume_from_epoch=None, index_key="epoch"):
         self.directory = os.path.abspath(os.fspath(directory))
+        self.index_key = index_key
         os.makedirs(self.directory, exist_ok=True)
         self.records = self._read_existing()
         if resume_from_epoch is not None:
-            kept = [record for record in self.records if record["epoch"] <= resume_from_epoch]
+            kept = [record for record in self.records if record[index_key] <= resume_from_epoch]
             if len(kept) != len(self.records):
                 self.records = kept
                 self._write_files()
@@ -74,7 +78,7 @@ class MetricsLog:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            if not isinstance(record, dict) or not isinstance(record.get(self.index_key), int):
                 # Only someone else's edit can produce this (we never write partial lines); keep the rest.
                 warnings.warn(f"{self.jsonl_path}:{number}: skipping an unreadable record", RuntimeWarning,
                               stacklevel=3)
@@ -83,25 +87,27 @@ class MetricsLog:
         return records
 
     def append(self, record):
-        """Add the record of one epoch (needs an int `epoch`, after the last one logged); returns it as stored."""
+        """Add the record of one epoch (needs an int `epoch` -- or `index_key` -- after the last one logged);
+        returns it as stored."""
         if not isinstance(record, dict):
             raise PVTDenseError(f"a metrics record is a dict, got {type(record).__name__}")
         clean = {str(key): _plain_value(key, value) for key, value in record.items()}
-        epoch = clean.get("epoch")
+        key = self.index_key
+        epoch = clean.get(key)
         if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise PVTDenseError(f"a metrics record needs an int 'epoch', got {record.get('epoch')!r}")
-        if self.records and epoch <= self.records[-1]["epoch"]:
+            raise PVTDenseError(f"a metrics record needs an int {key!r}, got {record.get(key)!r}")
+        if self.records and epoch <= self.records[-1][key]:
             # Two records for one epoch mean a restarted run wrote over an old log: say so instead of mixing them.
-            raise PVTDenseError(f"epoch {epoch} is not after the last epoch logged in {self.jsonl_path} "
-                                f"({self.records[-1]['epoch']}); pass resume_from_epoch when resuming, or use a "
+            raise PVTDenseError(f"{key} {epoch} is not after the last {key} logged in {self.jsonl_path} "
+                                f"({self.records[-1][key]}); pass resume_from_epoch when resuming, or use a "
                                 "new directory")
         self.records.append(clean)
         self._write_files()
         return clean
 
     def columns(self):
-        """Union of the records' keys, `epoch` first, then in order of first appearance."""
-        names = {"epoch": None}
+        """Union of the records' keys, the index first, then in order of first appearance."""
+        names = {self.index_key: None}
         for record in self.records:
             names.update(dict.fromkeys(record))
         return list(names)
@@ -119,7 +125,7 @@ class MetricsLog:
     # -- curves ------------------------------------------------------------------------------------------------
 
     def _series(self, key):
-        points = [(record["epoch"], record.get(key)) for record in self.records]
+        points = [(record[self.index_key], record.get(key)) for record in self.records]
         return [(epoch, value) for epoch, value in points
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
 
@@ -135,7 +141,7 @@ class MetricsLog:
         if not self.records:
             raise PVTDenseError(f"no metrics recorded in {self.directory} yet, nothing to plot")
         path = os.path.join(self.directory, os.fspath(path))
-        keys = [key for key in self.columns() if key != "epoch" and self._series(key)]
+        keys = [key for key in self.columns() if key != self.index_key and self._series(key)]
         loss_keys = [key for key in keys if "loss" in key.lower()]
         metric_keys = [key for key in keys if key not in loss_keys
                        and (key.startswith("val_") or key in _NAMED_METRICS)]
@@ -148,7 +154,7 @@ class MetricsLog:
                 epochs, values = zip(*self._series(key))
                 axis.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=key)
             axis.set_title(title)
-            axis.set_xlabel("epoch")
+            axis.set_xlabel(self.index_key)
             axis.grid(alpha=0.3)
             if keys_here:
                 axis.legend(fontsize=8)
