@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export GLOG_v ?= 3
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# The side-by-side CPU benchmark against HuggingFace's PVT on torch (the [bench] extra); see tools/benchmark.py.
+bench: $(STAMP)
+	$(PY) -m pip install -e ".[bench]"
+	$(PY) tools/benchmark.py --output outputs/benchmark
 
 clean:
 	rm -rf outputs .pytest_cache

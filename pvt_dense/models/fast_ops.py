@@ -23,6 +23,7 @@ compile warns once, saying why). `PVT_DENSE_NUM_THREADS` caps the kernels' threa
 may use). A graph exported with `mindspore.export` refers to the compiled library by path: export with
 `PVT_DENSE_FAST_OPS=0` for a MINDIR that runs elsewhere.
 """
+import contextlib
 import hashlib
 import os
 import platform
@@ -418,6 +419,30 @@ def kernels():
         return _STATE["kernels"]
 
 
+_FORCED_OFF = []
+
+
+@contextlib.contextmanager
+def mindspore_ops_only():
+    """Cells built inside this block use MindSpore's own operators, whatever the kernels' availability.
+
+    For `mindspore.export`: a graph with the Custom kernels names this machine's compiled library by path, so a
+    MINDIR exported from it would not run anywhere else.
+    """
+    _FORCED_OFF.append(True)
+    try:
+        yield
+    finally:
+        _FORCED_OFF.pop()
+
+
+def kernels_for_new_cell():
+    """The kernels a Cell being built now should use: None on a non-CPU target or inside `mindspore_ops_only`."""
+    if _FORCED_OFF or ms.get_context("device_target") != "CPU":
+        return None
+    return kernels()
+
+
 def fast_ops_status():
     """(available, reason): whether the CPU kernels are in use and, if not, why."""
     available = kernels() is not None
@@ -433,7 +458,7 @@ class GELU(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        compiled = kernels() if ms.get_context("device_target") == "CPU" else None
+        compiled = kernels_for_new_cell()
         self.use_kernel = compiled is not None
         self.kernel = compiled.gelu if self.use_kernel else None
         self.fallback = nn.GELU(approximate=False)
@@ -459,7 +484,7 @@ class LayerNorm(nn.Cell):
         self.eps = float(eps)
         self.gamma = Parameter(initializer("ones", (self.channels,), ms.float32), name="gamma")
         self.beta = Parameter(initializer("zeros", (self.channels,), ms.float32), name="beta")
-        compiled = kernels() if ms.get_context("device_target") == "CPU" else None
+        compiled = kernels_for_new_cell()
         self.use_kernel = compiled is not None
         self.kernel = compiled.layer_norm if self.use_kernel else None
         self.eps_tensor = Tensor([self.eps], ms.float32)

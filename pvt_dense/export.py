@@ -1,0 +1,245 @@
+"""Export a model at a fixed input shape for deployment: MINDIR (mindspore.load + nn.GraphCell runs it).
+
+What can be exported is one explicit table, `EXPORT_TASKS`, from task names to a config loader and a builder:
+- "backbone": the dense backbone; outputs the selected stage maps (N, C_i, H // s_i, W // s_i);
+- "classifier": the ImageNet classifier; outputs logits (N, num_classes).
+A task's builder receives the loaded (checked) config and the checkpoint path and returns the Cell to export, so
+the detector and the segmentor are one table line each once their packages exist.
+
+The exported graph uses MindSpore's own operators, never pvt_dense's compiled CPU kernels (a graph with those names
+this machine's .so file by path and would not run elsewhere); the numbers are the same to ~1e-6. The file is written
+atomically, with a JSON sidecar that records the input shape, output shapes, preprocessing, checkpoint and
+versions, and by default the exported graph is loaded back and compared with the eager model before it is kept.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .atomic import fsync_directory, fsync_file, write_atomic
+from .config import Field, load_config
+from .errors import ConfigError, PVTDenseError
+
+FORMATS = {"MINDIR": ".mindir"}
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class ExportError(PVTDenseError):
+    """An export request is invalid (shape, task, format, output path) or the exported graph is wrong."""
+
+
+@dataclass(frozen=True)
+class ExportTask:
+    """How to export one kind of model: `load_config(config_file_or_None, overrides, model_name_or_None)` returns a
+    checked Config; `build(config, ckpt_path)` returns the Cell in eval mode; `outputs` describes what it returns."""
+
+    load_config: Callable
+    build: Callable
+    outputs: str
+
+
+# --- backbone -----------------------------------------------------------------------------------------------------
+
+def _backbone_schema():
+    from .models import list_models
+    return {
+        "model": Field("pvt_tiny", str, choices=tuple(list_models())),
+        "out_indices": Field([0, 1, 2, 3], list, "stages whose maps are outputs", item=int),
+        "ckpt_path": Field("", str, "weights (any supported checkpoint format)"),
+    }
+
+
+def load_backbone_config(path, overrides, model_name):
+    """A model name, or any YAML whose `model` (or `backbone`) names a PVT size; only those keys are read."""
+    defaults = {"model": model_name} if model_name else {}
+    if path:
+        from .config import read_yaml
+        raw = read_yaml(path)
+        name = raw.get("backbone") if isinstance(raw.get("backbone"), str) else raw.get("model")
+        if name is None:
+            raise ConfigError(f"{path}: no 'model' or 'backbone' key naming the PVT size to export")
+        defaults = {"model": name, **({"ckpt_path": raw["ckpt_path"]} if raw.get("ckpt_path") else {})}
+    return load_config(_backbone_schema(), None, overrides, defaults=defaults)
+
+
+def build_backbone(config, ckpt_path):
+    from .models import create_backbone
+    indices = tuple(config.out_indices)
+    return create_backbone(config.model, out_indices=indices, pretrained=ckpt_path or None)
+
+
+# --- classifier ---------------------------------------------------------------------------------------------------
+
+def load_classifier_config(path, overrides, model_name):
+    from .classification.recipe import load_classification_config
+    return load_classification_config(path, overrides, defaults={"model": model_name} if model_name else None)
+
+
+def build_classifier(config, ckpt_path):
+    from .models import create_model
+    return create_model(config.model, num_classes=config.num_classes, pretrained=ckpt_path or None)
+
+
+EXPORT_TASKS = {
+    "backbone": ExportTask(load_backbone_config, build_backbone, "stage maps (N, C_i, H // s_i, W // s_i)"),
+    "classifier": ExportTask(load_classifier_config, build_classifier, "logits (N, num_classes)"),
+}
+
+
+# --- the export -----------------------------------------------------------------------------------------------------
+
+def parse_shape(text):
+    """'1x3x800x1344' -> (1, 3, 800, 1344): four positive integers, 3 channels (NCHW RGB)."""
+    parts = str(text).lower().replace("*", "x").replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ExportError(f"--shape must be NxCxHxW (e.g. 1x3x800x1344), got {text!r}") from None
+    if len(shape) != 4 or min(shape) <= 0:
+        raise ExportError(f"--shape must be four positive integers NxCxHxW (e.g. 1x3x800x1344), got {text!r}")
+    if shape[1] != 3:
+        raise ExportError(f"--shape must have 3 channels (RGB, NCHW), got {shape[1]} in {text!r}")
+    return shape
+
+
+def resolve_task(config_or_model, task=None, overrides=()):
+    """(task name, loaded config) for a model name or a config file; without `task`, a model name means the
+    backbone and a file means the first task (in table order, backbone last) whose config schema accepts it."""
+    from .models import list_models
+    is_model_name = config_or_model in list_models()
+    if not is_model_name and not os.path.isfile(str(config_or_model)):
+        raise ExportError(f"--config must be a config file or a model name ({', '.join(list_models())}), got "
+                          f"{config_or_model!r}")
+    path, name = (None, config_or_model) if is_model_name else (config_or_model, None)
+    if task is not None:
+        if task not in EXPORT_TASKS:
+            raise ExportError(f"unknown task {task!r}; valid: {', '.join(EXPORT_TASKS)}")
+        return task, EXPORT_TASKS[task].load_config(path, overrides, name)
+    if is_model_name:
+        return "backbone", EXPORT_TASKS["backbone"].load_config(None, overrides, name)
+    reasons = []
+    for candidate in [t for t in EXPORT_TASKS if t != "backbone"] + ["backbone"]:
+        try:
+            return candidate, EXPORT_TASKS[candidate].load_config(path, overrides, None)
+        except ConfigError as err:
+            reasons.append(f"{candidate}: {err}")
+    raise ExportError(f"{config_or_model} is not a config of any exportable task; pass --task. "
+                      + " | ".join(reasons))
+
+
+def _outputs_as_tuple(outputs):
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(config_or_model, output, shape=(1, 3, 800, 1344), task=None, ckpt_path=None, file_format="MINDIR",
+                 overrides=(), verify=True, tolerance=1e-4):
+    """Export `task` (see EXPORT_TASKS) built from a config file or a model name at a fixed input `shape`.
+
+    Writes `output` atomically (the format's extension is added when missing) plus `output + '.json'` with the
+    metadata. With `verify`, the written graph is loaded with mindspore.load + nn.GraphCell and must give the eager
+    model's outputs on a random input to `tolerance`; otherwise nothing is kept. Returns the metadata dict.
+    """
+    import mindspore as ms
+    from mindspore import nn
+
+    from .models.fast_ops import mindspore_ops_only
+
+    file_format = str(file_format).upper()
+    if file_format not in FORMATS:
+        raise ExportError(f"unknown format {file_format!r}; valid: {', '.join(FORMATS)}")
+    shape = parse_shape("x".join(str(s) for s in shape)) if not isinstance(shape, str) else parse_shape(shape)
+    task, config = resolve_task(config_or_model, task, overrides)
+    ckpt_path = ckpt_path or config.get("ckpt_path") or None
+    if ckpt_path and not os.path.isfile(ckpt_path):
+        raise ExportError(f"checkpoint not found: {ckpt_path}")
+    extension = FORMATS[file_format]
+    output = os.fspath(output)
+    if not output.lower().endswith(extension):
+        output += extension
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+
+    with mindspore_ops_only():
+        net = EXPORT_TASKS[task].build(config, ckpt_path)
+    net.set_train(False)
+    try:
+        pixels = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        eager = [o.asnumpy() for o in _outputs_as_tuple(net(ms.Tensor(pixels)))]
+    except ValueError as err:
+        if isinstance(err, PVTDenseError):
+            raise
+        raise ExportError(f"the {task} cannot run at shape {'x'.join(map(str, shape))}: {err}") from None
+
+    workdir = tempfile.mkdtemp(prefix=".tmp-export-", dir=folder)
+    try:
+        base = os.path.join(workdir, "model")
+        ms.export(net, ms.Tensor(np.zeros(shape, np.float32)), file_name=base, file_format=file_format)
+        written = base + extension
+        if not os.path.isfile(written):
+            raise ExportError(f"mindspore.export wrote no {extension} file (got {os.listdir(workdir)})")
+        if b"fast_ops-" in open(written, "rb").read():
+            raise ExportError("the exported graph refers to pvt_dense's machine-local kernel library")
+        max_diff = None
+        if verify:
+            graph = nn.GraphCell(ms.load(written))
+            exported = [o.asnumpy() for o in _outputs_as_tuple(graph(ms.Tensor(pixels)))]
+            if len(exported) != len(eager) or any(a.shape != b.shape for a, b in zip(exported, eager)):
+                raise ExportError(f"the exported graph returns shapes {[a.shape for a in exported]}, the model "
+                                  f"{[b.shape for b in eager]}")
+            max_diff = max(float(np.abs(a - b).max()) for a, b in zip(exported, eager))
+            if not max_diff <= tolerance:
+                raise ExportError(f"the exported graph differs from the eager model by {max_diff:.3g} "
+                                  f"(> {tolerance}); nothing was written")
+        fsync_file(written)
+        os.replace(written, output)
+        fsync_directory(folder)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    import pvt_dense
+    metadata = {
+        "task": task, "model": config.get("model"), "format": file_format, "file": os.path.basename(output),
+        "sha256": sha256_of(output), "input": {"name": "x", "shape": list(shape), "dtype": "float32",
+                                               "layout": "NCHW, RGB",
+                                               "preprocessing": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                                                                 "note": "(pixel - mean) / std on 0-255 RGB"}},
+        "outputs": [{"shape": list(o.shape), "dtype": "float32"} for o in eager],
+        "outputs_meaning": EXPORT_TASKS[task].outputs, "checkpoint": os.path.abspath(ckpt_path) if ckpt_path else None,
+        "checkpoint_sha256": sha256_of(ckpt_path) if ckpt_path else None, "verified_max_abs_diff": max_diff,
+        "versions": {"pvt_dense": pvt_dense.__version__, "mindspore": ms.__version__,
+                     "python": sys.version.split()[0]},
+    }
+    if hasattr(net, "feature_info"):
+        metadata["feature_info"] = [{"stage": f.stage, "channels": f.channels, "stride": f.stride}
+                                    for f in net.feature_info]
+    write_atomic(output + ".json", (json.dumps(metadata, indent=1) + "\n").encode())
+    metadata["path"] = output
+    return metadata
+
+
+def load_exported(path):
+    """An exported MINDIR as a callable `nn.GraphCell` (inputs and outputs as in the sidecar JSON)."""
+    import mindspore as ms
+    from mindspore import nn
+    if not os.path.isfile(path):
+        raise ExportError(f"exported model not found: {path}")
+    return nn.GraphCell(ms.load(path))
+
+
+__all__ = ["EXPORT_TASKS", "ExportTask", "ExportError", "export_model", "load_exported", "parse_shape",
+           "resolve_task"]
