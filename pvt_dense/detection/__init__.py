@@ -1,0 +1,1 @@
+"""RetinaNet + FPN object detection on the PVT backbone (COCO layout, pycocotools evaluation)."""

@@ -1,0 +1,118 @@
+"""Deterministic training batches for `pvt_dense.engine.loop.IterationLoop`, and ordered evaluation batches.
+
+The batches of an epoch are a pure function of (seed, epoch, rank): one permutation seeded by (seed, epoch) is
+split into the landscape and the other images (each batch holds one orientation, so it has one fixed padded shape),
+each group is cut into global batches of `batch_size * world_size` (its last batch filled up from the group's
+start, as mmdetection's GroupSampler does), and the batches are put in an order drawn from the same generator. Rank
+r takes slice r of each global batch. Flips draw from a generator seeded by (seed, epoch, image index). A resumed run
+therefore sees exactly the batches an uninterrupted run would.
+
+An image file that cannot be decoded is recorded and replaced by the next image of its group in the epoch's order
+(deterministic, since a corrupt file stays corrupt); `skipped` counts them.
+"""
+import threading
+import warnings
+from functools import lru_cache
+
+import numpy as np
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import ImageReadError, PVTDenseError
+from .transforms import canvas_shape, is_landscape, pad_targets, prepare_image
+
+
+class DetectionBatchSource:
+    """Training batches of (images (B, 3, H, W) float32, gt_boxes (B, max_gt, 4) float32, gt_labels (B, max_gt)
+    int32, gt_mask (B, max_gt) float32) from a `CocoDetection`."""
+
+    def __init__(self, dataset, batch_size, max_gt=100, img_scale=(1333, 800), pad_divisor=32, flip_ratio=0.5,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0, rank=0, world_size=1, shuffle=True):
+        if len(dataset) == 0:
+            raise PVTDenseError(f"the training set {dataset.ann_file} has no images")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.global_batch = self.batch_size * int(world_size)
+        self.max_gt = int(max_gt)
+        self.img_scale = tuple(img_scale)
+        self.pad_divisor = int(pad_divisor)
+        self.flip_ratio = float(flip_ratio)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
+        self.landscape = np.asarray([is_landscape(r.height, r.width) for r in dataset.records])
+        self.bad_images = {}
+        self._lock = threading.Lock()
+        self.steps_per_epoch = sum(-(-int(count) // self.global_batch)
+                                   for count in (self.landscape.sum(), (~self.landscape).sum()) if count)
+
+    @property
+    def skipped(self):
+        return len(self.bad_images)
+
+    @lru_cache(maxsize=2)
+    def epoch_plan(self, epoch):
+        """(global batches: list of (landscape, index array)), {landscape: the group's order}) of `epoch`."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.dataset)) if self.shuffle else np.arange(len(self.dataset))
+        batches, groups = [], {}
+        for landscape in (True, False):
+            group = order[self.landscape[order] == landscape]
+            if not group.size:
+                continue
+            groups[landscape] = group
+            count = -(-group.size // self.global_batch)
+            filled = np.resize(group, count * self.global_batch)  # repeats from the group's start
+            batches += [(landscape, chunk) for chunk in filled.reshape(count, self.global_batch)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches, groups
+
+    def _read(self, index, group):
+        """(image, record, index actually used): the next readable image of `group` from `index` on."""
+        start = int(np.flatnonzero(group == index)[0])
+        for step in range(group.size):
+            candidate = int(group[(start + step) % group.size])
+            if candidate in self.bad_images:
+                continue
+            try:
+                image, record = self.dataset.read(candidate)
+                return image, record, candidate
+            except ImageReadError as err:
+                with self._lock:
+                    if candidate not in self.bad_images:
+                        self.bad_images[candidate] = getattr(err, "reason", str(err))
+                        warnings.warn(f"skipping unreadable training image: {err}", RuntimeWarning, stacklevel=2)
+        raise PVTDenseError("no readable image left among the training images of this orientation "
+                            f"({len(self.bad_images)} unreadable)")
+
+    def batch(self, epoch, index):
+        batches, groups = self.epoch_plan(epoch)
+        landscape, chunk = batches[index]
+        canvas = canvas_shape(landscape, self.img_scale, self.pad_divisor)
+        mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        images = np.zeros((len(mine), 3) + canvas, np.float32)
+        boxes = np.zeros((len(mine), self.max_gt, 4), np.float32)
+        labels = np.zeros((len(mine), self.max_gt), np.int32)
+        mask = np.zeros((len(mine), self.max_gt), np.float32)
+        for slot, sample in enumerate(mine):
+            image, record, used = self._read(int(sample), groups[landscape])
+            flip = np.random.default_rng([self.seed, epoch, used]).random() < self.flip_ratio
+            images[slot], resized_boxes, _ = prepare_image(image, record.boxes, canvas, self.img_scale, flip,
+                                                           self.mean, self.std)
+            boxes[slot], labels[slot], mask[slot] = pad_targets(resized_boxes, record.labels, self.max_gt)
+        return images, boxes, labels, mask
+
+
+def evaluation_batches(dataset, indices=None, img_scale=(1333, 800), pad_divisor=32, mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD):
+    """Yield (images (1, 3, H, W), [meta], [record]) per readable image, in dataset order; unreadable images are
+    yielded as (None, [error message], [record]) so the caller can count them."""
+    indices = range(len(dataset)) if indices is None else indices
+    for index in indices:
+        try:
+            image, record = dataset.read(index)
+        except ImageReadError as err:
+            yield None, [str(err)], [dataset.records[index]]
+            continue
+        canvas = canvas_shape(is_landscape(*image.shape[:2]), img_scale, pad_divisor)
+        chw, _, meta = prepare_image(image, record.boxes, canvas, img_scale, False, mean, std)
+        yield chw[None], [meta], [record]

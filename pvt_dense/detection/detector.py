@@ -1,0 +1,95 @@
+"""RetinaNet = backbone + neck + head, and the Cell that trains it from padded ground truth in graph mode."""
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from .anchors import AnchorGenerator, graph_level_anchors
+from .assigner import MaxIoUAssigner
+from .box_coder import encode_deltas
+from .losses import l1_loss, sigmoid_focal_loss
+
+
+class RetinaNet(nn.Cell):
+    """construct(images (B, 3, H, W)) -> the head's raw outputs: L class-logit maps then L box-delta maps.
+
+    The neck's declared strides must be the anchor strides; `anchor_generator` carries them to post-processing.
+    """
+
+    def __init__(self, backbone, neck, head, anchor_generator):
+        super().__init__()
+        if tuple(neck.strides) != anchor_generator.strides:
+            raise ValueError(f"the neck's output strides {tuple(neck.strides)} differ from the anchor strides "
+                             f"{anchor_generator.strides}")
+        if head.num_anchors != anchor_generator.num_base_anchors:
+            raise ValueError(f"the head predicts {head.num_anchors} anchors per location, the anchor generator "
+                             f"makes {anchor_generator.num_base_anchors}")
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.num_classes = head.num_classes
+        self.num_levels = len(anchor_generator.strides)
+
+    def construct(self, images):
+        return self.head(self.neck(self.backbone(images)))
+
+
+class RetinaNetWithLoss(nn.Cell):
+    """construct(images, gt_boxes (B, M, 4), gt_labels (B, M) int32, gt_mask (B, M) float) -> scalar loss.
+
+    Focal loss over positive and negative anchors plus L1 on the positives' box deltas, both divided by the
+    number of positives (at least one per image, as mmdetection counts them), so an image without objects trains
+    its classifier towards background and adds nothing to the box loss.
+    """
+
+    def __init__(self, detector, assigner=None, focal_alpha=0.25, focal_gamma=2.0, box_loss_weight=1.0,
+                 target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
+        super().__init__()
+        self.detector = detector
+        self.assigner = assigner or MaxIoUAssigner()
+        generator = detector.anchor_generator
+        self.num_levels = detector.num_levels
+        self.num_classes = detector.num_classes
+        self.strides = tuple(float(s) for s in generator.strides)
+        self.base_anchors = tuple(Tensor(np.asarray(base), ms.float32) for base in generator.base)
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.box_loss_weight = float(box_loss_weight)
+        self.target_means = tuple(float(m) for m in target_means)
+        self.target_stds = tuple(float(s) for s in target_stds)
+
+    def flatten_outputs(self, outputs):
+        """(B, N, K) logits, (B, N, 4) deltas and (N, 4) anchors, all levels concatenated in anchor order."""
+        logits, deltas, anchors = (), (), ()
+        for level in range(self.num_levels):
+            cls_map = outputs[level]
+            reg_map = outputs[self.num_levels + level]
+            batch, _, height, width = cls_map.shape
+            logits = logits + (cls_map.transpose(0, 2, 3, 1).reshape(batch, -1, self.num_classes),)
+            deltas = deltas + (reg_map.transpose(0, 2, 3, 1).reshape(batch, -1, 4),)
+            anchors = anchors + (graph_level_anchors(self.base_anchors[level], self.strides[level], height, width),)
+        return ops.concat(logits, axis=1), ops.concat(deltas, axis=1), ops.concat(anchors, axis=0)
+
+    def construct(self, images, gt_boxes, gt_labels, gt_mask):
+        logits, deltas, anchors = self.flatten_outputs(self.detector(images))
+        matched, positive, negative = self.assigner(anchors, gt_boxes, gt_mask)
+        positive_f = ops.cast(positive, ms.float32)
+        labels = ops.gather_elements(gt_labels, 1, matched)
+        targets = ops.one_hot(labels, self.num_classes, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        targets = ops.stop_gradient(targets * ops.expand_dims(positive_f, -1))
+        cared = ops.expand_dims(ops.cast(ops.logical_or(positive, negative), ms.float32), -1)
+        num_pos = ops.maximum(positive_f.sum(axis=1), 1.0).sum()
+        cls_loss = (sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma) * cared).sum()
+
+        index = ops.tile(ops.expand_dims(matched, -1), (1, 1, 4))
+        matched_boxes = ops.gather_elements(gt_boxes, 1, index)
+        box_targets = encode_deltas(ops.expand_dims(anchors, 0), matched_boxes, self.target_means, self.target_stds)
+        keep = ops.expand_dims(positive, -1)
+        # Anchors matched to padding encode log(0): replace, not multiply, or 0 * inf poisons the gradient.
+        box_targets = ops.stop_gradient(ops.where(keep, box_targets, ops.zeros_like(box_targets)))
+        box_loss = (l1_loss(deltas, box_targets) * ops.cast(keep, ms.float32)).sum()
+        return (cls_loss + self.box_loss_weight * box_loss) / num_pos
+
+
+def build_anchor_generator(strides, octave_base_scale=4, scales_per_octave=3, ratios=(0.5, 1.0, 2.0)):
+    return AnchorGenerator(strides, octave_base_scale, scales_per_octave, ratios)

@@ -1,0 +1,120 @@
+"""COCO box evaluation through pycocotools: the 12 standard numbers, and the results JSON COCO tools read."""
+import contextlib
+import io
+import json
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from ..atomic import write_atomic
+from ..errors import PVTDenseError
+from .data import evaluation_batches
+from .postprocess import TestSettings, detect_image
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+METRIC_TITLES = (
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.75      | area=   all | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
+    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
+    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
+)
+
+
+def detections_to_coco(image_id, boxes, scores, labels, category_ids):
+    """COCO result records ({image_id, category_id, bbox [x, y, w, h], score}) of one image's detections."""
+    results = []
+    for box, score, label in zip(np.asarray(boxes, np.float64), scores, labels):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(score), 5)})
+    return results
+
+
+def coco_evaluate(coco_gt, results, image_ids=None, verbose=True):
+    """The 12 COCO box metrics (fractions in [0, 1]; -1 where a category of boxes is absent, as pycocotools
+    reports) of `results` (COCO result records) against the pycocotools index `coco_gt`, over `image_ids` (default:
+    every image of the index). Prints pycocotools' summary when `verbose`."""
+    from pycocotools.cocoeval import COCOeval
+    image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
+    if not image_ids:
+        raise PVTDenseError("no images to evaluate")
+    if not results:
+        # pycocotools cannot load an empty result list; nothing detected is simply 0 everywhere.
+        stats = [0.0] * len(METRIC_NAMES)
+        if verbose:
+            print("\n".join(f" {title} = {0.0:.3f}" for title in METRIC_TITLES))
+        return dict(zip(METRIC_NAMES, stats))
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        coco_dt = coco_gt.loadRes(list(results))
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    if verbose:
+        print("\n".join(line for line in captured.getvalue().splitlines() if "Average" in line))
+    return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def write_results_json(path, results):
+    """Write COCO result records to `path` atomically (the format `coco.loadRes` and the COCO server read)."""
+    write_atomic(path, json.dumps(results).encode("utf-8"))
+    return path
+
+
+def run_detector(detector, image_batch):
+    """The detector's raw outputs for a numpy batch, as numpy arrays."""
+    import mindspore as ms
+    outputs = detector(ms.Tensor(image_batch))
+    return [output.asnumpy() for output in outputs]
+
+
+def predict_dataset(detector, dataset, settings=TestSettings(), img_scale=(1333, 800), pad_divisor=32,
+                    mean=None, std=None, indices=None, progress=True):
+    """(COCO result records, ids of the images evaluated, list of unreadable image messages) over `dataset`."""
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    detector.set_train(False)
+    results, image_ids, unreadable = [], [], []
+    total = len(dataset) if indices is None else len(indices)
+    batches = evaluation_batches(dataset, indices, img_scale, pad_divisor, mean or IMAGENET_MEAN,
+                                 std or IMAGENET_STD)
+    for images, metas, records in tqdm(batches, total=total, desc="detect", unit="img", leave=False,
+                                       disable=not progress):
+        if images is None:
+            unreadable.extend(metas)
+            continue
+        outputs = run_detector(detector, images)
+        for slot, (meta, record) in enumerate(zip(metas, records)):
+            boxes, scores, labels = detect_image(outputs, slot, detector.anchor_generator, detector.num_classes,
+                                                 meta, settings)
+            results.extend(detections_to_coco(record.image_id, boxes, scores, labels, dataset.category_ids))
+            image_ids.append(record.image_id)
+    return results, image_ids, unreadable
+
+
+def evaluate_detector(detector, dataset, settings=TestSettings(), img_scale=(1333, 800), pad_divisor=32,
+                      mean=None, std=None, max_images=0, results_json=None, verbose=True, progress=True):
+    """Run the detector over `dataset` (the first `max_images` when > 0), evaluate with pycocotools and return the
+    12 metrics plus `images` and `unreadable` counts; writes the results JSON when `results_json` is a path."""
+    indices = range(min(max_images, len(dataset))) if max_images else None
+    results, image_ids, unreadable = predict_dataset(detector, dataset, settings, img_scale, pad_divisor, mean,
+                                                     std, indices, progress)
+    for message in unreadable:
+        print(f"warning: skipped in evaluation: {message}")
+    if results_json:
+        write_results_json(results_json, results)
+    metrics = coco_evaluate(dataset.coco, results, image_ids, verbose=verbose)
+    metrics = {key: (value if math.isfinite(value) else -1.0) for key, value in metrics.items()}
+    metrics.update(images=len(image_ids), unreadable=len(unreadable))
+    return metrics

@@ -1,0 +1,111 @@
+"""Host-side decoding of RetinaNet's raw outputs into detections (mmdetection's test-time procedure).
+
+Per image: per level, sigmoid scores of every (anchor, class) pair above `score_thr`, the `nms_pre` best of them
+decoded against their anchors and clipped to the resized image; then all levels together through class-wise NMS
+at `nms_iou`, the `max_per_img` best kept, and the boxes mapped back to the original image (divided by the scale
+factors actually applied, clipped to its size). Variable-length work, so it runs in numpy, outside the graph.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .box_coder import decode_deltas
+
+
+@dataclass(frozen=True)
+class TestSettings:
+    score_thr: float = 0.05
+    nms_pre: int = 1000
+    nms_iou: float = 0.5
+    max_per_img: int = 100
+
+
+def box_area(boxes):
+    return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+
+
+def iou_one_to_many(box, boxes):
+    top_left = np.maximum(box[:2], boxes[:, :2])
+    bottom_right = np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+    union = box_area(box[None])[0] + box_area(boxes) - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def nms(boxes, scores, iou_thr):
+    """Indices of the boxes greedy NMS keeps, best score first: a box is dropped when its IoU with a kept,
+    higher-scoring box is above `iou_thr`. Ties in score keep the earlier box first."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")
+    keep = []
+    while order.size:
+        best = order[0]
+        keep.append(best)
+        if order.size == 1:
+            break
+        rest = order[1:]
+        order = rest[iou_one_to_many(boxes[best], boxes[rest]) <= iou_thr]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(boxes, scores, labels, iou_thr):
+    """NMS within each class only: boxes of different classes are shifted apart so that they never overlap."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if boxes.shape[0] == 0:
+        return np.zeros((0,), np.int64)
+    offsets = np.asarray(labels, dtype=np.float32)[:, None] * (float(boxes.max()) + 1.0)
+    return nms(boxes + offsets, scores, iou_thr)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def flatten_level(cls_map, reg_map, num_classes):
+    """(A*K, H, W), (A*4, H, W) of one image -> (H*W*A, K) scores, (H*W*A, 4) deltas, in anchor order."""
+    scores = sigmoid(cls_map.astype(np.float32).transpose(1, 2, 0).reshape(-1, num_classes))
+    deltas = reg_map.astype(np.float32).transpose(1, 2, 0).reshape(-1, 4)
+    return scores, deltas
+
+
+def detect_image(outputs, image_index, anchor_generator, num_classes, meta, settings=TestSettings(),
+                 target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
+    """Detections of image `image_index` of a batch of head outputs (numpy arrays, L class maps then L box maps).
+
+    meta: `resized_size` (height, width) of the image before padding, `scale_factor` (height, width) applied
+    by the resize, and `original_size` (height, width).
+    Returns (boxes (D, 4) float32 x1y1x2y2 in original pixels, scores (D,), labels (D,) int64), best first.
+    """
+    num_levels = len(anchor_generator.strides)
+    all_boxes, all_scores, all_labels = [], [], []
+    for level in range(num_levels):
+        cls_map = outputs[level][image_index]
+        reg_map = outputs[num_levels + level][image_index]
+        anchors = anchor_generator.level_anchors(level, cls_map.shape[1], cls_map.shape[2])
+        scores, deltas = flatten_level(cls_map, reg_map, num_classes)
+        flat = scores.reshape(-1)
+        candidates = np.flatnonzero(flat > settings.score_thr)
+        if candidates.size > settings.nms_pre:
+            best = np.argsort(-flat[candidates], kind="stable")[: settings.nms_pre]
+            candidates = candidates[best]
+        anchor_index, labels = np.divmod(candidates, num_classes)
+        boxes = decode_deltas(anchors[anchor_index], deltas[anchor_index], target_means, target_stds,
+                              max_shape=meta["resized_size"])
+        all_boxes.append(boxes)
+        all_scores.append(flat[candidates])
+        all_labels.append(labels)
+    boxes = np.concatenate(all_boxes).astype(np.float32)
+    scores = np.concatenate(all_scores).astype(np.float32)
+    labels = np.concatenate(all_labels).astype(np.int64)
+    keep = batched_nms(boxes, scores, labels, settings.nms_iou)[: settings.max_per_img]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    return rescale_to_original(boxes, meta), scores, labels
+
+
+def rescale_to_original(boxes, meta):
+    scale_h, scale_w = meta["scale_factor"]
+    height, width = meta["original_size"]
+    boxes = boxes / np.asarray([scale_w, scale_h, scale_w, scale_h], dtype=np.float32)
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)
+    return boxes

@@ -1,0 +1,138 @@
+"""The detection config (RetinaNet + FPN on PVT) and the one table from component names to builders.
+
+`DETECTION_SCHEMA` = the shared run keys + the backbone keys + the keys below. Defaults are the official RetinaNet
+1x recipe (configs/detection/retinanet_pvt_*_fpn_1x_coco.yaml spell it out). `neck:` and `head:` name components
+of `NECK_BUILDERS` / `HEAD_BUILDERS`; an unknown name is a ConfigError listing the valid ones.
+"""
+import dataclasses
+import os
+
+from ..config import Field, load_config
+from ..engine.recipe import BACKBONE_FIELDS, RUN_FIELDS, build_backbone, check_backbone_options
+from ..errors import ConfigError
+from ..models.fpn import build_neck
+from .anchors import AnchorGenerator
+from .assigner import MaxIoUAssigner
+from .detector import RetinaNet, RetinaNetWithLoss
+from .postprocess import TestSettings
+from .retinanet_head import RetinaNetHead
+
+
+def build_fpn(backbone, cfg):
+    """mmdetection's RetinaNet FPN: backbone stages from `neck_first_stage` on, `neck_num_outs` levels, the
+    extra levels by stride-2 convs on the last backbone map ("on_input")."""
+    stages = list(cfg.out_indices)
+    if cfg.neck_first_stage not in stages:
+        raise ConfigError(f"neck_first_stage {cfg.neck_first_stage} is not among the backbone's out_indices "
+                          f"{stages}")
+    return build_neck(backbone, "fpn", out_channels=cfg.neck_channels, start_level=stages.index(cfg.neck_first_stage),
+                      num_outs=cfg.neck_num_outs, add_extra_convs=cfg.neck_extra_convs)
+
+
+def build_retinanet_head(neck, cfg, num_classes):
+    if len(set(neck.out_channels)) != 1:
+        raise ConfigError(f"the RetinaNet head is shared across levels and needs equal channels, the neck gives "
+                          f"{neck.out_channels}")
+    return RetinaNetHead(neck.out_channels[0], num_classes, num_anchors=len(cfg.anchor_ratios) *
+                         cfg.anchor_scales_per_octave, feat_channels=cfg.head_feat_channels,
+                         stacked_convs=cfg.head_stacked_convs, prior_prob=cfg.head_prior_prob)
+
+
+NECK_BUILDERS = {"fpn": build_fpn}
+HEAD_BUILDERS = {"retinanet": build_retinanet_head}
+
+
+def _run_field(key, default):
+    return dataclasses.replace(RUN_FIELDS[key], default=default)
+
+
+DETECTION_SCHEMA = {
+    **RUN_FIELDS,
+    **BACKBONE_FIELDS,
+    # the recipe's optimizer and schedule: AdamW 1e-4, wd 1e-4, 12 epochs, x0.1 at epochs 8 and 11, warmup 500
+    "warmup_iters": _run_field("warmup_iters", 500),
+    "epochs": Field(12, int, low=1),
+    "lr_steps": Field([8, 11], list, "epochs after which the lr is multiplied by lr_gamma", item=int, low=0),
+    "lr_gamma": Field(0.1, float, low=0.0, high=1.0),
+    "max_iters": Field(0, int, "stop after this many iterations (0: epochs x iterations per epoch)", low=0),
+    "eval_interval": Field(1, int, "epochs between evaluations on the val set (0: only at the end)", low=0),
+    "max_eval_images": Field(0, int, "evaluate on the first N val images only (0: all)", low=0),
+    # data (COCO layout, paths relative to data_dir unless absolute)
+    "data_dir": Field("./coco", str, "COCO root"),
+    "train_ann": Field("annotations/instances_train2017.json", str),
+    "train_images": Field("train2017", str),
+    "val_ann": Field("annotations/instances_val2017.json", str, "'' to train without evaluation"),
+    "val_images": Field("val2017", str),
+    "num_classes": Field(80, int, "must match the categories of the annotation file", low=1),
+    "img_scale": Field([1333, 800], list, "(long, short) bound of the keep-ratio resize", item=int, length=2,
+                       low=32),
+    "pad_divisor": Field(32, int, low=1),
+    "flip_ratio": Field(0.5, float, low=0.0, high=1.0),
+    "mean": Field([123.675, 116.28, 103.53], list, item=float, length=3),
+    "std": Field([58.395, 57.12, 57.375], list, item=float, length=3, low=1e-6),
+    "max_gt": Field(100, int, "ground truth boxes per image (padded for graph mode; more are capped)", low=1),
+    # model
+    "neck": Field("fpn", str, choices=tuple(NECK_BUILDERS)),
+    "neck_first_stage": Field(1, int, "first backbone stage (0-based) the FPN uses; 1 = stride 8 (P3)", low=0,
+                              high=3),
+    "neck_channels": Field(256, int, low=1),
+    "neck_num_outs": Field(5, int, low=1),
+    "neck_extra_convs": Field("on_input", str, choices=("on_input", "on_lateral", "on_output")),
+    "head": Field("retinanet", str, choices=tuple(HEAD_BUILDERS)),
+    "head_feat_channels": Field(256, int, low=1),
+    "head_stacked_convs": Field(4, int, low=0),
+    "head_prior_prob": Field(0.01, float, low=1e-6, high=0.5),
+    "anchor_octave_base_scale": Field(4.0, float, low=1e-3),
+    "anchor_scales_per_octave": Field(3, int, low=1),
+    "anchor_ratios": Field([0.5, 1.0, 2.0], list, item=float, low=1e-3),
+    "pos_iou_thr": Field(0.5, float, low=0.0, high=1.0),
+    "neg_iou_thr": Field(0.4, float, low=0.0, high=1.0),
+    "min_pos_iou": Field(0.0, float, low=0.0, high=1.0),
+    "focal_alpha": Field(0.25, float, low=0.0, high=1.0),
+    "focal_gamma": Field(2.0, float, low=0.0),
+    "box_loss_weight": Field(1.0, float, low=0.0),
+    # test
+    "score_thr": Field(0.05, float, low=0.0, high=1.0),
+    "nms_pre": Field(1000, int, "candidates per level before NMS", low=1),
+    "nms_iou": Field(0.5, float, low=0.0, high=1.0),
+    "max_per_img": Field(100, int, low=1),
+}
+
+
+def load_detection_config(path=None, overrides=(), defaults=None):
+    cfg = load_config(DETECTION_SCHEMA, path, overrides, defaults=defaults)
+    check_backbone_options(cfg)
+    if cfg.neg_iou_thr > cfg.pos_iou_thr:
+        raise ConfigError(f"neg_iou_thr ({cfg.neg_iou_thr}) must not exceed pos_iou_thr ({cfg.pos_iou_thr})")
+    if list(cfg.lr_steps) != sorted(cfg.lr_steps):
+        raise ConfigError(f"lr_steps must be increasing epochs, got {cfg.lr_steps}")
+    if not cfg.anchor_ratios:
+        raise ConfigError("anchor_ratios needs at least one ratio")
+    return cfg
+
+
+def resolve(cfg, key):
+    """A data path of the config: absolute as written, else under data_dir."""
+    value = cfg[key]
+    return value if not value or os.path.isabs(value) else os.path.join(cfg.data_dir, value)
+
+
+def test_settings(cfg):
+    return TestSettings(cfg.score_thr, cfg.nms_pre, cfg.nms_iou, cfg.max_per_img)
+
+
+def build_retinanet(cfg, num_classes=None, load_pretrained=True):
+    """(detector, training network) from a checked config. The training network owns the detector, so their
+    parameters carry the names checkpoints use ('detector.backbone...'). `load_pretrained=False` skips the
+    backbone's ImageNet weights (evaluation loads a whole detector checkpoint instead)."""
+    if not load_pretrained and cfg.pretrained:
+        cfg = type(cfg)(cfg, pretrained="")
+    backbone = build_backbone(cfg)
+    neck = NECK_BUILDERS[cfg.neck](backbone, cfg)
+    head = HEAD_BUILDERS[cfg.head](neck, cfg, num_classes or cfg.num_classes)
+    anchors = AnchorGenerator(neck.strides, cfg.anchor_octave_base_scale, cfg.anchor_scales_per_octave,
+                              tuple(cfg.anchor_ratios))
+    detector = RetinaNet(backbone, neck, head, anchors)
+    assigner = MaxIoUAssigner(cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou)
+    train_net = RetinaNetWithLoss(detector, assigner, cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss_weight)
+    return detector, train_net
