@@ -91,13 +91,10 @@ def forward_flops(spec, batch, height, width, classifier=False, num_classes=NUM_
         macs += grid_h * grid_w * dim * in_channels * patch * patch
         tokens = grid_h * grid_w + (1 if classifier and stage == last else 0)
         ratio = spec.sr_ratios[stage]
-        if ratio > 1:
-            kv_tokens = (grid_h // ratio) * (grid_w // ratio)
-            macs += kv_tokens * dim * dim * ratio * ratio
-        else:
-            kv_tokens = tokens
+        kv_tokens = (grid_h // ratio) * (grid_w // ratio) if ratio > 1 else tokens
         hidden = int(dim * spec.mlp_ratios[stage])
-        per_block = (tokens * dim * dim          # q
+        per_block = ((kv_tokens * dim * dim * ratio * ratio if ratio > 1 else 0)  # spatial-reduction conv
+                     + tokens * dim * dim         # q
                      + kv_tokens * dim * 2 * dim  # kv
                      + 2 * tokens * kv_tokens * dim  # q k^T and attn v over all heads
                      + tokens * dim * dim         # proj

@@ -1,0 +1,110 @@
+"""The benchmark's own arithmetic: FLOP count, timing statistics, memory reading, ratios and reports.
+
+The FLOP count is checked against torch's FlopCounterMode on HuggingFace's PVT (an independent count of an
+independent implementation) and against the published GFLOPs; the timing of real models is the tool's job, not a
+test's (tools/benchmark.py).
+"""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from pvt_dense import benchmark
+from pvt_dense.models.pvt import PVT_SPECS
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def flop_counter_total(build_model, shape):
+    """FlopCounterMode's total for one forward; on the meta device, so nothing is computed (counting needs shapes
+    only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = build_model()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values=torch.empty(shape, device="meta"))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["pvt_tiny", "pvt_small"])
+def test_backbone_flops_equal_torch_flop_counter_on_hf_at_odd_size(name):
+    spec = PVT_SPECS[name]
+    theirs = flop_counter_total(lambda: benchmark.official_dense_hf_model(spec), (2, 3, 97, 131))
+    assert benchmark.forward_flops(spec, 2, 97, 131) == theirs
+
+
+def test_classifier_flops_equal_torch_flop_counter_and_published_figure():
+    spec = PVT_SPECS["pvt_tiny"]
+    ours = benchmark.forward_flops(spec, 1, 224, 224, classifier=True)
+    theirs = flop_counter_total(lambda: transformers.PvtForImageClassification(benchmark.hf_pvt_config(spec)).eval(),
+                                (1, 3, 224, 224))
+    assert ours == theirs
+    # The paper's 1.9 GFLOPs for PVT-Tiny counts multiply-adds.
+    assert ours / 2e9 == pytest.approx(1.9, abs=0.05)
+
+
+def test_train_step_counts_three_forwards():
+    spec = PVT_SPECS["pvt_tiny"]
+    case = benchmark.CASES["train224_b8"]
+    assert benchmark.case_flops(spec, case) == 3 * benchmark.forward_flops(spec, 8, 224, 224, classifier=True)
+
+
+def test_summarize_times_by_hand():
+    stats = benchmark.summarize_times([0.4, 0.1, 0.3, 0.2, 10.0])
+    assert stats["median_s"] == 0.3 and stats["min_s"] == 0.1 and stats["max_s"] == 10.0
+    assert stats["p25_s"] == pytest.approx(0.2) and stats["p75_s"] == pytest.approx(0.4)
+    assert stats["spread"] == pytest.approx(0.2 / 0.3) and stats["repeats"] == 5
+
+
+def test_time_calls_warms_up_and_stops_at_the_time_budget():
+    calls = []
+    first, times = benchmark.time_calls(lambda: calls.append(1), warmup=3, repeats=50, max_seconds=0.0,
+                                        min_repeats=4)
+    # 3 warm-up calls (the first timed on its own), then the minimum number of timed calls.
+    assert len(times) == 4 and len(calls) == 7 and first >= 0
+
+
+def test_resident_memory_reading_sees_a_200_mb_allocation():
+    before = benchmark.current_rss_mb()
+    block = np.ones(50 * 2 ** 20, dtype=np.float32)  # 200 MiB, touched
+    after = benchmark.current_rss_mb()
+    assert 180 < after - before < 260
+    assert benchmark.peak_rss_mb() >= after - 1
+    del block
+
+
+def fake_row(framework, median_s, peak_mb, case="fwd224_b8"):
+    return benchmark.result_row("pvt_tiny", benchmark.CASES[case], framework,
+                                {"times_s": [median_s * 0.9, median_s, median_s * 1.2], "first_call_s": 5.0,
+                                 "peak_rss_mb": peak_mb, "rss_after_import_mb": 300.0})
+
+
+def test_rows_ratios_and_reports(tmp_path):
+    rows = [fake_row(benchmark.OURS, 0.4, 900.0), fake_row(benchmark.THEIRS, 0.5, 1200.0),
+            benchmark.result_row("pvt_tiny", benchmark.CASES["fwd224_b1"], benchmark.OURS, {"error": "boom"})]
+    ours = rows[0]
+    assert ours["images_per_s"] == pytest.approx(8 / 0.4)
+    flops = benchmark.forward_flops(PVT_SPECS["pvt_tiny"], 8, 224, 224)
+    assert ours["achieved_gflops"] == pytest.approx(flops / 0.4 / 1e9)
+    ratio = benchmark.ratios(rows)[("pvt_tiny", "fwd224_b8")]
+    assert ratio["speed"] == pytest.approx(1.25) and ratio["memory"] == pytest.approx(0.75)
+
+    info = benchmark.machine_info(threads=2)
+    assert info["threads"] == 2 and info["versions"]["mindspore"]
+    benchmark.write_reports(str(tmp_path), info, rows, profiles={})
+    table = (tmp_path / "results.md").read_text()
+    assert "| 1.25x |" in table and "| 0.75x |" in table and "boom" in table
+    with open(tmp_path / "results.csv", newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert float(written[1]["images_per_s"]) == pytest.approx(16.0) and written[2]["error"] == "boom"
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["machine"]["threads"] == 2 and payload["ratios"][0]["speed"] == pytest.approx(1.25)
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.bad_input("benchmark arguments", "an unknown case name", "BenchmarkError listing the valid cases")
+def test_unknown_case_is_refused(tmp_path):
+    with pytest.raises(benchmark.BenchmarkError, match="fwd224_b1"):
+        benchmark.run_benchmark(cases=("fwd999",), output=str(tmp_path), progress=False)

@@ -1,0 +1,115 @@
+"""MINDIR export: the exported graph, loaded with mindspore.load + nn.GraphCell, gives the model's outputs.
+
+The reference is the model as users run it (the default fast-kernel path, loaded from the same checkpoint), while
+the export is built with MindSpore's own operators, so the test also checks that the two paths agree.
+"""
+import json
+import os
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+import pvt_dense
+from pvt_dense.export import EXPORT_TASKS, ExportError, export_model, parse_shape
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSIFICATION_CONFIG = os.path.join(ROOT, "configs", "classification", "pvt_tiny.yaml")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import export as export_tool  # noqa: E402  (tools/ is not a package)
+
+
+def randomise_norms(net, seed):
+    """LayerNorm gains/biases away from 1/0, so the export is checked with every parameter mattering."""
+    rng = np.random.default_rng(seed)
+    for param in net.get_parameters():
+        if param.name.endswith(("gamma", "beta")):
+            param.set_data(ms.Tensor(rng.uniform(0.5, 1.5, param.shape).astype(np.float32)))
+
+
+def outputs_of(cell, pixels):
+    outs = cell(ms.Tensor(pixels))
+    return [o.asnumpy() for o in (outs if isinstance(outs, (tuple, list)) else (outs,))]
+
+
+def test_backbone_mindir_equals_eager_model(tmp_path, pynative):
+    net = pvt_dense.create_backbone("pvt_tiny")
+    randomise_norms(net, 0)
+    ckpt = str(tmp_path / "tiny.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    info = export_model("pvt_tiny", tmp_path / "tiny_backbone", shape=(1, 3, 64, 96), ckpt_path=ckpt)
+    path = tmp_path / "tiny_backbone.mindir"
+    assert info["path"] == str(path) and info["task"] == "backbone"
+
+    reference = pvt_dense.create_backbone("pvt_tiny", pretrained=ckpt)
+    reference.set_train(False)
+    graph = nn.GraphCell(ms.load(str(path)))
+    pixels = np.random.default_rng(5).standard_normal((1, 3, 64, 96)).astype(np.float32)
+    expected, exported = outputs_of(reference, pixels), outputs_of(graph, pixels)
+    assert [o.shape for o in exported] == [(1, 64, 16, 24), (1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]
+    for stage, (a, b) in enumerate(zip(exported, expected)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
+
+    # The graph must run on machines without this one's compiled kernel library.
+    assert b"fast_ops-" not in path.read_bytes()
+    sidecar = json.loads((tmp_path / "tiny_backbone.mindir.json").read_text())
+    assert sidecar["input"]["shape"] == [1, 3, 64, 96]
+    assert [o["shape"] for o in sidecar["outputs"]] == [list(o.shape) for o in expected]
+    assert sidecar["verified_max_abs_diff"] <= 1e-4 and sidecar["checkpoint"] == os.path.abspath(ckpt)
+    assert [f["stride"] for f in sidecar["feature_info"]] == [4, 8, 16, 32]
+    assert sorted(os.listdir(tmp_path)) == ["tiny.ckpt", "tiny_backbone.mindir", "tiny_backbone.mindir.json"]
+
+
+def test_classifier_from_a_config_file_through_the_tool(tmp_path, pynative, capsys):
+    net = pvt_dense.create_model("pvt_tiny", num_classes=7)
+    randomise_norms(net, 1)
+    ckpt = str(tmp_path / "clf.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    output = tmp_path / "clf.mindir"
+    # --no-verify: this test compares the exported graph itself
+    status = export_tool.main(["--config", CLASSIFICATION_CONFIG, "--ckpt_path", ckpt, "--shape", "2x3x64x64",
+                               "--output", str(output), "--num_classes", "7", "--no-verify"])
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the tool switches to graph mode
+    assert status == 0 and "exported classifier pvt_tiny" in capsys.readouterr().out
+    reference = pvt_dense.create_model("pvt_tiny", num_classes=7, pretrained=ckpt)
+    reference.set_train(False)
+    pixels = np.random.default_rng(6).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    (logits,) = outputs_of(nn.GraphCell(ms.load(str(output))), pixels)
+    assert logits.shape == (2, 7)
+    np.testing.assert_allclose(logits, outputs_of(reference, pixels)[0], rtol=0, atol=1e-4)
+
+
+def test_task_table_and_shape_parsing():
+    assert set(EXPORT_TASKS) >= {"backbone", "classifier"}
+    assert parse_shape("1x3x800x1344") == (1, 3, 800, 1344)
+    for bad in ("1x3x800", "1x4x64x64", "1x3x0x64", "axbxcxd"):
+        with pytest.raises(ExportError):
+            parse_shape(bad)
+
+
+@pytest.mark.bad_input("export --shape", "1x3x800 (three numbers)", "exit status 2, error naming --shape, no file")
+def test_tool_refuses_a_bad_shape(tmp_path, capsys):
+    from pvt_dense.cli import run_tool
+    status = run_tool(export_tool.main, ["--config", "pvt_tiny", "--shape", "1x3x800", "--output", str(tmp_path / "x")])
+    assert status == 2 and "--shape" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.bad_input("export --config", "a YAML file that no export task accepts", "ExportError naming each task")
+def test_unexportable_config_is_refused(tmp_path):
+    config = tmp_path / "other.yaml"
+    config.write_text("learning_rate_typo: 3\n")
+    with pytest.raises(ExportError, match="classifier") as err:
+        export_model(str(config), tmp_path / "out", shape=(1, 3, 64, 64))
+    assert "backbone" in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["other.yaml"]
+
+
+@pytest.mark.bad_input("export image size", "1x3x16x16 (smaller than one stride-32 cell)",
+                       "ExportError before anything is written")
+def test_too_small_shape_is_refused_before_writing(tmp_path, pynative):
+    with pytest.raises(ExportError, match="16x16"):
+        export_model("pvt_tiny", tmp_path / "tiny", shape=(1, 3, 16, 16))
+    assert os.listdir(tmp_path) == []
