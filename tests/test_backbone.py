@@ -181,6 +181,9 @@ def test_recompute_keeps_outputs_and_gradients():
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-6)
 
 
+@pytest.mark.bad_input("backbone input tensor",
+                       "a 3-D tensor, 1 channel, NHWC layout, a 16x64 image",
+                       "ValueError: '4-D NCHW', '3 input channels', 'at least 32x32'")
 @pytest.mark.parametrize("bad_input, message", [
     (np.zeros((3, 64, 64), np.float32), "4-D NCHW"),
     (np.zeros((1, 1, 64, 64), np.float32), "3 input channels"),
@@ -193,6 +196,10 @@ def test_bad_inputs_get_clear_errors(bad_input, message, pynative):
         net(ms.Tensor(bad_input))
 
 
+@pytest.mark.bad_input("config",
+                       "create_backbone / create_model with an unknown name (pvt_huge, resnet50), out_indices (2, 1) "
+                       "or (4,), frozen_stages=5, drop_path_rate=1.5",
+                       "PVTDenseError listing the valid names; ValueError naming the argument")
 def test_unknown_names_and_arguments_are_clear_errors():
     with pytest.raises(PVTDenseError, match="pvt_large.*pvt_medium.*pvt_small.*pvt_tiny"):
         pvt_dense.create_backbone("pvt_huge")

@@ -162,6 +162,9 @@ def test_state_dict_is_unwrapped_and_loses_data_parallel_prefix(torch, tmp_path,
     assert_matches(loaded["weight"], linear.weight, torch)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a .pth holding only {'epoch', 'optimizer'}, no weights",
+                       "CheckpointError: the file holds no state dict, listing its top-level keys")
 def test_state_dict_error_lists_the_top_level_keys(torch, tmp_path):
     path = torch_save(torch, {"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_weights.pth", "zip")
 
@@ -169,6 +172,9 @@ def test_state_dict_error_lists_the_top_level_keys(torch, tmp_path):
         read_torch_state_dict(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a state dict with both 'weight' and 'module.weight'",
+                       "CheckpointError: two tensors named 'weight' once the DataParallel 'module.' prefix is removed")
 def test_state_dict_prefix_collision_is_an_error(torch, tmp_path):
     state = {"weight": torch.zeros(1), "module.weight": torch.ones(1)}
     path = torch_save(torch, state, tmp_path / "collide.pth", "zip")
@@ -268,6 +274,10 @@ def test_namespace_through_copyreg_newobj(tmp_path):
     assert read_torch_checkpoint(path) == PickledNamespace()
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a pickled argparse.Namespace with attributes named `__deepcopy__`, `__reduce_ex__` and "
+                       "`_attributes`",
+                       "loaded as plain data; copy and pickle never take the file's values as hooks")
 def test_namespace_attributes_never_answer_dunder_lookups(tmp_path):
     # copy and pickle look hooks up by attribute; the file's data must not be able to supply one.
     # (A real Namespace with these attributes cannot even be pickled, so write its pickle ourselves.)
@@ -329,6 +339,9 @@ def test_numpy_objects_keep_their_sharing(tmp_path):
     assert loaded["loop"][1] is loaded["loop"] and loaded["loop"][0] == 1.0
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a pickle of a tuple that contains itself (through a list), with a numpy array inside",
+                       "CheckpointError: a tuple that contains itself")
 def test_numpy_in_a_tuple_that_contains_itself(tmp_path):
     inner = []
     looped = (np.arange(2), inner)
@@ -339,6 +352,9 @@ def test_numpy_in_a_tuple_that_contains_itself(tmp_path):
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a pickle nesting a numpy dtype 20,000 lists deep",
+                       "CheckpointError: nested too deeply (no RecursionError)")
 def test_numpy_deep_inside_nested_lists(tmp_path):
     # The unpickler nests without recursion; swapping the stand-ins out afterwards must fail cleanly instead.
     dtype = b"cnumpy\ndtype\nX\x02\x00\x00\x00f8\x89\x88\x87R"
@@ -371,6 +387,9 @@ class CallsGlobal:
         return self.function, self.args
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a torch.save'd .pth (zip and legacy format) whose pickle calls os.system('touch ...')",
+                       "UnsafeCheckpointError naming the global (posix.system) and the file; the command never runs")
 @pytest.mark.parametrize("save_format", SAVE_FORMATS)
 def test_malicious_torch_checkpoint_is_refused_without_running_it(torch, tmp_path, save_format):
     marker = tmp_path / "pwned"
@@ -406,6 +425,10 @@ def write_zip_checkpoint(path, data_pickle, records=None, byteorder=b"little"):
     return path
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "pickles calling eval, exec, getattr, `__import__`, os.system, subprocess.Popen, "
+                       "collections.Counter, io.open or print (protocols 2 and 4)",
+                       "UnsafeCheckpointError: refused to load global `'<module>.<name>'`")
 @pytest.mark.parametrize("function", [eval, exec, getattr, __import__, os.system, subprocess.Popen,
                                       collections.Counter, io.open, print], ids=lambda function: function.__name__)
 @pytest.mark.parametrize("protocol", [2, 4])
@@ -416,6 +439,9 @@ def test_any_other_global_is_refused(tmp_path, function, protocol):
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a legacy-format .pth whose first pickle (the header) calls os.system",
+                       "UnsafeCheckpointError naming system")
 def test_refused_global_in_legacy_header_pickle(tmp_path):
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps(CallsGlobal(os.system, "true"), protocol=2))
@@ -424,6 +450,9 @@ def test_refused_global_in_legacy_header_pickle(tmp_path):
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "copyreg._reconstructor building subprocess.Popen or os._wrap_close (protocols 0 and 2)",
+                       "UnsafeCheckpointError: refused to load global, naming the class")
 @pytest.mark.parametrize("dangerous, name", [(subprocess.Popen, "subprocess.Popen"),
                                              (os._wrap_close, "os._wrap_close")])
 @pytest.mark.parametrize("protocol", [0, 2])
@@ -435,6 +464,9 @@ def test_copyreg_reconstructor_of_a_dangerous_class_is_refused(tmp_path, dangero
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "NEWOBJ of subprocess.Popen, os._wrap_close, argparse.ArgumentParser or numpy.memmap",
+                       "UnsafeCheckpointError: refused to load global `'<module>.<name>'`")
 @pytest.mark.parametrize("module, name", [("subprocess", "Popen"), ("os", "_wrap_close"),
                                           ("argparse", "ArgumentParser"), ("numpy", "memmap")])
 def test_newobj_of_any_other_class_is_refused(tmp_path, module, name):
@@ -444,6 +476,11 @@ def test_newobj_of_any_other_class_is_refused(tmp_path, module, name):
         read_torch_checkpoint(write_zip_checkpoint(tmp_path / "evil.pth", data_pickle))
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "`copyreg._reconstructor` / `copyreg.__newobj__` with allowed globals but building something "
+                       "other than a plain argparse.Namespace (an OrderedDict, a set-based or stateful Namespace, "
+                       "codecs.encode, extra arguments)",
+                       "UnsafeCheckpointError: refused `copyreg.<helper>(<arguments>)`")
 @pytest.mark.parametrize("function, args, message", [
     (copyreg._reconstructor, (collections.OrderedDict, object, None),
      r"refused copyreg._reconstructor\(collections.OrderedDict, builtins.object"),
@@ -461,6 +498,10 @@ def test_copyreg_helpers_build_only_a_namespace(tmp_path, function, args, messag
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "numpy object arrays (one holding an os.system payload) and dtype('O')",
+                       "UnsafeCheckpointError: refused numpy object dtype 'O8', before any item is unpickled; the "
+                       "command never runs")
 def test_numpy_object_arrays_are_refused_before_their_items(tmp_path):
     marker = tmp_path / "pwned"
     for value in [np.array([1, "a", None], dtype=object), np.array([RunsCommand(f"touch {marker}")]),
@@ -489,6 +530,10 @@ def array_state(shape, data, dtype=np.dtype("<f8"), fortran=False):
     return Reduces(NUMPY_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, shape, dtype, fortran, data))
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "numpy arrays, scalars and dtypes of non-numeric dtypes (str, longdouble, datetime, "
+                       "structured) or with lying shapes, byte counts, memory order or state",
+                       "CheckpointError saying what is wrong, e.g. 'shape (3,) and dtype float64 comes with 16 bytes'")
 @pytest.mark.parametrize("value, message", [
     (np.array(["text"]), "dtype 'U4'; only bool and numeric"),
     (np.zeros(2, dtype=np.longdouble), "dtype 'f16'"),
@@ -520,6 +565,11 @@ def test_crafted_numpy_data_is_refused(tmp_path, value, message):
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "hand-written pickles that misuse the allowed globals: BUILD on the Namespace class, NEWOBJ on "
+                       "object or a dtype stand-in, bytes(1), a state that is not a dict",
+                       "CheckpointError naming the file; the shared classes stay unchanged and the next file loads "
+                       "normally")
 @pytest.mark.parametrize("data_pickle", [
     b"\x80\x02cargparse\nNamespace\n}X\x01\x00\x00\x00aK\x01sb.",  # BUILD on the class, not an instance
     b"\x80\x02cnumpy\nndarray\nN}X\x04\x00\x00\x00nameK\x01s\x86b.",  # slot state aimed at a token
@@ -595,6 +645,10 @@ def test_legacy_storage_views_and_the_oldest_rebuild_function(torch, tmp_path):
     assert loaded["view"].dtype == np.float64
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a legacy-format .pth whose storage section disagrees with its pickle (fewer elements than "
+                       "declared, a storage missing, an extra unused storage)",
+                       "CheckpointError saying which storage and how")
 @pytest.mark.parametrize("storages, message", [
     ({"root": np.arange(3, dtype="<f8")}, "stored with 3 elements, declared with 10"),
     ({}, "used by a tensor but not stored"),
@@ -629,6 +683,11 @@ def test_crafting_helper_makes_valid_checkpoints(torch, tmp_path):
     np.testing.assert_array_equal(loaded["t0"], torch.load(path, weights_only=True)["t0"].numpy())
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a .pth tensor whose offset, size or stride reach past its storage, with negative, bool or "
+                       "`2**60` numbers, mismatched size/stride counts, or views adding up to far more than the file "
+                       "holds",
+                       "CheckpointError saying what is wrong ('reaches element 4', 'far more than the file holds')")
 @pytest.mark.parametrize("crafted, message", [
     (dict(size=(5,)), "reaches element 4"),
     (dict(offset=3, size=(2,)), "reaches element"),
@@ -651,6 +710,9 @@ def test_crafted_tensor_geometry_is_refused(torch, tmp_path, crafted, message):
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a zip .pth without the storage record its tensor points to",
+                       "CheckpointError: record 'archive/data/0' is missing")
 def test_missing_storage_record(torch, tmp_path):
     path = crafted_tensor_checkpoint(torch, tmp_path / "crafted.pth")
     with zipfile.ZipFile(path) as source:
@@ -661,6 +723,11 @@ def test_missing_storage_record(torch, tmp_path):
         read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "malformed pickles in zip and legacy files: lengths claiming EiB/TiB/PiB, a 4 G memo index, a "
+                       "memo entry never stored, unknown opcodes, no STOP, an empty stack, bogus persistent ids, "
+                       "OrderedDict(5), a rot13 codec",
+                       "CheckpointError naming the file")
 @pytest.mark.parametrize("data_pickle", [
     b"\x80\x04\x8e" + struct.pack("<Q", 2 ** 62) + b"abc.",  # BINBYTES8 claiming 4 EiB
     b"\x80\x04\x8d" + struct.pack("<Q", 2 ** 40) + b"abc.",  # BINUNICODE8 claiming 1 TiB
@@ -687,6 +754,9 @@ def test_malformed_pickles_fail_cleanly(tmp_path, data_pickle):
         read_torch_checkpoint(legacy_path)
 
 
+@pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
+                       "a .pth of plain pickles with the wrong magic number",
+                       "CheckpointError: magic number")
 def test_legacy_header_is_checked(tmp_path):
     path = tmp_path / "not_torch.pth"
     path.write_bytes(pickle.dumps(42, protocol=2) + pickle.dumps(1001, protocol=2))
@@ -724,6 +794,9 @@ def read_any(path, kind):
     return read_safetensors(path) if kind == "safetensors" else read_torch_checkpoint(path)
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "valid .pth (zip, legacy) and .safetensors files cut at 9 points, from 1 byte to 1 byte short",
+                       "CheckpointError naming the file")
 @pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
 def test_truncated_files_fail_cleanly(tmp_path, valid_files, kind):
     content = valid_files[kind]
@@ -738,6 +811,10 @@ def test_truncated_files_fail_cleanly(tmp_path, valid_files, kind):
             read_any(path, kind)
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "empty, zero-filled, random, random-after-a-zip-signature, random-after-a-pickle-byte and "
+                       "plain-text files, read as .pth and as .safetensors",
+                       "CheckpointError naming the file")
 @pytest.mark.parametrize("content", [
     b"", b"\x00" * 100, np.random.default_rng(0).bytes(4096), b"PK\x03\x04" + np.random.default_rng(1).bytes(500),
     b"\x80" + np.random.default_rng(2).bytes(500), b"plain text, not a checkpoint\n"])
@@ -751,6 +828,9 @@ def test_garbage_files_fail_cleanly(tmp_path, content):
         read_safetensors(path)
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a path that does not exist, or a directory, given to the .pth and .safetensors readers",
+                       "CheckpointError naming the path")
 @pytest.mark.parametrize("reader", [read_torch_checkpoint, read_safetensors])
 def test_missing_file_and_directory(tmp_path, reader):
     with pytest.raises(CheckpointError, match="absent.pth"):
@@ -812,6 +892,12 @@ def tensor_entry(dtype="F32", shape=(2,), offsets=(0, 8)):
     return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
 
 
+@pytest.mark.bad_input("checkpoint (.safetensors)",
+                       "a .safetensors whose header claims more bytes than the file, with offsets past the data, "
+                       "reversed or overlapping, a shape that does not fit its bytes, negative/float/huge shapes, "
+                       "dtype F8_E4M3, missing keys, a bad `__metadata__`, or JSON that is invalid, not an object, "
+                       "has a duplicate key or nests 100,000 deep",
+                       "CheckpointError saying what is wrong")
 @pytest.mark.parametrize("header, data, header_size, message", [
     ({"a": tensor_entry()}, b"\x00" * 8, 10 ** 6, "header claims 1000000 bytes"),
     ({"a": tensor_entry()}, b"\x00" * 8, 2 ** 64 - 1, "header claims"),
@@ -875,6 +961,10 @@ mutations = st.tuples(st.lists(st.tuples(st.integers(0, 2 ** 16), st.integers(0,
                       st.one_of(st.none(), st.integers(0, 2 ** 12)))
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "valid .pth (zip, legacy, a training checkpoint's data.pkl) and .safetensors files with up to "
+                       "6 bytes overwritten and/or cut (hypothesis, 50 examples each)",
+                       "either loads or raises CheckpointError; never another exception")
 @pytest.mark.parametrize("target", FUZZ_TARGETS)
 @settings(max_examples=50, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

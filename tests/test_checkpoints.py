@@ -100,6 +100,10 @@ def test_head_of_another_class_count_is_dropped_for_fine_tuning(tiny_classifier_
     np.testing.assert_array_equal(net.norm.gamma.asnumpy(), tiny_classifier_state["norm.gamma"])
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a pvt_small .ckpt loaded into pvt_tiny, and a pvt_tiny one into pvt_small",
+                       "CheckpointError: does not fit pvt_tiny (another PVT size?), listing the unexpected or missing "
+                       "keys; no weight changes")
 def test_checkpoint_of_another_size_is_a_clear_error_and_loads_nothing(tmp_path):
     small = random_native_state(pvt_dense.create_backbone("pvt_small"))
     path = save_mindspore(small, tmp_path / "small.ckpt")
@@ -114,6 +118,9 @@ def test_checkpoint_of_another_size_is_a_clear_error_and_loads_nothing(tmp_path)
         pvt_dense.create_backbone("pvt_small", pretrained=str(save_mindspore(tiny, tmp_path / "tiny.ckpt")))
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a missing .ckpt, an empty .pth, 4 KB of random bytes named .ckpt, a .ckpt cut in half",
+                       "CheckpointError naming the file ('not found', 'empty')")
 def test_missing_corrupt_and_empty_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found: .*nope.ckpt"):
         pvt_dense.create_backbone("pvt_tiny", pretrained=str(tmp_path / "nope.ckpt"))
@@ -132,6 +139,9 @@ def test_missing_corrupt_and_empty_files_are_clear_errors(tmp_path):
         read_checkpoint(truncated)
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a .ckpt with one NaN in a weight",
+                       "loads, with a warning naming the non-finite tensor")
 def test_non_finite_weights_warn(tiny_classifier_state, tmp_path):
     state = dict(tiny_classifier_state)
     state["stages.1.blocks.0.mlp.fc1.weight"] = state["stages.1.blocks.0.mlp.fc1.weight"].copy()
@@ -150,6 +160,9 @@ def test_save_native_is_atomic_and_leaves_no_temporary_files(tmp_path):
     np.testing.assert_array_equal(read_checkpoint(target)["a"], np.ones((2, 2)))
 
 
+@pytest.mark.bad_input("command line",
+                       "tools/convert_weights.py on a .pth whose pickle is broken",
+                       "exit status 2 with one 'error:' line, no traceback")
 def test_convert_weights_tool_reports_and_fails_cleanly(tiny_classifier_state, tmp_path):
     src = save_mindspore(native_to_mindcv(tiny_classifier_state), tmp_path / "mindcv.ckpt")
     dst = tmp_path / "native.ckpt"

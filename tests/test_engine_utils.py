@@ -57,6 +57,9 @@ def test_rotation_keeps_last_periodic_checkpoints_and_the_best(tmp_path, mode, m
     assert read_checkpoint_meta(tmp_path / "ckpt_best.ckpt")["epoch"] == best_epoch
 
 
+@pytest.mark.bad_input("checkpoint (.ckpt)",
+                       "a run whose newest training checkpoint is cut in half or loses its CRC trailer",
+                       "RuntimeWarning naming the file; resuming picks the previous checkpoint")
 @pytest.mark.parametrize("cut", ["half", "crc_trailer"])
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, cut):
     manager = CheckpointManager(tmp_path, keep_last=5)
@@ -74,6 +77,9 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(t
     assert path == paths[-2] and meta["epoch"] == 1 and meta["global_step"] == 10
 
 
+@pytest.mark.bad_input("checkpoint (.ckpt)",
+                       "a run folder whose latest.json is truncated",
+                       "RuntimeWarning naming latest.json; the newest readable checkpoint is used")
 def test_damaged_latest_json_falls_back_to_the_newest_readable_checkpoint(tmp_path):
     manager = CheckpointManager(tmp_path)
     paths = save_epochs(manager, [0.1, 0.2])
@@ -83,6 +89,11 @@ def test_damaged_latest_json_falls_back_to_the_newest_readable_checkpoint(tmp_pa
         assert manager.latest()[0] == paths[-1]
 
 
+@pytest.mark.bad_input("training run (crash, interrupt, NaN)",
+                       "a crash between writing a checkpoint's temporary file and renaming it; the temporaries a kill "
+                       "-9 leaves",
+                       "the previous checkpoint, latest.json and best metric stay; leftover temporaries are removed "
+                       "on restart")
 def test_crash_between_temp_write_and_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path)
     first = manager.save(small_state(0), {"epoch": 0, "global_step": 10}, metric=0.5)
@@ -155,6 +166,11 @@ def test_load_into_restores_weights_and_optimizer_state_exactly(tmp_path, pynati
         assert np.array_equal(value, values(resumed_net, resumed_optimizer)[name]), name
 
 
+@pytest.mark.bad_input("checkpoint (.ckpt)",
+                       "a weights-only training checkpoint resumed into a model and its optimizer, or into a wider "
+                       "layer",
+                       "CheckpointError naming the missing parameters (moment1.weight, global_step) or the shape "
+                       "mismatch; nothing is changed")
 def test_load_into_refuses_missing_or_misshapen_parameters_and_changes_nothing(tmp_path, pynative):
     net, optimizer, step = adam_training(seed=0)
     manager = CheckpointManager(tmp_path)
@@ -178,6 +194,9 @@ def test_load_into_refuses_missing_or_misshapen_parameters_and_changes_nothing(t
 
 # -- metrics log -------------------------------------------------------------------------------------------------
 
+@pytest.mark.bad_input("metrics log",
+                       "a record with a nested dict value; a record for an epoch already logged",
+                       "PVTDenseError naming the nested value, or pointing to resume_from_epoch")
 def test_metrics_records_round_trip_through_both_files(tmp_path):
     log = MetricsLog(tmp_path)
     records = [{"epoch": 0, "train_loss": np.float32(2.5), "top1": 0.1, "lr": 1e-3, "phase": "warmup"},
@@ -218,6 +237,7 @@ def test_csv_header_is_the_union_of_keys(tmp_path):
     assert rows == ["epoch,train_loss,val_loss,top1,mIoU", "0,2.0,,,", "1,1.5,1.7,0.3,", "2,,1.2,,0.1"]
 
 
+@pytest.mark.bad_input("metrics log", "plotting an empty log", "PVTDenseError: nothing to plot")
 def test_plot_writes_a_valid_png(tmp_path):
     log = MetricsLog(tmp_path)
     for epoch in range(4):
@@ -309,6 +329,10 @@ def test_digits_second_call_rewrites_nothing_and_an_interrupted_build_resumes(tm
     assert cv2.imread(dataset_files(root / "val")[0]).shape == (12, 12, 3)
 
 
+@pytest.mark.bad_input("output path",
+                       "the digits dataset built into a folder holding a user's file or another generator's meta "
+                       "file; limit_per_class=1",
+                       "ConfigError naming the folder ('not empty') or the value; the user's file is untouched")
 def test_digits_refuses_a_foreign_non_empty_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("my thesis")
     with pytest.raises(ConfigError, match=str(tmp_path)):

@@ -111,6 +111,9 @@ def test_preprocess_dense_layout_and_meta():
 
 # --- reading images ---------------------------------------------------------------------------------------------
 
+@pytest.mark.bad_input("image",
+                       "grayscale, gray+alpha, RGBA and 16-bit PNGs, a PNG named .jpg, a non-ASCII path, a 1x1 image",
+                       "each read as 8-bit RGB (alpha dropped, 16 bits rounded to 8)")
 def test_read_image_normalises_what_users_feed(tmp_path):
     rgb = gradient(6, 8)
     bgr = np.ascontiguousarray(rgb[..., ::-1])
@@ -132,6 +135,7 @@ def test_read_image_normalises_what_users_feed(tmp_path):
     assert one_pixel.shape == (1, 1, 3) and one_pixel.dtype == np.uint8
 
 
+@pytest.mark.bad_input("image", "a JPEG with EXIF orientation 6 (a phone photo)", "rotated as it is displayed")
 def test_read_image_applies_exif_orientation(tmp_path):
     rgb = np.zeros((20, 40, 3), np.uint8)
     rgb[:5, :5] = 255  # a white top-left corner
@@ -143,6 +147,10 @@ def test_read_image_applies_exif_orientation(tmp_path):
     assert shown[:5, -5:].mean() > 200 and shown[:5, :5].mean() < 50  # the corner moved to the top right
 
 
+@pytest.mark.bad_input("image",
+                       "an empty .jpg, text named .png, a PNG cut in half, a JPEG cut at 60 %, a progressive JPEG cut "
+                       "in half",
+                       "ImageReadError naming the file")
 @pytest.mark.parametrize("name, content", [
     ("empty.jpg", b""),
     ("notes.png", b"these are not pixels\n"),
@@ -167,6 +175,9 @@ def test_read_image_rejects_broken_files(tmp_path, name, content):
         read_image(path)
 
 
+@pytest.mark.bad_input("image",
+                       "a path that does not exist, or a directory",
+                       "ImageReadError: 'no such file' / 'is a directory'")
 def test_read_image_missing_and_directory(tmp_path):
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "nope.png")
@@ -174,6 +185,11 @@ def test_read_image_missing_and_directory(tmp_path):
         read_image(tmp_path)
 
 
+@pytest.mark.bad_input("image",
+                       "an image above max_pixels (argument or PVT_DENSE_MAX_PIXELS); tiny PNGs whose headers claim "
+                       "12000x10000 and 50000x50000 pixels (a decompression bomb)",
+                       "ImageReadError naming the file, from the header before any pixel buffer exists ('120.0 "
+                       "megapixels exceeds the limit of 100.0', 'more than 179 megapixels')")
 def test_pixel_limit_from_header_argument_and_environment(tmp_path, monkeypatch):
     path = write_png(tmp_path / "small.png", gradient(10, 20))
     with pytest.raises(ImageReadError, match="exceeds the limit"):
@@ -202,6 +218,11 @@ def png_header_only(width, height):
         chunk(b"IEND", b"")
 
 
+@pytest.mark.bad_input("image",
+                       "an image list (.txt) with a BOM, comments, blank lines, CRLF and padded paths; hidden and "
+                       "non-image files in a folder; an input that does not exist",
+                       "the list and the folder are read as meant (hidden and non-image files skipped); the missing "
+                       "input is an ImageReadError 'input not found'")
 def test_list_images_directory_list_file_and_single_file(tmp_path):
     photos = tmp_path / "photos"
     (photos / "b" / "deeper").mkdir(parents=True)
@@ -224,6 +245,10 @@ def test_list_images_directory_list_file_and_single_file(tmp_path):
 
 # --- output names, batching, atomic writes (no model) ----------------------------------------------------------
 
+@pytest.mark.bad_input("output path",
+                       "image names with ../, absolute and Windows paths, and names that collide (case, after "
+                       "cleaning)",
+                       "output names inside the output folder, made distinct with a `~2` suffix")
 def test_output_names_are_contained_and_distinct():
     names = ["a.jpg", "a.png", "A.png", "../../etc/x.png", "/etc/x.png", "sub/../a.jpg", "C:\\data\\y.png"]
     assert output_names([ImageEntry(n, n) for n in names]) == [
@@ -249,6 +274,9 @@ def test_batcher_groups_by_shape_and_bounds_memory():
     assert tags(batcher.drain()) == [["d"]]
 
 
+@pytest.mark.bad_input("output path",
+                       "a KeyboardInterrupt in the middle of writing a feature .npz",
+                       "no partial file and no temporary left in the output folder")
 def test_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def savez_then_interrupt(handle, **arrays):
         handle.write(b"PK half a zip")
@@ -349,6 +377,10 @@ def test_rerun_skips_existing_and_redoes_missing(backbone, samples, exported, tm
         np.testing.assert_array_equal(redone["stage2"], first["stage2"])
 
 
+@pytest.mark.bad_input("image",
+                       "a folder with a corrupt JPEG, an empty file and a text file named .png among good images",
+                       "the three are reported failed with a reason ('corrupt or truncated', 'empty', 'not a "
+                       "decodable image'); the rest are exported")
 def test_problem_files_are_reported_and_the_run_goes_on(backbone, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -387,6 +419,11 @@ def tree(root, exclude):
     return found
 
 
+@pytest.mark.bad_input("output path",
+                       "an image list with ../ and absolute paths, and a symlink inside the output folder pointing "
+                       "out of it",
+                       "nothing is written outside the output folder; the entry behind the symlink is reported failed "
+                       "('outside the output directory')")
 def test_list_file_entries_never_write_outside_the_output(backbone, tmp_path):
     bgr = np.ascontiguousarray(gradient(40, 60)[..., ::-1])
     (tmp_path / "outside").mkdir()
@@ -435,6 +472,11 @@ def test_export_loads_a_checkpoint(backbone, samples, exported, tmp_path):
         np.testing.assert_allclose(npz["stage4"], ref["stage4"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.bad_input("command line",
+                       "tools/export_features.py on a folder of undecodable images, on a missing --input, with "
+                       "--batch-size 0",
+                       "exit 1 naming each failed image; exit 2 with one 'error:' line and no traceback; argparse "
+                       "usage error (exit 2)")
 def test_command_line(backbone, samples, tmp_path, monkeypatch, capsys):
     import pvt_dense.features
     built = []

@@ -171,6 +171,11 @@ def test_mindcv_pretrained_true_reads_mindcv_download_root(mindcv_format_checkpo
                                   mindcv_weights["patch_embed1.proj.weight"])
 
 
+@pytest.mark.bad_input("mindcv/mindyolo config",
+                       "mindcv create_model('pvt_tiny', ...) with global_pool='avg', in_channels=1 or a "
+                       "checkpoint_path that does not exist; mindcv 0.4.0 installed",
+                       "ConfigError naming the argument or asking for 3 channels; CheckpointError 'not found'; "
+                       "ConfigError: needs mindcv==0.3.0, found 0.4.0")
 def test_mindcv_entry_points_reject_what_they_cannot_build(monkeypatch, tmp_path, pynative):
     with pytest.raises(ConfigError, match="unknown argument.*global_pool"):
         mindcv.models.create_model("pvt_tiny", global_pool="avg")
@@ -359,6 +364,11 @@ BAD_ROWS = [
 ]
 
 
+@pytest.mark.bad_input("mindcv/mindyolo config",
+                       "mindyolo YAML backbones with the PVTBackbone row not first, out_indices or an unknown option "
+                       "on it, an unknown model, PVTFeature stage 4 or stages not increasing, a layer reading the "
+                       "PVTBackbone row directly",
+                       "ConfigError saying which row and why")
 @pytest.mark.parametrize("backbone,message", BAD_ROWS)
 def test_mindyolo_bad_pvt_rows_are_config_errors(mindyolo_modules, backbone, message):
     cfg = load_yolo_config()
@@ -368,6 +378,9 @@ def test_mindyolo_bad_pvt_rows_are_config_errors(mindyolo_modules, backbone, mes
         mindyolo_modules.build_model("yolov8", cfg.network, num_classes=2)
 
 
+@pytest.mark.bad_input("mindcv/mindyolo config",
+                       "a YAML with PVT rows but network.model_name: yolov8",
+                       "ConfigError: set network.model_name to yolov8_pvt")
 def test_mindyolo_stock_model_name_with_pvt_rows_says_what_to_change(mindyolo_modules):
     from mindyolo.models import create_model
     cfg = load_yolo_config()
@@ -376,6 +389,9 @@ def test_mindyolo_stock_model_name_with_pvt_rows_says_what_to_change(mindyolo_mo
         create_model(model_name=cfg.network.model_name, model_cfg=cfg.network, num_classes=2)
 
 
+@pytest.mark.bad_input("mindcv/mindyolo config",
+                       "mindyolo 0.4.1 installed",
+                       "ConfigError: needs mindyolo==0.5.0, found 0.4.1")
 def test_mindyolo_other_versions_are_refused(mindyolo_modules, monkeypatch):
     import mindyolo
     monkeypatch.setattr(mindyolo, "__version__", "0.4.1")

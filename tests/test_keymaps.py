@@ -137,6 +137,9 @@ def test_official_half_precision_is_cast():
     assert any(n.startswith(f"cast {len(native)} float16 tensors to float32") for n in notes)
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "an official PVT checkpoint with an extra PVT v2 key (block1.0.mlp.dwconv.dwconv.weight)",
+                       "CheckpointError naming the key; with strict=False it is ignored with a note")
 def test_official_unknown_key_is_an_error_unless_lenient():
     official = {official_name(k): v for k, v in random_state(native_shapes()).items()}
     official["block1.0.mlp.dwconv.dwconv.weight"] = np.zeros((64, 1, 3, 3), np.float32)  # a PVT v2 layer
@@ -147,6 +150,10 @@ def test_official_unknown_key_is_an_error_unless_lenient():
     assert any("ignored 1 unrecognised" in n for n in notes)
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "an official checkpoint with a key of stage 0 (block0.0.norm1.weight; official stages count "
+                       "from 1)",
+                       "CheckpointError naming the key")
 def test_official_stage_numbers_start_at_one():
     official = {official_name(k): v for k, v in random_state(native_shapes()).items()}
     official["block0.0.norm1.weight"] = np.zeros(8, np.float32)
@@ -247,6 +254,9 @@ def test_hf_bare_model_without_prefix(hf_models):
     assert sorted(native) == sorted(k for k in native_shapes() if not k.startswith("head."))
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a HuggingFace checkpoint missing one attention value weight",
+                       "CheckpointError naming the tensor it cannot build (stages.2.blocks.0.attn.kv.weight)")
 def test_hf_missing_value_layer_is_an_error(hf_models):
     hf, _ = hf_models
     broken = {k: v for k, v in hf.items() if k != "pvt.encoder.block.2.0.attention.self.value.weight"}
@@ -318,26 +328,41 @@ def test_native_returns_early_and_keeps_extra_keys():
 # ------------------------------------------------------------------------------------------------ detection errors
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a checkpoint of another architecture (ResNet keys)",
+                       "CheckpointError: not a PVT v1 checkpoint in any known format, listing its first keys")
 def test_unknown_format_lists_keys():
     with pytest.raises(CheckpointError, match="'layer1.0.conv1.weight'"):
         detect_format({"layer1.0.conv1.weight": np.zeros(1), "fc.weight": np.zeros(1)})
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a checkpoint holding only head.weight and head.bias",
+                       "CheckpointError: its keys fit several formats equally well")
 def test_ambiguous_format_is_an_error():
     with pytest.raises(CheckpointError, match="equally"):
         detect_format({"head.weight": np.zeros((2, 2)), "head.bias": np.zeros(2)})
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a wrapper {'model': {...}, 'epoch': 3} where a state dict is expected",
+                       "CheckpointError naming 'model' as the dict to unwrap")
 def test_wrapped_checkpoint_asks_to_unwrap():
     with pytest.raises(CheckpointError, match="'model'"):
         detect_format({"model": {"block1.0.norm1.weight": np.zeros(1)}, "epoch": 3})
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "an empty state dict",
+                       "CheckpointError: the checkpoint holds no tensors")
 def test_empty_checkpoint_is_an_error():
     with pytest.raises(CheckpointError):
         to_native({})
 
 
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "conversion to an unknown format name ('timm')",
+                       "CheckpointError listing the formats it can write")
 def test_from_native_rejects_unknown_format():
     with pytest.raises(CheckpointError):
         from_native({}, "timm")

@@ -62,6 +62,11 @@ def test_every_recipe_loads_builds_and_matches_the_seed_table(path):
     assert net.head.weight.shape == (1000, 512)
 
 
+@pytest.mark.bad_input("config",
+                       "--lrr (a typo), --hflip 1.5, --model pvt_huge, a YAML with a !!python/object/apply:os.system "
+                       "tag, epoch_size: ten",
+                       "ConfigError naming the key with a suggestion, the allowed range or values, or the file and "
+                       "key; the tag is refused as 'not valid YAML'")
 def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'lrr'; did you mean lr"):
         load_classification_config(None, ["--lrr", "0.1"])
@@ -113,6 +118,10 @@ class TinyLoss(nn.Cell):
         return ops.cross_entropy(self.dense(x), y)
 
 
+@pytest.mark.bad_input("training run (crash, interrupt, NaN)",
+                       "a batch of inf inputs with loss scale 1024 (graph and PyNative)",
+                       "overflow reported and the update skipped, weights unchanged (mindcv's TrainStep writes "
+                       "non-finite weights)")
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE], ids=["graph", "pynative"])
 def test_train_step_skips_overflowing_updates_which_mindcv_train_step_applies(mode):
     from mindcv.utils.train_step import TrainStep as MindcvTrainStep
@@ -181,6 +190,9 @@ def weights_of(trainer):
     return {p.name: p.asnumpy().copy() for p in trainer.state_parameters()}
 
 
+@pytest.mark.bad_input("training run (crash, interrupt, NaN)",
+                       "a run killed after epoch 1 and again mid-epoch 2, then resumed",
+                       "the resumed run reaches the uninterrupted run's step count and weights (to 1e-6)")
 def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path):
     # PyNative: four trainers would each compile the same graph; what is resumed does not depend on the mode.
     common = ("--batch_size", 16, "--max_steps_per_epoch", 3, "--lr", 1e-3, "--val_while_train", "False",
@@ -221,6 +233,10 @@ def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path):
         np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.bad_input("training run (crash, interrupt, NaN)",
+                       "lr=1e30 (the loss diverges)",
+                       "NonFiniteLossError: training stops and the last good checkpoint is kept; no saved checkpoint "
+                       "holds non-finite weights")
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     cfg = config_for(digits, tmp_path / "run", "--batch_size", 16, "--epoch_size", 3, "--max_steps_per_epoch", 2,
                      "--lr", 1e30, "--val_while_train", "False", "--opt", "sgd", "--weight_decay", 0.0)
@@ -233,6 +249,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_pa
         assert all(np.isfinite(v.asnumpy()).all() for k, v in params.items() if k != "pvt_dense_meta_json"), meta
 
 
+@pytest.mark.bad_input("training data",
+                       "a truncated PNG in a class folder; a dataset without its val folder; num_classes=1000 for 10 "
+                       "class folders",
+                       "the image is skipped and counted (skipped_images, its path recorded); PVTDenseError 'missing "
+                       "split folder ... val' / 'num_classes is 1000 but ... has 10 class folders'")
 def test_corrupt_images_are_skipped_and_counted_and_missing_splits_are_clear(digits, tmp_path):
     import shutil
     data = tmp_path / "data"
