@@ -150,7 +150,7 @@ def aligned_test_size(height, width, scale=(2048, 512), size_divisor=32):
             int(math.ceil(new_width / size_divisor)) * size_divisor), (new_height, new_width)
 
 
-def test_transform(image, scale=(2048, 512), size_divisor=32):
+def prepare_test_image(image, scale=(2048, 512), size_divisor=32):
     """(H, W, 3) uint8 RGB -> (3, H', W') float32 normalised network input at the aligned test size."""
     aligned, rescaled = aligned_test_size(*image.shape[:2], scale, size_divisor)
     resized, _ = resize_pair(image, None, rescaled)

@@ -1,0 +1,116 @@
+"""Evaluate a segmentor over a split: per-image prediction at the recipe's test size, logits resized back to the
+image's own size, one confusion matrix for the whole split, mIoU / mAcc / aAcc and a per-class table."""
+import math
+
+import cv2
+import numpy as np
+
+from ..data.images import ImageReadError
+from .ade20k import AnnotationError, read_sample
+from .metrics import ConfusionMatrix
+from .transforms import prepare_test_image, sliding_windows
+
+# OpenCV resizes at most this many channels at once (CV_CN_MAX).
+_CV_MAX_CHANNELS = 512
+
+
+def resize_logits(logits, size):
+    """(K, h, w) float32 -> (K, H, W), bilinear with half-pixel centres (PyTorch's align_corners=False)."""
+    height, width = size
+    if logits.shape[1:] == (height, width):
+        return logits
+    chunks = []
+    for start in range(0, logits.shape[0], _CV_MAX_CHANNELS):
+        part = np.ascontiguousarray(logits[start:start + _CV_MAX_CHANNELS].transpose(1, 2, 0))
+        resized = cv2.resize(part, (width, height), interpolation=cv2.INTER_LINEAR)
+        chunks.append(resized.reshape(height, width, -1).transpose(2, 0, 1))
+    return np.concatenate(chunks, axis=0)
+
+
+class Predictor:
+    """RGB uint8 image -> (num_classes, H, W) logits at the image's size, through an inference Cell that maps
+    (1, 3, h, w) inputs to a tuple whose first item is (1, K, h, w) logits (`SegmentorInference`).
+
+    mode "whole" runs the network once on the aligned test-size image; "slide" runs `crop_size` windows every
+    `stride` pixels over it and averages the overlapping logits (for images much larger than the training crops).
+    """
+
+    def __init__(self, network, scale=(2048, 512), size_divisor=32, mode="whole", crop_size=(512, 512),
+                 stride=(341, 341)):
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"test mode must be 'whole' or 'slide', got {mode!r}")
+        self.network = network
+        self.scale = tuple(scale)
+        self.size_divisor = size_divisor
+        self.mode = mode
+        self.crop_size = tuple(crop_size)
+        self.stride = tuple(stride)
+
+    def _run(self, array):
+        import mindspore as ms
+        return self.network(ms.Tensor(np.ascontiguousarray(array[None])))[0].asnumpy()[0]
+
+    def logits(self, image):
+        x = prepare_test_image(image, self.scale, self.size_divisor)
+        if self.mode == "whole":
+            out = self._run(x)
+        else:
+            height, width = x.shape[1:]
+            out, count = None, np.zeros((height, width), np.float32)
+            for top, bottom, left, right in sliding_windows(height, width, self.crop_size, self.stride):
+                window = self._run(x[:, top:bottom, left:right])
+                if out is None:
+                    out = np.zeros((window.shape[0], height, width), np.float32)
+                out[:, top:bottom, left:right] += window
+                count[top:bottom, left:right] += 1
+            out = out / count
+        return resize_logits(out.astype(np.float32), image.shape[:2])
+
+    def predict(self, image):
+        """(H, W) uint8 class map."""
+        return self.logits(image).argmax(axis=0).astype(np.uint8)
+
+
+def evaluate_segmentor(network, samples, num_classes, reduce_zero_label=True, predictor_options=None,
+                       progress=False, desc="eval", max_pixels=None):
+    """Metrics of `network` (an inference Cell, set to eval mode here) over labelled `samples`.
+
+    Returns {"mIoU", "mAcc", "aAcc", "IoU", "Acc", "label_pixels", "samples", "skipped", "out_of_range_pixels"}.
+    Samples whose files cannot be used are skipped and listed in "skipped_files" (name -> reason).
+    """
+    from tqdm import tqdm
+    network.set_train(False)
+    predictor = Predictor(network, **(predictor_options or {}))
+    confusion = ConfusionMatrix(num_classes)
+    skipped, out_of_range, counted = {}, 0, 0
+    for sample in tqdm(samples, desc=desc, unit="img", leave=False, disable=not progress):
+        try:
+            image, label, outside = read_sample(sample, num_classes, reduce_zero_label, max_pixels)
+        except (ImageReadError, AnnotationError) as err:
+            skipped[sample.name] = str(err)
+            continue
+        out_of_range += outside
+        confusion.update(predictor.predict(image), label)
+        counted += 1
+    result = confusion.summary()
+    result.update(samples=counted, skipped=len(skipped), skipped_files=skipped, out_of_range_pixels=out_of_range)
+    return result
+
+
+def format_results(result, class_names):
+    """The per-class IoU / Acc table and the summary line, as mmseg prints them (percentages)."""
+    width = max([len("class")] + [len(name) for name in class_names])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
+
+    def percent(value):
+        return "   nan" if math.isnan(value) else f"{100 * value:6.2f}"
+
+    for name, iou, acc in zip(class_names, result["IoU"], result["Acc"]):
+        lines.append(f"{name:<{width}}  {percent(iou)}  {percent(acc)}")
+    lines.append("-" * (width + 16))
+    lines.append(f"aAcc {percent(result['aAcc']).strip()}  mIoU {percent(result['mIoU']).strip()}  "
+                 f"mAcc {percent(result['mAcc']).strip()}  ({result['samples']} images"
+                 + (f", {result['skipped']} unreadable skipped" if result["skipped"] else "")
+                 + (f", {result['out_of_range_pixels']} out-of-range label pixels ignored"
+                    if result["out_of_range_pixels"] else "") + ")")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""The segmentation config: the shared run and backbone keys plus the Semantic FPN recipe's own, and the one table
+from component names to builders. See configs/segmentation/ for the four ADE20K recipes."""
+from ..config import Field, load_config
+from ..engine.recipe import BACKBONE_FIELDS, RUN_FIELDS, build_backbone
+from ..errors import ConfigError
+from ..models.fpn import build_neck
+from .ade20k import ADE20K_CLASSES
+from .semfpn_head import SemanticFPNHead
+from .segmentor import EncoderDecoder
+
+
+def _fpn(backbone, cfg):
+    # Semantic FPN uses every backbone map and adds no extra level.
+    return build_neck(backbone, "fpn", out_channels=cfg.neck_channels, num_outs=len(backbone.out_channels))
+
+
+def _semantic_fpn(neck, cfg, synchronized_bn):
+    return SemanticFPNHead(neck.out_channels, neck.strides, cfg.num_classes, channels=cfg.head_channels,
+                           dropout_ratio=cfg.dropout_ratio, synchronized_bn=synchronized_bn)
+
+
+NECK_BUILDERS = {"fpn": _fpn}
+HEAD_BUILDERS = {"semantic_fpn": _semantic_fpn}
+
+SEGMENTATION_FIELDS = {
+    # data
+    "dataset": Field("ade20k", str, "data_dir layout: images/<split>/*.jpg + annotations/<split>/*.png",
+                     choices=("ade20k",)),
+    "data_dir": Field("./data/ADEChallengeData2016", str),
+    "train_split": Field("training", str),
+    "val_split": Field("validation", str),
+    "num_classes": Field(150, int, low=1, high=255),
+    "reduce_zero_label": Field(True, bool, "label 0 is 'other' and ignored; k becomes class k-1 (ADE20K)"),
+    "class_names": Field([], list, "one name per class for tables ([]: ADE20K's names for 150 classes, else "
+                         "numbers)", item=str),
+    # model
+    "neck": Field("fpn", str, choices=tuple(NECK_BUILDERS)),
+    "neck_channels": Field(256, int, low=1),
+    "head": Field("semantic_fpn", str, choices=tuple(HEAD_BUILDERS)),
+    "head_channels": Field(128, int, low=1),
+    "dropout_ratio": Field(0.1, float, low=0.0, high=0.99),
+    "sync_bn": Field(True, bool, "synchronise the head's BatchNorm statistics across ranks when distributed"),
+    "loss_avg_non_ignore": Field(False, bool, "divide the loss by labelled pixels only (mmseg default: all)"),
+    # schedule
+    "total_iters": Field(40000, int, low=1),
+    "power": Field(0.9, float, "poly lr decay power", low=0.0),
+    "min_lr": Field(0.0, float, low=0.0),
+    "eval_interval": Field(4000, int, "iterations between evaluations on val_split (0: only at the end)", low=0),
+    "eval_max_images": Field(0, int, "evaluate during training on the first N validation images (0: all)", low=0),
+    # training pipeline
+    "train_scale": Field([2048, 512], list, "(long, short) bounds of the keep-ratio rescale", item=int, length=2,
+                         low=1),
+    "ratio_range": Field([0.5, 2.0], list, "random factor applied to train_scale", item=float, length=2,
+                         low=0.01),
+    "crop_size": Field([512, 512], list, "(height, width)", item=int, length=2, low=32),
+    "cat_max_ratio": Field(0.75, float, "most a single class may cover of a crop (1: no limit)", low=0.0, high=1.0),
+    "flip_prob": Field(0.5, float, low=0.0, high=1.0),
+    "photometric": Field(True, bool, "brightness/contrast/saturation/hue distortion"),
+    # test pipeline
+    "test_scale": Field([2048, 512], list, "(long, short) bounds of the test rescale", item=int, length=2, low=1),
+    "size_divisor": Field(32, int, "test sizes are resized to multiples of this", low=1),
+    "test_mode": Field("whole", str, "'whole' image or 'slide' windows", choices=("whole", "slide")),
+    "slide_crop": Field([512, 512], list, item=int, length=2, low=32),
+    "slide_stride": Field([341, 341], list, item=int, length=2, low=1),
+}
+
+SEGMENTATION_SCHEMA = {**RUN_FIELDS, **BACKBONE_FIELDS, **SEGMENTATION_FIELDS}
+SEGMENTATION_DEFAULTS = {"lr": 2e-4, "weight_decay": 1e-4, "batch_size": 4, "ckpt_save_dir": "./runs/segmentation"}
+
+
+def load_segmentation_config(path=None, overrides=(), defaults=None):
+    cfg = load_config(SEGMENTATION_SCHEMA, path, overrides, defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})})
+    if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
+        raise ConfigError(f"class_names has {len(cfg.class_names)} names but num_classes is {cfg.num_classes}")
+    if cfg.ratio_range[0] > cfg.ratio_range[1]:
+        raise ConfigError(f"ratio_range must be [low, high] with low <= high, got {cfg.ratio_range}")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr ({cfg.min_lr}) must not exceed lr ({cfg.lr})")
+    return cfg
+
+
+def class_names_of(cfg):
+    if cfg.class_names:
+        return list(cfg.class_names)
+    if cfg.num_classes == len(ADE20K_CLASSES):
+        return list(ADE20K_CLASSES)
+    return [str(i) for i in range(cfg.num_classes)]
+
+
+def build_segmentor(cfg, synchronized_bn=False, backbone=None):
+    """Backbone (with its pretrained weights) + neck + head as an `EncoderDecoder`, from the config's names."""
+    for kind, name, table in (("neck", cfg.neck, NECK_BUILDERS), ("head", cfg.head, HEAD_BUILDERS)):
+        if name not in table:
+            raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}")
+    backbone = build_backbone(cfg) if backbone is None else backbone
+    neck = NECK_BUILDERS[cfg.neck](backbone, cfg)
+    head = HEAD_BUILDERS[cfg.head](neck, cfg, synchronized_bn)
+    return EncoderDecoder(backbone, neck, head)
+
+
+def predictor_options(cfg):
+    return {"scale": tuple(cfg.test_scale), "size_divisor": cfg.size_divisor, "mode": cfg.test_mode,
+            "crop_size": tuple(cfg.slide_crop), "stride": tuple(cfg.slide_stride)}
+
+
+def load_trained_segmentor(cfg, ckpt_path):
+    """The segmentor of `cfg` with every weight (BatchNorm statistics included) from a training checkpoint; the
+    config's `pretrained` backbone file is not needed, the checkpoint holds the backbone too."""
+    import mindspore as ms
+
+    from ..engine.checkpoints import load_checkpoint_into
+    ms.set_device(cfg.device_target)
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
+    net = build_segmentor(type(cfg)(cfg, pretrained=""))
+    load_checkpoint_into(ckpt_path, [net])
+    net.set_train(False)
+    return net

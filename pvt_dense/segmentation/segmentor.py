@@ -1,0 +1,69 @@
+"""Backbone + neck + head as one network, and the two ways it is run: with the loss (training) and to logits at the
+input size (inference).
+
+All modules are wired by constructor arguments (`EncoderDecoder(backbone, neck, head)`); `recipe.build_segmentor`
+makes them from a config.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+from .metrics import IGNORE_INDEX
+
+
+class EncoderDecoder(nn.Cell):
+    """images (N, 3, H, W) -> logits (N, num_classes, H_s, W_s) at the head's stride (4 for Semantic FPN)."""
+
+    def __init__(self, backbone, neck, head):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.num_classes = head.num_classes
+
+    def construct(self, images):
+        return self.head(self.neck(self.backbone(images)))
+
+
+def ignore_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, avg_non_ignore=False):
+    """Mean cross entropy of (N, C, H, W) logits against (N, H, W) int32 labels; ignored pixels contribute 0.
+
+    mmseg divides by all pixels (`avg_non_ignore=False`, its default and the official PVT recipe's); with True it
+    divides by the labelled pixels only, like `torch.nn.functional.cross_entropy(ignore_index=...)`.
+    """
+    valid = labels != ignore_index
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    log_probs = ops.log_softmax(logits, axis=1)
+    picked = ops.gather_elements(log_probs, 1, ops.expand_dims(safe, 1)).squeeze(1)
+    weights = ops.cast(valid, logits.dtype)
+    total = -(picked * weights).sum()
+    if avg_non_ignore:
+        return total / ops.maximum(weights.sum(), 1.0)
+    return total / weights.size
+
+
+class SegmentorWithLoss(nn.Cell):
+    """(images, labels) -> scalar loss; logits are upsampled bilinearly to the label size first, as mmseg does."""
+
+    def __init__(self, segmentor, ignore_index=IGNORE_INDEX, avg_non_ignore=False):
+        # No name prefix: parameter names stay those of the bare segmentor, so checkpoints load into either.
+        super().__init__(auto_prefix=False)
+        self.segmentor = segmentor
+        self.ignore_index = ignore_index
+        self.avg_non_ignore = avg_non_ignore
+
+    def construct(self, images, labels):
+        logits = self.segmentor(images)
+        logits = ops.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+        return ignore_cross_entropy(logits, ops.cast(labels, ms.int32), self.ignore_index, self.avg_non_ignore)
+
+
+class SegmentorInference(nn.Cell):
+    """images (N, 3, H, W) -> (logits (N, num_classes, H, W),) upsampled to the input size."""
+
+    def __init__(self, segmentor):
+        super().__init__(auto_prefix=False)
+        self.segmentor = segmentor
+
+    def construct(self, images):
+        logits = self.segmentor(images)
+        return (ops.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False),)

@@ -1,0 +1,86 @@
+"""Semantic FPN training (iteration-based, poly lr, AdamW) on one process or many (msrun/mpirun), through the shared
+`IterationLoop`: progress bar, metrics.jsonl/.csv and curves, atomic checkpoints, exact resume."""
+import os
+
+from ..config import dump_config
+from ..errors import PVTDenseError
+from .ade20k import list_samples
+from .recipe import build_segmentor, class_names_of, predictor_options
+
+
+def state_parameters(net, optimizer, train_step):
+    """Weights, BatchNorm moving statistics (not trainable, but part of the model), optimizer moments and step,
+    loss-scale state; not the lr table, which is derived from the config."""
+    unique = {}
+    for param in list(net.get_parameters()) + list(optimizer.get_parameters()) + [
+            train_step.scale, train_step.clean_steps]:
+        if not param.name.startswith("learning_rate"):
+            unique.setdefault(param.name, param)
+    return list(unique.values())
+
+
+class SegmentationRun:
+    """Everything one run needs, built from a checked config (`load_segmentation_config`)."""
+
+    def __init__(self, cfg):
+        from ..engine.recipe import build_adamw, init_run, warmup_poly_schedule
+        from ..engine.train_step import TrainStep
+        from .data import SegmentationBatchSource
+        from .segmentor import SegmentorInference, SegmentorWithLoss
+        from .transforms import TrainTransform
+
+        self.cfg = cfg
+        self.rank, self.world_size = init_run(cfg)
+        self.class_names = class_names_of(cfg)
+        train_samples = list_samples(cfg.data_dir, cfg.train_split)
+        self.val_samples = list_samples(cfg.data_dir, cfg.val_split) if self.rank == 0 else []
+        if cfg.eval_max_images:
+            self.val_samples = self.val_samples[:cfg.eval_max_images]
+        transform = TrainTransform(cfg.train_scale, cfg.ratio_range, cfg.crop_size, cfg.cat_max_ratio,
+                                   cfg.flip_prob, cfg.photometric)
+        self.source = SegmentationBatchSource(train_samples, transform, cfg.num_classes, cfg.reduce_zero_label,
+                                              cfg.batch_size, cfg.seed, self.rank, self.world_size)
+        if self.source.steps_per_epoch < 1:
+            raise PVTDenseError(f"{len(train_samples)} training images are less than one global batch of "
+                                f"{cfg.batch_size} x {self.world_size}")
+        self.net = build_segmentor(cfg, synchronized_bn=cfg.sync_bn and self.world_size > 1)
+        self.inference = SegmentorInference(self.net)
+        self.lr_schedule = warmup_poly_schedule(cfg.lr, cfg.total_iters, cfg.power, cfg.min_lr, cfg.warmup_iters,
+                                                cfg.warmup_ratio)
+        self.optimizer = build_adamw(self.net, cfg, self.lr_schedule)
+        self.train_step = TrainStep(SegmentorWithLoss(self.net, avg_non_ignore=cfg.loss_avg_non_ignore),
+                                    self.optimizer, loss_scale=cfg.loss_scale,
+                                    dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)
+        self.train_step.set_train(True)
+
+    def evaluate(self, iteration=None):
+        from .evaluation import evaluate_segmentor
+        result = evaluate_segmentor(self.inference, self.val_samples, self.cfg.num_classes,
+                                    self.cfg.reduce_zero_label, predictor_options(self.cfg),
+                                    progress=self.cfg.progress_bar, desc=f"eval @{iteration}")
+        self.net.set_train(True)
+        self.last_evaluation = result
+        return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"]}
+
+    def fit(self):
+        from ..engine.loop import IterationLoop
+        cfg = self.cfg
+        if self.rank == 0:
+            os.makedirs(cfg.ckpt_save_dir, exist_ok=True)
+            dump_config(cfg, os.path.join(cfg.ckpt_save_dir, "config.yaml"))
+        loop = IterationLoop(
+            self.train_step, self.source, self.lr_schedule, cfg.total_iters, cfg.ckpt_save_dir,
+            state_parameters(self.net, self.optimizer, self.train_step),
+            meta={"config": dict(cfg), "class_names": self.class_names}, evaluate=self.evaluate,
+            eval_interval=cfg.eval_interval, save_interval=cfg.save_interval, metric_name="mIoU", metric_mode="max",
+            keep_last=cfg.keep_checkpoint_max, resume=cfg.resume, rank=self.rank, world_size=self.world_size,
+            progress_bar=cfg.progress_bar, log_interval=cfg.log_interval, prefix=f"semfpn_{cfg.backbone}",
+            num_workers=cfg.num_workers)
+        state = loop.run()
+        state["out_of_range_label_pixels"] = self.source.out_of_range_pixels
+        return state
+
+
+def train_segmentor(cfg):
+    """Run (or resume) the training `cfg` describes; returns the loop's final state."""
+    return SegmentationRun(cfg).fit()

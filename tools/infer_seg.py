@@ -1,0 +1,58 @@
+"""Segment images with a Semantic FPN checkpoint: colour-coded masks and overlays.
+
+    python tools/infer_seg.py --config configs/segmentation/semfpn_pvt_tiny_ade20k_40k.yaml \
+        --ckpt_path runs/semfpn_pvt_tiny/semfpn_pvt_tiny_best.ckpt --input IMAGE_OR_DIR_OR_LIST --output DIR
+
+Writes DIR/masks/<name>.png (class indices), DIR/color/<name>.png and DIR/overlay/<name>.jpg; --opacity 0.5 sets
+the overlay blend, --overwrite True redoes images whose outputs exist. Other config keys work as in train_seg.py.
+"""
+import sys
+
+from pvt_dense.cli import run_tool, split_config_argument
+
+TOOL_KEYS = ("ckpt_path", "input", "output", "opacity", "overwrite")
+
+
+def main(argv=None):
+    if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return 0
+    from pvt_dense.config import Field, coerce, parse_overrides
+    from pvt_dense.errors import ConfigError
+    from pvt_dense.segmentation.evaluation import Predictor
+    from pvt_dense.segmentation.infer import infer_images
+    from pvt_dense.segmentation.recipe import (class_names_of, load_segmentation_config, load_trained_segmentor,
+                                               predictor_options)
+    from pvt_dense.segmentation.segmentor import SegmentorInference
+    config, overrides = split_config_argument(argv)
+    pairs = parse_overrides(overrides)
+    fields = {"ckpt_path": Field("", str), "input": Field("", str), "output": Field("", str),
+              "opacity": Field(0.5, float, low=0.0, high=1.0), "overwrite": Field(False, bool)}
+    options = {key: field.default for key, field in fields.items()}
+    for key, value in pairs:
+        if key in fields:
+            options[key] = coerce(key, fields[key], value, "command line")
+    for key in ("ckpt_path", "input", "output"):
+        if not options[key]:
+            raise ConfigError(f"--{key} is required")
+    cfg = load_segmentation_config(config, [(k, v) for k, v in pairs if k not in TOOL_KEYS],
+                                   defaults={"distribute": False})
+    net = load_trained_segmentor(cfg, options["ckpt_path"])
+    predictor = Predictor(SegmentorInference(net), **predictor_options(cfg))
+    summary = infer_images(predictor, options["input"], options["output"], cfg.num_classes, options["opacity"],
+                           options["overwrite"], progress=cfg.progress_bar)
+    names = class_names_of(cfg)
+    seen = [f"{names[c]} {100 * n / max(summary['class_pixels'].sum(), 1):.1f}%"
+            for c, n in sorted(enumerate(summary["class_pixels"]), key=lambda item: -item[1]) if n][:8]
+    print(f"{len(summary['written'])} images segmented into {options['output']} (masks/, color/, overlay/)"
+          + (f", {len(summary['existing'])} already done" if summary["existing"] else "")
+          + (f", {len(summary['unreadable'])} unreadable skipped" if summary["unreadable"] else ""))
+    if seen:
+        print("most frequent classes: " + ", ".join(seen))
+    for name, reason in list(summary["unreadable"].items())[:10]:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
