@@ -10,7 +10,7 @@ from tqdm import tqdm
 from ..atomic import write_atomic
 from ..errors import PVTDenseError
 from .data import evaluation_batches
-from .postprocess import TestSettings, detect_image
+from .postprocess import InferenceSettings, detect_image
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 METRIC_TITLES = (
@@ -80,7 +80,7 @@ def run_detector(detector, image_batch):
     return [output.asnumpy() for output in outputs]
 
 
-def predict_dataset(detector, dataset, settings=TestSettings(), img_scale=(1333, 800), pad_divisor=32,
+def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
                     mean=None, std=None, indices=None, progress=True):
     """(COCO result records, ids of the images evaluated, list of unreadable image messages) over `dataset`."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -103,7 +103,7 @@ def predict_dataset(detector, dataset, settings=TestSettings(), img_scale=(1333,
     return results, image_ids, unreadable
 
 
-def evaluate_detector(detector, dataset, settings=TestSettings(), img_scale=(1333, 800), pad_divisor=32,
+def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
                       mean=None, std=None, max_images=0, results_json=None, verbose=True, progress=True):
     """Run the detector over `dataset` (the first `max_images` when > 0), evaluate with pycocotools and return the
     12 metrics plus `images` and `unreadable` counts; writes the results JSON when `results_json` is a path."""

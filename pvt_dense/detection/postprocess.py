@@ -13,7 +13,7 @@ from .box_coder import decode_deltas
 
 
 @dataclass(frozen=True)
-class TestSettings:
+class InferenceSettings:
     score_thr: float = 0.05
     nms_pre: int = 1000
     nms_iou: float = 0.5
@@ -58,7 +58,7 @@ def batched_nms(boxes, scores, labels, iou_thr):
 
 
 def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow for large -x
 
 
 def flatten_level(cls_map, reg_map, num_classes):
@@ -68,7 +68,7 @@ def flatten_level(cls_map, reg_map, num_classes):
     return scores, deltas
 
 
-def detect_image(outputs, image_index, anchor_generator, num_classes, meta, settings=TestSettings(),
+def detect_image(outputs, image_index, anchor_generator, num_classes, meta, settings=InferenceSettings(),
                  target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
     """Detections of image `image_index` of a batch of head outputs (numpy arrays, L class maps then L box maps).
 

@@ -14,7 +14,7 @@ from ..models.fpn import build_neck
 from .anchors import AnchorGenerator
 from .assigner import MaxIoUAssigner
 from .detector import RetinaNet, RetinaNetWithLoss
-from .postprocess import TestSettings
+from .postprocess import InferenceSettings
 from .retinanet_head import RetinaNetHead
 
 
@@ -99,8 +99,23 @@ DETECTION_SCHEMA = {
 }
 
 
-def load_detection_config(path=None, overrides=(), defaults=None):
-    cfg = load_config(DETECTION_SCHEMA, path, overrides, defaults=defaults)
+# Keys only the evaluation and inference tools read (a training config is checked without them).
+EVAL_FIELDS = {
+    "ckpt_path": Field("", str, "the detector checkpoint (written by train_det.py)"),
+    "results_json": Field("", str, "also write the detections as a COCO results JSON here"),
+}
+INFER_FIELDS = {
+    "ckpt_path": EVAL_FIELDS["ckpt_path"],
+    "input": Field("", str, "an image, a directory of images or a .txt list of paths"),
+    "output": Field("", str, "folder for the drawn images and detections.json"),
+    "draw_thr": Field(0.3, float, "draw detections with at least this score (the JSON keeps all above score_thr)",
+                      low=0.0, high=1.0),
+}
+
+
+def load_detection_config(path=None, overrides=(), defaults=None, extra_fields=None):
+    """A checked detection config; `extra_fields` adds a tool's own keys (EVAL_FIELDS, INFER_FIELDS)."""
+    cfg = load_config({**DETECTION_SCHEMA, **(extra_fields or {})}, path, overrides, defaults=defaults)
     check_backbone_options(cfg)
     if cfg.neg_iou_thr > cfg.pos_iou_thr:
         raise ConfigError(f"neg_iou_thr ({cfg.neg_iou_thr}) must not exceed pos_iou_thr ({cfg.pos_iou_thr})")
@@ -117,8 +132,8 @@ def resolve(cfg, key):
     return value if not value or os.path.isabs(value) else os.path.join(cfg.data_dir, value)
 
 
-def test_settings(cfg):
-    return TestSettings(cfg.score_thr, cfg.nms_pre, cfg.nms_iou, cfg.max_per_img)
+def inference_settings(cfg):
+    return InferenceSettings(cfg.score_thr, cfg.nms_pre, cfg.nms_iou, cfg.max_per_img)
 
 
 def build_retinanet(cfg, num_classes=None, load_pretrained=True):

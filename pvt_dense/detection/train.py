@@ -15,7 +15,7 @@ from ..errors import ConfigError, PVTDenseError
 from .coco import CocoDetection
 from .data import DetectionBatchSource
 from .evaluation import evaluate_detector
-from .recipe import build_retinanet, resolve, test_settings
+from .recipe import build_retinanet, resolve, inference_settings
 
 
 def open_dataset(cfg, split, check_files=True):
@@ -28,7 +28,7 @@ def open_dataset(cfg, split, check_files=True):
 
 
 def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
-    return evaluate_detector(detector, dataset, test_settings(cfg), tuple(cfg.img_scale), cfg.pad_divisor,
+    return evaluate_detector(detector, dataset, inference_settings(cfg), tuple(cfg.img_scale), cfg.pad_divisor,
                              tuple(cfg.mean), tuple(cfg.std), cfg.max_eval_images, results_json=results_json,
                              verbose=verbose, progress=cfg.progress_bar)
 
@@ -106,3 +106,18 @@ def evaluate_checkpoint(cfg, ckpt_path, results_json=None):
     val_set = open_dataset(cfg, "val")
     detector = load_detector(cfg, ckpt_path, val_set.num_classes)
     return evaluate_on(detector, val_set, cfg, results_json=results_json)
+
+
+def load_detector_with_names(cfg, ckpt_path):
+    """(detector, class names, COCO category ids) from a training checkpoint, whose metadata records the names;
+    falls back to "0".."K-1" for a checkpoint without them."""
+    from ..engine.checkpoints import read_checkpoint_meta
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
+    try:
+        meta = read_checkpoint_meta(ckpt_path)
+    except PVTDenseError:
+        meta = {}
+    names = meta.get("class_names") or [str(i) for i in range(cfg.num_classes)]
+    detector = load_detector(cfg, ckpt_path, len(names))
+    return detector, list(names), meta.get("category_ids")

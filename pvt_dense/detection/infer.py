@@ -1,0 +1,108 @@
+"""Detect objects in image files with a trained RetinaNet: images with boxes, class names and scores drawn, and
+one JSON of every detection.
+
+Output names come from the input names (a directory keeps its subfolders) made relative and stripped of '..', so
+nothing is written outside the output directory whatever the input is called.
+"""
+import json
+import os
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from ..atomic import write_atomic
+from ..data.images import list_image_entries, read_image
+from ..errors import ImageReadError
+from ..features import neutral_name
+from .evaluation import run_detector
+from .postprocess import detect_image
+from .transforms import canvas_shape, is_landscape, prepare_image
+
+DRAWABLE = (".jpg", ".jpeg", ".png", ".bmp")
+RESULTS_NAME = "detections.json"
+
+
+def drawn_name(name, taken):
+    """A safe relative output name for input `name`, distinct (case-insensitively) from those in `taken`."""
+    base = neutral_name(name)
+    if not base.lower().endswith(DRAWABLE):
+        base += ".png"
+    stem, ext = os.path.splitext(base)
+    candidate, copy = base, 1
+    while candidate.casefold() in taken or candidate == RESULTS_NAME:
+        copy += 1
+        candidate = f"{stem}~{copy}{ext}"
+    taken.add(candidate.casefold())
+    return candidate
+
+
+def class_color(label):
+    rng = np.random.default_rng(int(label) + 7)
+    return tuple(int(c) for c in rng.integers(64, 256, size=3))
+
+
+def draw_detections(image_rgb, boxes, scores, labels, class_names):
+    """A BGR copy of the image with each box, its class name and score."""
+    canvas = np.ascontiguousarray(image_rgb[:, :, ::-1])
+    thickness = max(1, round(min(canvas.shape[:2]) / 300))
+    font_scale = max(0.35, min(canvas.shape[:2]) / 900)
+    for box, score, label in zip(boxes, scores, labels):
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        color = class_color(label)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
+        text = f"{class_names[label] if label < len(class_names) else label} {score:.2f}"
+        (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        top = max(y1 - height - baseline, 0)
+        cv2.rectangle(canvas, (x1, top), (x1 + width, top + height + baseline), color, -1)
+        cv2.putText(canvas, text, (x1, top + height), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return canvas
+
+
+def detect_file(detector, image, settings, img_scale, pad_divisor, mean, std):
+    canvas = canvas_shape(is_landscape(*image.shape[:2]), img_scale, pad_divisor)
+    chw, _, meta = prepare_image(image, np.zeros((0, 4), np.float32), canvas, img_scale, False, mean, std)
+    outputs = run_detector(detector, chw[None])
+    return detect_image(outputs, 0, detector.anchor_generator, detector.num_classes, meta, settings)
+
+
+def infer_images(detector, input_path, output_dir, class_names, settings, img_scale=(1333, 800), pad_divisor=32,
+                 mean=None, std=None, draw_thr=0.3, category_ids=None, progress=True):
+    """Detect in every image of `input_path` (file, directory or .txt list); write drawn images (detections with
+    score >= draw_thr) and `detections.json` (every detection above the config's score_thr) to `output_dir`.
+    Returns {"written": [...], "failed": [(name, reason)], "json": path}."""
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    entries = list_image_entries(input_path)
+    os.makedirs(output_dir, exist_ok=True)
+    detector.set_train(False)
+    records, written, failed, taken = {}, [], [], set()
+    for entry in tqdm(entries, desc="detect", unit="img", disable=not progress):
+        try:
+            image = read_image(entry.path)
+        except ImageReadError as err:
+            failed.append((entry.name, getattr(err, "reason", str(err))))
+            continue
+        boxes, scores, labels = detect_file(detector, image, settings, tuple(img_scale), pad_divisor,
+                                            mean or IMAGENET_MEAN, std or IMAGENET_STD)
+        name = drawn_name(entry.name, taken)
+        shown = scores >= draw_thr
+        drawn = draw_detections(image, boxes[shown], scores[shown], labels[shown], class_names)
+        ok, encoded = cv2.imencode(os.path.splitext(name)[1], drawn)
+        if not ok:
+            failed.append((entry.name, "OpenCV could not encode the drawn image"))
+            continue
+        path = os.path.join(output_dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, encoded.tobytes())
+        written.append(path)
+        records[entry.name] = {"output": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
+                               "detections": [
+                                   {"bbox_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 5),
+                                    "label": int(label),
+                                    "class_name": class_names[label] if label < len(class_names) else str(label),
+                                    **({"category_id": int(category_ids[label])} if category_ids else {})}
+                                   for box, score, label in zip(boxes, scores, labels)]}
+    json_path = os.path.join(output_dir, RESULTS_NAME)
+    write_atomic(json_path, json.dumps({"images": records, "failed": dict(failed)}, indent=1).encode("utf-8"))
+    return {"written": written, "failed": failed, "json": json_path}

@@ -1,0 +1,38 @@
+"""Detect objects in images with a RetinaNet checkpoint: drawn images (boxes, class names, scores) and a JSON.
+
+    python tools/infer_det.py --config configs/detection/retinanet_pvt_tiny_fpn_1x_coco.yaml \
+        --ckpt_path runs/retinanet_pvt_tiny/retinanet_pvt_tiny_best.ckpt --input IMAGE_OR_DIR_OR_LIST --output DIR
+
+Writes DIR/<image name> with the detections of score >= --draw_thr (0.3) drawn, and DIR/detections.json with every
+detection above score_thr (boxes x1,y1,x2,y2 in the original image's pixels). Class names come from the checkpoint.
+"""
+import sys
+
+from pvt_dense.cli import run_tool, split_config_argument
+
+
+def main(argv=None):
+    if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return 0
+    from pvt_dense.detection.infer import infer_images
+    from pvt_dense.detection.recipe import INFER_FIELDS, load_detection_config, inference_settings
+    from pvt_dense.detection.train import load_detector_with_names
+    from pvt_dense.errors import ConfigError
+    config, overrides = split_config_argument(argv)
+    cfg = load_detection_config(config, overrides, extra_fields=INFER_FIELDS)
+    if not cfg.input or not cfg.output:
+        raise ConfigError("--input (image, directory or .txt list) and --output (folder) are required")
+    detector, class_names, category_ids = load_detector_with_names(cfg, cfg.ckpt_path)
+    summary = infer_images(detector, cfg.input, cfg.output, class_names, inference_settings(cfg), cfg.img_scale,
+                           cfg.pad_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,
+                           progress=cfg.progress_bar)
+    print(f"{len(summary['written'])} images with detections drawn in {cfg.output}; all detections in "
+          f"{summary['json']}")
+    for name, reason in summary["failed"]:
+        print(f"  skipped {name}: {reason}")
+    return 1 if summary["failed"] and not summary["written"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
