@@ -1,4 +1,4 @@
-"""Evaluate a Semantic FPN checkpoint: mIoU, mAcc, aAcc and a per-class IoU/Acc table on val_split.
+r"""Evaluate a Semantic FPN checkpoint: mIoU, mAcc, aAcc and a per-class IoU/Acc table on val_split.
 
     python tools/eval_seg.py --config configs/segmentation/semfpn_pvt_tiny_ade20k_40k.yaml \
         --ckpt_path runs/semfpn_pvt_tiny/semfpn_pvt_tiny_best.ckpt --data_dir /path/to/ADEChallengeData2016

@@ -1,4 +1,4 @@
-"""Segment images with a Semantic FPN checkpoint: colour-coded masks and overlays.
+r"""Segment images with a Semantic FPN checkpoint: colour-coded masks and overlays.
 
     python tools/infer_seg.py --config configs/segmentation/semfpn_pvt_tiny_ade20k_40k.yaml \
         --ckpt_path runs/semfpn_pvt_tiny/semfpn_pvt_tiny_best.ckpt --input IMAGE_OR_DIR_OR_LIST --output DIR

@@ -1,4 +1,4 @@
-"""Train Semantic FPN on a PVT backbone (ADE20K, iteration-based, poly lr, AdamW).
+r"""Train Semantic FPN on a PVT backbone (ADE20K, iteration-based, poly lr, AdamW).
 
     python tools/train_seg.py --config configs/segmentation/semfpn_pvt_tiny_ade20k_40k.yaml \
         --data_dir /path/to/ADEChallengeData2016 --pretrained /path/to/pvt_tiny.pth

@@ -1,0 +1,56 @@
+"""The segmentation part of `make demo`: Semantic FPN fine-tuned from the demo's digits-pretrained PVT-Tiny on a
+generated digits-on-canvas segmentation set, evaluated, with overlays of validation images.
+
+    from pvt_dense.segmentation.demo import run_segmentation_demo
+    run_segmentation_demo("outputs/demo/pretrain/pvt_tiny_best.ckpt", "outputs/demo")
+
+Re-running resumes the training from its last checkpoint (or skips it when finished) and rewrites nothing else
+that is already there.
+"""
+import os
+import time
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                           "demo", "semfpn_pvt_tiny_digits.yaml")
+
+
+def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEMO_CONFIG, overrides=(),
+                          overlay_count=8, train_images=240, val_images=40):
+    """Returns {"config", "result" (evaluation of the best checkpoint), "overlays" (folder)}."""
+    from ..data.digits_segmentation import make_digits_segmentation
+    from .ade20k import list_samples
+    from .evaluation import Predictor, evaluate_segmentor, format_results
+    from .infer import infer_images
+    from .recipe import class_names_of, load_segmentation_config, load_trained_segmentor, predictor_options
+    from .segmentor import SegmentorInference
+    from .train import train_segmentor
+
+    data_dir = os.path.join(output_dir, "digits_segmentation")
+    summary = make_digits_segmentation(data_dir, canvas_size=64, train_images=train_images, val_images=val_images)
+    print(f"[seg 1/3] digits segmentation set in {data_dir}: {summary['train']} train / {summary['val']} val "
+          f"canvases, {summary['num_classes']} classes (background + 10 digits)")
+    cfg = load_segmentation_config(config_path, ["--data_dir", data_dir, "--pretrained", backbone_ckpt or "",
+                                                 "--ckpt_save_dir", os.path.join(output_dir, "segmentation"),
+                                                 *overrides])
+    started = time.perf_counter()
+    print(f"[seg 2/3] training Semantic FPN on {cfg.backbone} for {cfg.total_iters} iterations "
+          f"(from {backbone_ckpt or 'random weights'})")
+    train_segmentor(cfg)
+    best = os.path.join(cfg.ckpt_save_dir, f"semfpn_{cfg.backbone}_best.ckpt")
+    net = load_trained_segmentor(cfg, best)
+    inference = SegmentorInference(net)
+    samples = list_samples(data_dir, cfg.val_split)
+    result = evaluate_segmentor(inference, samples, cfg.num_classes, cfg.reduce_zero_label, predictor_options(cfg))
+    print(f"          {time.perf_counter() - started:.0f} s; validation of {best}:")
+    print("\n".join("          " + line for line in format_results(result, class_names_of(cfg)).splitlines()))
+
+    overlay_dir = os.path.join(output_dir, "segmentation_overlays")
+    listing = os.path.join(output_dir, "segmentation_inputs.txt")
+    with open(listing + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write("\n".join(os.path.relpath(s.image, output_dir) for s in samples[:overlay_count]) + "\n")
+    os.replace(listing + ".tmp", listing)
+    predicted = infer_images(Predictor(inference, **predictor_options(cfg)), listing, overlay_dir, cfg.num_classes,
+                             progress=False)
+    print(f"[seg 3/3] masks and overlays of {len(predicted['written']) + len(predicted['existing'])} validation "
+          f"images in {overlay_dir}/{{masks,color,overlay}}")
+    return {"config": cfg, "result": result, "overlays": overlay_dir}
