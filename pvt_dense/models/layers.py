@@ -16,9 +16,14 @@ BLOCK_NORM_EPS = 1e-6
 EMBED_NORM_EPS = 1e-5
 
 
-def dense(in_features, out_features):
-    """A Linear layer initialised as in the official code: truncated normal std 0.02, zero bias."""
-    return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(0.02), bias_init="zeros", has_bias=True)
+def dense(in_features, out_features, bias=True):
+    """A Linear layer initialised as in the official code: truncated normal std 0.02, zero bias.
+
+    With a bias (every Linear of the official sizes) it is the fused CPU kernel Cell, which has nn.Dense's
+    Parameters and semantics."""
+    if bias:
+        return fast_ops.Dense(in_features, out_features, weight_init=TruncatedNormal(0.02), bias_init="zeros")
+    return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(0.02), has_bias=False)
 
 
 def layer_norm(channels, eps):
@@ -79,8 +84,8 @@ class SpatialReductionAttention(nn.Cell):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.q = nn.Dense(dim, dim, weight_init=TruncatedNormal(0.02), has_bias=qkv_bias)
-        self.kv = nn.Dense(dim, 2 * dim, weight_init=TruncatedNormal(0.02), has_bias=qkv_bias)
+        self.q = dense(dim, dim, bias=qkv_bias)
+        self.kv = dense(dim, 2 * dim, bias=qkv_bias)
         self.proj = dense(dim, dim)
         self.sr_ratio = sr_ratio
         self.reduces = sr_ratio > 1

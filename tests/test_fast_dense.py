@@ -1,0 +1,75 @@
+"""The fused Dense kernel (oneDNN sgemm + bias, pvt_dense/models/fast_ops.py) against float64 numpy and against
+MindSpore's MatMul + BiasAdd path it replaces, forward and all three gradients."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from pvt_dense.models import fast_ops
+
+needs_kernel = pytest.mark.skipif(fast_ops.kernels() is None or fast_ops.kernels().dense is None,
+                                  reason="no compiled Dense kernel on this machine")
+
+
+class WeightedSum(nn.Cell):
+    """sum(dense(x) * g): its gradient with respect to dense's output is g."""
+
+    def __init__(self, dense):
+        super().__init__()
+        self.dense = dense
+
+    def construct(self, x, g):
+        return (self.dense(x) * g).sum()
+
+
+def run(dense, x, g):
+    grad_fn = ms.value_and_grad(WeightedSum(dense), grad_position=0, weights=dense.trainable_params())
+    _, (dx, (dw, db)) = grad_fn(ms.Tensor(x), ms.Tensor(g))
+    return dense(ms.Tensor(x)).asnumpy(), dx.asnumpy(), dw.asnumpy(), db.asnumpy()
+
+
+# Shapes that take each path of the kernel: many rows (split by rows), few rows and many outputs (split by
+# outputs), tiny odd sizes, one row.
+SHAPES = [((2, 300, 64), 512), ((1, 49, 512), 1024), ((3, 5, 7), 3), ((1, 1, 16), 1)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,out_features", SHAPES)
+def test_dense_kernel_matches_float64_reference(shape, out_features, pynative):
+    rng = np.random.default_rng(len(shape) + out_features)
+    dense = fast_ops.Dense(shape[-1], out_features)
+    assert dense.use_kernel
+    dense.bias.set_data(ms.Tensor(rng.standard_normal(out_features).astype(np.float32)))
+    x = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal(shape[:-1] + (out_features,)).astype(np.float32)
+    y, dx, dw, db = run(dense, x, g)
+    w, b = dense.weight.asnumpy().astype(np.float64), dense.bias.asnumpy().astype(np.float64)
+    x64, g64 = x.reshape(-1, shape[-1]).astype(np.float64), g.reshape(-1, out_features).astype(np.float64)
+    scale = lambda a: 1e-6 * max(1.0, np.abs(a).max())  # noqa: E731  float32 round-off of sums of ~300 terms
+    expected = (x64 @ w.T + b).reshape(y.shape)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=scale(expected))
+    np.testing.assert_allclose(dx, (g64 @ w).reshape(shape), rtol=0, atol=scale(g64 @ w))
+    np.testing.assert_allclose(dw, g64.T @ x64, rtol=0, atol=5 * scale(g64.T @ x64))
+    np.testing.assert_allclose(db, g64.sum(0), rtol=0, atol=scale(g64.sum(0)))
+
+
+@needs_kernel
+def test_dense_kernel_equals_the_mindspore_path_in_graph_mode(graph_mode):
+    rng = np.random.default_rng(3)
+    fast = fast_ops.Dense(64, 128)
+    with fast_ops.mindspore_ops_only():
+        plain = fast_ops.Dense(64, 128)
+    assert fast.use_kernel and not plain.use_kernel
+    plain.weight.set_data(fast.weight.data.copy())
+    fast.bias.set_data(ms.Tensor(rng.standard_normal(128).astype(np.float32)))
+    plain.bias.set_data(fast.bias.data.copy())
+    x = rng.standard_normal((2, 97, 64)).astype(np.float32)
+    g = rng.standard_normal((2, 97, 128)).astype(np.float32)
+    for ours, theirs in zip(run(fast, x, g), run(plain, x, g)):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
+
+
+def test_dense_has_nn_dense_parameter_names_and_shapes():
+    dense, reference = fast_ops.Dense(5, 3), nn.Dense(5, 3)
+    assert [(p.name, p.shape) for p in dense.get_parameters()] == \
+        [(p.name, p.shape) for p in reference.get_parameters()]
