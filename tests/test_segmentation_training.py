@@ -15,12 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {1: (220, 40, 40), 2: (40, 200, 60), 3: (50, 70, 230)}  # class -> RGB of its shapes
 
 
-def write_shapes_set(root, count=12, size=64, seed=0):
+def write_shapes_set(root, count=12, size=64, seed=0, evaluated=4):
     """ADE20K-layout set: grey noise with 1-3 filled rectangles/discs whose class is their colour (raw labels
-    1..3, 0 = background), one image per label, all in images/training and annotations/training."""
+    1..3, 0 = background). `count` training images; the first `evaluated` of them are also the validation split,
+    so evaluating on "validation" measures the fit to (part of) the training set at a third of the cost."""
     rng = np.random.default_rng(seed)
-    (root / "images" / "training").mkdir(parents=True)
-    (root / "annotations" / "training").mkdir(parents=True)
     for index in range(count):
         image = np.clip(rng.normal(128, 25, (size, size, 3)), 0, 255).astype(np.uint8)
         label = np.zeros((size, size), np.uint8)
@@ -35,8 +34,11 @@ def write_shapes_set(root, count=12, size=64, seed=0):
                 cv2.circle(mask, (left + w // 2, top + h // 2), min(h, w) // 2, 1, -1)
             image[mask == 1] = COLOURS[cls]
             label[mask == 1] = cls
-        cv2.imwrite(str(root / "images" / "training" / f"{index:03d}.png"), image[:, :, ::-1])
-        cv2.imwrite(str(root / "annotations" / "training" / f"{index:03d}.png"), label)
+        for split in ("training", "validation") if index < evaluated else ("training",):
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / "images" / split / f"{index:03d}.png"), image[:, :, ::-1])
+            cv2.imwrite(str(root / "annotations" / split / f"{index:03d}.png"), label)
     return root
 
 
@@ -45,7 +47,7 @@ TINY_RUN = ["--num_classes", "4", "--reduce_zero_label", "False", "--distribute"
             "--neck_channels", "64", "--head_channels", "32", "--drop_path_rate", "0", "--frozen_stages", "4",
             "--train_scale", "64", "64", "--ratio_range", "1.0", "1.0", "--crop_size", "64", "64",
             "--test_scale", "64", "64", "--eval_interval", "0", "--lr", "5e-3", "--progress_bar", "False",
-            "--val_split", "training", "--photometric", "False", "--flip_prob", "0.5", "--num_workers", "1",
+            "--photometric", "False", "--flip_prob", "0.5", "--num_workers", "1",
             "--log_interval", "10", "--warmup_iters", "0"]
 
 
@@ -70,7 +72,7 @@ def test_training_on_a_tiny_set_reaches_half_miou_on_it(trained):
     cfg, run, state = trained
     result = run.last_evaluation
     assert state["iteration"] == 40
-    assert result["samples"] == len(list_samples(cfg.data_dir, "training"))
+    assert result["samples"] == len(list_samples(cfg.data_dir, "validation")) == 4
     # Far above chance: predicting background everywhere gives mIoU ~0.2 here.
     assert result["mIoU"] >= 0.5, result["IoU"]
     run_dir = Path(cfg.ckpt_save_dir)
@@ -101,19 +103,25 @@ def test_eval_tool_reproduces_the_training_evaluation_from_the_checkpoint(traine
     assert miou == pytest.approx(100 * run.last_evaluation["mIoU"], abs=1.0)
     assert all(name in printed for name in ("aAcc", "mAcc", "IoU"))
     assert len([line for line in printed.splitlines() if line[:1].isdigit()]) == 4  # one row per class
+    assert "(4 images)" in printed
 
 
 def test_infer_tool_writes_masks_colours_and_overlays(trained, tmp_path, capsys, pynative):
     main = load_tool("infer_seg").main
     cfg, _, _ = trained
-    images = Path(cfg.data_dir) / "images" / "training"
-    assert main(tool_arguments(cfg) + ["--input", str(images), "--output", str(tmp_path)]) == 0
-    assert "12 images segmented" in capsys.readouterr().out
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("# two training images\n../images/training/000.png\n../images/training/005.png\n")
+    listing = listing.rename(Path(cfg.data_dir) / "annotations" / "inputs.txt")
+    out = tmp_path / "out"
+    assert main(tool_arguments(cfg) + ["--input", str(listing), "--output", str(out)]) == 0
+    assert "2 images segmented" in capsys.readouterr().out
     for kind, suffix in (("masks", ".png"), ("color", ".png"), ("overlay", ".jpg")):
-        assert len(list((tmp_path / kind).glob("*" + suffix))) == 12
-    mask = cv2.imread(str(tmp_path / "masks" / "000.png"), cv2.IMREAD_UNCHANGED)
+        # The list's "../" names stay inside the output folder.
+        assert sorted(p.name for p in (out / kind / "images" / "training").iterdir()) == [
+            "000" + suffix, "005" + suffix]
+    mask = cv2.imread(str(out / "masks" / "images" / "training" / "000.png"), cv2.IMREAD_UNCHANGED)
     label = cv2.imread(str(Path(cfg.data_dir) / "annotations" / "training" / "000.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == label.shape and (mask == label).mean() > 0.8
     # A second run finds everything done and rewrites nothing.
-    assert main(tool_arguments(cfg) + ["--input", str(images), "--output", str(tmp_path)]) == 0
-    assert "0 images segmented" in capsys.readouterr().out
+    assert main(tool_arguments(cfg) + ["--input", str(listing), "--output", str(out)]) == 0
+    assert "0 images segmented into" in capsys.readouterr().out
