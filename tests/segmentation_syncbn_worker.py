@@ -13,9 +13,9 @@ from mindspore.communication import get_group_size, get_rank, init
 from pvt_dense.segmentation.sync_batchnorm import CrossRankBatchNorm2d
 
 if __name__ == "__main__":
-    out_dir = sys.argv[1]
+    out_dir, mode = sys.argv[1], sys.argv[2]
     ms.set_device("CPU")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     init()
     rank, world = get_rank(), get_group_size()
     rng = np.random.default_rng(0)
@@ -29,12 +29,18 @@ if __name__ == "__main__":
     bn.beta.set_data(ms.Tensor(np.array([0.0, -1.0, 0.3], np.float32)))
     bn.set_train(True)
 
-    def loss(inputs):
-        return (bn(inputs) * w).sum()
+    class Loss(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
 
+        def construct(self, inputs, weights):
+            return (self.bn(inputs) * weights).sum()
+
+    loss = Loss()
     output = bn(x)
     grad_fn = ops.GradOperation(get_all=True, get_by_list=True)(loss, ms.ParameterTuple([bn.gamma, bn.beta]))
-    (grad_x,), (grad_gamma, grad_beta) = grad_fn(x)
+    (grad_x, _), (grad_gamma, grad_beta) = grad_fn(x, w)
     np.savez(f"{out_dir}/rank{rank}.npz", output=output.asnumpy(), grad_x=grad_x.asnumpy(),
              grad_gamma=grad_gamma.asnumpy(), grad_beta=grad_beta.asnumpy(),
              moving_mean=bn.moving_mean.asnumpy(), moving_variance=bn.moving_variance.asnumpy())

@@ -26,11 +26,12 @@ def run_env():
 
 
 @pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None, reason="msrun not installed")
-def test_two_rank_statistics_outputs_and_gradients_equal_whole_batch_batchnorm(tmp_path):
+@pytest.mark.parametrize("mode", ["graph"])
+def test_two_rank_statistics_outputs_and_gradients_equal_whole_batch_batchnorm(tmp_path, mode):
     log_dir = tmp_path / "logs"
     command = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
                f"--log_dir={log_dir}", "--join=True", "python", str(ROOT / "tests" / "segmentation_syncbn_worker.py"),
-               str(tmp_path)]
+               str(tmp_path), mode]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=run_env(), cwd=str(ROOT))
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(log_dir.glob("*.log")))
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}\n{logs}"
