@@ -33,8 +33,9 @@ class ConfusionMatrix:
         prediction = prediction[valid].astype(np.int64)
         bad = (label < 0) | (label >= self.num_classes)
         if bad.any():
-            raise PVTDenseError(f"label values {sorted(set(label[bad].tolist()))[:5]} are outside 0..{self.num_classes - 1}"
-                                f" and are not the ignore index {self.ignore_index}")
+            values = sorted(set(label[bad].tolist()))[:5]
+            raise PVTDenseError(f"label values {values} are outside 0..{self.num_classes - 1} and are not the "
+                                f"ignore index {self.ignore_index}")
         bad = (prediction < 0) | (prediction >= self.num_classes)
         if bad.any():
             raise PVTDenseError(f"predicted classes {sorted(set(prediction[bad].tolist()))[:5]} are outside "
