@@ -81,6 +81,37 @@ def test_classifier_from_a_config_file_through_the_tool(tmp_path, pynative, caps
     np.testing.assert_allclose(logits, outputs_of(reference, pixels)[0], rtol=0, atol=1e-4)
 
 
+def test_backbone_onnx_equals_eager_model_in_onnxruntime(tmp_path, pynative):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    # Stages 1-2 only: the graph compile dominates this test's time, and the substitutes are the same in every stage.
+    net = pvt_dense.create_backbone("pvt_tiny", out_indices=(0, 1))
+    randomise_norms(net, 2)
+    ckpt = str(tmp_path / "tiny.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    # 64x96 is not the 224 pretraining grid: every stage's position embedding is resized, which the ONNX graph
+    # holds as a constant; GELU is the polynomial substitute.
+    export_model("pvt_tiny", tmp_path / "tiny.onnx", shape=(1, 3, 64, 96), ckpt_path=ckpt, file_format="ONNX",
+                 overrides=["--out_indices", "0", "1"], verify=False)
+    reference = pvt_dense.create_backbone("pvt_tiny", out_indices=(0, 1), pretrained=ckpt)
+    reference.set_train(False)
+    pixels = 3 * np.random.default_rng(7).standard_normal((1, 3, 64, 96)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: pixels})
+    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels))):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
+
+
+def test_polynomial_gelu_is_exact_gelu(pynative):
+    from math import erf, sqrt
+
+    from pvt_dense.export import PolynomialGELU
+    x = np.concatenate([np.linspace(-12, 12, 20001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0]]).astype(np.float32)
+    expected = np.array([0.5 * v * (1.0 + erf(v / sqrt(2.0))) for v in x.astype(np.float64)])
+    error = np.abs(PolynomialGELU()(ms.Tensor(x)).asnumpy() - expected)
+    assert error.max() < 2e-6
+
+
 def test_task_table_and_shape_parsing():
     assert set(EXPORT_TASKS) >= {"backbone", "classifier"}
     assert parse_shape("1x3x800x1344") == (1, 3, 800, 1344)

@@ -1,15 +1,17 @@
-"""Export a PVT model at a fixed input shape (MINDIR) for mindspore.load + nn.GraphCell.
+"""Export a PVT model at a fixed input shape: MINDIR (mindspore.load + nn.GraphCell) or ONNX (onnxruntime).
 
     python tools/export.py --config pvt_tiny --ckpt_path pvt_tiny.pth --shape 1x3x800x1344 --format MINDIR \
         --output pvt_tiny_backbone.mindir                                   # backbone: four stage maps
     python tools/export.py --config configs/classification/pvt_tiny.yaml --ckpt_path ckpt/best.ckpt \
         --shape 1x3x224x224                                                 # classifier: logits
     python tools/export.py --config pvt_small --task classifier --num_classes 100 --shape 1x3x224x224
+    python tools/export.py --config pvt_tiny --ckpt_path pvt_tiny.pth --shape 1x3x800x1344 --format ONNX
 
 --config is a model name (exports the backbone unless --task says otherwise) or a config file (the task is the
 first one whose config schema accepts the file; --task picks one). Remaining --key value pairs override config keys
 (e.g. --out_indices 1 2 3). The exported graph is loaded back and compared with the model before it is kept
-(--no-verify skips that); a JSON sidecar records shapes, preprocessing, checkpoint and versions.
+(--no-verify skips that; ONNX verification needs onnxruntime: pip install -e .[export]); a JSON sidecar records
+shapes, preprocessing, checkpoint and versions.
 """
 import argparse
 import sys
