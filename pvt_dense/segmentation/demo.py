@@ -15,7 +15,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 
 
 def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEMO_CONFIG, overrides=(),
-                          overlay_count=8, train_images=240, val_images=40):
+                          overlay_count=8, train_images=240, val_images=40, digit_size=(24, 44)):
     """Returns {"config", "result" (evaluation of the best checkpoint), "overlays" (folder)}."""
     from ..data.digits_segmentation import make_digits_segmentation
     from .ade20k import list_samples
@@ -26,7 +26,8 @@ def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=
     from .train import train_segmentor
 
     data_dir = os.path.join(output_dir, "digits_segmentation")
-    summary = make_digits_segmentation(data_dir, canvas_size=64, train_images=train_images, val_images=val_images)
+    summary = make_digits_segmentation(data_dir, canvas_size=64, train_images=train_images, val_images=val_images,
+                                       digit_size=digit_size)
     print(f"[seg 1/3] digits segmentation set in {data_dir}: {summary['train']} train / {summary['val']} val "
           f"canvases, {summary['num_classes']} classes (background + 10 digits)")
     cfg = load_segmentation_config(config_path, ["--data_dir", data_dir, "--pretrained", backbone_ckpt or "",
