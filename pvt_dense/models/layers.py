@@ -15,6 +15,11 @@ from . import fast_ops
 BLOCK_NORM_EPS = 1e-6
 EMBED_NORM_EPS = 1e-5
 
+# Attention score matrices above this many elements (64 MB in float32) are computed in query-row chunks, so that
+# a large input (800x1344: 67200 x 1050 scores per stage-1 block) never holds the whole matrix and its softmax at
+# once. The result is the same: each query row's softmax is independent of the others.
+MAX_ATTENTION_SCORES = 1 << 24
+
 
 def dense(in_features, out_features, bias=True):
     """A Linear layer initialised as in the official code: truncated normal std 0.02, zero bias.
@@ -101,6 +106,7 @@ class SpatialReductionAttention(nn.Cell):
         self.softmax = ops.Softmax(axis=-1)
         # Unstack is ~8x faster than two strided slices kv[0], kv[1] on the CPU, with identical values.
         self.unstack_kv = ops.Unstack(axis=0)
+        self.max_scores = MAX_ATTENTION_SCORES
 
     def construct(self, x, height, width):
         batch, num_tokens, channels = x.shape
@@ -113,14 +119,30 @@ class SpatialReductionAttention(nn.Cell):
             source = x
         kv = self.kv(source).reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         k, v = self.unstack_kv(kv)
-        attn = self.softmax(self.q_matmul_k(q * self.scale, k))
-        if self.has_attn_drop:
-            attn = self.attn_drop(attn)
-        out = self.attn_matmul_v(attn, v).transpose(0, 2, 1, 3).reshape(batch, num_tokens, channels)
+        q = q * self.scale
+        # Shapes are compile-time constants, so this branch and the loop below are resolved when compiling.
+        num_scores = batch * self.num_heads * num_tokens * k.shape[2]
+        if num_scores <= self.max_scores:
+            out = self.attend(q, k, v)
+        else:
+            step = -(-num_tokens // -(-num_scores // self.max_scores))
+            parts = ()
+            for start in range(0, num_tokens, step):
+                parts = parts + (self.attend(q[:, :, start:start + step], k, v),)
+            out = ops.concat(parts, 2)
+        out = out.transpose(0, 2, 1, 3).reshape(batch, num_tokens, channels)
         out = self.proj(out)
         if self.has_proj_drop:
             out = self.proj_drop(out)
         return out
+
+    def attend(self, q, k, v):
+        """softmax(q k^T) v for (B, heads, n, head_dim) queries; softmax is per query row, so query chunks are
+        independent."""
+        attn = self.softmax(self.q_matmul_k(q, k))
+        if self.has_attn_drop:
+            attn = self.attn_drop(attn)
+        return self.attn_matmul_v(attn, v)
 
 
 class Mlp(nn.Cell):
