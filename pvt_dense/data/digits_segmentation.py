@@ -1,7 +1,8 @@
 """A small semantic-segmentation set in the ADE20K layout, generated offline from scikit-learn's digits.
 
-Each canvas is a smooth random colour background with one to three handwritten digits (8x8 sklearn digits,
-upscaled with bilinear interpolation) pasted in random colours, sizes and places; later digits cover earlier ones.
+Each canvas is a muted, noisy random colour background with one to three handwritten digits (8x8 sklearn digits,
+upscaled with bilinear interpolation) pasted in saturated random colours, sizes and places; later digits cover
+earlier ones.
 The label map stores 0 for background and d + 1 for a pixel of digit d, in
 `root/annotations/{training,validation}/<name>.png`, with the images as JPEGs in `root/images/{...}/<name>.jpg`:
 the same layout, file types and "0 is not an object" convention as ADEChallengeData2016. The demo config trains
@@ -22,7 +23,7 @@ from ..errors import ConfigError
 
 META_NAME = "digits_segmentation_meta.json"
 GENERATOR = "pvt_dense.data.digits_segmentation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 
 
@@ -46,11 +47,18 @@ def _check(canvas_size, train_images, val_images, classes, digit_size, seed):
 
 
 def _background(rng, size):
+    """Muted smooth colour with noise: clutter, but never as saturated as the digits."""
     import cv2
-    coarse = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.float32)
+    coarse = rng.uniform(70, 170, size=(4, 4, 3)).astype(np.float32)
     smooth = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-    noise = rng.normal(0, 8, size=(size, size, 3)).astype(np.float32)
-    return np.clip(smooth * 0.6 + 50 + noise, 0, 255)
+    noise = rng.normal(0, 10, size=(size, size, 3)).astype(np.float32)
+    return np.clip(smooth + noise, 0, 255)
+
+
+def _digit_colour(rng):
+    """A saturated colour: one channel high, one low, one anywhere."""
+    colour = np.array([rng.uniform(200, 255), rng.uniform(0, 50), rng.uniform(0, 255)], np.float32)
+    return colour[rng.permutation(3)]
 
 
 def render_canvas(rng, digit_images, digit_labels, canvas_size, digit_size, max_digits=3):
@@ -64,7 +72,7 @@ def render_canvas(rng, digit_images, digit_labels, canvas_size, digit_size, max_
         glyph = cv2.resize(digit_images[pick].astype(np.float32) / 16.0, (side, side), interpolation=cv2.INTER_LINEAR)
         top = int(rng.integers(0, canvas_size - side + 1))
         left = int(rng.integers(0, canvas_size - side + 1))
-        color = rng.uniform(0, 255, size=3).astype(np.float32)
+        color = _digit_colour(rng)
         region = image[top:top + side, left:left + side]
         alpha = np.clip(glyph * 1.5, 0, 1)[:, :, None]
         image[top:top + side, left:left + side] = region * (1 - alpha) + color * alpha

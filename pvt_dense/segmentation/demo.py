@@ -17,6 +17,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEMO_CONFIG, overrides=(),
                           overlay_count=8, train_images=240, val_images=40, digit_size=(24, 44)):
     """Returns {"config", "result" (evaluation of the best checkpoint), "overlays" (folder)}."""
+    from ..atomic import write_atomic
     from ..data.digits_segmentation import make_digits_segmentation
     from .ade20k import list_samples
     from .evaluation import Predictor, evaluate_segmentor, format_results
@@ -46,10 +47,9 @@ def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=
     print("\n".join("          " + line for line in format_results(result, class_names_of(cfg)).splitlines()))
 
     overlay_dir = os.path.join(output_dir, "segmentation_overlays")
-    listing = os.path.join(output_dir, "segmentation_inputs.txt")
-    with open(listing + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write("\n".join(os.path.relpath(s.image, output_dir) for s in samples[:overlay_count]) + "\n")
-    os.replace(listing + ".tmp", listing)
+    # A list file beside the validation images names them by file name alone, so outputs are overlay/val_00000.jpg.
+    listing = os.path.join(os.path.dirname(samples[0].image), "demo_overlay_inputs.txt")
+    write_atomic(listing, "".join(os.path.basename(s.image) + "\n" for s in samples[:overlay_count]).encode())
     predicted = infer_images(Predictor(inference, **predictor_options(cfg)), listing, overlay_dir, cfg.num_classes,
                              progress=False)
     print(f"[seg 3/3] masks and overlays of {len(predicted['written']) + len(predicted['existing'])} validation "
