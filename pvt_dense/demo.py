@@ -3,8 +3,12 @@
 1. pretrain a PVT-Tiny classifier on scikit-learn's digits written as an ImageNet folder layout
    (configs/demo/pvt_tiny_digits.yaml, a few minutes), and validate it;
 2. load that checkpoint into a dense backbone (the path an ImageNet-pretrained model takes into detection);
-3. export the four stage maps of scikit-image's sample photographs and print what came out.
-Detection and segmentation join here as they land. Re-running resumes or skips whatever is already done.
+3. export the four stage maps of scikit-image's sample photographs and print what came out;
+4. train RetinaNet + FPN on digits pasted onto canvases (COCO layout) from that backbone, evaluate it with
+   pycocotools and draw its detections (`pvt_dense.detection.demo`);
+5. train Semantic FPN on digit masks (ADE20K layout) from the same backbone, evaluate mIoU and write overlays
+   (`pvt_dense.segmentation.demo`).
+Re-running resumes or skips whatever is already done; `tasks` picks the dense tasks to run.
 """
 import os
 import time
@@ -39,7 +43,10 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
     return cfg.model, best, result
 
 
-def run_demo(output_dir="outputs/demo", short_side=320, max_long_side=512):
+DENSE_TASKS = ("detection", "segmentation")
+
+
+def run_demo(output_dir="outputs/demo", short_side=320, max_long_side=512, tasks=DENSE_TASKS):
     import mindspore as ms
 
     from .data.samples import sample_images
@@ -67,4 +74,11 @@ def run_demo(output_dir="outputs/demo", short_side=320, max_long_side=512):
             shapes = " ".join("x".join(map(str, npz[f"stage{i + 1}"].shape)) for i in npz["out_indices"])
             print(f"  {os.path.basename(path)}: {tuple(npz['original_size'])} -> padded "
                   f"{tuple(npz['padded_size'])}; maps {shapes}")
-    return summary
+    results = {"features": summary}
+    if "detection" in tasks:
+        from .detection.demo import run_detection_demo
+        results["detection"] = run_detection_demo(ckpt, output_dir)
+    if "segmentation" in tasks:
+        from .segmentation.demo import run_segmentation_demo
+        results["segmentation"] = run_segmentation_demo(ckpt, output_dir)
+    return results
