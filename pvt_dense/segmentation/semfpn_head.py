@@ -7,7 +7,6 @@ dropout and a 1x1 classifier give the class logits at the finest stride.
 """
 import math
 
-import numpy as np
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal, Zero, initializer
 
@@ -84,8 +83,3 @@ class SemanticFPNHead(nn.Cell):
             # Odd input sizes floor differently per stride, so the upsampled map can be a pixel off.
             output = output + ops.interpolate(level, size=output.shape[2:], mode="bilinear", align_corners=False)
         return self.classifier(self.dropout(output))
-
-
-def head_block_counts(in_strides):
-    """Conv blocks per level (documentation and tests): [1, 1, 2, 3] for strides 4/8/16/32."""
-    return [max(1, int(np.log2(s / in_strides[0]))) for s in in_strides]
