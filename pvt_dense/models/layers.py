@@ -4,6 +4,7 @@ Every layer mirrors the official PyTorch code (whai362/PVT) so that converted we
 PyTorch-style Conv2d padding and bias, LayerNorm eps per norm, exact (erf) GELU, (out, in) Linear weights.
 Tokens are (B, N, C) with N = H * W in row-major order, the layout the official code uses.
 """
+import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import TruncatedNormal
 
@@ -107,6 +108,10 @@ class SpatialReductionAttention(nn.Cell):
         # Unstack is ~8x faster than two strided slices kv[0], kv[1] on the CPU, with identical values.
         self.unstack_kv = ops.Unstack(axis=0)
         self.max_scores = MAX_ATTENTION_SCORES
+        compiled = fast_ops.kernels_for_new_cell()
+        # The fused kernel never stores the score matrix; attention dropout needs it, so it takes the ops path.
+        self.use_kernel = compiled is not None and compiled.attention is not None and not self.has_attn_drop
+        self.attention_kernel = compiled.attention if self.use_kernel else None
 
     def construct(self, x, height, width):
         batch, num_tokens, channels = x.shape
@@ -122,7 +127,9 @@ class SpatialReductionAttention(nn.Cell):
         q = q * self.scale
         # Shapes are compile-time constants, so this branch and the loop below are resolved when compiling.
         num_scores = batch * self.num_heads * num_tokens * k.shape[2]
-        if num_scores <= self.max_scores:
+        if self.use_kernel and q.dtype == ms.float32:
+            out = self.attention_kernel(q, k, v)
+        elif num_scores <= self.max_scores:
             out = self.attend(q, k, v)
         else:
             step = -(-num_tokens // -(-num_scores // self.max_scores))
