@@ -39,7 +39,8 @@ def test_backbone_mindir_equals_eager_model(tmp_path, pynative):
     randomise_norms(net, 0)
     ckpt = str(tmp_path / "tiny.ckpt")
     ms.save_checkpoint(net, ckpt)
-    info = export_model("pvt_tiny", tmp_path / "tiny_backbone", shape=(1, 3, 64, 96), ckpt_path=ckpt)
+    # verify=False: the comparison below is the check (export_model's own is the same one, run by the tool).
+    info = export_model("pvt_tiny", tmp_path / "tiny_backbone", shape=(1, 3, 64, 96), ckpt_path=ckpt, verify=False)
     path = tmp_path / "tiny_backbone.mindir"
     assert info["path"] == str(path) and info["task"] == "backbone"
 
@@ -57,7 +58,7 @@ def test_backbone_mindir_equals_eager_model(tmp_path, pynative):
     sidecar = json.loads((tmp_path / "tiny_backbone.mindir.json").read_text())
     assert sidecar["input"]["shape"] == [1, 3, 64, 96]
     assert [o["shape"] for o in sidecar["outputs"]] == [list(o.shape) for o in expected]
-    assert sidecar["verified_max_abs_diff"] <= 1e-4 and sidecar["checkpoint"] == os.path.abspath(ckpt)
+    assert sidecar["verified_max_abs_diff"] is None and sidecar["checkpoint"] == os.path.abspath(ckpt)
     assert [f["stride"] for f in sidecar["feature_info"]] == [4, 8, 16, 32]
     assert sorted(os.listdir(tmp_path)) == ["tiny.ckpt", "tiny_backbone.mindir", "tiny_backbone.mindir.json"]
 
