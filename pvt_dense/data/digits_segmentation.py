@@ -3,7 +3,8 @@
 Each canvas is a muted, noisy random colour background with one to three handwritten digits (8x8 sklearn digits,
 upscaled with bilinear interpolation) pasted in saturated random colours, sizes and places; later digits cover
 earlier ones.
-The label map stores 0 for background and d + 1 for a pixel of digit d, in
+The label map stores 0 for background and d + 1 for a pixel of digit d (or 1 for any digit's stroke with
+`merge_digits=True`: a two-class set a few minutes of CPU training can learn), in
 `root/annotations/{training,validation}/<name>.png`, with the images as JPEGs in `root/images/{...}/<name>.jpg`:
 the same layout, file types and "0 is not an object" convention as ADEChallengeData2016. The demo config trains
 with `reduce_zero_label: False` and `num_classes: classes + 1` (background is a class, so overlays show it);
@@ -27,11 +28,13 @@ FORMAT_VERSION = 2
 SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 
 
-def class_names(classes):
-    return ["background"] + [str(d) for d in range(classes)]
+def class_names(classes, merge_digits=False):
+    return ["background", "digit"] if merge_digits else ["background"] + [str(d) for d in range(classes)]
 
 
-def _check(canvas_size, train_images, val_images, classes, digit_size, seed):
+def _check(canvas_size, train_images, val_images, classes, digit_size, seed, merge_digits):
+    if not isinstance(merge_digits, bool):
+        raise ConfigError(f"merge_digits must be True or False, got {merge_digits!r}")
     if isinstance(canvas_size, bool) or not isinstance(canvas_size, int) or not 32 <= canvas_size <= 1024:
         raise ConfigError(f"canvas_size must be an int from 32 to 1024, got {canvas_size!r}")
     for name, value in (("train_images", train_images), ("val_images", val_images)):
@@ -102,17 +105,18 @@ def _planned(root, counts):
 
 
 def make_digits_segmentation(root, canvas_size=64, train_images=200, val_images=40, classes=10,
-                             digit_size=(20, 40), seed=0):
+                             digit_size=(20, 40), seed=0, merge_digits=False):
     """Write (or find already written) the digits segmentation set under `root`; returns a summary dict with
-    root, num_classes (classes + 1: background and the digits), class_names, train / val counts and `written`."""
+    root, num_classes (classes + 1: background and the digits; 2 with `merge_digits`: background and digit
+    strokes), class_names, train / val counts and `written`."""
     import cv2
     from sklearn.datasets import load_digits
 
     digit_size = tuple(int(v) for v in digit_size)
-    _check(canvas_size, train_images, val_images, classes, digit_size, seed)
+    _check(canvas_size, train_images, val_images, classes, digit_size, seed, merge_digits)
     root = os.path.abspath(os.fspath(root))
     parameters = {"canvas_size": canvas_size, "train_images": train_images, "val_images": val_images,
-                  "classes": classes, "digit_size": list(digit_size), "seed": seed}
+                  "classes": classes, "digit_size": list(digit_size), "seed": seed, "merge_digits": merge_digits}
     if os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"digits segmentation root {root} exists and is not a directory")
     previous = _read_meta(root) if os.path.isdir(root) else None
@@ -120,7 +124,8 @@ def make_digits_segmentation(root, canvas_size=64, train_images=200, val_images=
         raise ConfigError(f"refusing to write the digits segmentation set into {root}: the directory is not empty "
                           f"and holds no {META_NAME} written by pvt_dense; choose an empty or new directory")
     plan = _planned(root, {"train": train_images, "val": val_images})
-    summary = {"root": root, "num_classes": classes + 1, "class_names": class_names(classes),
+    summary = {"root": root, "num_classes": 2 if merge_digits else classes + 1,
+               "class_names": class_names(classes, merge_digits),
                "train": train_images, "val": val_images, "parameters": parameters}
     same = previous is not None and previous.get("parameters") == parameters \
         and previous.get("format") == FORMAT_VERSION
@@ -143,6 +148,8 @@ def make_digits_segmentation(root, canvas_size=64, train_images=200, val_images=
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
         pool = pools[split]
         image, label = render_canvas(rng, digits.images[pool], digits.target[pool], canvas_size, digit_size)
+        if merge_digits:
+            label = np.minimum(label, 1)
         for path, array, extension in ((image_path, image[:, :, ::-1], ".jpg"), (label_path, label, ".png")):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             ok, encoded = cv2.imencode(extension, array)

@@ -15,7 +15,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 
 
 def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEMO_CONFIG, overrides=(),
-                          overlay_count=8, train_images=240, val_images=40, digit_size=(24, 44)):
+                          overlay_count=8, train_images=240, val_images=40, digit_size=(24, 44), merge_digits=True):
     """Returns {"config", "result" (evaluation of the best checkpoint), "overlays" (folder)}."""
     from ..atomic import write_atomic
     from ..data.digits_segmentation import make_digits_segmentation
@@ -28,9 +28,9 @@ def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=
 
     data_dir = os.path.join(output_dir, "digits_segmentation")
     summary = make_digits_segmentation(data_dir, canvas_size=64, train_images=train_images, val_images=val_images,
-                                       digit_size=digit_size)
+                                       digit_size=digit_size, merge_digits=merge_digits)
     print(f"[seg 1/3] digits segmentation set in {data_dir}: {summary['train']} train / {summary['val']} val "
-          f"canvases, {summary['num_classes']} classes (background + 10 digits)")
+          f"canvases, {summary['num_classes']} classes ({', '.join(summary['class_names'])})")
     cfg = load_segmentation_config(config_path, ["--data_dir", data_dir, "--pretrained", backbone_ckpt or "",
                                                  "--ckpt_save_dir", os.path.join(output_dir, "segmentation"),
                                                  *overrides])
