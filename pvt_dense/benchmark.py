@@ -522,7 +522,7 @@ def machine_lines(info):
             f"other processes on the machine make the numbers noisy",
             "- Memory: peak RSS of a fresh process running only that case (includes the framework itself)",
             "- GFLOP/s: `pvt_dense.benchmark.forward_flops` (convs, linears, attention products; a training step "
-            "counts as 3 forwards) / median time"]
+            "counts as 3 forwards) / median time"] + ([f"- Note: {info['note']}"] if info.get("note") else [])
 
 
 def write_reports(folder, info, rows, profiles):
@@ -565,7 +565,8 @@ def plot_throughput(rows, path):
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(pairs)), 4))
     x = np.arange(len(pairs))
     for offset, framework in ((-0.2, OURS), (0.2, THEIRS)):
-        values = [by_key[(m, c, framework)]["images_per_s"] if (m, c, framework) in by_key else 0 for m, c in pairs]
+        values = [by_key[(m, c, framework)]["images_per_s"] if (m, c, framework) in by_key else np.nan
+                  for m, c in pairs]
         ax.bar(x + offset, values, width=0.4, label=FRAMEWORK_LABELS[framework])
     ax.set_xticks(x)
     ax.set_xticklabels([f"{m}\n{CASES[c].label}" for m, c in pairs], fontsize=7)
