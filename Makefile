@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) tools/demo.py --output outputs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 # The side-by-side CPU benchmark against HuggingFace's PVT on torch (the [bench] extra); see tools/benchmark.py.
 bench: $(STAMP)

@@ -197,15 +197,18 @@ class IterationLoop:
                           "overflow_steps": self.state["overflow_steps"],
                           "skipped_samples": self.state["skipped_samples"]}
                 losses = []
+                if save_now and iteration != last_save:
+                    # Saved before evaluating too, so a crash during a long evaluation loses no training.
+                    self.save()
+                    last_save = iteration
                 metric = self._evaluate_and_record(record) if eval_now else None
                 if self.is_main:
                     self.metrics.append(record)
                     self.metrics.plot()
                     if eval_now:
                         bar.write(format_record(record, self.total_iters))
-                if save_now and iteration != last_save:
-                    self.save(metric)
-                    last_save = iteration
+                if metric is not None:
+                    self.save(metric)  # the same file again, now carrying the metric that picks the best
         bar.close()
         return dict(self.state)
 
