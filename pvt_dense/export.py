@@ -94,9 +94,52 @@ def build_classifier(config, ckpt_path):
     return create_model(config.model, num_classes=config.num_classes, pretrained=ckpt_path or None)
 
 
+# --- detector and segmentor ---------------------------------------------------------------------------------------
+
+def _config_file_needed(task, path, folder):
+    if not path:
+        raise ExportError(f"the {task} task needs its config file: --config configs/{folder}/....yaml")
+
+
+def load_detector_config(path, overrides, model_name):
+    _config_file_needed("detector", path, "detection")
+    from .detection.recipe import load_detection_config
+    return load_detection_config(path, overrides)
+
+
+def build_detector(config, ckpt_path):
+    """RetinaNet with the weights of a training checkpoint (or the config's backbone weights and a fresh head)."""
+    if ckpt_path:
+        from .detection.train import load_detector
+        return load_detector(config, ckpt_path)
+    from .detection.recipe import build_retinanet
+    detector, _ = build_retinanet(config)
+    detector.set_train(False)
+    return detector
+
+
+def load_segmentor_config(path, overrides, model_name):
+    _config_file_needed("segmentor", path, "segmentation")
+    from .segmentation.recipe import load_segmentation_config
+    return load_segmentation_config(path, overrides)
+
+
+def build_segmentor(config, ckpt_path):
+    """Semantic FPN (BatchNorm statistics included) returning logits upsampled to the input size."""
+    from .segmentation.recipe import build_segmentor as build_network, load_trained_segmentor
+    from .segmentation.segmentor import SegmentorInference
+    network = load_trained_segmentor(config, ckpt_path) if ckpt_path else build_network(config)
+    network.set_train(False)
+    return SegmentorInference(network)
+
+
 EXPORT_TASKS = {
     "backbone": ExportTask(load_backbone_config, build_backbone, "stage maps (N, C_i, H // s_i, W // s_i)"),
     "classifier": ExportTask(load_classifier_config, build_classifier, "logits (N, num_classes)"),
+    "detector": ExportTask(load_detector_config, build_detector,
+                           "per-level class logits (N, A*K, H_l, W_l) then box deltas (N, A*4, H_l, W_l), P3..P7; "
+                           "decode and NMS with pvt_dense.detection.postprocess"),
+    "segmentor": ExportTask(load_segmentor_config, build_segmentor, "logits (N, num_classes, H, W)"),
 }
 
 
@@ -336,7 +379,7 @@ def export_model(config_or_model, output, shape=(1, 3, 800, 1344), task=None, ck
 
     import pvt_dense
     metadata = {
-        "task": task, "model": config.get("model"), "format": file_format, "file": os.path.basename(output),
+        "task": task, "model": config.get("model") or config.get("backbone"), "format": file_format, "file": os.path.basename(output),
         "sha256": sha256_of(output), "input": {"name": "x", "shape": list(shape), "dtype": "float32",
                                                "layout": "NCHW, RGB",
                                                "preprocessing": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD,

@@ -147,3 +147,16 @@ def test_too_small_shape_is_refused_before_writing(tmp_path, pynative):
     with pytest.raises(ExportError, match="16x16"):
         export_model("pvt_tiny", tmp_path / "tiny", shape=(1, 3, 16, 16))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("config, task, model", [
+    ("configs/detection/retinanet_pvt_large_fpn_1x_coco.yaml", "detector", "pvt_large"),
+    ("configs/segmentation/semfpn_pvt_small_ade20k_40k.yaml", "segmentor", "pvt_small"),
+    ("configs/classification/pvt_medium.yaml", "classifier", "pvt_medium"),
+])
+def test_config_files_pick_their_task(config, task, model):
+    from pvt_dense.export import resolve_task
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    chosen, loaded = resolve_task(os.path.join(root, config))
+    assert chosen == task
+    assert (loaded.get("model") or loaded.get("backbone")) == model

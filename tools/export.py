@@ -49,7 +49,8 @@ def main(argv=None):
     output = args.output
     if output is None:
         task, config = resolve_task(args.config, args.task, overrides)
-        output = os.path.join("outputs", "export", f"{config.model}_{task}_{'x'.join(map(str, shape))}"
+        model_name = config.get("model") or config.get("backbone")
+        output = os.path.join("outputs", "export", f"{model_name}_{task}_{'x'.join(map(str, shape))}"
                               f"{FORMATS[args.format]}")
     if not (args.ckpt_path or _config_has_ckpt(args.config)):
         print("warning: no --ckpt_path: the exported weights are random", file=sys.stderr)
