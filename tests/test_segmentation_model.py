@@ -116,9 +116,12 @@ def test_ade20k_recipes_load_and_carry_the_official_values(path):
     assert (cfg.test_scale, cfg.size_divisor, cfg.test_mode, cfg.dropout_ratio) == ([2048, 512], 32, "whole", 0.1)
 
 
-def test_demo_config_loads():
+def test_demo_config_matches_the_demo_data():
+    from pvt_dense.data.digits_segmentation import class_names
     cfg = load_segmentation_config(ROOT / "configs/demo/semfpn_pvt_tiny_digits.yaml")
-    assert cfg.num_classes == len(cfg.class_names) == 11 and cfg.reduce_zero_label is False
+    # The demo merges the digits into one class (see the config's header); background is a class, not ignored.
+    assert cfg.class_names == ["background", "digit"] == class_names(10, merge_digits=True)
+    assert cfg.num_classes == 2 and cfg.reduce_zero_label is False
 
 
 @pytest.mark.bad_input("segmentation config", "an unknown backbone / neck name or a misspelt key",
@@ -148,3 +151,20 @@ def test_checkpoint_state_holds_batchnorm_statistics_and_optimizer_moments(pynat
     assert {p.name for p in net.get_parameters()} <= names
     assert any("adam_m" in n for n in names) and "loss_scale" in names
     assert not any(n.startswith("learning_rate") for n in names)
+
+
+def test_merged_digit_labels_are_the_digit_labels_merged(tmp_path):
+    import glob
+
+    import cv2
+    from pvt_dense.data.digits_segmentation import make_digits_segmentation
+    per_digit = make_digits_segmentation(tmp_path / "digits", train_images=3, val_images=1)
+    merged = make_digits_segmentation(tmp_path / "merged", train_images=3, val_images=1, merge_digits=True)
+    assert (per_digit["num_classes"], merged["num_classes"]) == (11, 2)
+    labels = sorted(glob.glob(str(tmp_path / "digits" / "annotations" / "*" / "*.png")))
+    assert len(labels) == 4
+    for path in labels:
+        digits = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        twin = cv2.imread(path.replace(str(tmp_path / "digits"), str(tmp_path / "merged")), cv2.IMREAD_UNCHANGED)
+        assert digits.max() > 1  # a digit class other than "0", so the merge is visible
+        np.testing.assert_array_equal(twin, (digits > 0).astype(twin.dtype))
