@@ -140,7 +140,7 @@ def test_unknown_names_and_keys_list_what_is_valid():
 def test_checkpoint_state_holds_batchnorm_statistics_and_optimizer_moments(pynative):
     from pvt_dense.engine.recipe import build_adamw
     from pvt_dense.engine.train_step import TrainStep
-    from pvt_dense.segmentation.train import state_parameters
+    from pvt_dense.engine.train_step import training_state_parameters as state_parameters
     cfg = load_segmentation_config(None, ["--neck_channels", "8", "--head_channels", "8", "--num_classes", "3",
                                           "--frozen_stages", "4"])
     net = build_segmentor(cfg)

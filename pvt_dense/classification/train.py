@@ -157,13 +157,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_parameters(self):
         """What a checkpoint holds: model weights, optimizer state (moments, lr step), loss-scale state."""
-        unique = {}
-        for param in list(self.net.get_parameters()) + list(self.optimizer.get_parameters()) + [
-                self.train_step.scale, self.train_step.clean_steps]:
-            # The lr table is derived from the config, not state: a resumed run may extend epoch_size.
-            if not param.name.startswith("learning_rate"):
-                unique.setdefault(param.name, param)
-        return list(unique.values())
+        from ..engine.train_step import training_state_parameters
+        return training_state_parameters(self.net, self.optimizer, self.train_step)
 
     def resume_point(self):
         resume = self.cfg.resume

@@ -10,7 +10,7 @@ from ..config import dump_config
 from ..engine.checkpoints import load_checkpoint_into
 from ..engine.loop import IterationLoop
 from ..engine.recipe import build_adamw, init_run, warmup_step_schedule
-from ..engine.train_step import TrainStep
+from ..engine.train_step import TrainStep, training_state_parameters
 from ..errors import ConfigError, PVTDenseError
 from .coco import CocoDetection
 from .data import DetectionBatchSource
@@ -33,15 +33,6 @@ def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
                              verbose=verbose, progress=cfg.progress_bar)
 
 
-def state_parameters(train_net, optimizer, train_step):
-    """What a checkpoint holds: the detector, the optimizer state (moments, step) and the loss-scale state; not the
-    lr table, which comes from the config (a resumed run may extend the schedule)."""
-    unique = {}
-    for param in list(train_net.get_parameters()) + list(optimizer.get_parameters()) + [
-            train_step.scale, train_step.clean_steps]:
-        if not param.name.startswith("learning_rate"):
-            unique.setdefault(param.name, param)
-    return list(unique.values())
 
 
 def train_detector(cfg):
@@ -75,7 +66,7 @@ def train_detector(cfg):
         print(f"RetinaNet on {cfg.backbone}: {len(train_set)} training images ({train_set.num_classes} classes), "
               f"{steps} iterations per epoch x {world_size} process(es), {total_iters} iterations")
     loop = IterationLoop(train_step, source, schedule, total_iters, cfg.ckpt_save_dir,
-                         state_parameters(train_net, optimizer, train_step),
+                         training_state_parameters(train_net, optimizer, train_step),
                          meta={"config": dict(cfg), "class_names": train_set.class_names,
                                "category_ids": train_set.category_ids},
                          evaluate=evaluate if val_set is not None else None,

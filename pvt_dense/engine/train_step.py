@@ -98,3 +98,15 @@ class TrainStep(nn.Cell):
                 ops.assign(self.scale, self.scale * 2.0)
                 ops.assign(self.clean_steps, Tensor(0, ms.int32))
         return self.scale
+
+
+def training_state_parameters(network, optimizer, train_step):
+    """What a resumable checkpoint holds: the network's parameters (BatchNorm statistics included), the optimizer
+    state (moments, step) and the loss-scale state of `train_step`; not the lr table, which is derived from the
+    config (a resumed run may extend the schedule)."""
+    unique = {}
+    for param in list(network.get_parameters()) + list(optimizer.get_parameters()) + [
+            train_step.scale, train_step.clean_steps]:
+        if not param.name.startswith("learning_rate"):
+            unique.setdefault(param.name, param)
+    return list(unique.values())

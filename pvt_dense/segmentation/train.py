@@ -8,15 +8,6 @@ from .ade20k import list_samples
 from .recipe import build_segmentor, class_names_of, predictor_options
 
 
-def state_parameters(net, optimizer, train_step):
-    """Weights, BatchNorm moving statistics (not trainable, but part of the model), optimizer moments and step,
-    loss-scale state; not the lr table, which is derived from the config."""
-    unique = {}
-    for param in list(net.get_parameters()) + list(optimizer.get_parameters()) + [
-            train_step.scale, train_step.clean_steps]:
-        if not param.name.startswith("learning_rate"):
-            unique.setdefault(param.name, param)
-    return list(unique.values())
 
 
 class SegmentationRun:
@@ -64,13 +55,14 @@ class SegmentationRun:
 
     def fit(self):
         from ..engine.loop import IterationLoop
+        from ..engine.train_step import training_state_parameters
         cfg = self.cfg
         if self.rank == 0:
             os.makedirs(cfg.ckpt_save_dir, exist_ok=True)
             dump_config(cfg, os.path.join(cfg.ckpt_save_dir, "config.yaml"))
         loop = IterationLoop(
             self.train_step, self.source, self.lr_schedule, cfg.total_iters, cfg.ckpt_save_dir,
-            state_parameters(self.net, self.optimizer, self.train_step),
+            training_state_parameters(self.net, self.optimizer, self.train_step),
             meta={"config": dict(cfg), "class_names": self.class_names}, evaluate=self.evaluate,
             eval_interval=cfg.eval_interval, save_interval=cfg.save_interval, metric_name="mIoU", metric_mode="max",
             keep_last=cfg.keep_checkpoint_max, resume=cfg.resume, rank=self.rank, world_size=self.world_size,
