@@ -88,16 +88,19 @@ def _digit_image(gray_8x8, image_size):
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def _read_our_meta(root):
-    """Our meta dict if `root` holds one we wrote, else None."""
+def read_generator_meta(root, meta_name, generator):
+    """The meta dict a generated dataset left in `root/meta_name`, if `generator` wrote it; else None. The digits
+    sets (classification, detection, segmentation) use it to know which files are theirs to resume or rewrite."""
     try:
-        with open(os.path.join(root, META_NAME), encoding="utf-8") as handle:
+        with open(os.path.join(root, meta_name), encoding="utf-8") as handle:
             meta = json.load(handle)
     except (OSError, ValueError):
         return None
-    if isinstance(meta, dict) and meta.get("generator") == GENERATOR:
-        return meta
-    return None
+    return meta if isinstance(meta, dict) and meta.get("generator") == generator else None
+
+
+def _read_our_meta(root):
+    return read_generator_meta(root, META_NAME, GENERATOR)
 
 
 def _remove_our_files(root, keep):

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..atomic import write_atomic
 from ..errors import ConfigError
+from .digits import read_generator_meta
 
 META_NAME = "digits_detection_meta.json"
 GENERATOR = "pvt_dense.data.digits_detection"
@@ -73,12 +74,7 @@ def render_canvas(rng, digits, pool, canvas_size, digit_sizes, min_digits, max_d
 
 
 def _read_meta(root):
-    try:
-        with open(os.path.join(root, META_NAME), encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("generator") == GENERATOR else None
+    return read_generator_meta(root, META_NAME, GENERATOR)
 
 
 def make_digits_detection(root, train_images=64, val_images=16, canvas_size=96, digit_sizes=(24, 40),

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import write_atomic
 from ..errors import ConfigError
+from .digits import read_generator_meta
 
 META_NAME = "digits_segmentation_meta.json"
 GENERATOR = "pvt_dense.data.digits_segmentation"
@@ -85,12 +86,7 @@ def render_canvas(rng, digit_images, digit_labels, canvas_size, digit_size, max_
 
 
 def _read_meta(root):
-    try:
-        with open(os.path.join(root, META_NAME), encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("generator") == GENERATOR else None
+    return read_generator_meta(root, META_NAME, GENERATOR)
 
 
 def _planned(root, counts):
