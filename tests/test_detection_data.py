@@ -50,9 +50,8 @@ def test_reader_maps_categories_skips_crowd_and_keeps_empty_images(tmp_path):
 def test_resize_flip_and_pad_move_boxes_with_the_pixels():
     image = np.zeros((50, 100, 3), np.uint8)
     image[10:20, 30:60] = 255
-    canvas = canvas_shape(True, (64, 32), 32)
-    assert canvas == (32, 64)
-    chw, boxes, meta = prepare_image(image, [[30, 10, 60, 20]], canvas, (64, 32), flip=True)
+    assert canvas_shape(True, (64, 32), 32) == (32, 64)
+    chw, boxes, meta = prepare_image(image, [[30, 10, 60, 20]], (64, 32), flip=True)
     assert meta["resized_size"] == (32, 64) and chw.shape == (3, 32, 64)
     np.testing.assert_allclose(boxes, [[64 - 60 * 0.64, 10 * 0.64, 64 - 30 * 0.64, 20 * 0.64]], atol=1e-4)
     bright = np.argwhere(chw[0] > 1.0)
@@ -69,7 +68,7 @@ def test_batches_are_deterministic_grouped_by_orientation_and_sharded(tmp_path):
     assert single.steps_per_epoch == ranks[0].steps_per_epoch == 1 + 2  # 3 portrait, 6 landscape images
     for epoch in range(2):
         for index in range(single.steps_per_epoch):
-            images_, boxes, labels, mask = single.batch(epoch, index)
+            images_, boxes, labels, mask, pad_sizes = single.batch(epoch, index)
             assert images_.shape[2:] in ((32, 64), (64, 32)) and mask.shape == (4, 3)
             again = DetectionBatchSource(dataset, batch_size=4, **kwargs).batch(epoch, index)
             np.testing.assert_array_equal(images_, again[0])  # a pure function of (seed, epoch, index)
@@ -78,6 +77,21 @@ def test_batches_are_deterministic_grouped_by_orientation_and_sharded(tmp_path):
             np.testing.assert_array_equal(np.concatenate([s[1] for s in shards]), boxes)
     assert not np.array_equal(single.batch(0, 0)[0], single.batch(1, 0)[0]) or single.epoch_plan(0) != \
         single.epoch_plan(1)
+
+
+@pytest.mark.parametrize("grid, expected", [(32, (128, 192)), (128, (128, 224))])
+def test_batches_pad_to_their_largest_image_rounded_to_the_grid(tmp_path, grid, expected):
+    ann, images = write_coco(tmp_path, [(1, 90, 50), (2, 60, 40)],
+                             [box(1, 1, 3, 1, 1, 10, 10), box(2, 2, 3, 5, 5, 20, 20)])
+    source = DetectionBatchSource(CocoDetection(ann, images), batch_size=2, max_gt=2, img_scale=(200, 100),
+                                  flip_ratio=0.0, shuffle=False, pad_grid=grid)
+    images_, boxes, labels, mask, pad_sizes = source.batch(0, 0)
+    # mmcv.imrescale within (200, 100): 90x50 -> x2 -> 180x100, pad 192x128; 60x40 -> x2.5 -> 150x100, pad 160x128.
+    # The batch takes the largest (192x128), rounded up to the grid but never beyond the 224x128 canvas.
+    np.testing.assert_array_equal(pad_sizes, [[128, 192], [128, 160]])
+    np.testing.assert_allclose(boxes[1, 0], [12.5, 12.5, 62.5, 62.5])
+    assert images_.shape[2:] == expected and source.shapes == {images_.shape}
+    assert images_[1, :, :100, :150].any() and not images_[1, :, 100:].any() and not images_[1, :, :, 150:].any()
 
 
 @pytest.mark.bad_input("COCO dataset", "an image whose file is corrupt", "skipped and counted; the next image of "
@@ -90,7 +104,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     source = DetectionBatchSource(CocoDetection(ann, images), batch_size=3, img_scale=(64, 32), max_gt=2,
                                   shuffle=False, flip_ratio=0.0)
     with pytest.warns(RuntimeWarning, match="0001.png"):
-        images_, boxes, labels, mask = source.batch(0, 0)
+        images_, boxes, labels, mask, _ = source.batch(0, 0)
     assert source.skipped == 1
     assert mask.sum() == 2  # the corrupt image's slot now holds image 2 (one box), which also has its own slot
 
@@ -107,7 +121,7 @@ def test_more_boxes_than_max_gt_are_capped_with_a_warning(tmp_path):
     areas = (record.boxes[:, 2] - record.boxes[:, 0]) * (record.boxes[:, 3] - record.boxes[:, 1])
     all_areas = sorted(a["bbox"][2] * a["bbox"][3] for a in annotations)
     assert sorted(areas) == all_areas[-100:]  # the 20 smallest boxes were dropped
-    _, boxes, _, mask = DetectionBatchSource(dataset, batch_size=1, max_gt=100, img_scale=(100, 100)).batch(0, 0)
+    _, boxes, _, mask, _ = DetectionBatchSource(dataset, batch_size=1, max_gt=100, img_scale=(100, 100)).batch(0, 0)
     assert mask.sum() == 100
 
 

@@ -78,7 +78,7 @@ def assign_reference(anchors, boxes, pos_thr=0.5, neg_thr=0.4, min_pos_iou=0.0):
     positive = best >= pos_thr
     assigned[positive] = best_box[positive] + 1
     for k in range(len(boxes)):
-        if overlaps[k].max() >= min_pos_iou and overlaps[k].max() > 0:
+        if overlaps[k].max() >= min_pos_iou:
             assigned[overlaps[k] == overlaps[k].max()] = k + 1
     return assigned
 
@@ -98,8 +98,9 @@ def test_assigner_matches_the_reference_with_padding_and_empty_images(seed):
         mask[image, :count] = 1
     boxes[0, 1] = boxes[0, 0]  # two identical boxes: the later one wins the tie, as in mmdetection's loop
     boxes[1, :] = 7.0  # padding rows hold garbage; the mask must hide them
+    valid = Tensor(np.ones((3, len(anchors)), np.bool_))
     matched, positive, negative = (t.asnumpy() for t in MaxIoUAssigner()(Tensor(anchors), Tensor(boxes),
-                                                                          Tensor(mask)))
+                                                                          Tensor(mask), valid))
     for image, count in enumerate(counts):
         expected = assign_reference(anchors, boxes[image, :count])
         np.testing.assert_array_equal(positive[image], expected > 0)

@@ -28,7 +28,7 @@ def main(argv=None):
                            cfg.pad_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,
                            progress=cfg.progress_bar)
     print(f"{len(summary['written'])} images with detections drawn in {cfg.output}; all detections in "
-          f"{summary['json']}")
+          f"{summary['json']}; {summary['input_shapes']} distinct input shapes (one graph compilation each)")
     for name, reason in summary["failed"]:
         print(f"  skipped {name}: {reason}")
     return 1 if summary["failed"] and not summary["written"] else 0

@@ -18,12 +18,15 @@ def base_anchors(stride, octave_base_scale=4, scales_per_octave=3, ratios=(0.5, 
     if stride <= 0 or octave_base_scale <= 0 or scales_per_octave < 1 or not ratios or min(ratios) <= 0:
         raise ConfigError(f"anchor settings must be positive: stride {stride}, octave_base_scale "
                           f"{octave_base_scale}, scales_per_octave {scales_per_octave}, ratios {ratios}")
-    scales = octave_base_scale * 2.0 ** (np.arange(scales_per_octave) / scales_per_octave)
-    h_ratios = np.sqrt(np.asarray(ratios, dtype=np.float64))
-    w_ratios = 1.0 / h_ratios
-    widths = (stride * w_ratios[:, None] * scales[None, :]).reshape(-1)
-    heights = (stride * h_ratios[:, None] * scales[None, :]).reshape(-1)
-    return np.stack([-0.5 * widths, -0.5 * heights, 0.5 * widths, 0.5 * heights], axis=1).astype(np.float32)
+    # float32 throughout, in mmdetection's order of operations, so the anchors equal its own bit for bit.
+    scales = (np.asarray([2.0 ** (k / scales_per_octave) for k in range(scales_per_octave)]) *
+              octave_base_scale).astype(np.float32)
+    h_ratios = np.sqrt(np.asarray(ratios, dtype=np.float32))
+    w_ratios = np.float32(1.0) / h_ratios
+    widths = (np.float32(stride) * w_ratios[:, None] * scales[None, :]).reshape(-1)
+    heights = (np.float32(stride) * h_ratios[:, None] * scales[None, :]).reshape(-1)
+    half = np.float32(0.5)
+    return np.stack([-half * widths, -half * heights, half * widths, half * heights], axis=1).astype(np.float32)
 
 
 class AnchorGenerator:
@@ -67,3 +70,17 @@ def graph_level_anchors(base, stride, height, width):
     grid_y = ops.tile(ys.reshape(height, 1), (1, width))
     shifts = ops.stack([grid_x, grid_y, grid_x, grid_y], axis=-1).reshape(-1, 1, 4)
     return (shifts + base.reshape(1, -1, 4)).reshape(-1, 4)
+
+
+def graph_level_valid(pad_sizes, stride, height, width, num_base_anchors):
+    """(B, height * width * A) bool: the anchors of one level that lie on each image's padded area (mmdetection's
+    `AnchorGenerator.valid_flags` with the image's `pad_shape`); anchors on the rest of a larger batch canvas take
+    no part in assignment or loss. `pad_sizes` is (B, 2) float32 (height, width) of each image padded to the
+    divisor."""
+    valid_h = ops.ceil(pad_sizes[:, 0:1] / stride)  # (B, 1)
+    valid_w = ops.ceil(pad_sizes[:, 1:2] / stride)
+    ys = ops.tile(ops.arange(0, height, dtype=ms.float32).reshape(height, 1), (1, width)).reshape(1, -1)
+    xs = ops.tile(ops.arange(0, width, dtype=ms.float32).reshape(1, width), (height, 1)).reshape(1, -1)
+    valid = ops.cast(ops.logical_and(ys < valid_h, xs < valid_w), ms.float32)  # (B, H*W)
+    batch = pad_sizes.shape[0]
+    return ops.tile(ops.expand_dims(valid, -1), (1, 1, num_base_anchors)).reshape(batch, -1) > 0.5

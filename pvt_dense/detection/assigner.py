@@ -1,20 +1,24 @@
-"""Max-IoU anchor assignment (mmdetection's `MaxIoUAssigner` as RetinaNet configures it), with static shapes.
+"""Max-IoU anchor assignment, exactly mmdetection 3.3's `MaxIoUAssigner` as RetinaNet configures it (pos_iou_thr 0.5,
+neg_iou_thr 0.4, min_pos_iou 0, match_low_quality, gt_max_assign_all), with static shapes.
 
-Ground truth arrives padded to `max_gt` boxes per image with a 0/1 mask, so the whole assignment is a few dense
-(B, N, M) tensor operations that compile once in graph mode. For each anchor, with IoU taken over the valid boxes:
-- negative when its best IoU < neg_iou_thr (an image without objects makes every anchor negative);
-- positive, matched to its best box, when that IoU >= pos_iou_thr;
+Ground truth arrives padded to `max_gt` boxes per image with a 0/1 mask, and each image marks which anchors lie on
+its own padded area (mmdetection's valid flags); the whole assignment is a few dense (B, N, M) tensor operations
+that compile once per input shape in graph mode. For each valid anchor, with IoU taken over the valid boxes:
+- negative when its best IoU < neg_iou_thr (an image without objects makes every valid anchor negative);
+- positive, matched to its best box (the first on ties), when that IoU >= pos_iou_thr;
 - low-quality matches: each box's best anchors (every anchor tying its maximum IoU) become positive for that box
   even below pos_iou_thr, when that maximum is >= min_pos_iou; where boxes compete, the later box wins, as in
-  mmdetection's loop over boxes;
-- everything else (between the thresholds) is ignored by the loss.
+  mmdetection's loop over boxes. With min_pos_iou 0 this includes a box that overlaps no anchor at all: it claims
+  every anchor of IoU 0, as mmdetection's code does (boxes the COCO reader keeps always overlap some anchor);
+- everything else (between the thresholds, or off the image's padded area) is ignored by the loss.
 """
 import mindspore as ms
 from mindspore import nn, ops
 
 
 def pairwise_iou(anchors, boxes):
-    """IoU of (N, 4) anchors against (B, M, 4) boxes -> (B, N, M); x1y1x2y2, area = w * h (no +1)."""
+    """IoU of (N, 4) anchors against (B, M, 4) boxes -> (B, N, M); x1y1x2y2, area = w * h (no +1), union floored
+    at 1e-6 as mmdetection's `bbox_overlaps`."""
     a = anchors.reshape(1, -1, 1, 4)
     b = ops.expand_dims(boxes, 1)
     top_left = ops.maximum(a[..., :2], b[..., :2])
@@ -23,13 +27,14 @@ def pairwise_iou(anchors, boxes):
     inter = wh[..., 0] * wh[..., 1]
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    union = ops.maximum(area_a + area_b - inter, 1e-6)
+    union = ops.maximum(area_b + area_a - inter, 1e-6)
     return inter / union
 
 
 class MaxIoUAssigner(nn.Cell):
-    """construct(anchors (N, 4), gt_boxes (B, M, 4), gt_mask (B, M)) -> (matched (B, N) int32, positive (B, N)
-    bool, negative (B, N) bool); `matched` indexes the box of each positive anchor (meaningless elsewhere)."""
+    """construct(anchors (N, 4), gt_boxes (B, M, 4), gt_mask (B, M), anchor_valid (B, N) bool) -> (matched (B, N)
+    int32, positive (B, N) bool, negative (B, N) bool); `matched` indexes the box of each positive anchor
+    (meaningless elsewhere)."""
 
     def __init__(self, pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0, match_low_quality=True):
         super().__init__()
@@ -41,20 +46,23 @@ class MaxIoUAssigner(nn.Cell):
         self.match_low_quality = bool(match_low_quality)
         self.best_over_boxes = ops.ArgMaxWithValue(axis=2)
 
-    def construct(self, anchors, gt_boxes, gt_mask):
-        valid = ops.expand_dims(gt_mask > 0.5, 1)  # (B, 1, M)
-        iou = ops.where(valid, pairwise_iou(anchors, gt_boxes), ops.full_like(valid, -1.0, dtype=ms.float32))
+    def construct(self, anchors, gt_boxes, gt_mask, anchor_valid):
+        box_valid = ops.expand_dims(gt_mask > 0.5, 1)  # (B, 1, M)
+        anchor_valid_3d = ops.expand_dims(anchor_valid, -1)  # (B, N, 1)
+        pair_valid = ops.logical_and(box_valid, anchor_valid_3d)
+        # -1 marks pairs that do not exist: never a maximum against a real IoU (>= 0).
+        iou = ops.where(pair_valid, pairwise_iou(anchors, gt_boxes), ops.full_like(pair_valid, -1.0,
+                                                                                   dtype=ms.float32))
         matched, best_iou = self.best_over_boxes(iou)  # (B, N): -1 when an image has no boxes
         positive = best_iou >= self.pos_iou_thr
         if self.match_low_quality:
-            box_best = ops.expand_dims(iou.max(axis=1), 1)  # (B, 1, M)
-            # A box that touches no anchor at all (best IoU 0) would otherwise claim every anchor with IoU 0.
-            is_box_best = ops.logical_and(ops.logical_and(iou == box_best, valid),
-                                          ops.logical_and(box_best >= self.min_pos_iou, box_best > 0.0))
+            box_best = ops.expand_dims(iou.max(axis=1), 1)  # (B, 1, M), over the valid anchors
+            is_box_best = ops.logical_and(ops.logical_and(iou == box_best, pair_valid), box_best >= self.min_pos_iou)
             order = ops.arange(1, gt_boxes.shape[1] + 1, dtype=ms.float32).reshape(1, 1, -1)
             last_box, claimed = self.best_over_boxes(ops.cast(is_box_best, ms.float32) * order)
             low_quality = claimed > 0.5
             matched = ops.where(low_quality, last_box, matched)
             positive = ops.logical_or(positive, low_quality)
-        negative = ops.logical_and(best_iou < self.neg_iou_thr, ops.logical_not(positive))
+        negative = ops.logical_and(ops.logical_and(best_iou < self.neg_iou_thr, anchor_valid),
+                                   ops.logical_not(positive))
         return ops.cast(matched, ms.int32), positive, negative

@@ -1,10 +1,11 @@
 """Deterministic training batches for `pvt_dense.engine.loop.IterationLoop`, and ordered evaluation batches.
 
 The batches of an epoch are a pure function of (seed, epoch, rank): one permutation seeded by (seed, epoch) is
-split into the landscape and the other images (each batch holds one orientation, so it has one fixed padded shape),
+split into the landscape and the other images (each batch holds one orientation, mmdetection's aspect-ratio grouping),
 each group is cut into global batches of `batch_size * world_size` (its last batch filled up from the group's
 start, as mmdetection's GroupSampler does), and the batches are put in an order drawn from the same generator. Rank
-r takes slice r of each global batch. Flips draw from a generator seeded by (seed, epoch, image index). A resumed run
+r takes slice r of each global batch and pads it to its largest image rounded up to `pad_grid` (see
+`transforms.batch_shape`; `shapes` records the distinct batch shapes, each one graph compilation). Flips draw from a generator seeded by (seed, epoch, image index). A resumed run
 therefore sees exactly the batches an uninterrupted run would.
 
 An image file that cannot be decoded is recorded and replaced by the next image of its group in the epoch's order
@@ -18,15 +19,16 @@ import numpy as np
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ImageReadError, PVTDenseError
-from .transforms import canvas_shape, is_landscape, pad_targets, prepare_image
+from .transforms import batch_shape, canvas_shape, is_landscape, pad_targets, prepare_image
 
 
 class DetectionBatchSource:
     """Training batches of (images (B, 3, H, W) float32, gt_boxes (B, max_gt, 4) float32, gt_labels (B, max_gt)
-    int32, gt_mask (B, max_gt) float32) from a `CocoDetection`."""
+    int32, gt_mask (B, max_gt) float32, pad_sizes (B, 2) float32) from a `CocoDetection`; pad_sizes holds each
+    image's resized size rounded up to pad_divisor (mmdetection's pad_shape), which the loss needs."""
 
     def __init__(self, dataset, batch_size, max_gt=100, img_scale=(1333, 800), pad_divisor=32, flip_ratio=0.5,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0, rank=0, world_size=1, shuffle=True):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0, rank=0, world_size=1, shuffle=True, pad_grid=128):
         if len(dataset) == 0:
             raise PVTDenseError(f"the training set {dataset.ann_file} has no images")
         self.dataset = dataset
@@ -35,6 +37,10 @@ class DetectionBatchSource:
         self.max_gt = int(max_gt)
         self.img_scale = tuple(img_scale)
         self.pad_divisor = int(pad_divisor)
+        self.pad_grid = int(pad_grid)
+        if self.pad_grid < 1 or self.pad_grid % self.pad_divisor:
+            raise PVTDenseError(f"pad_grid ({pad_grid}) must be a positive multiple of pad_divisor ({pad_divisor})")
+        self.shapes = set()
         self.flip_ratio = float(flip_ratio)
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
@@ -87,25 +93,36 @@ class DetectionBatchSource:
     def batch(self, epoch, index):
         batches, groups = self.epoch_plan(epoch)
         landscape, chunk = batches[index]
-        canvas = canvas_shape(landscape, self.img_scale, self.pad_divisor)
         mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        images = np.zeros((len(mine), 3) + canvas, np.float32)
-        boxes = np.zeros((len(mine), self.max_gt, 4), np.float32)
-        labels = np.zeros((len(mine), self.max_gt), np.int32)
-        mask = np.zeros((len(mine), self.max_gt), np.float32)
+        count = len(mine)
+        boxes = np.zeros((count, self.max_gt, 4), np.float32)
+        labels = np.zeros((count, self.max_gt), np.int32)
+        mask = np.zeros((count, self.max_gt), np.float32)
+        pad_sizes = np.zeros((count, 2), np.float32)
+        prepared = []
         for slot, sample in enumerate(mine):
             image, record, used = self._read(int(sample), groups[landscape])
             flip = np.random.default_rng([self.seed, epoch, used]).random() < self.flip_ratio
-            images[slot], resized_boxes, _ = prepare_image(image, record.boxes, canvas, self.img_scale, flip,
-                                                           self.mean, self.std)
+            chw, resized_boxes, meta = prepare_image(image, record.boxes, self.img_scale, flip, self.mean, self.std,
+                                                     self.pad_divisor)
+            prepared.append(chw)
+            pad_sizes[slot] = meta["pad_size"]
             boxes[slot], labels[slot], mask[slot] = pad_targets(resized_boxes, record.labels, self.max_gt)
-        return images, boxes, labels, mask
+        shape = batch_shape([chw.shape[1:] for chw in prepared], self.pad_grid,
+                            canvas_shape(landscape, self.img_scale, self.pad_divisor))
+        images = np.zeros((count, 3) + shape, np.float32)
+        for slot, chw in enumerate(prepared):
+            images[slot, :, :chw.shape[1], :chw.shape[2]] = chw
+        with self._lock:
+            self.shapes.add(images.shape)
+        return images, boxes, labels, mask, pad_sizes
 
 
 def evaluation_batches(dataset, indices=None, img_scale=(1333, 800), pad_divisor=32, mean=IMAGENET_MEAN,
                        std=IMAGENET_STD):
-    """Yield (images (1, 3, H, W), [meta], [record]) per readable image, in dataset order; unreadable images are
-    yielded as (None, [error message], [record]) so the caller can count them."""
+    """Yield (images (1, 3, H, W), [meta], [record]) per readable image, in dataset order, each image padded only
+    to a multiple of pad_divisor (mmdetection's test protocol); unreadable images are yielded as (None, [error
+    message], [record]) so the caller can count them."""
     indices = range(len(dataset)) if indices is None else indices
     for index in indices:
         try:
@@ -113,6 +130,5 @@ def evaluation_batches(dataset, indices=None, img_scale=(1333, 800), pad_divisor
         except ImageReadError as err:
             yield None, [str(err)], [dataset.records[index]]
             continue
-        canvas = canvas_shape(is_landscape(*image.shape[:2]), img_scale, pad_divisor)
-        chw, _, meta = prepare_image(image, record.boxes, canvas, img_scale, False, mean, std)
+        chw, _, meta = prepare_image(image, record.boxes, img_scale, False, mean, std, pad_divisor)
         yield chw[None], [meta], [record]

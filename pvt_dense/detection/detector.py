@@ -3,7 +3,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .anchors import AnchorGenerator, graph_level_anchors
+from .anchors import AnchorGenerator, graph_level_anchors, graph_level_valid
 from .assigner import MaxIoUAssigner
 from .box_coder import encode_deltas
 from .losses import l1_loss, sigmoid_focal_loss
@@ -34,33 +34,40 @@ class RetinaNet(nn.Cell):
         return self.head(self.neck(self.backbone(images)))
 
 
-class RetinaNetWithLoss(nn.Cell):
-    """construct(images, gt_boxes (B, M, 4), gt_labels (B, M) int32, gt_mask (B, M) float) -> scalar loss.
+class RetinaNetLoss(nn.Cell):
+    """mmdetection 3.3's `RetinaHead.loss_by_feat` on the head's raw outputs, with padded ground truth.
 
-    Focal loss over positive and negative anchors plus L1 on the positives' box deltas, both divided by the
-    number of positives (at least one per image, as mmdetection counts them), so an image without objects trains
-    its classifier towards background and adds nothing to the box loss.
+    construct(outputs, gt_boxes (B, M, 4), gt_labels (B, M) int32, gt_mask (B, M) float, pad_sizes (B, 2) float)
+    -> (L class losses, then L box losses), one scalar per pyramid level; their sum is the training loss.
+    `outputs` is the head's tuple (L class-logit maps (B, A*K, H_i, W_i), then L box-delta maps (B, A*4, H_i,
+    W_i)); `pad_sizes` is each image's (height, width) padded to the divisor, mmdetection's `pad_shape`: anchors
+    beyond it (a larger batch canvas) are neither positive nor negative.
+
+    Focal loss over positive and negative anchors and L1 on the positives' box deltas, each divided by the number
+    of positives of the whole batch, each image counting at least one (mmdetection's `avg_factor` with
+    `PseudoSampler`), so an image without objects trains its classifier towards background and adds nothing to
+    the box loss.
     """
 
-    def __init__(self, detector, assigner=None, focal_alpha=0.25, focal_gamma=2.0, box_loss_weight=1.0,
-                 target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
+    def __init__(self, anchor_generator, num_classes, assigner=None, focal_alpha=0.25, focal_gamma=2.0,
+                 box_loss_weight=1.0, target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
         super().__init__()
-        self.detector = detector
         self.assigner = assigner or MaxIoUAssigner()
-        generator = detector.anchor_generator
-        self.num_levels = detector.num_levels
-        self.num_classes = detector.num_classes
-        self.strides = tuple(float(s) for s in generator.strides)
-        self.base_anchors = tuple(Tensor(np.asarray(base), ms.float32) for base in generator.base)
+        self.num_levels = len(anchor_generator.strides)
+        self.num_classes = int(num_classes)
+        self.num_base_anchors = anchor_generator.num_base_anchors
+        self.strides = tuple(float(s) for s in anchor_generator.strides)
+        self.base_anchors = tuple(Tensor(np.asarray(base), ms.float32) for base in anchor_generator.base)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.box_loss_weight = float(box_loss_weight)
         self.target_means = tuple(float(m) for m in target_means)
         self.target_stds = tuple(float(s) for s in target_stds)
 
-    def flatten_outputs(self, outputs):
-        """(B, N, K) logits, (B, N, 4) deltas and (N, 4) anchors, all levels concatenated in anchor order."""
-        logits, deltas, anchors = (), (), ()
+    def flatten_outputs(self, outputs, pad_sizes):
+        """(B, N, K) logits, (B, N, 4) deltas, (N, 4) anchors and (B, N) valid flags, all levels concatenated in
+        anchor order, plus the number of anchors of each level."""
+        logits, deltas, anchors, valid, counts = (), (), (), (), ()
         for level in range(self.num_levels):
             cls_map = outputs[level]
             reg_map = outputs[self.num_levels + level]
@@ -68,18 +75,30 @@ class RetinaNetWithLoss(nn.Cell):
             logits = logits + (cls_map.transpose(0, 2, 3, 1).reshape(batch, -1, self.num_classes),)
             deltas = deltas + (reg_map.transpose(0, 2, 3, 1).reshape(batch, -1, 4),)
             anchors = anchors + (graph_level_anchors(self.base_anchors[level], self.strides[level], height, width),)
-        return ops.concat(logits, axis=1), ops.concat(deltas, axis=1), ops.concat(anchors, axis=0)
+            valid = valid + (graph_level_valid(pad_sizes, self.strides[level], height, width,
+                                               self.num_base_anchors),)
+            counts = counts + (height * width * self.num_base_anchors,)
+        return (ops.concat(logits, axis=1), ops.concat(deltas, axis=1), ops.concat(anchors, axis=0),
+                ops.concat(valid, axis=1), counts)
 
-    def construct(self, images, gt_boxes, gt_labels, gt_mask):
-        logits, deltas, anchors = self.flatten_outputs(self.detector(images))
-        matched, positive, negative = self.assigner(anchors, gt_boxes, gt_mask)
+    def per_level_sums(self, values, counts):
+        """Sum of a (B, N) array over each level's anchors."""
+        sums, start = (), 0
+        for count in counts:
+            sums = sums + (values[:, start:start + count].sum(),)
+            start = start + count
+        return sums
+
+    def construct(self, outputs, gt_boxes, gt_labels, gt_mask, pad_sizes):
+        logits, deltas, anchors, anchor_valid, counts = self.flatten_outputs(outputs, pad_sizes)
+        matched, positive, negative = self.assigner(anchors, gt_boxes, gt_mask, anchor_valid)
         positive_f = ops.cast(positive, ms.float32)
         labels = ops.gather_elements(gt_labels, 1, matched)
         targets = ops.one_hot(labels, self.num_classes, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         targets = ops.stop_gradient(targets * ops.expand_dims(positive_f, -1))
         cared = ops.expand_dims(ops.cast(ops.logical_or(positive, negative), ms.float32), -1)
-        num_pos = ops.maximum(positive_f.sum(axis=1), 1.0).sum()
-        cls_loss = (sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma) * cared).sum()
+        num_pos = ops.stop_gradient(ops.maximum(positive_f.sum(axis=1), 1.0).sum())
+        cls_elements = (sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma) * cared).sum(axis=2)
 
         index = ops.tile(ops.expand_dims(matched, -1), (1, 1, 4))
         matched_boxes = ops.gather_elements(gt_boxes, 1, index)
@@ -87,8 +106,33 @@ class RetinaNetWithLoss(nn.Cell):
         keep = ops.expand_dims(positive, -1)
         # Anchors matched to padding encode log(0): replace, not multiply, or 0 * inf poisons the gradient.
         box_targets = ops.stop_gradient(ops.where(keep, box_targets, ops.zeros_like(box_targets)))
-        box_loss = (l1_loss(deltas, box_targets) * ops.cast(keep, ms.float32)).sum()
-        return (cls_loss + self.box_loss_weight * box_loss) / num_pos
+        box_elements = (l1_loss(deltas, box_targets) * ops.cast(keep, ms.float32)).sum(axis=2)
+        cls_losses = self.per_level_sums(cls_elements, counts)
+        box_losses = self.per_level_sums(box_elements, counts)
+        cls_out, box_out = (), ()
+        for level in range(self.num_levels):
+            cls_out = cls_out + (cls_losses[level] / num_pos,)
+            box_out = box_out + (self.box_loss_weight * box_losses[level] / num_pos,)
+        return cls_out + box_out
+
+
+class RetinaNetWithLoss(nn.Cell):
+    """construct(images, gt_boxes (B, M, 4), gt_labels (B, M) int32, gt_mask (B, M) float, pad_sizes (B, 2) float)
+    -> scalar loss: the sum of `RetinaNetLoss`'s per-level losses on the detector's outputs."""
+
+    def __init__(self, detector, assigner=None, focal_alpha=0.25, focal_gamma=2.0, box_loss_weight=1.0,
+                 target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
+        super().__init__()
+        self.detector = detector
+        self.loss = RetinaNetLoss(detector.anchor_generator, detector.num_classes, assigner, focal_alpha,
+                                  focal_gamma, box_loss_weight, target_means, target_stds)
+
+    def construct(self, images, gt_boxes, gt_labels, gt_mask, pad_sizes):
+        losses = self.loss(self.detector(images), gt_boxes, gt_labels, gt_mask, pad_sizes)
+        total = losses[0]
+        for value in losses[1:]:
+            total = total + value
+        return total
 
 
 def build_anchor_generator(strides, octave_base_scale=4, scales_per_octave=3, ratios=(0.5, 1.0, 2.0)):

@@ -73,19 +73,40 @@ def write_results_json(path, results):
     return path
 
 
+class DetectorForward:
+    """The one place where inference runs the network: forward(images (B, 3, H, W) numpy float32) -> the head's raw
+    outputs as numpy arrays (L class maps, then L box maps).
+
+    Under the test protocol every distinct padded image size is a new input shape, and graph mode compiles one
+    graph per input shape (a shape seen before reuses its graph); `shapes` records the distinct shapes of a run.
+    A different strategy for running many sizes replaces this object: `predict_dataset` and `infer_images` take
+    any callable with the same contract as `forward=`.
+    """
+
+    def __init__(self, detector):
+        self.detector = detector
+        self.shapes = set()
+
+    def __call__(self, image_batch):
+        import mindspore as ms
+        self.shapes.add(tuple(image_batch.shape))
+        return [output.asnumpy() for output in self.detector(ms.Tensor(image_batch))]
+
+
 def run_detector(detector, image_batch):
     """The detector's raw outputs for a numpy batch, as numpy arrays."""
-    import mindspore as ms
-    outputs = detector(ms.Tensor(image_batch))
-    return [output.asnumpy() for output in outputs]
+    return DetectorForward(detector)(image_batch)
 
 
 def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
-                    mean=None, std=None, indices=None, progress=True):
-    """(COCO result records, ids of the images evaluated, list of unreadable image messages) over `dataset`."""
+                    mean=None, std=None, indices=None, progress=True, forward=None):
+    """(COCO result records, ids of the images evaluated, list of unreadable image messages, number of distinct
+    input shapes) over `dataset`, one image at a time under mmdetection's test protocol; `forward` defaults to a
+    `DetectorForward` of the detector."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     detector.set_train(False)
-    results, image_ids, unreadable = [], [], []
+    forward = forward or DetectorForward(detector)
+    results, image_ids, unreadable, shapes = [], [], [], set()
     total = len(dataset) if indices is None else len(indices)
     batches = evaluation_batches(dataset, indices, img_scale, pad_divisor, mean or IMAGENET_MEAN,
                                  std or IMAGENET_STD)
@@ -94,27 +115,33 @@ def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(
         if images is None:
             unreadable.extend(metas)
             continue
-        outputs = run_detector(detector, images)
+        shapes.add(images.shape)
+        outputs = forward(images)
         for slot, (meta, record) in enumerate(zip(metas, records)):
             boxes, scores, labels = detect_image(outputs, slot, detector.anchor_generator, detector.num_classes,
                                                  meta, settings)
             results.extend(detections_to_coco(record.image_id, boxes, scores, labels, dataset.category_ids))
             image_ids.append(record.image_id)
-    return results, image_ids, unreadable
+    return results, image_ids, unreadable, len(shapes)
 
 
 def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
-                      mean=None, std=None, max_images=0, results_json=None, verbose=True, progress=True):
+                      mean=None, std=None, max_images=0, results_json=None, verbose=True, progress=True,
+                      forward=None):
     """Run the detector over `dataset` (the first `max_images` when > 0), evaluate with pycocotools and return the
-    12 metrics plus `images` and `unreadable` counts; writes the results JSON when `results_json` is a path."""
+    12 metrics plus `images`, `unreadable` and `input_shapes` counts; writes the results JSON when `results_json` is a path."""
     indices = range(min(max_images, len(dataset))) if max_images else None
-    results, image_ids, unreadable = predict_dataset(detector, dataset, settings, img_scale, pad_divisor, mean,
-                                                     std, indices, progress)
+    results, image_ids, unreadable, num_shapes = predict_dataset(detector, dataset, settings, img_scale,
+                                                                 pad_divisor, mean, std, indices, progress,
+                                                                 forward)
+    if verbose:
+        print(f"{len(image_ids)} images in {num_shapes} distinct input shapes (one graph compilation each in "
+              "graph mode)")
     for message in unreadable:
         print(f"warning: skipped in evaluation: {message}")
     if results_json:
         write_results_json(results_json, results)
     metrics = coco_evaluate(dataset.coco, results, image_ids, verbose=verbose)
     metrics = {key: (value if math.isfinite(value) else -1.0) for key, value in metrics.items()}
-    metrics.update(images=len(image_ids), unreadable=len(unreadable))
+    metrics.update(images=len(image_ids), unreadable=len(unreadable), input_shapes=num_shapes)
     return metrics

@@ -15,9 +15,9 @@ from ..atomic import write_atomic
 from ..data.images import list_image_entries, read_image
 from ..errors import ImageReadError
 from ..features import neutral_name
-from .evaluation import run_detector
+from .evaluation import DetectorForward
 from .postprocess import detect_image
-from .transforms import canvas_shape, is_landscape, prepare_image
+from .transforms import prepare_image
 
 DRAWABLE = (".jpg", ".jpeg", ".png", ".bmp")
 RESULTS_NAME = "detections.json"
@@ -60,22 +60,24 @@ def draw_detections(image_rgb, boxes, scores, labels, class_names):
     return canvas
 
 
-def detect_file(detector, image, settings, img_scale, pad_divisor, mean, std):
-    canvas = canvas_shape(is_landscape(*image.shape[:2]), img_scale, pad_divisor)
-    chw, _, meta = prepare_image(image, np.zeros((0, 4), np.float32), canvas, img_scale, False, mean, std)
-    outputs = run_detector(detector, chw[None])
+def detect_file(detector, image, settings, img_scale, pad_divisor, mean, std, forward=None):
+    """Detections of one RGB image under mmdetection's test protocol (resize, pad to a multiple of pad_divisor)."""
+    chw, _, meta = prepare_image(image, np.zeros((0, 4), np.float32), img_scale, False, mean, std, pad_divisor)
+    outputs = (forward or DetectorForward(detector))(chw[None])
     return detect_image(outputs, 0, detector.anchor_generator, detector.num_classes, meta, settings)
 
 
 def infer_images(detector, input_path, output_dir, class_names, settings, img_scale=(1333, 800), pad_divisor=32,
-                 mean=None, std=None, draw_thr=0.3, category_ids=None, progress=True):
+                 mean=None, std=None, draw_thr=0.3, category_ids=None, progress=True, forward=None):
     """Detect in every image of `input_path` (file, directory or .txt list); write drawn images (detections with
     score >= draw_thr) and `detections.json` (every detection above the config's score_thr) to `output_dir`.
-    Returns {"written": [...], "failed": [(name, reason)], "json": path}."""
+    `forward` runs the network (default: a `DetectorForward` of the detector).
+    Returns {"written": [...], "failed": [(name, reason)], "json": path, "input_shapes": distinct input shapes}."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     entries = list_image_entries(input_path)
     os.makedirs(output_dir, exist_ok=True)
     detector.set_train(False)
+    forward = forward or DetectorForward(detector)
     records, written, failed, taken = {}, [], [], set()
     for entry in tqdm(entries, desc="detect", unit="img", disable=not progress):
         try:
@@ -84,7 +86,7 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
             failed.append((entry.name, getattr(err, "reason", str(err))))
             continue
         boxes, scores, labels = detect_file(detector, image, settings, tuple(img_scale), pad_divisor,
-                                            mean or IMAGENET_MEAN, std or IMAGENET_STD)
+                                            mean or IMAGENET_MEAN, std or IMAGENET_STD, forward)
         name = drawn_name(entry.name, taken)
         shown = scores >= draw_thr
         drawn = draw_detections(image, boxes[shown], scores[shown], labels[shown], class_names)
@@ -105,4 +107,6 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
                                    for box, score, label in zip(boxes, scores, labels)]}
     json_path = os.path.join(output_dir, RESULTS_NAME)
     write_atomic(json_path, json.dumps({"images": records, "failed": dict(failed)}, indent=1).encode("utf-8"))
-    return {"written": written, "failed": failed, "json": json_path}
+    shapes = getattr(forward, "shapes", None)
+    return {"written": written, "failed": failed, "json": json_path,
+            "input_shapes": len(shapes) if shapes is not None else None}

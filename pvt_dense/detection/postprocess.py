@@ -1,9 +1,11 @@
-"""Host-side decoding of RetinaNet's raw outputs into detections (mmdetection's test-time procedure).
+"""Host-side decoding of RetinaNet's raw outputs into detections, step for step mmdetection 3.3's
+`RetinaHead.predict_by_feat` (`BaseDenseHead._predict_by_feat_single` and `_bbox_post_process`).
 
-Per image: per level, sigmoid scores of every (anchor, class) pair above `score_thr`, the `nms_pre` best of them
-decoded against their anchors and clipped to the resized image; then all levels together through class-wise NMS
-at `nms_iou`, the `max_per_img` best kept, and the boxes mapped back to the original image (divided by the scale
-factors actually applied, clipped to its size). Variable-length work, so it runs in numpy, outside the graph.
+Per image: per level, sigmoid scores of every (anchor, class) pair above `score_thr`, sorted by score, the `nms_pre`
+best kept; all levels' candidates decoded against their anchors (`DeltaXYWHBBoxCoder`, sizes clamped by
+wh_ratio_clip 16/1000, boxes clipped to the resized image), mapped back to the original image (multiplied by the
+inverse scale factors, not clipped again), boxes no wider or taller than `min_bbox_size` dropped, then class-wise
+NMS at `nms_iou` and the `max_per_img` best kept. Variable-length work, so it runs in numpy, outside the graph.
 """
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ class InferenceSettings:
     nms_pre: int = 1000
     nms_iou: float = 0.5
     max_per_img: int = 100
+    min_bbox_size: float = 0.0
 
 
 def box_area(boxes):
@@ -72,12 +75,12 @@ def detect_image(outputs, image_index, anchor_generator, num_classes, meta, sett
                  target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
     """Detections of image `image_index` of a batch of head outputs (numpy arrays, L class maps then L box maps).
 
-    meta: `resized_size` (height, width) of the image before padding, `scale_factor` (height, width) applied
-    by the resize, and `original_size` (height, width).
+    meta: `resized_size` (height, width) of the image before padding (mmdetection's img_shape), `scale_factor`
+    (height, width) applied by the resize.
     Returns (boxes (D, 4) float32 x1y1x2y2 in original pixels, scores (D,), labels (D,) int64), best first.
     """
     num_levels = len(anchor_generator.strides)
-    all_boxes, all_scores, all_labels = [], [], []
+    all_anchors, all_deltas, all_scores, all_labels = [], [], [], []
     for level in range(num_levels):
         cls_map = outputs[level][image_index]
         reg_map = outputs[num_levels + level][image_index]
@@ -85,27 +88,28 @@ def detect_image(outputs, image_index, anchor_generator, num_classes, meta, sett
         scores, deltas = flatten_level(cls_map, reg_map, num_classes)
         flat = scores.reshape(-1)
         candidates = np.flatnonzero(flat > settings.score_thr)
-        if candidates.size > settings.nms_pre:
-            best = np.argsort(-flat[candidates], kind="stable")[: settings.nms_pre]
-            candidates = candidates[best]
+        candidates = candidates[np.argsort(-flat[candidates], kind="stable")[: settings.nms_pre]]
         anchor_index, labels = np.divmod(candidates, num_classes)
-        boxes = decode_deltas(anchors[anchor_index], deltas[anchor_index], target_means, target_stds,
-                              max_shape=meta["resized_size"])
-        all_boxes.append(boxes)
+        all_anchors.append(anchors[anchor_index])
+        all_deltas.append(deltas[anchor_index])
         all_scores.append(flat[candidates])
         all_labels.append(labels)
-    boxes = np.concatenate(all_boxes).astype(np.float32)
+    boxes = decode_deltas(np.concatenate(all_anchors), np.concatenate(all_deltas), target_means, target_stds,
+                          max_shape=meta["resized_size"])
+    boxes = rescale_to_original(boxes, meta)
     scores = np.concatenate(all_scores).astype(np.float32)
     labels = np.concatenate(all_labels).astype(np.int64)
+    if settings.min_bbox_size >= 0:
+        sized = ((boxes[:, 2] - boxes[:, 0]) > settings.min_bbox_size) & (
+            (boxes[:, 3] - boxes[:, 1]) > settings.min_bbox_size)
+        boxes, scores, labels = boxes[sized], scores[sized], labels[sized]
     keep = batched_nms(boxes, scores, labels, settings.nms_iou)[: settings.max_per_img]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    return rescale_to_original(boxes, meta), scores, labels
+    return boxes[keep], scores[keep], labels[keep]
 
 
 def rescale_to_original(boxes, meta):
+    """Boxes of the resized image in original pixels: multiplied by float32(1 / scale), as mmdetection's
+    `scale_boxes` does (no clipping to the original image)."""
     scale_h, scale_w = meta["scale_factor"]
-    height, width = meta["original_size"]
-    boxes = boxes / np.asarray([scale_w, scale_h, scale_w, scale_h], dtype=np.float32)
-    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
-    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)
-    return boxes
+    inverse = np.asarray([1.0 / scale_w, 1.0 / scale_h, 1.0 / scale_w, 1.0 / scale_h], dtype=np.float32)
+    return (np.asarray(boxes, np.float32).reshape(-1, 4) * inverse).astype(np.float32)

@@ -66,7 +66,10 @@ DETECTION_SCHEMA = {
     "num_classes": Field(80, int, "must match the categories of the annotation file", low=1),
     "img_scale": Field([1333, 800], list, "(long, short) bound of the keep-ratio resize", item=int, length=2,
                        low=32),
-    "pad_divisor": Field(32, int, low=1),
+    "pad_divisor": Field(32, int, "each image is padded to a multiple of this (mmdetection's test protocol)",
+                         low=1),
+    "pad_grid": Field(128, int, "training batches pad to their largest image, sides rounded up to a multiple of "
+                      "this (a multiple of pad_divisor; bounds the compiled batch shapes)", low=1),
     "flip_ratio": Field(0.5, float, low=0.0, high=1.0),
     "mean": Field([123.675, 116.28, 103.53], list, item=float, length=3),
     "std": Field([58.395, 57.12, 57.375], list, item=float, length=3, low=1e-6),
@@ -121,6 +124,8 @@ def load_detection_config(path=None, overrides=(), defaults=None, extra_fields=N
         raise ConfigError(f"neg_iou_thr ({cfg.neg_iou_thr}) must not exceed pos_iou_thr ({cfg.pos_iou_thr})")
     if list(cfg.lr_steps) != sorted(cfg.lr_steps):
         raise ConfigError(f"lr_steps must be increasing epochs, got {cfg.lr_steps}")
+    if cfg.pad_grid % cfg.pad_divisor:
+        raise ConfigError(f"pad_grid ({cfg.pad_grid}) must be a multiple of pad_divisor ({cfg.pad_divisor})")
     if not cfg.anchor_ratios:
         raise ConfigError("anchor_ratios needs at least one ratio")
     return cfg

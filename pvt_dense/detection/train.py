@@ -41,7 +41,8 @@ def train_detector(cfg):
     train_set = open_dataset(cfg, "train")
     val_set = open_dataset(cfg, "val") if cfg.val_ann and rank == 0 else None
     source = DetectionBatchSource(train_set, cfg.batch_size, cfg.max_gt, tuple(cfg.img_scale), cfg.pad_divisor,
-                                  cfg.flip_ratio, tuple(cfg.mean), tuple(cfg.std), cfg.seed, rank, world_size)
+                                  cfg.flip_ratio, tuple(cfg.mean), tuple(cfg.std), cfg.seed, rank, world_size,
+                                  pad_grid=cfg.pad_grid)
     steps = source.steps_per_epoch
     total_iters = cfg.max_iters or cfg.epochs * steps
     schedule = warmup_step_schedule(cfg.lr, total_iters, [epoch * steps for epoch in cfg.lr_steps], cfg.lr_gamma,
@@ -75,6 +76,9 @@ def train_detector(cfg):
                          world_size=world_size, progress_bar=cfg.progress_bar, log_interval=cfg.log_interval,
                          prefix=f"retinanet_{cfg.backbone}", num_workers=cfg.num_workers)
     state = loop.run()
+    if rank == 0:
+        print(f"training batches came in {len(source.shapes)} distinct shapes (one graph compilation each): "
+              f"{sorted(source.shapes)}")
     return dict(state, metrics=dict(last), detector=detector, run_dir=cfg.ckpt_save_dir)
 
 
