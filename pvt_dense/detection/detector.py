@@ -89,30 +89,39 @@ class RetinaNetLoss(nn.Cell):
             start = start + count
         return sums
 
-    def construct(self, outputs, gt_boxes, gt_labels, gt_mask, pad_sizes):
-        logits, deltas, anchors, anchor_valid, counts = self.flatten_outputs(outputs, pad_sizes)
+    def targets(self, anchors, anchor_valid, gt_boxes, gt_labels, gt_mask):
+        """mmdetection's `get_targets` for all anchors concatenated: (class targets (B, N, K) one-hot of the
+        positives, label weights (B, N) 1 on positives and negatives, box targets (B, N, 4) deltas of the positives
+        (0 elsewhere), positive (B, N) bool, avg_factor: the number of positives, at least one per image)."""
         matched, positive, negative = self.assigner(anchors, gt_boxes, gt_mask, anchor_valid)
         positive_f = ops.cast(positive, ms.float32)
         labels = ops.gather_elements(gt_labels, 1, matched)
-        targets = ops.one_hot(labels, self.num_classes, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        targets = ops.stop_gradient(targets * ops.expand_dims(positive_f, -1))
-        cared = ops.expand_dims(ops.cast(ops.logical_or(positive, negative), ms.float32), -1)
-        num_pos = ops.stop_gradient(ops.maximum(positive_f.sum(axis=1), 1.0).sum())
-        cls_elements = (sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma) * cared).sum(axis=2)
-
+        class_targets = ops.one_hot(labels, self.num_classes, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        class_targets = ops.stop_gradient(class_targets * ops.expand_dims(positive_f, -1))
+        label_weights = ops.cast(ops.logical_or(positive, negative), ms.float32)
+        avg_factor = ops.stop_gradient(ops.maximum(positive_f.sum(axis=1), 1.0).sum())
         index = ops.tile(ops.expand_dims(matched, -1), (1, 1, 4))
         matched_boxes = ops.gather_elements(gt_boxes, 1, index)
         box_targets = encode_deltas(ops.expand_dims(anchors, 0), matched_boxes, self.target_means, self.target_stds)
-        keep = ops.expand_dims(positive, -1)
         # Anchors matched to padding encode log(0): replace, not multiply, or 0 * inf poisons the gradient.
-        box_targets = ops.stop_gradient(ops.where(keep, box_targets, ops.zeros_like(box_targets)))
-        box_elements = (l1_loss(deltas, box_targets) * ops.cast(keep, ms.float32)).sum(axis=2)
+        box_targets = ops.stop_gradient(ops.where(ops.expand_dims(positive, -1), box_targets,
+                                                  ops.zeros_like(box_targets)))
+        return class_targets, label_weights, box_targets, positive, avg_factor
+
+    def construct(self, outputs, gt_boxes, gt_labels, gt_mask, pad_sizes):
+        logits, deltas, anchors, anchor_valid, counts = self.flatten_outputs(outputs, pad_sizes)
+        class_targets, label_weights, box_targets, positive, avg_factor = self.targets(
+            anchors, anchor_valid, gt_boxes, gt_labels, gt_mask)
+        cls_elements = sigmoid_focal_loss(logits, class_targets, self.focal_alpha, self.focal_gamma).sum(axis=2)
+        cls_elements = cls_elements * label_weights
+        box_elements = (l1_loss(deltas, box_targets) * ops.expand_dims(ops.cast(positive, ms.float32), -1)).sum(
+            axis=2)
         cls_losses = self.per_level_sums(cls_elements, counts)
         box_losses = self.per_level_sums(box_elements, counts)
         cls_out, box_out = (), ()
         for level in range(self.num_levels):
-            cls_out = cls_out + (cls_losses[level] / num_pos,)
-            box_out = box_out + (self.box_loss_weight * box_losses[level] / num_pos,)
+            cls_out = cls_out + (cls_losses[level] / avg_factor,)
+            box_out = box_out + (self.box_loss_weight * box_losses[level] / avg_factor,)
         return cls_out + box_out
 
 
