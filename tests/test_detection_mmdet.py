@@ -169,6 +169,43 @@ def test_decoded_detections_and_their_ap_equal_mmdetection(photos, tmp_path):
     assert metrics[0] == metrics[1] and 0 < metrics[0]["AP"] < 1, metrics
 
 
+def test_training_ground_truth_equals_mmdetection_coco_dataset(tmp_path):
+    """Which boxes train, and where they land after the resize and flip: our reader + transforms against
+    mmdetection's CocoDataset with LoadAnnotations, Resize, RandomFlip (prob 1) and PackDetInputs. RetinaNet's
+    ignore_iof_thr is -1, so mmdetection's ignored (crowd) instances take no part and ours are left out."""
+    require_mmdet()
+    from mmdet.datasets import CocoDataset
+    rng = np.random.default_rng(0)
+    sizes = {1: (90, 60), 2: (50, 120), 3: (70, 70), 4: (40, 30)}  # id: (width, height)
+    boxes = [  # (image id, [x, y, w, h], iscrowd, area or None)
+        (1, [5, 6, 30, 20], 0, None), (1, [0, 0, 90, 60], 1, None), (1, [10, 10, 0.5, 9], 0, None),
+        (1, [70, 40, 40, 40], 0, None), (2, [3, 3, 20, 40], 0, None), (2, [200, 10, 5, 5], 0, None),
+        (2, [10, 60, 10, 10], 0, 0), (3, [0, 0, 70, 70], 1, None), (3, [20.5, 30.25, 12.5, 7.75], 0, None)]
+    images = []
+    for image_id, (width, height) in sizes.items():
+        name = f"{image_id}.png"
+        cv2.imwrite(str(tmp_path / name), rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    annotations = [{"id": k + 1, "image_id": i, "bbox": b, "iscrowd": c, "category_id": 7 if k % 2 else 3,
+                    "area": b[2] * b[3] if a is None else a} for k, (i, b, c, a) in enumerate(boxes)]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations,
+                               "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}))
+    theirs = CocoDataset(ann_file=str(ann), data_prefix=dict(img=str(tmp_path)), metainfo=dict(classes=("cat", "dog")),
+                         pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
+                                   dict(type="Resize", scale=(1333, 800), keep_ratio=True),
+                                   dict(type="RandomFlip", prob=1.0), dict(type="PackDetInputs")])
+    ours = CocoDetection(str(ann), str(tmp_path))
+    assert len(theirs) == len(ours.records) == 4
+    for index, record in enumerate(ours.records):
+        sample = theirs[index]["data_samples"]
+        assert sample.img_id == record.image_id
+        _, resized, _ = prepare_image(read_image(record.path), record.boxes, (1333, 800), True, MEAN, STD, 32)
+        np.testing.assert_allclose(resized, sample.gt_instances.bboxes.tensor.numpy(), rtol=1e-6, atol=1e-4)
+        np.testing.assert_array_equal(record.labels, sample.gt_instances.labels.numpy())
+    assert [len(r.boxes) for r in ours.records] == [2, 1, 1, 0]  # crowd, thin, empty-area and outside boxes out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # training targets and losses
 

@@ -77,3 +77,32 @@ def test_configs_switch_the_backbone_with_one_word_and_reject_unknown_names():
         load_detection_config(path, ["--input", "x.png"])  # a tool's key is not a training key
     assert load_detection_config(path, ["--input", "x.png"], extra_fields=INFER_FIELDS).input == "x.png"
     load_detection_config(os.path.join(CONFIG_DIR, "demo", "retinanet_pvt_tiny_digits.yaml"))
+
+
+def test_evaluation_pads_each_image_to_32_and_reuses_a_compiled_graph_per_shape(tmp_path, graph_mode, capsys):
+    import cv2
+
+    from pvt_dense.detection.coco import CocoDetection
+    from pvt_dense.detection.evaluation import DetectorForward, evaluate_detector
+    from pvt_dense.detection.recipe import build_retinanet
+
+    sizes = [(60, 40), (40, 60), (60, 40)]  # (width, height): two shapes under mmdetection's test protocol
+    rng = np.random.default_rng(0)
+    images = []
+    for image_id, (width, height) in enumerate(sizes, 1):
+        cv2.imwrite(str(tmp_path / f"{image_id}.png"), rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height})
+    annotations = [{"id": 1, "image_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0, "category_id": 1}]
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
+        {"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    cfg = load_detection_config(None, ["--pretrained", "", "--out_indices", "[1, 2]", "--frozen_stages", "3",
+                                       "--drop_path_rate", "0", "--num_classes", "2", "--neck_channels", "16",
+                                       "--head_feat_channels", "16", "--head_stacked_convs", "1"])
+    detector, _ = build_retinanet(cfg, 2)
+    forward = DetectorForward(detector)
+    metrics = evaluate_detector(detector, CocoDetection(tmp_path / "ann.json", tmp_path), img_scale=(96, 64),
+                                progress=False, forward=forward)
+    # 60x40 -> x1.6 -> 96x64, already a multiple of 32: no padding beyond it (not a fixed canvas)
+    assert forward.shapes == {(1, 3, 64, 96), (1, 3, 96, 64)} and metrics["input_shapes"] == 2
+    assert len(detector.compile_cache) == 2  # the third image reused the first one's graph
+    assert "3 images in 2 distinct input shapes" in capsys.readouterr().out

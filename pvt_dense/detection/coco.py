@@ -6,8 +6,10 @@ and skews evaluation. Every problem is a `CocoFormatError` naming the file, the 
 
 Training view of each image (`DetectionRecord`), as mmdetection builds it:
 - categories are mapped to contiguous labels 0..K-1 in the order of their sorted ids;
-- crowd boxes (`iscrowd: 1`) and boxes narrower or lower than one pixel are left out of training (evaluation
-  still sees them through pycocotools, which treats crowd boxes as regions to ignore);
+- crowd boxes (`iscrowd: 1`), boxes narrower or lower than one pixel, with area <= 0 or not overlapping the image
+  are left out of training, exactly the boxes mmdetection 3.3's `CocoDataset.parse_data_info` drops or marks
+  ignored (RetinaNet ignores nothing: ignore_iof_thr -1); evaluation still sees them through pycocotools, which
+  treats crowd boxes as regions to ignore;
 - images without any box stay in the training set: they teach the classifier what background is;
 - more than `max_gt` boxes in one image: the `max_gt` largest are kept, with one warning for all such images
   (ground truth is padded to `max_gt` per image for graph mode).
@@ -156,11 +158,12 @@ def coco_from_dict(data):
     return coco
 
 
-def _training_boxes(annotations, label_of):
+def _training_boxes(annotations, label_of, width, height):
     boxes, labels = [], []
     for ann in annotations:
         x, y, w, h = ann["bbox"]
-        if ann.get("iscrowd", 0) or w < 1 or h < 1:
+        overlap = max(0, min(x + w, width) - max(x, 0)) * max(0, min(y + h, height) - max(y, 0))
+        if ann.get("iscrowd", 0) or w < 1 or h < 1 or ann.get("area", w * h) <= 0 or overlap == 0:
             continue
         boxes.append([x, y, x + w, y + h])
         labels.append(label_of[ann["category_id"]])
@@ -191,7 +194,8 @@ class CocoDetection:
         self.records = []
         capped = []
         for image in sorted(data["images"], key=lambda i: i["id"]):
-            boxes, labels = _training_boxes(self.coco.imgToAnns.get(image["id"], []), label_of)
+            boxes, labels = _training_boxes(self.coco.imgToAnns.get(image["id"], []), label_of, image["width"],
+                                           image["height"])
             if max_gt is not None and len(boxes) > max_gt:
                 largest = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
                 keep = np.sort(largest[:max_gt])
