@@ -106,3 +106,11 @@ def test_evaluation_pads_each_image_to_32_and_reuses_a_compiled_graph_per_shape(
     assert forward.shapes == {(1, 3, 64, 96), (1, 3, 96, 64)} and metrics["input_shapes"] == 2
     assert len(detector.compile_cache) == 2  # the third image reused the first one's graph
     assert "3 images in 2 distinct input shapes" in capsys.readouterr().out
+
+
+@pytest.mark.bad_input("config", "pad_grid that is not a multiple of pad_divisor (48 with 32)",
+                       "ConfigError naming both keys")
+def test_pad_grid_must_be_a_multiple_of_the_pad_divisor():
+    with pytest.raises(ConfigError, match=r"pad_grid \(48\) must be a multiple of pad_divisor \(32\)"):
+        load_detection_config(None, ["--pad_grid", "48"])
+    assert load_detection_config(None, ["--pad_grid", "64"]).pad_grid == 64
