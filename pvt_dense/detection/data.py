@@ -5,8 +5,9 @@ split into the landscape and the other images (each batch holds one orientation,
 each group is cut into global batches of `batch_size * world_size` (its last batch filled up from the group's
 start, as mmdetection's GroupSampler does), and the batches are put in an order drawn from the same generator. Rank
 r takes slice r of each global batch and pads it to its largest image rounded up to `pad_grid` (see
-`transforms.batch_shape`; `shapes` records the distinct batch shapes, each one graph compilation). Flips draw from a generator seeded by (seed, epoch, image index). A resumed run
-therefore sees exactly the batches an uninterrupted run would.
+`transforms.batch_shape`; `shapes` records the distinct batch shapes, each one graph compilation). Flips draw from
+a generator seeded by (seed, epoch, image index). A resumed run therefore sees exactly the batches an uninterrupted
+run would.
 
 An image file that cannot be decoded is recorded and replaced by the next image of its group in the epoch's order
 (deterministic, since a corrupt file stays corrupt); `skipped` counts them.

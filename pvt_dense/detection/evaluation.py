@@ -129,7 +129,8 @@ def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale
                       mean=None, std=None, max_images=0, results_json=None, verbose=True, progress=True,
                       forward=None):
     """Run the detector over `dataset` (the first `max_images` when > 0), evaluate with pycocotools and return the
-    12 metrics plus `images`, `unreadable` and `input_shapes` counts; writes the results JSON when `results_json` is a path."""
+    12 metrics plus `images`, `unreadable` and `input_shapes` counts; writes the results JSON when `results_json`
+    is a path."""
     indices = range(min(max_images, len(dataset))) if max_images else None
     results, image_ids, unreadable, num_shapes = predict_dataset(detector, dataset, settings, img_scale,
                                                                  pad_divisor, mean, std, indices, progress,
