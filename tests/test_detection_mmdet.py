@@ -25,12 +25,9 @@ MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 STRIDES = (8, 16, 32, 64, 128)
 
 
-def mmdet_retina_head(num_classes, in_channels=8, feat_channels=8, stacked_convs=1):
+def mmdet_retina_head_config(num_classes, in_channels=8, feat_channels=8, stacked_convs=1):
     """RetinaHead exactly as mmdetection's retinanet_r50_fpn_1x_coco / PVT RetinaNet configs set it up."""
-    require_mmdet()
-    from mmdet.registry import MODELS
-    from mmengine.config import ConfigDict
-    return MODELS.build(ConfigDict(
+    return dict(
         type="RetinaHead", num_classes=num_classes, in_channels=in_channels, stacked_convs=stacked_convs,
         feat_channels=feat_channels,
         anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=3,
@@ -42,7 +39,14 @@ def mmdet_retina_head(num_classes, in_channels=8, feat_channels=8, stacked_convs
                                      ignore_iof_thr=-1),
                        sampler=dict(type="PseudoSampler"), allowed_border=-1, pos_weight=-1, debug=False),
         test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5),
-                      max_per_img=100)))
+                      max_per_img=100))
+
+
+def mmdet_retina_head(num_classes, in_channels=8, feat_channels=8, stacked_convs=1):
+    require_mmdet()
+    from mmdet.registry import MODELS
+    from mmengine.config import ConfigDict
+    return MODELS.build(ConfigDict(mmdet_retina_head_config(num_classes, in_channels, feat_channels, stacked_convs)))
 
 
 def level_sizes(pad_height, pad_width):
@@ -408,3 +412,83 @@ def test_head_gradients_equal_torch_autograd_on_mmdetection(pynative):
         assert np.abs(expected).max() > 0
         np.testing.assert_allclose(grad.asnumpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
                                    err_msg=parameter.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: a detector built and saved by mmdetection, run by our command line
+
+def randomise_(module, seed):
+    """Every weight moved off its initialisation (biases and norm shifts non-zero) so that the detections depend
+    on all of them; the classifier's prior bias kept low enough that many anchors pass score_thr."""
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name.endswith("pos_embed"):
+                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=generator))
+            elif tensor.ndim == 1 and "norm" in name:
+                tensor.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(tensor.shape,
+                                                                                          generator=generator))
+            elif name.endswith("bias"):
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / max(1, tensor[0].numel()) ** 0.5)
+        module.bbox_head.retina_cls.bias.fill_(-2.0)
+    return module.eval()
+
+
+@pytest.mark.slow
+def test_infer_det_command_line_gives_mmdetections_detections_for_an_mmdetection_checkpoint(photos, tmp_path):
+    """mmdetection 3.3 builds RetinaNet on its PVT-Tiny (FPN and head narrowed to 64 channels to stay quick) and
+    saves it; `tools/infer_det.py` loads that file and detects in JPEG/PNG files of several shapes under the test
+    protocol. Same detections, in the same order, as mmdetection's `test_step` (its pipeline, preprocessor and
+    `predict(rescale=True)`), up to the rounding of detections.json (boxes 0.01 px, scores 1e-5)."""
+    import subprocess
+    import sys
+    torch = pytest.importorskip("torch")
+    require_mmdet()
+    from mmdet.registry import MODELS
+    from mmengine.config import ConfigDict
+    from mmengine.dataset import Compose
+    classes, img_scale = ("ant", "bee", "cow"), (320, 192)
+    model = randomise_(MODELS.build(ConfigDict(
+        type="RetinaNet",
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=list(MEAN), std=list(STD), bgr_to_rgb=True,
+                               pad_size_divisor=32),
+        backbone=dict(type="PyramidVisionTransformer", num_layers=[2, 2, 2, 2]),
+        neck=dict(type="FPN", in_channels=[64, 128, 320, 512], out_channels=64, start_level=1,
+                  add_extra_convs="on_input", num_outs=5),
+        bbox_head=dict(mmdet_retina_head_config(len(classes), 64, 64, 2)),
+        test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5),
+                      max_per_img=100))), seed=4)
+    checkpoint = str(tmp_path / "retinanet_pvt_tiny_mmdet3.pth")
+    torch.save({"meta": {"dataset_meta": {"classes": classes}}, "state_dict": model.state_dict()}, checkpoint)
+
+    pipeline = Compose([dict(type="LoadImageFromFile"), dict(type="Resize", scale=img_scale, keep_ratio=True),
+                        dict(type="PackDetInputs")])
+    expected = {}
+    for name, path in photos.items():
+        packed = pipeline(dict(img_path=path, img_id=0))
+        with torch.no_grad():
+            result = model.test_step({"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]})[0]
+        expected[name] = result.pred_instances
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "drawn"
+    command = [sys.executable, os.path.join(repo, "tools", "infer_det.py"), "--ckpt_path", checkpoint,
+               "--input", os.path.dirname(next(iter(photos.values()))), "--output", str(out),
+               "--num_classes", "3", "--neck_channels", "64", "--head_feat_channels", "64",
+               "--head_stacked_convs", "2", "--img_scale", str(list(img_scale)), "--pretrained", "",
+               "--progress_bar", "False"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"{len(photos)} distinct input shapes" in run.stdout
+    with open(out / "detections.json") as handle:
+        detections = json.load(handle)["images"]
+    for name, instances in expected.items():
+        ours = detections[name]["detections"]
+        assert 0 < len(ours) == len(instances.scores), name
+        assert [d["class_name"] for d in ours] == [classes[k] for k in instances.labels.tolist()], name
+        np.testing.assert_allclose([d["score"] for d in ours], instances.scores.numpy(), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose([d["bbox_xyxy"] for d in ours], instances.bboxes.numpy(), atol=6e-3, rtol=1e-5,
+                                   err_msg=name)
