@@ -93,11 +93,6 @@ class DetectorForward:
         return [output.asnumpy() for output in self.detector(ms.Tensor(image_batch))]
 
 
-def run_detector(detector, image_batch):
-    """The detector's raw outputs for a numpy batch, as numpy arrays."""
-    return DetectorForward(detector)(image_batch)
-
-
 def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
                     mean=None, std=None, indices=None, progress=True, forward=None):
     """(COCO result records, ids of the images evaluated, list of unreadable image messages, number of distinct
