@@ -150,7 +150,7 @@ def models(mmseg):
 
 def write_sample_photos(folder):
     """Real photos (scikit-image's samples) cut to landscape, portrait, odd and wide shapes, as JPEG and PNG."""
-    data = pytest.importorskip("skimage.data")
+    from skimage import data
     coffee, astronaut, chelsea = data.coffee(), data.astronaut(), data.chelsea()
     photos = {
         "landscape.jpg": cv2.resize(coffee, (500, 333), interpolation=cv2.INTER_AREA),
