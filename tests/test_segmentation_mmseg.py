@@ -284,6 +284,30 @@ def test_masks_and_logits_match_mmseg_predict_on_real_photos_in_graph_mode(model
     assert len(inference.compile_cache) == len(input_sizes)
 
 
+def test_sliding_window_logits_match_mmseg_slide_inference(models, photos, graph_mode):
+    from mmengine.config import ConfigDict
+    from mmseg.structures import SegDataSample
+    reference, ours = models
+    inference = SegmentorInference(ours)
+    predictor = Predictor(inference, scale=SMALL_SCALE, mode="slide", crop_size=(48, 64), stride=(32, 43))
+    inference.set_train(False)
+    saved = reference.test_cfg
+    reference.test_cfg = ConfigDict(mode="slide", crop_size=(48, 64), stride=(32, 43))
+    try:
+        for path in photos[:2] + photos[-1:]:  # landscape, portrait and wide: overlapping windows both ways
+            original, inputs = official_test_input(path, SMALL_SCALE)
+            sample = SegDataSample(metainfo=dict(img_shape=tuple(inputs.shape[2:]), ori_shape=original))
+            with torch.no_grad():
+                expected = reference.predict(inputs, [sample])[0].seg_logits.data.numpy()
+            got = predictor.logits(read_image(str(path)))
+            # Logits reach ~30 here; float32 noise through the small windows stays within 1e-5 of the largest.
+            assert got.shape == expected.shape
+            assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), path.name
+    finally:
+        reference.test_cfg = saved
+    assert len(inference.compile_cache) == 1  # every window has the crop size
+
+
 def test_metrics_match_mmseg_iou_metric(mmseg):
     from mmseg.evaluation import IoUMetric
     rng = np.random.default_rng(2)
