@@ -45,15 +45,20 @@ def mmseg():
     return require_mmseg()
 
 
-def reference_config(avg_non_ignore=False):
+TINY_BACKBONE = dict(type="mmdet.PyramidVisionTransformer", embed_dims=8, num_heads=[1, 2, 3, 4],
+                     num_layers=[1, 1, 1, 1])
+# pvt_tiny as mmdet builds it (64/128/320/512 channels, two blocks per stage).
+PVT_TINY_BACKBONE = dict(type="mmdet.PyramidVisionTransformer", num_layers=[2, 2, 2, 2])
+
+
+def reference_config(avg_non_ignore=False, backbone=TINY_BACKBONE, in_channels=TINY_SPEC.embed_dims):
     from mmengine.config import ConfigDict
     return ConfigDict(
         type="EncoderDecoder",
         data_preprocessor=dict(type="SegDataPreProcessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_val=0,
                                seg_pad_val=255),
-        backbone=dict(type="mmdet.PyramidVisionTransformer", embed_dims=8, num_heads=[1, 2, 3, 4],
-                      num_layers=[1, 1, 1, 1]),
-        neck=dict(type="FPN", in_channels=list(TINY_SPEC.embed_dims), out_channels=NECK_CHANNELS, num_outs=4),
+        backbone=backbone,
+        neck=dict(type="FPN", in_channels=list(in_channels), out_channels=NECK_CHANNELS, num_outs=4),
         decode_head=dict(type="FPNHead", in_channels=[NECK_CHANNELS] * 4, in_index=[0, 1, 2, 3],
                          feature_strides=[4, 8, 16, 32], channels=HEAD_CHANNELS, dropout_ratio=0.1,
                          num_classes=NUM_CLASSES, norm_cfg=dict(type="BN", requires_grad=True), align_corners=False,
@@ -117,18 +122,23 @@ def randomise_head(reference, seed=0):
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
 
 
-def build_pair(avg_non_ignore=False):
-    """(mmseg EncoderDecoder, our EncoderDecoder) with the same weights, both in eval mode."""
+def build_reference(config):
+    """An mmseg EncoderDecoder with random weights, in eval mode."""
     from mmseg.registry import MODELS
     torch.manual_seed(0)
-    reference = MODELS.build(reference_config(avg_non_ignore))
+    reference = MODELS.build(config)
     reference.init_weights()
     randomise_head(reference)
     # The official PVT's patch-embedding LayerNorm is torch's default (eps 1e-5), as ours; mmdet builds it with
     # the blocks' 1e-6. Only the segmentation part is under test, so the reference backbone is made the official one.
     for stage in reference.backbone.layers:
         stage[0].norm.eps = 1e-5
-    reference.eval()
+    return reference.eval()
+
+
+def build_pair(avg_non_ignore=False):
+    """(mmseg EncoderDecoder, our EncoderDecoder) with the same weights, both in eval mode."""
+    reference = build_reference(reference_config(avg_non_ignore))
     backbone = PVTBackbone(TINY_SPEC)
     neck = build_neck(backbone, out_channels=NECK_CHANNELS, num_outs=4)
     ours = EncoderDecoder(backbone, neck, SemanticFPNHead(neck.out_channels, neck.strides, NUM_CLASSES,
@@ -335,3 +345,42 @@ def test_metrics_match_mmseg_iou_metric(mmseg):
     assert np.isnan(ours["IoU"][6]) and ours["IoU"][5] == 0 and np.isnan(ours["Acc"][5])
     for name in ("aAcc", "mIoU", "mAcc"):
         assert round(100 * ours[name], 2) == pytest.approx(summary[name], abs=1e-9), name
+
+
+def native_checkpoint_from_mmseg(pth_path, ckpt_path):
+    """An mmseg state-dict file -> a pvt_dense .ckpt, with the renaming above (the reading is torch's own)."""
+    state = torch.load(pth_path, map_location="cpu", weights_only=True)
+    native = mmseg_state_to_native({k: v.numpy() for k, v in state.items()})
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.ascontiguousarray(v, dtype=np.float32))}
+                        for k, v in native.items()], str(ckpt_path))
+
+
+def test_infer_seg_writes_the_masks_of_a_segmentor_saved_by_mmseg(mmseg, photos, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmseg.structures import SegDataSample
+    root = Path(__file__).resolve().parents[1]
+    reference = build_reference(reference_config(backbone=PVT_TINY_BACKBONE, in_channels=(64, 128, 320, 512)))
+    torch.save(reference.state_dict(), tmp_path / "semfpn_mmseg.pth")
+    native_checkpoint_from_mmseg(tmp_path / "semfpn_mmseg.pth", tmp_path / "semfpn.ckpt")
+    command = [sys.executable, str(root / "tools" / "infer_seg.py"), "--backbone", "pvt_tiny",
+               "--num_classes", str(NUM_CLASSES), "--neck_channels", str(NECK_CHANNELS),
+               "--head_channels", str(HEAD_CHANNELS), "--test_scale", str(SMALL_SCALE[0]), str(SMALL_SCALE[1]),
+               "--mode", "1", "--progress_bar", "False", "--ckpt_path", str(tmp_path / "semfpn.ckpt"),
+               "--input", str(photos[0].parent), "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(photos)} images segmented" in result.stdout
+    for path in photos:
+        original, inputs = official_test_input(path, SMALL_SCALE)
+        sample = SegDataSample(metainfo=dict(img_shape=tuple(inputs.shape[2:]), ori_shape=original))
+        with torch.no_grad():
+            expected = reference.predict(inputs, [sample])[0]
+        logits = expected.seg_logits.data.numpy()
+        written = cv2.imread(str(tmp_path / "out" / "masks" / (path.stem + ".png")), cv2.IMREAD_UNCHANGED)
+        top2 = np.sort(logits, axis=0)[-2:]
+        tied = (top2[1] - top2[0]) <= 1e-4
+        assert written.shape == original and tied.mean() <= 1e-3
+        assert np.array_equal(written[~tied], expected.pred_sem_seg.data[0].numpy()[~tied]), path.name
