@@ -1,11 +1,17 @@
 """Convert a PVT checkpoint (official PyTorch, HuggingFace, MindCV, pvt_dense) into a pvt_dense .ckpt.
 
     python tools/convert_weights.py pvt_tiny.pth pvt_tiny.ckpt [--model pvt_tiny] [--no-strict]
+
+Whole RetinaNet / Semantic FPN checkpoints (official PVT releases, mmdetection 3.x / mmsegmentation 1.x) become a
+native detector / segmentor checkpoint that eval/infer/export and --load_from read:
+
+    python tools/convert_weights.py retinanet_pvt_t_fpn_1x_coco.pth retinanet_pvt_tiny.ckpt [--config CFG.yaml]
 """
 import argparse
 import sys
 
 from pvt_dense.checkpoint import convert_checkpoint
+from pvt_dense.checkpoint.dense import convert_dense_checkpoint, is_whole_model_checkpoint
 from pvt_dense.errors import PVTDenseError
 
 
@@ -14,11 +20,17 @@ def main(argv=None):
     parser.add_argument("src", help="checkpoint to convert (.pth, .bin, .safetensors or .ckpt)")
     parser.add_argument("dst", help="native MindSpore checkpoint to write (.ckpt)")
     parser.add_argument("--model", default=None, help="pvt_tiny|pvt_small|pvt_medium|pvt_large (default: inferred)")
+    parser.add_argument("--config", default=None,
+                        help="whole models: the detection/segmentation config to build (default: the recipe with "
+                             "the checkpoint's PVT size and class count)")
     parser.add_argument("--no-strict", dest="strict", action="store_false",
-                        help="write the matching tensors even if some keys are missing or mismatched")
+                        help="backbones: write the matching tensors even if some keys are missing or mismatched")
     args = parser.parse_args(argv)
     try:
-        report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)
+        if is_whole_model_checkpoint(args.src):
+            report = convert_dense_checkpoint(args.src, args.dst, config=args.config)
+        else:
+            report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)
     except PVTDenseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@
 
 --results_json also writes the detections in COCO's results format. Any config key can be overridden as --key
 value (--max_eval_images 500 for a quick look, --score_thr, --nms_iou, --mode 1 for PyNative).
+--ckpt_path may also be an official PVT RetinaNet release or an mmdetection 3.x checkpoint (.pth).
 """
 import sys
 

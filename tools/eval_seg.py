@@ -3,6 +3,7 @@ r"""Evaluate a Semantic FPN checkpoint: mIoU, mAcc, aAcc and a per-class IoU/Acc
     python tools/eval_seg.py --config configs/segmentation/semfpn_pvt_tiny_ade20k_40k.yaml \
         --ckpt_path runs/semfpn_pvt_tiny/semfpn_pvt_tiny_best.ckpt --data_dir /path/to/ADEChallengeData2016
 
+--ckpt_path may also be an official PVT Semantic FPN release or an mmsegmentation 1.x checkpoint (.pth).
 --test_mode slide evaluates large images by sliding windows; other config keys work as in train_seg.py.
 """
 import sys
@@ -18,21 +19,22 @@ def main(argv=None):
     from pvt_dense.errors import ConfigError
     from pvt_dense.segmentation.ade20k import list_samples
     from pvt_dense.segmentation.evaluation import evaluate_segmentor, format_results
-    from pvt_dense.segmentation.recipe import (class_names_of, load_segmentation_config, load_trained_segmentor,
-                                               predictor_options)
+    from pvt_dense.segmentation.recipe import (checkpoint_class_names, load_segmentation_config,
+                                               load_trained_segmentor_with_report, predictor_options)
     from pvt_dense.segmentation.segmentor import SegmentorInference
     config, overrides = split_config_argument(argv)
     pairs = parse_overrides(overrides)
     ckpt = [value for key, value in pairs if key == "ckpt_path"]
     if not ckpt or not isinstance(ckpt[-1], str):
-        raise ConfigError("--ckpt_path PATH is required (a checkpoint written by train_seg.py)")
+        raise ConfigError("--ckpt_path PATH is required (train_seg.py's, an official PVT Semantic FPN .pth or an "
+                          "mmsegmentation 1.x one)")
     cfg = load_segmentation_config(config, [(k, v) for k, v in pairs if k != "ckpt_path"],
                                    defaults={"distribute": False})
-    net = load_trained_segmentor(cfg, ckpt[-1])
+    net, report = load_trained_segmentor_with_report(cfg, ckpt[-1])
     samples = list_samples(cfg.data_dir, cfg.val_split)
     result = evaluate_segmentor(SegmentorInference(net), samples, cfg.num_classes, cfg.reduce_zero_label,
                                 predictor_options(cfg), progress=cfg.progress_bar)
-    print(format_results(result, class_names_of(cfg)))
+    print(format_results(result, checkpoint_class_names(cfg, report)))
     for name, reason in list(result["skipped_files"].items())[:10]:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0

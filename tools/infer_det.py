@@ -5,6 +5,8 @@
 
 Writes DIR/<image name> with the detections of score >= --draw_thr (0.3) drawn, and DIR/detections.json with every
 detection above score_thr (boxes x1,y1,x2,y2 in the original image's pixels). Class names come from the checkpoint.
+--ckpt_path may also be an official PVT RetinaNet release or an mmdetection 3.x checkpoint (.pth): names from its
+meta, else COCO's.
 """
 import sys
 

@@ -5,6 +5,8 @@ r"""Segment images with a Semantic FPN checkpoint: colour-coded masks and overla
 
 Writes DIR/masks/<name>.png (class indices), DIR/color/<name>.png and DIR/overlay/<name>.jpg; --opacity 0.5 sets
 the overlay blend, --overwrite True redoes images whose outputs exist. Other config keys work as in train_seg.py.
+--ckpt_path may also be an official PVT Semantic FPN release or an mmsegmentation 1.x checkpoint (.pth); class
+names then come from its meta (else ADE20K's).
 """
 import sys
 
@@ -21,8 +23,8 @@ def main(argv=None):
     from pvt_dense.errors import ConfigError
     from pvt_dense.segmentation.evaluation import Predictor
     from pvt_dense.segmentation.infer import infer_images
-    from pvt_dense.segmentation.recipe import (class_names_of, load_segmentation_config, load_trained_segmentor,
-                                               predictor_options)
+    from pvt_dense.segmentation.recipe import (checkpoint_class_names, load_segmentation_config,
+                                               load_trained_segmentor_with_report, predictor_options)
     from pvt_dense.segmentation.segmentor import SegmentorInference
     config, overrides = split_config_argument(argv)
     pairs = parse_overrides(overrides)
@@ -37,11 +39,11 @@ def main(argv=None):
             raise ConfigError(f"--{key} is required")
     cfg = load_segmentation_config(config, [(k, v) for k, v in pairs if k not in TOOL_KEYS],
                                    defaults={"distribute": False})
-    net = load_trained_segmentor(cfg, options["ckpt_path"])
+    net, report = load_trained_segmentor_with_report(cfg, options["ckpt_path"])
     predictor = Predictor(SegmentorInference(net), **predictor_options(cfg))
     summary = infer_images(predictor, options["input"], options["output"], cfg.num_classes, options["opacity"],
                            options["overwrite"], progress=cfg.progress_bar)
-    names = class_names_of(cfg)
+    names = checkpoint_class_names(cfg, report)
     seen = [f"{names[c]} {100 * n / max(summary['class_pixels'].sum(), 1):.1f}%"
             for c, n in sorted(enumerate(summary["class_pixels"]), key=lambda item: -item[1]) if n][:8]
     print(f"{len(summary['written'])} images segmented into {options['output']} (masks/, color/, overlay/)"

@@ -8,6 +8,8 @@
 data_dir holds annotations/instances_{train,val}2017.json and the train2017/ and val2017/ image folders. Any config
 key can be overridden as --key value (--backbone pvt_large --pretrained pvt_large.pth --batch_size 1); an unknown
 key is an error. Training resumes from the newest checkpoint in ckpt_save_dir unless --resume '' is given.
+--load_from PATH starts fine-tuning from a whole RetinaNet's weights (ours, an official PVT release, mmdetection
+3.x); iteration, optimizer and schedule start fresh, and a resumable run in ckpt_save_dir still takes precedence.
 """
 import sys
 

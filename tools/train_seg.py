@@ -7,7 +7,8 @@ r"""Train Semantic FPN on a PVT backbone (ADE20K, iteration-based, poly lr, Adam
     python tools/train_seg.py --config ... --data_dir ... --distribute False          # one process
 
 Any config key can be overridden as --key value; an unknown key is an error. Training resumes from the newest
-checkpoint in ckpt_save_dir unless --resume '' is given.
+checkpoint in ckpt_save_dir unless --resume '' is given. --load_from PATH starts fine-tuning from a whole Semantic
+FPN's weights (ours, an official PVT release, mmsegmentation 1.x); iteration and optimizer start fresh.
 """
 import sys
 

@@ -8,7 +8,8 @@ import dataclasses
 import os
 
 from ..config import Field, load_config
-from ..engine.recipe import BACKBONE_FIELDS, RUN_FIELDS, build_backbone, check_backbone_options
+from ..engine.recipe import (BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone,
+                             check_backbone_options)
 from ..errors import ConfigError
 from ..models.fpn import build_neck
 from .anchors import AnchorGenerator
@@ -57,6 +58,7 @@ DETECTION_SCHEMA = {
     "max_iters": Field(0, int, "stop after this many iterations (0: epochs x iterations per epoch)", low=0),
     "eval_interval": Field(1, int, "epochs between evaluations on the val set (0: only at the end)", low=0),
     "max_eval_images": Field(0, int, "evaluate on the first N val images only (0: all)", low=0),
+    "load_from": LOAD_FROM_FIELD,
     # data (COCO layout, paths relative to data_dir unless absolute)
     "data_dir": Field("./coco", str, "COCO root"),
     "train_ann": Field("annotations/instances_train2017.json", str),

@@ -7,7 +7,7 @@ Epochs become iterations once the training set is read: `epochs * steps_per_epoc
 import os
 
 from ..config import dump_config
-from ..engine.checkpoints import load_checkpoint_into
+from ..checkpoint.dense import load_dense_checkpoint, print_report
 from ..engine.loop import IterationLoop
 from ..engine.recipe import build_adamw, init_run, warmup_step_schedule
 from ..engine.train_step import TrainStep, training_state_parameters
@@ -33,6 +33,14 @@ def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
                              verbose=verbose, progress=cfg.progress_bar)
 
 
+def starting_weights(cfg):
+    """(cfg with its backbone eps style resolved, the `load_from` checkpoint or ''): fine-tuning starts from a
+    whole-model checkpoint's weights only; a resumable run in ckpt_save_dir still takes precedence (`resume`)."""
+    from ..checkpoint.dense import config_for_checkpoint
+    from ..engine.recipe import resolve_backbone_norm_eps
+    if cfg.load_from:
+        return config_for_checkpoint(cfg, cfg.load_from)[0], cfg.load_from
+    return type(cfg)(cfg, backbone_norm_eps=resolve_backbone_norm_eps(cfg)), ""
 
 
 def train_detector(cfg):
@@ -46,7 +54,10 @@ def train_detector(cfg):
     total_iters = cfg.max_iters or cfg.epochs * steps
     schedule = warmup_step_schedule(cfg.lr, total_iters, [epoch * steps for epoch in cfg.lr_steps], cfg.lr_gamma,
                                     cfg.warmup_iters, cfg.warmup_ratio)
-    detector, train_net = build_retinanet(cfg, train_set.num_classes)
+    cfg, start = starting_weights(cfg)
+    detector, train_net = build_retinanet(cfg, train_set.num_classes, load_pretrained=not start)
+    if start:
+        print_report(load_dense_checkpoint(detector, start))
     optimizer = build_adamw(train_net, cfg, schedule)
     train_step = TrainStep(train_net, optimizer, loss_scale=cfg.loss_scale,
                            dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)
@@ -79,17 +90,27 @@ def train_detector(cfg):
 
 
 def load_detector(cfg, ckpt_path, num_classes=None):
-    """A RetinaNet built from the config with the weights of a training checkpoint (strict: every detector weight
-    must be in the file with its shape)."""
+    """A RetinaNet built from the config with the weights of a whole-detector checkpoint: a training checkpoint
+    of ours, an official PVT RetinaNet release or an mmdetection 3.x file (strict: every detector weight must be
+    in the file with its shape). See `load_detector_with_report`."""
+    return load_detector_with_report(cfg, ckpt_path, num_classes)[0]
+
+
+def load_detector_with_report(cfg, ckpt_path, num_classes=None):
+    """(detector, `DenseLoadReport`); the backbone's LayerNorm eps follows the checkpoint (config 'auto')."""
     import mindspore as ms
+
+    from ..checkpoint.dense import config_for_checkpoint, load_dense_checkpoint, print_report
     ms.set_device(cfg.device_target)
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
+    cfg, _ = config_for_checkpoint(cfg, ckpt_path)
     detector, _ = build_retinanet(cfg, num_classes, load_pretrained=False)
-    load_checkpoint_into(ckpt_path, [detector])
+    report = load_dense_checkpoint(detector, ckpt_path)
+    print_report(report)
     detector.set_train(False)
-    return detector
+    return detector, report
 
 
 def evaluate_checkpoint(cfg, ckpt_path, results_json=None):
@@ -100,15 +121,23 @@ def evaluate_checkpoint(cfg, ckpt_path, results_json=None):
 
 
 def load_detector_with_names(cfg, ckpt_path):
-    """(detector, class names, COCO category ids) from a training checkpoint, whose metadata records the names;
-    falls back to "0".."K-1" for a checkpoint without them."""
-    from ..engine.checkpoints import read_checkpoint_meta
+    """(detector, class names, COCO category ids). A training checkpoint of ours records its names (and is built
+    with that many classes); an OpenMMLab file gives its meta's names, or COCO's for 80 classes, and must have
+    the config's num_classes. Falls back to "0".."K-1"."""
+    from ..checkpoint.dense import NATIVE, read_dense_checkpoint_meta
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
-    try:
-        meta = read_checkpoint_meta(ckpt_path)
-    except PVTDenseError:
-        meta = {}
-    names = meta.get("class_names") or [str(i) for i in range(cfg.num_classes)]
-    detector = load_detector(cfg, ckpt_path, len(names))
-    return detector, list(names), meta.get("category_ids")
+    info = read_dense_checkpoint_meta(ckpt_path)
+    meta = {}
+    if info.source_format == NATIVE:
+        from ..engine.checkpoints import read_checkpoint_meta
+        try:
+            meta = read_checkpoint_meta(ckpt_path)
+        except PVTDenseError:
+            meta = {}
+        names = meta.get("class_names") or [str(i) for i in range(cfg.num_classes)]
+        detector = load_detector(cfg, ckpt_path, len(names))
+        return detector, list(names), meta.get("category_ids")
+    detector, report = load_detector_with_report(cfg, ckpt_path)
+    names = report.class_names or [str(i) for i in range(detector.num_classes)]
+    return detector, list(names), None

@@ -22,7 +22,16 @@ BACKBONE_FIELDS = {
     "out_indices": Field([0, 1, 2, 3], list, "backbone stages passed to the neck", item=int),
     "recompute_stages": Field([], list, "stages recomputed in the backward pass (less memory, more time)",
                               item=int),
+    "backbone_norm_eps": Field("auto", str, "LayerNorm eps convention of the weights: 'official' (PVT code: 1e-5 "
+                               "in patch-embedding and spatial-reduction norms), 'mmdet' (mmdetection's "
+                               "PyramidVisionTransformer: 1e-6 everywhere), 'auto': from the whole-model "
+                               "checkpoint loaded (ckpt_path/load_from), else official",
+                               choices=("auto", "official", "mmdet")),
 }
+
+# Detection and segmentation only: a whole-model checkpoint to fine-tune from.
+LOAD_FROM_FIELD = Field("", str, "start from this whole-model checkpoint's weights (ours, an official PVT release, "
+                        "mmdetection 3.x / mmsegmentation 1.x); iteration and optimizer start fresh, unlike resume")
 
 RUN_FIELDS = {
     # system
@@ -70,7 +79,24 @@ def build_backbone(cfg):
     check_backbone_options(cfg)
     return create_backbone(cfg.backbone, out_indices=tuple(cfg.out_indices), pretrained=cfg.pretrained or None,
                            drop_path_rate=cfg.drop_path_rate, frozen_stages=cfg.frozen_stages,
-                           recompute_stages=tuple(cfg.recompute_stages))
+                           recompute_stages=tuple(cfg.recompute_stages),
+                           norm_eps_style=resolve_backbone_norm_eps(cfg))
+
+
+def resolve_backbone_norm_eps(cfg, checkpoint_style=None, checkpoint=""):
+    """The LayerNorm eps style to build with: the config's, or with 'auto' the checkpoint's (official without one).
+
+    A config that names one style while the checkpoint was trained with the other is an error, not a silent
+    choice: the two differ by ~1e-4 in the outputs, too little to notice and enough to cost accuracy.
+    """
+    configured = cfg.get("backbone_norm_eps", "auto")
+    if checkpoint_style is None:
+        return "official" if configured == "auto" else configured
+    if configured not in ("auto", checkpoint_style):
+        raise ConfigError(f"backbone_norm_eps is {configured!r} but {checkpoint or 'the checkpoint'} was trained "
+                          f"with the {checkpoint_style!r} LayerNorm eps; set backbone_norm_eps: {checkpoint_style} "
+                          "(or auto)")
+    return checkpoint_style
 
 
 def build_adamw(net, cfg, lr_schedule):

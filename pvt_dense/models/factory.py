@@ -19,15 +19,17 @@ def get_spec(name):
 
 
 def create_backbone(name, out_indices=(0, 1, 2, 3), pretrained=None, drop_path_rate=0.0, frozen_stages=-1,
-                    recompute_stages=(), strict=True):
+                    recompute_stages=(), strict=True, norm_eps_style="official"):
     """Build a PVT backbone returning the selected stage maps (see `PVTBackbone`).
 
     `pretrained` is a checkpoint path in any supported format (official PyTorch .pth, HuggingFace .bin or
     .safetensors, MindCV or pvt_dense .ckpt); a classifier checkpoint loads too (its cls token, final norm and
-    head are dropped with a note).
+    head are dropped with a note). `norm_eps_style` ("official" or "mmdet", see `NORM_EPS_STYLES`) must be the
+    one the weights were trained with.
     """
-    net = PVTBackbone(get_spec(name), out_indices=out_indices, drop_path_rate=drop_path_rate,
-                      frozen_stages=frozen_stages, recompute_stages=recompute_stages)
+    spec = get_spec(name).with_norm_eps_style(norm_eps_style)
+    net = PVTBackbone(spec, out_indices=out_indices, drop_path_rate=drop_path_rate, frozen_stages=frozen_stages,
+                      recompute_stages=recompute_stages)
     net.model_name = name
     if pretrained:
         from ..checkpoint import load_pretrained

@@ -13,6 +13,7 @@ from . import fast_ops
 
 # The official code uses 1e-6 for the block norms and the final norm, and PyTorch's default 1e-5 for the
 # patch-embedding norm and the spatial-reduction norm. Mixing them up costs parity at the 1e-4 level.
+# mmdetection's own PyramidVisionTransformer uses 1e-6 in those two as well; `PVTSpec.embed_norm_eps` selects.
 BLOCK_NORM_EPS = 1e-6
 EMBED_NORM_EPS = 1e-5
 
@@ -63,11 +64,11 @@ class PatchEmbed(nn.Cell):
     A 'valid' convolution floors H/p and W/p exactly like PyTorch's Conv2d, so odd input sizes give the same grids.
     """
 
-    def __init__(self, in_channels, embed_dim, patch_size):
+    def __init__(self, in_channels, embed_dim, patch_size, norm_eps=EMBED_NORM_EPS):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, pad_mode="valid",
                               has_bias=True)
-        self.norm = layer_norm(embed_dim, EMBED_NORM_EPS)
+        self.norm = layer_norm(embed_dim, norm_eps)
 
     def construct(self, x):
         x = self.proj(x)
@@ -83,7 +84,8 @@ class SpatialReductionAttention(nn.Cell):
     which is what makes PVT affordable on high-resolution inputs.
     """
 
-    def __init__(self, dim, num_heads, sr_ratio, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+    def __init__(self, dim, num_heads, sr_ratio, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
+                 norm_eps=EMBED_NORM_EPS):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
@@ -97,7 +99,7 @@ class SpatialReductionAttention(nn.Cell):
         self.reduces = sr_ratio > 1
         if self.reduces:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, pad_mode="valid", has_bias=True)
-            self.norm = layer_norm(dim, EMBED_NORM_EPS)
+            self.norm = layer_norm(dim, norm_eps)
         self.has_attn_drop = attn_drop > 0.0
         self.attn_drop = nn.Dropout(p=attn_drop) if self.has_attn_drop else nn.Identity()
         self.has_proj_drop = proj_drop > 0.0
@@ -176,10 +178,12 @@ class Mlp(nn.Cell):
 class Block(nn.Cell):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each branch with drop path."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0, drop=0.0, attn_drop=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0, drop=0.0, attn_drop=0.0,
+                 sr_norm_eps=EMBED_NORM_EPS):
         super().__init__()
         self.norm1 = layer_norm(dim, BLOCK_NORM_EPS)
-        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, attn_drop=attn_drop, proj_drop=drop,
+                                              norm_eps=sr_norm_eps)
         self.drop_path = DropPath(drop_path)
         self.norm2 = layer_norm(dim, BLOCK_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)

@@ -3,14 +3,19 @@
 Read top to bottom: the variants (as data), one stage, the backbone that returns stage maps, the classifier.
 The backbone declares its outputs (`out_channels`, `strides`, `feature_info`) so necks and heads never copy them.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Tuple
 
 import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
-from .layers import BLOCK_NORM_EPS, Block, PatchEmbed, dense, layer_norm
+from .layers import BLOCK_NORM_EPS, EMBED_NORM_EPS, Block, PatchEmbed, dense, layer_norm
+
+# LayerNorm eps of the patch-embedding and spatial-reduction norms, by the code a checkpoint was trained with: the
+# official PVT code (PyTorch's default 1e-5 there) or mmdetection's PyramidVisionTransformer (1e-6 in every norm).
+# The block norms are 1e-6 in both.
+NORM_EPS_STYLES = {"official": EMBED_NORM_EPS, "mmdet": BLOCK_NORM_EPS}
 
 
 @dataclass(frozen=True)
@@ -24,10 +29,20 @@ class PVTSpec:
     sr_ratios: Tuple[int, int, int, int] = (8, 4, 2, 1)
     patch_sizes: Tuple[int, int, int, int] = (4, 2, 2, 2)
     pretrain_size: int = 224
+    embed_norm_eps: float = EMBED_NORM_EPS  # patch-embedding and spatial-reduction norms (see NORM_EPS_STYLES)
 
     @property
     def strides(self):
         return tuple(int(np.prod(self.patch_sizes[: i + 1])) for i in range(len(self.patch_sizes)))
+
+    @property
+    def norm_eps_style(self):
+        return next((name for name, eps in NORM_EPS_STYLES.items() if eps == self.embed_norm_eps), "custom")
+
+    def with_norm_eps_style(self, style):
+        if style not in NORM_EPS_STYLES:
+            raise ValueError(f"unknown norm eps style {style!r}; choose one of {', '.join(NORM_EPS_STYLES)}")
+        return replace(self, embed_norm_eps=NORM_EPS_STYLES[style])
 
     def grid(self, stage):
         side = self.pretrain_size // self.strides[stage]
@@ -62,9 +77,9 @@ class PVTStage(nn.Cell):
     """
 
     def __init__(self, in_channels, dim, patch_size, grid, depth, num_heads, mlp_ratio, sr_ratio, drop_path_rates,
-                 with_cls_token=False, drop_rate=0.0, attn_drop_rate=0.0):
+                 with_cls_token=False, drop_rate=0.0, attn_drop_rate=0.0, norm_eps=EMBED_NORM_EPS):
         super().__init__()
-        self.patch_embed = PatchEmbed(in_channels, dim, patch_size)
+        self.patch_embed = PatchEmbed(in_channels, dim, patch_size, norm_eps)
         self.grid_h, self.grid_w = grid
         self.with_cls_token = with_cls_token
         num_positions = self.grid_h * self.grid_w + (1 if with_cls_token else 0)
@@ -72,7 +87,8 @@ class PVTStage(nn.Cell):
         self.has_pos_drop = drop_rate > 0.0
         self.pos_drop = nn.Dropout(p=drop_rate) if self.has_pos_drop else nn.Identity()
         self.blocks = nn.CellList([
-            Block(dim, num_heads, mlp_ratio, sr_ratio, drop_path=rate, drop=drop_rate, attn_drop=attn_drop_rate)
+            Block(dim, num_heads, mlp_ratio, sr_ratio, drop_path=rate, drop=drop_rate, attn_drop=attn_drop_rate,
+                  sr_norm_eps=norm_eps)
             for rate in drop_path_rates
         ])
         self.dim = dim
@@ -115,7 +131,7 @@ def build_stages(spec, drop_path_rate, with_cls_token, drop_rate=0.0, attn_drop_
             in_channels, spec.embed_dims[i], spec.patch_sizes[i], spec.grid(i), spec.depths[i], spec.num_heads[i],
             spec.mlp_ratios[i], spec.sr_ratios[i], [0.0] * spec.depths[i] if frozen else schedule[i],
             with_cls_token=with_cls_token and i == last, drop_rate=0.0 if frozen else drop_rate,
-            attn_drop_rate=0.0 if frozen else attn_drop_rate))
+            attn_drop_rate=0.0 if frozen else attn_drop_rate, norm_eps=spec.embed_norm_eps))
         in_channels = spec.embed_dims[i]
     return nn.CellList(stages)
 

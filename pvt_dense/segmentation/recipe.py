@@ -1,7 +1,7 @@
 """The segmentation config: the shared run and backbone keys plus the Semantic FPN recipe's own, and the one table
 from component names to builders. See configs/segmentation/ for the four ADE20K recipes."""
 from ..config import Field, load_config
-from ..engine.recipe import BACKBONE_FIELDS, RUN_FIELDS, build_backbone
+from ..engine.recipe import BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone
 from ..errors import ConfigError
 from ..models.fpn import build_neck
 from .ade20k import ADE20K_CLASSES
@@ -47,6 +47,7 @@ SEGMENTATION_FIELDS = {
     "min_lr": Field(0.0, float, low=0.0),
     "eval_interval": Field(4000, int, "iterations between evaluations on val_split (0: only at the end)", low=0),
     "eval_max_images": Field(0, int, "evaluate during training on the first N validation images (0: all)", low=0),
+    "load_from": LOAD_FROM_FIELD,
     # training pipeline
     "train_scale": Field([2048, 512], list, "(long, short) bounds of the keep-ratio rescale", item=int, length=2,
                          low=1),
@@ -104,14 +105,29 @@ def predictor_options(cfg):
 
 
 def load_trained_segmentor(cfg, ckpt_path):
-    """The segmentor of `cfg` with every weight (BatchNorm statistics included) from a training checkpoint; the
-    config's `pretrained` backbone file is not needed, the checkpoint holds the backbone too."""
+    """The segmentor of `cfg` with every weight (BatchNorm statistics included) from a whole-model checkpoint: a
+    training checkpoint of ours, an official PVT Semantic FPN release or an mmsegmentation 1.x file. The config's
+    `pretrained` backbone file is not needed, and the backbone's LayerNorm eps follows the checkpoint ('auto')."""
+    return load_trained_segmentor_with_report(cfg, ckpt_path)[0]
+
+
+def load_trained_segmentor_with_report(cfg, ckpt_path):
+    """(segmentor, `DenseLoadReport`); `report.class_names` are the checkpoint's (None if it has none)."""
     import mindspore as ms
 
-    from ..engine.checkpoints import load_checkpoint_into
+    from ..checkpoint.dense import config_for_checkpoint, load_dense_checkpoint, print_report
     ms.set_device(cfg.device_target)
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
+    cfg, _ = config_for_checkpoint(cfg, ckpt_path)
     net = build_segmentor(type(cfg)(cfg, pretrained=""))
-    load_checkpoint_into(ckpt_path, [net])
+    report = load_dense_checkpoint(net, ckpt_path)
+    print_report(report)
     net.set_train(False)
-    return net
+    return net, report
+
+
+def checkpoint_class_names(cfg, report):
+    """The config's class_names if it sets them, else the checkpoint's, else ADE20K's / numbers."""
+    if not cfg.class_names and report.class_names and len(report.class_names) == cfg.num_classes:
+        return list(report.class_names)
+    return class_names_of(cfg)

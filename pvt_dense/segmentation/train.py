@@ -8,8 +8,6 @@ from .ade20k import list_samples
 from .recipe import build_segmentor, class_names_of, predictor_options
 
 
-
-
 class SegmentationRun:
     """Everything one run needs, built from a checked config (`load_segmentation_config`)."""
 
@@ -20,6 +18,12 @@ class SegmentationRun:
         from .segmentor import SegmentorInference, SegmentorWithLoss
         from .transforms import TrainTransform
 
+        from ..checkpoint.dense import config_for_checkpoint, load_dense_checkpoint, print_report
+        from ..engine.recipe import resolve_backbone_norm_eps
+        if cfg.load_from:
+            cfg = config_for_checkpoint(cfg, cfg.load_from)[0]
+        else:
+            cfg = type(cfg)(cfg, backbone_norm_eps=resolve_backbone_norm_eps(cfg))
         self.cfg = cfg
         self.rank, self.world_size = init_run(cfg)
         self.class_names = class_names_of(cfg)
@@ -34,7 +38,11 @@ class SegmentationRun:
         if self.source.steps_per_epoch < 1:
             raise PVTDenseError(f"{len(train_samples)} training images are less than one global batch of "
                                 f"{cfg.batch_size} x {self.world_size}")
-        self.net = build_segmentor(cfg, synchronized_bn=cfg.sync_bn and self.world_size > 1)
+        # Fine-tuning from a whole model: its weights replace the pretrained backbone's, so that is not read.
+        self.net = build_segmentor(type(cfg)(cfg, pretrained="") if cfg.load_from else cfg,
+                                   synchronized_bn=cfg.sync_bn and self.world_size > 1)
+        if cfg.load_from:
+            print_report(load_dense_checkpoint(self.net, cfg.load_from))
         self.inference = SegmentorInference(self.net)
         self.lr_schedule = warmup_poly_schedule(cfg.lr, cfg.total_iters, cfg.power, cfg.min_lr, cfg.warmup_iters,
                                                 cfg.warmup_ratio)

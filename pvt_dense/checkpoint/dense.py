@@ -1,0 +1,576 @@
+"""Whole RetinaNet and Semantic FPN checkpoints (backbone + FPN + head) from pvt_dense and from OpenMMLab.
+
+Sources
+-------
+``native``             a pvt_dense .ckpt written by train_det.py / train_seg.py / convert_weights.py.
+``mmlab_official_pvt`` the official PVT releases (whai362/PVT, trained with mmdetection 2.x / mmsegmentation
+                       0.x): ``{"meta": {"CLASSES": ...}, "state_dict": ...}`` with the backbone under ``backbone.``
+                       in the official PVT names (``patch_embed1``, ``pos_embed1``, ``block1.0...``).
+``mmlab_mmdet_pvt``    the same models with mmdetection's own ``PyramidVisionTransformer`` backbone
+                       (``backbone.layers.{s}.0`` patch embedding, ``backbone.layers.{s}.1.0.pos_embed``, encoder
+                       layers ``backbone.layers.{s}.1.{k}`` with ``nn.MultiheadAttention``), as mmdetection 3.x /
+                       mmsegmentation 1.x save them (class names under ``meta.dataset_meta.classes``).
+
+The neck and heads are named as mmdetection/mmsegmentation name them in every OpenMMLab file: ``neck.lateral_convs.
+{i}.conv``, ``neck.fpn_convs.{i}.conv`` (the extra P6/P7 convs appended there), ``bbox_head.{cls,reg}_convs.{i}.conv``,
+``bbox_head.retina_{cls,reg}``, ``decode_head.scale_heads.{i}.{j}.{conv,bn}`` and ``decode_head.conv_seg``.
+
+mmdetection's PyramidVisionTransformer computes its patch-embedding and spatial-reduction LayerNorms with eps 1e-6,
+the official code with 1e-5 (`pvt_dense.models.pvt.NORM_EPS_STYLES`). Every checkpoint says which it needs
+(`DenseCheckpointInfo.norm_eps_style`), and loading one into a backbone built with the other is an error.
+
+Files are read with the restricted unpickler of `torch_reader`: nothing in them is executed.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .keymaps import to_native
+from .load import fit_to_model, infer_model_name, sniff_format
+from .torch_reader import read_torch_checkpoint
+
+NATIVE = "native"
+MMLAB_OFFICIAL_PVT = "mmlab_official_pvt"
+MMLAB_MMDET_PVT = "mmlab_mmdet_pvt"
+SOURCE_FORMATS = (NATIVE, MMLAB_OFFICIAL_PVT, MMLAB_MMDET_PVT)
+
+DETECTOR = "detector"
+SEGMENTOR = "segmentor"
+PARTS = ("backbone", "neck", "head")
+
+_SOURCE_DESCRIPTIONS = {
+    NATIVE: "pvt_dense checkpoint",
+    MMLAB_OFFICIAL_PVT: "OpenMMLab checkpoint with the official PVT backbone names",
+    MMLAB_MMDET_PVT: "OpenMMLab checkpoint with mmdetection's PyramidVisionTransformer backbone",
+}
+
+
+@dataclass
+class DenseCheckpointInfo:
+    """What a whole-model checkpoint is, read before a model is built for it."""
+
+    path: str
+    source_format: str
+    task: Optional[str]  # DETECTOR, SEGMENTOR, or None for a native file without metadata
+    class_names: Optional[List[str]]  # None when the file does not record them
+    norm_eps_style: str  # "official" or "mmdet": the LayerNorm eps the backbone must be built with
+    model_name: Optional[str] = None  # pvt_tiny/small/medium/large from the block counts (OpenMMLab files)
+    num_classes: Optional[int] = None  # from the classifier's shape (OpenMMLab files)
+    framework: str = ""  # e.g. "mmdet 2.x", "mmseg 1.x", from the meta
+
+
+@dataclass
+class DenseLoadReport:
+    """What a whole-model checkpoint did to a model: mapped tensors per part, notes, class names."""
+
+    source_format: str
+    path: str = ""
+    class_names: Optional[List[str]] = None
+    mapped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+    notes: List[str] = field(default_factory=list)
+    norm_eps_style: str = "official"
+
+    @property
+    def loaded(self):
+        return sum(self.mapped.values())
+
+    def lines(self):
+        counts = ", ".join(f"{part} {self.mapped.get(part, 0)}" for part in PARTS)
+        out = [f"loaded {self.loaded} tensors from {self.path or 'the checkpoint'} "
+               f"({_SOURCE_DESCRIPTIONS.get(self.source_format, self.source_format)}): {counts}",
+               f"backbone LayerNorm eps: {self.norm_eps_style}"]
+        if self.class_names is not None:
+            shown = ", ".join(self.class_names[:5]) + (", ..." if len(self.class_names) > 5 else "")
+            out.append(f"{len(self.class_names)} classes: {shown}")
+        out += [f"note: {note}" for note in self.notes]
+        return out
+
+    def __str__(self):
+        return "\n".join(self.lines())
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+
+def _examples(keys, n=6):
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _plain_names(value):
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and value:
+        return [str(v) for v in value]
+    return None
+
+
+def _mmlab_class_names(meta):
+    """Class names from a 2.x meta (`CLASSES`) or a 3.x one (`dataset_meta.classes`)."""
+    if not isinstance(meta, dict):
+        return None
+    names = _plain_names(meta.get("CLASSES"))
+    dataset_meta = meta.get("dataset_meta")
+    if names is None and isinstance(dataset_meta, dict):
+        names = _plain_names(dataset_meta.get("classes"))
+    return names
+
+
+def _mmlab_framework(meta, task):
+    if not isinstance(meta, dict):
+        return ""
+    for key in ("mmdet_version", "mmseg_version"):
+        if isinstance(meta.get(key), str):
+            return f"{key.split('_')[0]} {meta[key]}"
+    if isinstance(meta.get("dataset_meta"), dict) or isinstance(meta.get("mmengine_version"), str):
+        return "mmdet 3.x" if task == DETECTOR else "mmseg 1.x"
+    return ""
+
+
+def _read_mmlab(path):
+    """(state dict, meta) of an OpenMMLab torch.save file: {"meta": ..., "state_dict": ...} or a bare state dict."""
+    top = read_torch_checkpoint(path)
+    if not isinstance(top, dict):
+        raise CheckpointError(f"{path} holds {type(top).__name__}, not a checkpoint dict")
+    state = top.get("state_dict", top)
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
+        raise CheckpointError(f"{path} has no 'state_dict' of name -> tensor; its top-level keys are "
+                              f"{_examples(sorted(map(str, top)))}")
+    if any(k.startswith("module.") for k in state):
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return state, top.get("meta") if isinstance(top.get("meta"), dict) else {}
+
+
+def _mmlab_task(state, path):
+    if any(k.startswith("bbox_head.") for k in state):
+        return DETECTOR
+    if any(k.startswith("decode_head.") for k in state):
+        return SEGMENTOR
+    raise CheckpointError(f"{path} is neither a detector (no 'bbox_head.' keys) nor a segmentor (no "
+                          f"'decode_head.' keys); its keys begin {_examples(list(state)[:6])}")
+
+
+def _backbone_layout(backbone_keys):
+    return MMLAB_MMDET_PVT if any(k.startswith("layers.") for k in backbone_keys) else MMLAB_OFFICIAL_PVT
+
+
+def _read_native_meta(path):
+    import mindspore as ms
+
+    from ..engine.checkpoints import META_KEY
+    try:
+        stored = ms.load_checkpoint(path, choice_func=lambda name: name == META_KEY)
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError with C++ traces
+        text = str(err).strip()
+        raise CheckpointError(f"cannot read checkpoint {path}: {text.splitlines()[0] if text else err!r}") from None
+    try:
+        meta = json.loads(stored[META_KEY]) if isinstance(stored.get(META_KEY), str) else {}
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {err}") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def native_norm_eps_style(meta):
+    """The eps style a native checkpoint's backbone was trained with (files from before the option: official)."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    style = config.get("backbone_norm_eps") or meta.get("backbone_norm_eps") or "official"
+    return "official" if style == "auto" else style
+
+
+def read_dense_checkpoint_meta(path):
+    """A `DenseCheckpointInfo` for a whole-model checkpoint: its source, task, class names and backbone eps style,
+    read without building a model (tools use it to build the right one)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if sniff_format(path) != "torch":
+        meta = _read_native_meta(path)
+        task = meta.get("task") if meta.get("task") in (DETECTOR, SEGMENTOR) else None
+        return DenseCheckpointInfo(path, NATIVE, task, _plain_names(meta.get("class_names")),
+                                   native_norm_eps_style(meta), framework="pvt_dense")
+    state, meta = _read_mmlab(path)
+    return _mmlab_info(path, state, meta)
+
+
+def _mmlab_info(path, state, meta):
+    task = _mmlab_task(state, path)
+    backbone_keys = [k[len("backbone."):] for k in state if k.startswith("backbone.")]
+    if not backbone_keys:
+        raise CheckpointError(f"{path} has no 'backbone.' keys")
+    layout = _backbone_layout(backbone_keys)
+    native_backbone, _ = _backbone_to_native({k: state["backbone." + k] for k in backbone_keys}, layout, path)
+    classifier = state.get("bbox_head.retina_cls.weight" if task == DETECTOR else "decode_head.conv_seg.weight")
+    num_classes = None
+    if classifier is not None:
+        outputs = int(classifier.shape[0])
+        anchors = _retina_anchors(state) if task == DETECTOR else 1
+        num_classes = outputs // anchors if anchors and outputs % anchors == 0 else None
+    return DenseCheckpointInfo(path, layout, task, _mmlab_class_names(meta),
+                               "mmdet" if layout == MMLAB_MMDET_PVT else "official",
+                               model_name=infer_model_name(native_backbone), num_classes=num_classes,
+                               framework=_mmlab_framework(meta, task))
+
+
+def _retina_anchors(state):
+    reg = state.get("bbox_head.retina_reg.weight")
+    return int(reg.shape[0]) // 4 if reg is not None else None
+
+
+# -------------------------------------------------------------------------------------------- backbone key maps
+
+_MMDET_PATCH = re.compile(r"^layers\.(\d+)\.0\.(projection|norm)\.(weight|bias)$")
+_MMDET_POS = re.compile(r"^layers\.(\d+)\.1\.0\.pos_embed$")
+_MMDET_LAYER = re.compile(r"^layers\.(\d+)\.1\.(\d+)\.(.+)$")
+# mmdetection's encoder-layer parameters -> the official block's (inverse of mmdet's `pvt_convert`); the in-proj of
+# nn.MultiheadAttention stacks q, k, v and is split below.
+_MMDET_LAYER_PARAMS = {
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "attn.attn.out_proj.weight": "attn.proj.weight", "attn.attn.out_proj.bias": "attn.proj.bias",
+    "attn.sr.weight": "attn.sr.weight", "attn.sr.bias": "attn.sr.bias",
+    "attn.norm.weight": "attn.norm.weight", "attn.norm.bias": "attn.norm.bias",
+    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "ffn.layers.0.weight": "mlp.fc1.weight", "ffn.layers.0.bias": "mlp.fc1.bias",  # 1x1 convs there
+    "ffn.layers.3.weight": "mlp.fc2.weight", "ffn.layers.3.bias": "mlp.fc2.bias",
+}
+
+
+def mmdet_pvt_to_official(state, label="the checkpoint"):
+    """mmdetection `PyramidVisionTransformer` names (no `backbone.` prefix) -> official PVT names.
+
+    The inverse of mmdetection 3.3's `pvt_convert`: `in_proj_weight/bias` rows [0:C] become `q`, [C:3C] `kv`
+    (keys then values, the official layout); the FFN's 1x1 convs become Linear weights. Anything else (a PVTv2
+    depth-wise conv FFN, a norm after a stage) raises CheckpointError naming the keys.
+    """
+    out, unknown = {}, []
+    for key, value in state.items():
+        value = np.asarray(value)
+        match = _MMDET_PATCH.match(key)
+        if match:
+            stage, module, leaf = match.groups()
+            out[f"patch_embed{int(stage) + 1}.{'proj' if module == 'projection' else 'norm'}.{leaf}"] = value
+            continue
+        match = _MMDET_POS.match(key)
+        if match:
+            out[f"pos_embed{int(match.group(1)) + 1}"] = value
+            continue
+        match = _MMDET_LAYER.match(key)
+        if not match or int(match.group(2)) < 1:
+            unknown.append(key)
+            continue
+        stage, layer, name = int(match.group(1)) + 1, int(match.group(2)) - 1, match.group(3)
+        prefix = f"block{stage}.{layer}."
+        if name in ("attn.attn.in_proj_weight", "attn.attn.in_proj_bias"):
+            if value.shape[0] % 3:
+                raise CheckpointError(f"{label}: {key} has {value.shape[0]} rows, not 3 x embed dims (q, k, v)")
+            dim = value.shape[0] // 3
+            leaf = "weight" if name.endswith("weight") else "bias"
+            out[prefix + f"attn.q.{leaf}"] = np.ascontiguousarray(value[:dim])
+            out[prefix + f"attn.kv.{leaf}"] = np.ascontiguousarray(value[dim:])
+        elif name in _MMDET_LAYER_PARAMS:
+            if name.startswith("ffn.") and name.endswith("weight"):
+                if value.ndim != 4 or value.shape[2:] != (1, 1):
+                    raise CheckpointError(f"{label}: {key} has shape {value.shape}, not a 1x1 conv")
+                value = value.reshape(value.shape[:2])
+            out[prefix + _MMDET_LAYER_PARAMS[name]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{label}: {len(unknown)} backbone keys are not parameters of mmdetection's PVT v1 "
+                              f"(use_abs_pos_embed, no conv FFN, no norm after stages): "
+                              f"{_examples('backbone.' + k for k in unknown)}")
+    return out
+
+
+def _backbone_to_native(backbone_state, layout, label):
+    official = mmdet_pvt_to_official(backbone_state, label) if layout == MMLAB_MMDET_PVT else backbone_state
+    return to_native(official)
+
+
+# ------------------------------------------------------------------------------------------- neck and head maps
+
+_NECK = re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$")
+_RETINA_CONVS = re.compile(r"^bbox_head\.(cls_convs|reg_convs)\.(\d+)\.conv\.(weight|bias)$")
+_RETINA_OUT = re.compile(r"^bbox_head\.(retina_cls|retina_reg)\.(weight|bias)$")
+_SCALE_HEAD = re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(conv\.weight|bn\.\w+)$")
+_CONV_SEG = re.compile(r"^decode_head\.conv_seg\.(weight|bias)$")
+_BN_LEAVES = {"bn.weight": "bn.gamma", "bn.bias": "bn.beta", "bn.running_mean": "bn.moving_mean",
+              "bn.running_var": "bn.moving_variance"}
+
+
+def _neck_name(key, used_levels):
+    match = _NECK.match(key)
+    if not match:
+        return None
+    kind, index, leaf = match.group(1), int(match.group(2)), match.group(3)
+    if kind == "fpn_convs" and index >= used_levels:  # mmdet appends the extra levels' convs to fpn_convs
+        return f"neck.extra_convs.{index - used_levels}.{leaf}"
+    return f"neck.{kind}.{index}.{leaf}"
+
+
+def _head_name(key, task, stacked_layers):
+    """Our head's name for an OpenMMLab head key; '' to drop it knowingly; None if it has no place."""
+    if task == DETECTOR:
+        match = _RETINA_CONVS.match(key)
+        if match:
+            # Our branches interleave ReLUs in one SequentialCell: conv k sits at index 2k.
+            return f"head.{match.group(1)}.{stacked_layers * int(match.group(2))}.{match.group(3)}"
+        match = _RETINA_OUT.match(key)
+        return f"head.{match.group(1)}.{match.group(2)}" if match else None
+    match = _SCALE_HEAD.match(key)
+    if match:
+        level, index, leaf = match.groups()
+        if leaf == "bn.num_batches_tracked":
+            return ""
+        if leaf == "conv.weight":
+            return f"head.scale_heads.{level}.{index}.conv.weight"
+        return f"head.scale_heads.{level}.{index}.{_BN_LEAVES[leaf]}" if leaf in _BN_LEAVES else None
+    match = _CONV_SEG.match(key)
+    return f"head.classifier.{match.group(1)}" if match else None
+
+
+# --------------------------------------------------------------------------------------------------- the loader
+
+
+def model_task(model):
+    """DETECTOR or SEGMENTOR for our RetinaNet / EncoderDecoder (anything with a backbone, neck and head)."""
+    from ..detection.detector import RetinaNet
+    from ..segmentation.segmentor import EncoderDecoder
+    if isinstance(model, RetinaNet):
+        return DETECTOR
+    if isinstance(model, EncoderDecoder):
+        return SEGMENTOR
+    raise CheckpointError(f"load_dense_checkpoint needs a RetinaNet or an EncoderDecoder, got {type(model).__name__}")
+
+
+def _model_params(model):
+    """Structural name (e.g. 'head.retina_cls.weight') -> Parameter, whatever prefix the Parameters' own names
+    carry (a detector built inside its training network names them 'detector.head...')."""
+    return {name: param for name, param in model.parameters_and_names()}
+
+
+def _model_norm_eps_style(model):
+    spec = getattr(model.backbone, "spec", None)
+    return getattr(spec, "norm_eps_style", "official")
+
+
+def _part(name):
+    return name.split(".", 1)[0]
+
+
+def _classifier_check(task, model, state, info):
+    """A clear message for the commonest misfit: the config's class count is not the checkpoint's."""
+    if info.num_classes is not None and info.num_classes != model.num_classes:
+        key = "bbox_head.retina_cls.weight" if task == DETECTOR else "decode_head.conv_seg.weight"
+        raise CheckpointError(f"{info.path} predicts {info.num_classes} classes ({key} has shape "
+                              f"{tuple(state[key].shape)}) but the model has {model.num_classes}; set num_classes: "
+                              f"{info.num_classes}")
+    if info.class_names is not None and len(info.class_names) != model.num_classes:
+        raise CheckpointError(f"{info.path} names {len(info.class_names)} classes in its meta but the model has "
+                              f"{model.num_classes}; set num_classes: {len(info.class_names)}")
+
+
+def _default_class_names(task, num_classes):
+    from ..detection.coco import COCO_CLASSES
+    from ..segmentation.ade20k import ADE20K_CLASSES
+    defaults = COCO_CLASSES if task == DETECTOR else ADE20K_CLASSES
+    return list(defaults) if num_classes == len(defaults) else None
+
+
+def mmlab_to_model_state(model, path, state, info, strict=True):
+    """(state keyed by the model's structural names, per-part counts, notes) for an OpenMMLab state dict.
+
+    Raises CheckpointError naming every key that is unexpected, missing or of the wrong shape (with `strict`).
+    """
+    task = model_task(model)
+    if info.task != task:
+        raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
+    params = _model_params(model)
+    expected = {name: tuple(p.shape) for name, p in params.items()}
+    notes = []
+    backbone_raw = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    native_backbone, backbone_notes = _backbone_to_native(backbone_raw, info.source_format, path)
+    backbone_expected = {k[len("backbone."):]: v for k, v in expected.items() if k.startswith("backbone.")}
+    native_backbone, fit_notes = fit_to_model(native_backbone, backbone_expected, has_cls_token=False)
+    notes += [n for n in backbone_notes + fit_notes if not n.startswith("format:")]
+    if info.source_format == MMLAB_MMDET_PVT:
+        notes.append("backbone: mmdetection PyramidVisionTransformer -> PVT (in_proj split into q and kv, 1x1-conv "
+                     "FFN weights flattened)")
+
+    out = {"backbone." + k: v for k, v in native_backbone.items()}
+    origin = {"backbone." + k: "backbone (converted)" for k in native_backbone}
+    used_levels = getattr(model.neck, "used_levels", 0)
+    unexpected, dropped = [], []
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            continue
+        if key.startswith("neck."):
+            name = _neck_name(key, used_levels)
+        elif key.startswith(("bbox_head.", "decode_head.")):
+            name = _head_name(key, task, 2)
+        else:
+            name = None
+        if name == "":
+            dropped.append(key)
+            continue
+        if name is None or name in out:
+            unexpected.append(key)
+            continue
+        out[name] = np.asarray(value)
+        origin[name] = key
+    if dropped:
+        notes.append(f"ignored {len(dropped)} BatchNorm num_batches_tracked counters (MindSpore keeps none; "
+                     "momentum is fixed)")
+    missing = [name for name in expected if name not in out]
+    unexpected += [f"{origin[name]} (as {name})" for name in out if name not in expected]
+    mismatched = [f"{origin[name]} {tuple(np.shape(out[name]))} vs model {name} {expected[name]}"
+                  for name in out if name in expected and tuple(np.shape(out[name])) != expected[name]]
+    if strict:
+        _classifier_check(task, model, state, info)
+    problems = []
+    for label, keys in (("missing from the checkpoint", missing), ("not in the model", unexpected),
+                        ("of the wrong shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {label}: {_examples(keys)}")
+    if problems and strict:
+        raise CheckpointError(f"{path} does not fit this {task} ({model_task_description(model)}):\n  "
+                              + "\n  ".join(problems))
+    notes += problems
+    kept = {name: value for name, value in out.items()
+            if name in expected and tuple(np.shape(value)) == expected[name]}
+    counts = dict.fromkeys(PARTS, 0)
+    for name in kept:
+        counts[_part(name)] = counts.get(_part(name), 0) + 1
+    return kept, counts, notes
+
+
+def model_task_description(model):
+    spec = getattr(model.backbone, "spec", None)
+    depths = getattr(spec, "depths", None)
+    return f"backbone depths {tuple(depths) if depths else '?'}, {model.num_classes} classes"
+
+
+def _assign(params, state):
+    import mindspore as ms
+    for name, value in state.items():
+        param = params[name]
+        param.set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32), param.dtype))
+
+
+def load_dense_checkpoint(model, path, strict=True):
+    """Load a whole detector/segmentor checkpoint into our `RetinaNet` or `EncoderDecoder`; returns a
+    `DenseLoadReport` (class names, source format, tensors mapped per part).
+
+    Native pvt_dense files load as the training tools write them (every parameter must be there); OpenMMLab files
+    (official PVT releases, mmdetection 3.x / mmsegmentation 1.x) are mapped key by key. With `strict` (the
+    default) any key that is missing, unexpected or of the wrong shape, a class count other than the model's, or a
+    backbone built with the other LayerNorm eps convention raises CheckpointError before a weight changes.
+    """
+    path = os.fspath(path)
+    task = model_task(model)
+    info = read_dense_checkpoint_meta(path)
+    built_style = _model_norm_eps_style(model)
+    if info.norm_eps_style != built_style:
+        raise CheckpointError(f"{path} was trained with the {info.norm_eps_style!r} backbone LayerNorm eps but the "
+                              f"model was built with {built_style!r}; set backbone_norm_eps: {info.norm_eps_style} "
+                              "(or auto) in the config")
+    report = DenseLoadReport(source_format=info.source_format, path=path, norm_eps_style=info.norm_eps_style)
+    if info.source_format == NATIVE:
+        from ..engine.checkpoints import load_checkpoint_into
+        if info.task not in (None, task):
+            raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
+        meta = load_checkpoint_into(path, [model])
+        for name, _ in model.parameters_and_names():
+            report.mapped[_part(name)] = report.mapped.get(_part(name), 0) + 1
+        names = _plain_names(meta.get("class_names"))
+        if names is not None and len(names) != model.num_classes:
+            raise CheckpointError(f"{path} names {len(names)} classes but the model has {model.num_classes}")
+        report.class_names = names
+        return report
+    state, _ = _read_mmlab(path)
+    kept, counts, notes = mmlab_to_model_state(model, path, state, info, strict=strict)
+    _assign(_model_params(model), kept)
+    report.mapped = counts
+    report.notes = notes
+    if info.class_names is not None:
+        report.class_names = info.class_names
+    else:
+        report.class_names = _default_class_names(task, model.num_classes)
+        if report.class_names is not None:
+            report.notes.append(f"no class names in the file: using {'COCO' if task == DETECTOR else 'ADE20K'}'s")
+    if info.framework:
+        report.notes.insert(0, f"saved by {info.framework}")
+    return report
+
+
+def save_dense_native(model, path, meta):
+    """Write `model`'s parameters and `meta` as a native checkpoint (atomically, with a CRC) that the training
+    tools' loaders and `load_dense_checkpoint` read back."""
+    import mindspore as ms
+
+    from ..atomic import temp_path_for
+    from ..engine.checkpoints import META_KEY, _publish, _save_entries
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    entries = _save_entries([model])
+    temp = temp_path_for(path)
+    ms.save_checkpoint(entries, temp, append_dict={META_KEY: json.dumps(meta, sort_keys=True)}, crc_check=True)
+    _publish(temp, path)
+    return path
+
+
+def config_for_checkpoint(cfg, path):
+    """(cfg with `backbone_norm_eps` resolved for the checkpoint at `path`, its `DenseCheckpointInfo`).
+
+    'auto' takes the checkpoint's style; a config that names the other style is a ConfigError.
+    """
+    from ..engine.recipe import resolve_backbone_norm_eps
+    info = read_dense_checkpoint_meta(path)
+    style = resolve_backbone_norm_eps(cfg, info.norm_eps_style, path)
+    return type(cfg)(cfg, backbone_norm_eps=style), info
+
+
+def print_report(report):
+    if report.source_format != NATIVE:
+        print("[pvt_dense] " + "\n  ".join(report.lines()))
+
+
+def is_whole_model_checkpoint(path):
+    """True for an OpenMMLab detector/segmentor file or a native file converted from one (its meta names the
+    task); False for anything else (a backbone or classifier checkpoint)."""
+    try:
+        return read_dense_checkpoint_meta(path).task is not None
+    except CheckpointError:
+        return False
+
+
+def convert_dense_checkpoint(src, dst, config=None, overrides=()):
+    """Convert a whole detector/segmentor checkpoint into a native .ckpt; returns the `DenseLoadReport`.
+
+    The model is built from `config` (a detection or segmentation YAML) or, without one, from the recipe's
+    defaults with the checkpoint's PVT size, class count and LayerNorm eps style; every weight must fit it. The
+    native file records the task, class names and the config, so the tools rebuild the same model from it.
+    """
+    info = read_dense_checkpoint_meta(src)
+    if info.task is None:
+        raise CheckpointError(f"{src} is not a whole detector or segmentor checkpoint")
+    inferred = [("backbone", info.model_name)] if info.model_name and config is None else []
+    if info.num_classes and config is None:
+        inferred.append(("num_classes", info.num_classes))
+    if info.task == DETECTOR:
+        from ..detection.recipe import build_retinanet, load_detection_config
+        cfg = load_detection_config(config, inferred + list(overrides))
+    else:
+        from ..segmentation.recipe import build_segmentor, load_segmentation_config
+        cfg = load_segmentation_config(config, inferred + list(overrides))
+    cfg, _ = config_for_checkpoint(type(cfg)(cfg, pretrained=""), src)
+    model = build_retinanet(cfg, load_pretrained=False)[0] if info.task == DETECTOR else build_segmentor(cfg)
+    report = load_dense_checkpoint(model, src)
+    meta = {"task": info.task, "class_names": report.class_names, "config": dict(cfg), "converted_from":
+            os.path.basename(os.fspath(src)), "source_format": info.source_format}
+    save_dense_native(model, dst, meta)
+    report.notes.append(f"wrote {dst} ({info.task}, {cfg.backbone}, {model.num_classes} classes)")
+    return report

@@ -1,0 +1,323 @@
+"""Whole RetinaNet / Semantic FPN checkpoints from OpenMMLab load into our models and compute what mmdetection /
+mmsegmentation compute.
+
+The references are mmdetection 3.3's RetinaNet and mmsegmentation 1.2's EncoderDecoder + FPNHead on mmdetection's
+own PyramidVisionTransformer (PVT-Tiny), with random non-trivial weights (every parameter and BatchNorm statistic
+perturbed, biases non-zero). Each is saved with torch.save the way the frameworks' runners do:
+
+* mmdetection 3.x / mmsegmentation 1.x: `{"meta": {"dataset_meta": {"classes": ...}}, "state_dict": ...}` with the
+  backbone in mmdetection's PVT names;
+* the official PVT releases (mmdetection 2.x / mmsegmentation 0.x): `{"meta": {"CLASSES": ...}, "state_dict": ...}`
+  with the backbone in the official PVT names. Those names are made by `mmdet_pvt_to_official` (the function under
+  test) and checked to give back exactly the mmdetection state through mmdetection's own `pvt_convert`; the stage-4
+  position embedding carries the official detection code's cls slot, which `pvt_convert` drops. The official code
+  is mmdetection's PVT with LayerNorm eps 1e-5 in the patch-embedding and spatial-reduction norms, so its
+  reference is the same mmdetection model with those two eps set so.
+
+A wrong key mapping, a transposed split of the in-projection or a wrong eps would change the outputs, which are
+compared with the frameworks' forward passes at 1e-4.
+"""
+import os
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from pvt_dense.checkpoint import load_dense_checkpoint, read_dense_checkpoint_meta
+from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT, MMLAB_OFFICIAL_PVT, mmdet_pvt_to_official
+from pvt_dense.errors import CheckpointError, ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 1e-4
+SHAPES = ((1, 3, 224, 320), (1, 3, 256, 352))
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+SEG_CLASSES = 150
+
+torch = pytest.importorskip("torch")
+
+
+def _retinanet_config(num_classes):
+    return dict(
+        type="RetinaNet",
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_size_divisor=32),
+        backbone=dict(type="PyramidVisionTransformer", num_layers=[2, 2, 2, 2]),
+        neck=dict(type="FPN", in_channels=[64, 128, 320, 512], out_channels=256, start_level=1,
+                  add_extra_convs="on_input", num_outs=5),
+        bbox_head=dict(type="RetinaHead", num_classes=num_classes, in_channels=256, stacked_convs=4, feat_channels=256,
+                       anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=3,
+                                             ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128]),
+                       bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+                       loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+                       loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
+        test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5),
+                      max_per_img=100))
+
+
+def _semantic_fpn_config(num_classes):
+    return dict(
+        type="EncoderDecoder",
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=MEAN, std=STD, bgr_to_rgb=True, size_divisor=32),
+        backbone=dict(type="mmdet.PyramidVisionTransformer", num_layers=[2, 2, 2, 2]),
+        neck=dict(type="FPN", in_channels=[64, 128, 320, 512], out_channels=256, num_outs=4),
+        decode_head=dict(type="FPNHead", in_channels=[256] * 4, in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
+                         channels=128, dropout_ratio=0.1, num_classes=num_classes,
+                         norm_cfg=dict(type="BN", requires_grad=True), align_corners=False,
+                         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
+        train_cfg=dict(), test_cfg=dict(mode="whole"))
+
+
+def _randomise(module, seed):
+    """Every parameter and BatchNorm statistic moved off its initial value; biases and norm shifts non-zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                tensor.fill_(7)
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif name.endswith("running_mean"):
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=generator))
+            elif name.endswith("pos_embed"):
+                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=generator))
+            elif tensor.ndim == 1 and "norm" in name or ".bn." in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                tensor.copy_(base + 0.2 * torch.randn(tensor.shape, generator=generator))
+            elif name.endswith("bias"):
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+            else:
+                fan_in = max(1, tensor[0].numel())
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in ** 0.5)
+    module.eval()
+    return module
+
+
+def _use_official_eps(mm_model):
+    """mmdetection's PVT with the official code's eps (1e-5) in the patch-embedding and spatial-reduction norms."""
+    for stage in mm_model.backbone.layers:
+        stage[0].norm.eps = 1e-5
+        for layer in stage[1][1:]:
+            if hasattr(layer.attn, "norm"):
+                layer.attn.norm.eps = 1e-5
+
+
+def _official_state(mm_model):
+    """The state in the official release layout; checked against mmdetection's own `pvt_convert`."""
+    from mmdet.models.backbones.pvt import pvt_convert
+    state = {k: v.numpy().copy() for k, v in mm_model.state_dict().items()}
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    official = mmdet_pvt_to_official(backbone)
+    cls_slot = np.random.default_rng(0).normal(size=(1, 1, official["pos_embed4"].shape[2])).astype(np.float32)
+    official["pos_embed4"] = np.concatenate([cls_slot, official["pos_embed4"]], axis=1)  # 1 + 7 * 7
+    back = pvt_convert({k: torch.from_numpy(v) for k, v in official.items()})
+    assert sorted(back) == sorted(backbone)
+    for key, value in back.items():
+        np.testing.assert_array_equal(value.numpy(), backbone[key], err_msg=key)
+    out = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    out.update({"backbone." + k: v for k, v in official.items()})
+    return out
+
+
+def _save(path, state, meta):
+    torch.save({"meta": meta, "state_dict": {k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
+                                             for k, v in state.items()}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Both references and their checkpoint files, built once for the module."""
+    from mmlab_reference import require_mmdet, require_mmseg
+    require_mmdet()
+    from mmdet.datasets.coco import CocoDataset
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.config import ConfigDict
+    folder = tmp_path_factory.mktemp("dense_ckpts")
+    coco = list(CocoDataset.METAINFO["classes"])
+    det = _randomise(DET_MODELS.build(ConfigDict(_retinanet_config(len(coco)))), 1)
+    require_mmseg()  # mmseg becomes the default registry scope from here on
+    from mmseg.registry import MODELS as SEG_MODELS
+    seg = _randomise(SEG_MODELS.build(ConfigDict(_semantic_fpn_config(SEG_CLASSES))), 2)
+    seg_names = [f"class {i}" for i in range(SEG_CLASSES)]
+    out = {"det": det, "seg": seg, "coco": coco, "seg_names": seg_names}
+    out["det_mmdet3"] = _save(folder / "retinanet_mmdet3.pth", det.state_dict(),
+                              {"dataset_meta": {"classes": tuple(coco)}, "mmengine_version": "0.10.7", "epoch": 12,
+                               "iter": 3, "seed": 0, "experiment_name": "retinanet_pvt"})
+    out["seg_mmseg1"] = _save(folder / "semfpn_mmseg1.pth", seg.state_dict(), {"mmengine_version": "0.10.7"})
+    out["det_official"] = _save(folder / "retinanet_pvt_t_fpn_1x_coco.pth", _official_state(det),
+                                {"CLASSES": tuple(coco), "mmdet_version": "2.13.0", "epoch": 12, "iter": 87960,
+                                 "config": "model = dict(type='RetinaNet')", "env_info": "sys.platform: linux"})
+    out["seg_official"] = _save(folder / "fpn_pvt_t_ade20k.pth", _official_state(seg),
+                                {"CLASSES": seg_names, "PALETTE": [[i, i, i] for i in range(SEG_CLASSES)],
+                                 "mmseg_version": "0.13.0", "iter": 80000})
+    out["folder"] = folder
+    return out
+
+
+def _inputs():
+    rng = np.random.default_rng(5)
+    return [rng.normal(size=shape).astype(np.float32) for shape in SHAPES]
+
+
+def _det_reference(mm_model, x, official_eps):
+    import copy
+    model = copy.deepcopy(mm_model)
+    if official_eps:
+        _use_official_eps(model)
+    with torch.no_grad():
+        cls_scores, bbox_preds = model(torch.from_numpy(x), mode="tensor")
+    return [t.numpy() for t in list(cls_scores) + list(bbox_preds)]
+
+
+def _seg_reference(mm_model, x, official_eps):
+    import copy
+    model = copy.deepcopy(mm_model)
+    if official_eps:
+        _use_official_eps(model)
+    with torch.no_grad():
+        return model(torch.from_numpy(x), mode="tensor").numpy()
+
+
+def _detection_cfg(**overrides):
+    from pvt_dense.detection.recipe import load_detection_config
+    return load_detection_config(None, [("mode", 1), ("pretrained", "")] + list(overrides.items()))
+
+
+def _segmentation_cfg(**overrides):
+    from pvt_dense.segmentation.recipe import load_segmentation_config
+    return load_segmentation_config(None, [("mode", 1), ("pretrained", "")] + list(overrides.items()))
+
+
+def _max_diff(ours, reference):
+    assert len(ours) == len(reference)
+    diffs = []
+    for a, b in zip(ours, reference):
+        assert tuple(a.shape) == tuple(b.shape)
+        diffs.append(float(np.abs(a - b).max()))
+    return max(diffs)
+
+
+def _run_detector(detector, x):
+    return [o.asnumpy() for o in detector(ms.Tensor(x))]
+
+
+@pytest.mark.parametrize("layout", ["det_mmdet3", "det_official"])
+def test_retinanet_checkpoint_matches_mmdet(files, layout):
+    from pvt_dense.detection.train import load_detector_with_report
+    official = layout == "det_official"
+    detector, report = load_detector_with_report(_detection_cfg(), files[layout])
+    assert report.source_format == (MMLAB_OFFICIAL_PVT if official else MMLAB_MMDET_PVT)
+    assert report.norm_eps_style == ("official" if official else "mmdet")
+    assert report.class_names == files["coco"]
+    assert report.mapped == {"backbone": 156, "neck": 16, "head": 20}
+    for x in _inputs():
+        reference = _det_reference(files["det"], x, official)
+        assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
+        assert _max_diff(_run_detector(detector, x), reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("layout", ["seg_mmseg1", "seg_official"])
+def test_semantic_fpn_checkpoint_matches_mmseg(files, layout):
+    from pvt_dense.segmentation.recipe import load_trained_segmentor_with_report
+    official = layout == "seg_official"
+    net, report = load_trained_segmentor_with_report(_segmentation_cfg(), files[layout])
+    assert report.mapped == {"backbone": 156, "neck": 16, "head": 37}
+    assert any("num_batches_tracked" in note for note in report.notes)
+    if official:
+        assert report.class_names == files["seg_names"]
+    else:
+        from pvt_dense.segmentation.ade20k import ADE20K_CLASSES
+        assert report.class_names == list(ADE20K_CLASSES)  # none in the file: ADE20K's 150
+    for x in _inputs():
+        reference = _seg_reference(files["seg"], x, official)
+        assert abs(reference).max() > 0.1
+        ours = net(ms.Tensor(x)).asnumpy()
+        assert _max_diff([ours], [reference]) <= TOLERANCE
+
+
+def test_convert_tool_writes_a_native_checkpoint_the_tools_load(files, tmp_path):
+    """tools/convert_weights.py on an official Semantic FPN release, then the segmentation loader on its output."""
+    from pvt_dense.segmentation.recipe import load_trained_segmentor_with_report
+    dst = tmp_path / "semfpn_pvt_tiny.ckpt"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_weights.py"),
+                             files["seg_official"], str(dst)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "backbone 156, neck 16, head 37" in result.stdout
+    info = read_dense_checkpoint_meta(dst)
+    assert (info.source_format, info.task, info.norm_eps_style) == ("native", "segmentor", "official")
+    net, report = load_trained_segmentor_with_report(_segmentation_cfg(), str(dst))
+    assert report.class_names == files["seg_names"]
+    x = _inputs()[1]
+    assert _max_diff([net(ms.Tensor(x)).asnumpy()], [_seg_reference(files["seg"], x, True)]) <= TOLERANCE
+
+
+def test_mmdet_backbone_files_select_the_mmdet_eps(files):
+    info = read_dense_checkpoint_meta(files["det_mmdet3"])
+    assert (info.task, info.norm_eps_style, info.model_name, info.num_classes) == ("detector", "mmdet", "pvt_tiny", 80)
+    assert info.framework == "mmdet 3.x"
+    official = read_dense_checkpoint_meta(files["seg_official"])
+    assert (official.task, official.norm_eps_style, official.framework) == ("segmentor", "official", "mmseg 0.13.0")
+
+
+def _tampered(files, tmp_path, source, edit):
+    from pvt_dense.checkpoint.torch_reader import read_torch_checkpoint
+    top = read_torch_checkpoint(files[source])
+    state = dict(top["state_dict"])
+    edit(state)
+    return _save(tmp_path / "tampered.pth", state, top["meta"])
+
+
+@pytest.mark.bad_input("dense checkpoint", "a RetinaNet file without bbox_head.retina_reg.bias",
+                       "CheckpointError naming the missing key; the model keeps its weights")
+def test_missing_head_key_is_named(files, tmp_path):
+    from pvt_dense.detection.recipe import build_retinanet
+    path = _tampered(files, tmp_path, "det_official", lambda s: s.pop("bbox_head.retina_reg.bias"))
+    detector, _ = build_retinanet(_detection_cfg(), load_pretrained=False)
+    before = detector.head.retina_cls.weight.asnumpy().copy()
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: head\.retina_reg\.bias"):
+        load_dense_checkpoint(detector, path)
+    np.testing.assert_array_equal(detector.head.retina_cls.weight.asnumpy(), before)
+
+
+@pytest.mark.bad_input("dense checkpoint", "a Semantic FPN file with an extra key (decode_head.extra.weight)",
+                       "CheckpointError naming the key")
+def test_unexpected_key_is_named(files, tmp_path):
+    from pvt_dense.segmentation.recipe import load_trained_segmentor
+    path = _tampered(files, tmp_path, "seg_mmseg1",
+                     lambda s: s.__setitem__("decode_head.extra.weight", np.ones((3,), np.float32)))
+    with pytest.raises(CheckpointError, match=r"not in the model: decode_head\.extra\.weight"):
+        load_trained_segmentor(_segmentation_cfg(), path)
+
+
+@pytest.mark.bad_input("dense checkpoint", "an 80-class RetinaNet file with num_classes: 3 in the config",
+                       "CheckpointError: the file predicts 80 classes, set num_classes: 80")
+def test_wrong_class_count_is_an_error(files):
+    from pvt_dense.detection.train import load_detector
+    with pytest.raises(CheckpointError, match=r"predicts 80 classes .*bbox_head\.retina_cls\.weight.*num_classes: 80"):
+        load_detector(_detection_cfg(num_classes=3), files["det_mmdet3"])
+
+
+@pytest.mark.bad_input("dense checkpoint", "an mmdetection-PVT file with backbone_norm_eps: official",
+                       "ConfigError: the file needs backbone_norm_eps: mmdet")
+def test_conflicting_norm_eps_is_an_error(files):
+    from pvt_dense.detection.train import load_detector
+    with pytest.raises(ConfigError, match="set backbone_norm_eps: mmdet"):
+        load_detector(_detection_cfg(backbone_norm_eps="official"), files["det_mmdet3"])
+
+
+@pytest.mark.bad_input("dense checkpoint", "an mmdetection-PVT file loaded into a backbone built with the official eps",
+                       "CheckpointError naming backbone_norm_eps")
+def test_model_built_with_the_other_eps_is_refused(files):
+    from pvt_dense.detection.recipe import build_retinanet
+    detector, _ = build_retinanet(_detection_cfg(), load_pretrained=False)
+    with pytest.raises(CheckpointError, match="backbone_norm_eps: mmdet"):
+        load_dense_checkpoint(detector, files["det_mmdet3"])
+
+
+@pytest.mark.bad_input("dense checkpoint", "a segmentor file given to the detector loader",
+                       "CheckpointError: a segmentor checkpoint, the model is a detector")
+def test_task_mismatch_is_an_error(files):
+    from pvt_dense.detection.train import load_detector
+    with pytest.raises(CheckpointError, match="is a segmentor checkpoint; the model is a detector"):
+        load_detector(_detection_cfg(), files["seg_official"])
