@@ -7,11 +7,11 @@ References, none of them written here:
   mmseg 1.2 has no AlignResize, so the reference here is mmcv's own `LoadImageFromFile`, `imrescale` and `imresize`
   composed in that order, then mmseg's `SegDataPreProcessor` (BGR -> RGB, mean/std);
 - logits, losses, gradients and masks: mmseg 1.2's `EncoderDecoder` (backbone mmdet 3.3's PyramidVisionTransformer,
-  mmseg's FPN neck and FPNHead) with the same weights, BatchNorm in eval mode with random running statistics;
+  mmseg's FPN neck and FPNHead), BatchNorm in eval mode with random running statistics, saved as an mmseg 1.x
+  checkpoint file and loaded into ours with `load_dense_checkpoint` (tools/infer_seg.py reads the same file);
 - metrics: mmseg 1.2's `IoUMetric`.
 """
 import math
-import re
 
 import cv2
 import mindspore as ms
@@ -67,45 +67,6 @@ def reference_config(avg_non_ignore=False, backbone=TINY_BACKBONE, in_channels=T
         train_cfg=dict(), test_cfg=dict(mode="whole"))
 
 
-def mmseg_state_to_native(state):
-    """mmseg EncoderDecoder (mmdet PVT backbone) state dict -> our parameter names and layouts. mmdet's attention is
-    torch's MultiheadAttention: in_proj rows are [q; k; v], ours are q and kv = [k; v]; its FFN uses 1x1 convs."""
-    native = {}
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        stage = re.match(r"backbone\.layers\.(\d)\.(.*)", key)
-        if stage:
-            index, rest = stage.groups()
-            prefix = f"backbone.stages.{index}."
-            if rest.startswith("0."):  # patch embedding
-                name = rest[2:].replace("projection", "proj").replace("norm.weight", "norm.gamma")
-                native[prefix + "patch_embed." + name.replace("norm.bias", "norm.beta")] = value
-                continue
-            if rest == "1.0.pos_embed":
-                native[prefix + "pos_embed"] = value
-                continue
-            block, leaf = re.match(r"1\.(\d+)\.(.*)", rest).groups()
-            prefix += f"blocks.{int(block) - 1}."
-            if leaf.startswith("attn.attn.in_proj_"):
-                kind, dim = leaf.rsplit("_", 1)[1], value.shape[0] // 3
-                native[prefix + "attn.q." + kind], native[prefix + "attn.kv." + kind] = value[:dim], value[dim:]
-                continue
-            leaf = (leaf.replace("attn.attn.out_proj", "attn.proj").replace("ffn.layers.0", "mlp.fc1")
-                    .replace("ffn.layers.3", "mlp.fc2"))
-            if "norm" in leaf:
-                leaf = leaf.replace(".weight", ".gamma").replace(".bias", ".beta")
-            native[prefix + leaf] = value[:, :, 0, 0] if leaf.startswith("mlp") and value.ndim == 4 else value
-            continue
-        if key.startswith("neck."):
-            key = key.replace(".conv.", ".")
-        key = key.replace("decode_head.conv_seg", "head.classifier").replace("decode_head.", "head.")
-        key = (key.replace("bn.weight", "bn.gamma").replace("bn.bias", "bn.beta")
-               .replace("running_mean", "moving_mean").replace("running_var", "moving_variance"))
-        native[key] = value
-    return native
-
-
 def randomise_head(reference, seed=0):
     """Random BatchNorm statistics and affine terms, and a classifier large enough that argmax ties are rare."""
     generator = torch.Generator().manual_seed(seed)
@@ -129,33 +90,35 @@ def build_reference(config):
     reference = MODELS.build(config)
     reference.init_weights()
     randomise_head(reference)
-    # The official PVT's patch-embedding LayerNorm is torch's default (eps 1e-5), as ours; mmdet builds it with
-    # the blocks' 1e-6. Only the segmentation part is under test, so the reference backbone is made the official one.
-    for stage in reference.backbone.layers:
-        stage[0].norm.eps = 1e-5
     return reference.eval()
 
 
-def build_pair(avg_non_ignore=False):
-    """(mmseg EncoderDecoder, our EncoderDecoder) with the same weights, both in eval mode."""
+def save_as_mmseg(reference, path):
+    """The file an mmseg 1.x run writes: mmengine's checkpoint dict with the class names in its meta."""
+    from mmengine.runner.checkpoint import save_checkpoint
+    meta = dict(dataset_meta=dict(classes=tuple(f"class{i}" for i in range(NUM_CLASSES))))
+    save_checkpoint(dict(meta=meta, state_dict=reference.state_dict()), str(path))
+    return path
+
+
+def build_pair(tmp_dir, avg_non_ignore=False):
+    """(mmseg EncoderDecoder, our EncoderDecoder with its weights, loaded from the file mmseg saved), eval mode.
+    mmdet's PVT uses LayerNorm eps 1e-6 everywhere, so ours is built with that convention."""
+    from pvt_dense.checkpoint import load_dense_checkpoint
     reference = build_reference(reference_config(avg_non_ignore))
-    backbone = PVTBackbone(TINY_SPEC)
+    backbone = PVTBackbone(TINY_SPEC.with_norm_eps_style("mmdet"))
     neck = build_neck(backbone, out_channels=NECK_CHANNELS, num_outs=4)
     ours = EncoderDecoder(backbone, neck, SemanticFPNHead(neck.out_channels, neck.strides, NUM_CLASSES,
                                                           channels=HEAD_CHANNELS))
-    state = mmseg_state_to_native({k: v.detach().numpy() for k, v in reference.state_dict().items()})
-    parameters = {p.name: p for p in ours.get_parameters()}
-    assert set(parameters) == set(state)
-    for name, value in state.items():
-        assert tuple(parameters[name].shape) == value.shape, name
-        parameters[name].set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32)))
+    report = load_dense_checkpoint(ours, save_as_mmseg(reference, tmp_dir / "semfpn_mmseg.pth"))
+    assert sum(report.mapped.values()) == len(list(ours.get_parameters()))
     ours.set_train(False)
     return reference, ours
 
 
 @pytest.fixture(scope="module")
-def models(mmseg):
-    return build_pair()
+def models(mmseg, tmp_path_factory):
+    return build_pair(tmp_path_factory.mktemp("models"))
 
 
 def write_sample_photos(folder):
@@ -243,7 +206,7 @@ class PassLogits(nn.Cell):
 def test_loss_and_its_gradient_match_mmseg_decode_head(mmseg, avg_non_ignore, pynative):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
-    reference, _ = build_pair(avg_non_ignore)
+    reference = build_reference(reference_config(avg_non_ignore))
     rng = np.random.default_rng(1)
     logits = (rng.normal(size=(2, NUM_CLASSES, 8, 10)) * 3).astype(np.float32)
     labels = rng.integers(0, NUM_CLASSES, (2, 29, 37))
@@ -347,14 +310,6 @@ def test_metrics_match_mmseg_iou_metric(mmseg):
         assert round(100 * ours[name], 2) == pytest.approx(summary[name], abs=1e-9), name
 
 
-def native_checkpoint_from_mmseg(pth_path, ckpt_path):
-    """An mmseg state-dict file -> a pvt_dense .ckpt, with the renaming above (the reading is torch's own)."""
-    state = torch.load(pth_path, map_location="cpu", weights_only=True)
-    native = mmseg_state_to_native({k: v.numpy() for k, v in state.items()})
-    ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.ascontiguousarray(v, dtype=np.float32))}
-                        for k, v in native.items()], str(ckpt_path))
-
-
 def test_infer_seg_writes_the_masks_of_a_segmentor_saved_by_mmseg(mmseg, photos, tmp_path):
     import subprocess
     import sys
@@ -363,12 +318,11 @@ def test_infer_seg_writes_the_masks_of_a_segmentor_saved_by_mmseg(mmseg, photos,
     from mmseg.structures import SegDataSample
     root = Path(__file__).resolve().parents[1]
     reference = build_reference(reference_config(backbone=PVT_TINY_BACKBONE, in_channels=(64, 128, 320, 512)))
-    torch.save(reference.state_dict(), tmp_path / "semfpn_mmseg.pth")
-    native_checkpoint_from_mmseg(tmp_path / "semfpn_mmseg.pth", tmp_path / "semfpn.ckpt")
+    checkpoint = save_as_mmseg(reference, tmp_path / "semfpn_mmseg.pth")
     command = [sys.executable, str(root / "tools" / "infer_seg.py"), "--backbone", "pvt_tiny",
                "--num_classes", str(NUM_CLASSES), "--neck_channels", str(NECK_CHANNELS),
                "--head_channels", str(HEAD_CHANNELS), "--test_scale", str(SMALL_SCALE[0]), str(SMALL_SCALE[1]),
-               "--mode", "1", "--progress_bar", "False", "--ckpt_path", str(tmp_path / "semfpn.ckpt"),
+               "--mode", "1", "--progress_bar", "False", "--ckpt_path", str(checkpoint),
                "--input", str(photos[0].parent), "--output", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
