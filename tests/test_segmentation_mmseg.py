@@ -68,18 +68,17 @@ def reference_config(avg_non_ignore=False, backbone=TINY_BACKBONE, in_channels=T
 
 
 def randomise_head(reference, seed=0):
-    """Random BatchNorm statistics and affine terms, and a classifier large enough that argmax ties are rare."""
+    """Random BatchNorm statistics and affine terms, and a classifier large enough that argmax ties are rare (the
+    3x3 convs keep their Kaiming init)."""
     generator = torch.Generator().manual_seed(seed)
+    head = reference.decode_head
     with torch.no_grad():
-        for name, tensor in list(reference.decode_head.named_parameters()) + list(
-                reference.decode_head.named_buffers()):
-            if "num_batches_tracked" in name:
+        for name, tensor in list(head.named_parameters()) + list(head.named_buffers()):
+            if "num_batches_tracked" in name or "conv.weight" in name:
                 continue
             if "running_var" in name:
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            elif "conv_seg.weight" in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
-            elif "conv.weight" not in name:
+            else:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
 
 
