@@ -1,5 +1,6 @@
-"""Semantic FPN model: shapes at odd sizes, the head against a torch re-implementation, the loss against torch's
-cross entropy, the configs, and what a checkpoint holds."""
+"""Semantic FPN model: shapes at odd sizes, the head's structure, the loss against torch's cross entropy, the
+configs, and what a checkpoint holds. Logits, loss, gradients and masks against mmsegmentation itself are in
+test_segmentation_mmseg.py."""
 from pathlib import Path
 
 import mindspore as ms
@@ -50,45 +51,6 @@ def test_head_has_one_block_per_factor_of_two_down_to_stride_4():
     assert blocks == [1, 1, 2, 3] and upsamples == [0, 1, 2, 3]
     with pytest.raises(ConfigError, match="power-of-two"):
         SemanticFPNHead((8, 8), (4, 12), num_classes=3)
-
-
-def torch_head(head, features):
-    """mmseg's FPNHead forward in torch with the MindSpore head's weights (eval mode)."""
-    def level_forward(level, x):
-        for cell in level.cell_list:
-            if isinstance(cell, ConvBNReLU):
-                bn = cell.bn
-                x = F.conv2d(x, torch.from_numpy(cell.conv.weight.asnumpy()), padding=1)
-                x = F.batch_norm(x, torch.from_numpy(bn.moving_mean.asnumpy()),
-                                 torch.from_numpy(bn.moving_variance.asnumpy()),
-                                 torch.from_numpy(bn.gamma.asnumpy()), torch.from_numpy(bn.beta.asnumpy()),
-                                 training=False, eps=1e-5)
-                x = F.relu(x)
-            else:
-                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        return x
-
-    output = level_forward(head.scale_heads[0], features[0])
-    for i in range(1, len(features)):
-        level = level_forward(head.scale_heads[i], features[i])
-        output = output + F.interpolate(level, size=output.shape[2:], mode="bilinear", align_corners=False)
-    return F.conv2d(output, torch.from_numpy(head.classifier.weight.asnumpy()),
-                    torch.from_numpy(head.classifier.bias.asnumpy()))
-
-
-def test_head_matches_a_torch_reimplementation_at_odd_sizes(pynative):
-    rng = np.random.default_rng(0)
-    head = SemanticFPNHead((6, 6, 6, 6), (4, 8, 16, 32), num_classes=3, channels=5)
-    for param in head.get_parameters():  # random BN statistics too, so eval-mode BN is really exercised
-        values = rng.normal(size=param.shape).astype(np.float32)
-        param.set_data(ms.Tensor(np.abs(values) + 0.5 if "variance" in param.name else values))
-    head.set_train(False)
-    sizes = [(25, 33), (12, 16), (6, 8), (3, 4)]  # what a 100x133 image gives
-    features = [rng.normal(size=(2, 6) + s).astype(np.float32) for s in sizes]
-    ours = head(tuple(ms.Tensor(f) for f in features)).asnumpy()
-    reference = torch_head(head, [torch.from_numpy(f) for f in features]).numpy()
-    assert ours.shape == (2, 3, 25, 33)
-    assert np.abs(ours - reference).max() < 1e-5 * np.abs(reference).max()
 
 
 @pytest.mark.parametrize("avg_non_ignore", [False, True])

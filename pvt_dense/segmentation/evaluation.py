@@ -31,12 +31,22 @@ class Predictor:
     """RGB uint8 image -> (num_classes, H, W) logits at the image's size, through an inference Cell that maps
     (1, 3, h, w) inputs to a tuple whose first item is (1, K, h, w) logits (`SegmentorInference`).
 
-    mode "whole" runs the network once on the aligned test-size image; "slide" runs `crop_size` windows every
-    `stride` pixels over it and averages the overlapping logits (for images much larger than the training crops).
+    The test protocol of the official PVT segmentation code (mmseg 0.x `MultiScaleFlipAug(img_scale=(2048, 512))`
+    around its `AlignResize(keep_ratio=True, size_divisor=32)`): `prepare_test_image` rescales keeping the ratio and
+    then resizes again to multiples of 32; mode "whole" runs the network once on that image, with no padding; "slide"
+    runs `crop_size` windows every `stride` pixels over it and averages the overlapping logits (for images much
+    larger than the training crops). The logits come back at the network input's size and are resized bilinearly
+    (half-pixel centres) to the image's own size; `predict` takes their argmax. mmseg 1.2's `EncoderDecoder.predict`
+    does the same two resizes.
+
+    `forward` is the one per-input call: (3, h, w) float32 -> (K, h, w) float32 logits at the input size. By default
+    it runs `network` in the current MindSpore mode; in graph mode that compiles one graph per distinct (h, w) and
+    reuses it for every later input of that size. Pass another callable to run the network differently (e.g. a
+    cache of compiled graphs per size bucket).
     """
 
     def __init__(self, network, scale=(2048, 512), size_divisor=32, mode="whole", crop_size=(512, 512),
-                 stride=(341, 341)):
+                 stride=(341, 341), forward=None):
         if mode not in ("whole", "slide"):
             raise ValueError(f"test mode must be 'whole' or 'slide', got {mode!r}")
         self.network = network
@@ -45,20 +55,21 @@ class Predictor:
         self.mode = mode
         self.crop_size = tuple(crop_size)
         self.stride = tuple(stride)
+        self.forward = forward if forward is not None else self.network_forward
 
-    def _run(self, array):
+    def network_forward(self, array):
         import mindspore as ms
         return self.network(ms.Tensor(np.ascontiguousarray(array[None])))[0].asnumpy()[0]
 
     def logits(self, image):
         x = prepare_test_image(image, self.scale, self.size_divisor)
         if self.mode == "whole":
-            out = self._run(x)
+            out = self.forward(x)
         else:
             height, width = x.shape[1:]
             out, count = None, np.zeros((height, width), np.float32)
             for top, bottom, left, right in sliding_windows(height, width, self.crop_size, self.stride):
-                window = self._run(x[:, top:bottom, left:right])
+                window = self.forward(x[:, top:bottom, left:right])
                 if out is None:
                     out = np.zeros((window.shape[0], height, width), np.float32)
                 out[:, top:bottom, left:right] += window

@@ -5,8 +5,9 @@ function of the seed it was given.
 Training: random rescale of `scale` (2048, 512) by a ratio in 0.5-2.0 keeping the aspect ratio; a random crop of
 `crop_size` in which no single class covers more than `cat_max_ratio` of the labelled pixels (10 tries); horizontal
 flip; photometric distortion; ImageNet normalisation; padding to the crop size (image 0, label 255).
-Test: rescale to fit (2048, 512) keeping the ratio (short side 512 for ordinary photos), then resize again so
-both sides are multiples of 32 (the official PVT code's AlignedResize); optional sliding windows.
+Test: rescale to fit (2048, 512) keeping the ratio (short side 512 for ordinary photos), then resize that image
+again so both sides are rounded up to multiples of 32 (the official PVT code's `AlignResize`); optional sliding
+windows.
 
 All sizes are (height, width) unless a name says otherwise; `scale` pairs are (long side, short side) bounds as in
 mmcv's `imrescale`.
@@ -143,15 +144,21 @@ class TrainTransform:
 
 
 def aligned_test_size(height, width, scale=(2048, 512), size_divisor=32):
-    """The network's input size at test time: keep-ratio rescale to `scale`, then each side rounded up to a
-    multiple of `size_divisor` (the official PVT segmentation code's AlignedResize)."""
+    """(aligned (h, w), rescaled (h, w)) of the test pipeline: the keep-ratio size for `scale` (mmcv's `imrescale`
+    rounding), then each of its sides rounded up to a multiple of `size_divisor` (the official PVT code's
+    `AlignResize`)."""
     new_height, new_width = rescale_size(height, width, scale)
     return (int(math.ceil(new_height / size_divisor)) * size_divisor,
             int(math.ceil(new_width / size_divisor)) * size_divisor), (new_height, new_width)
 
 
 def prepare_test_image(image, scale=(2048, 512), size_divisor=32):
-    """(H, W, 3) uint8 RGB -> (3, H', W') float32 normalised network input at the aligned test size."""
+    """(H, W, 3) uint8 RGB -> (3, H', W') float32 normalised network input at the aligned test size.
+
+    Two bilinear resizes, as the official `AlignResize(keep_ratio=True)` does them: the uint8 image to the
+    keep-ratio size, then that uint8 result to the aligned size. One resize straight to the aligned size samples
+    other pixels, so it would not be the protocol the published numbers were measured with.
+    """
     aligned, rescaled = aligned_test_size(*image.shape[:2], scale, size_divisor)
     resized, _ = resize_pair(image, None, rescaled)
     resized, _ = resize_pair(resized, None, aligned)
