@@ -165,6 +165,9 @@ class PVTBackbone(nn.Cell):
     division floors exactly like PyTorch's strided convolutions.
     """
 
+    # Builds the stages from the spec; PVT v2's backbone (pvt_v2.py) shares everything else and swaps this.
+    stage_builder = staticmethod(build_stages)
+
     def __init__(self, spec, out_indices=(0, 1, 2, 3), drop_path_rate=0.0, frozen_stages=-1, recompute_stages=(),
                  drop_rate=0.0, attn_drop_rate=0.0):
         super().__init__()
@@ -183,9 +186,9 @@ class PVTBackbone(nn.Cell):
         # Stages after the last requested output are never run, so they are not built either.
         self.num_stages = out_indices[-1] + 1
         self.frozen_stages = min(frozen_stages, self.num_stages)
-        self.stages = build_stages(spec, drop_path_rate, with_cls_token=False, drop_rate=drop_rate,
-                                   attn_drop_rate=attn_drop_rate, num_stages=self.num_stages,
-                                   frozen_stages=max(self.frozen_stages, 0))
+        self.stages = self.stage_builder(spec, drop_path_rate, with_cls_token=False, drop_rate=drop_rate,
+                                         attn_drop_rate=attn_drop_rate, num_stages=self.num_stages,
+                                         frozen_stages=max(self.frozen_stages, 0))
         self.return_flags = tuple(i in out_indices for i in range(self.num_stages))
         self.feature_info = tuple(FeatureInfo(i, spec.embed_dims[i], spec.strides[i]) for i in out_indices)
         self.out_channels = tuple(info.channels for info in self.feature_info)
