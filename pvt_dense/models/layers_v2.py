@@ -37,7 +37,7 @@ class OverlapPatchEmbed(nn.Cell):
     def __init__(self, in_channels, embed_dim, kernel_size, stride):
         super().__init__()
         if kernel_size <= stride:
-            raise ValueError(f"an overlapping patch embedding needs kernel_size > stride, got {kernel_size} <= {stride}")
+            raise ValueError(f"an overlapping patch embedding needs kernel_size > stride, got {kernel_size}, {stride}")
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=kernel_size, stride=stride, pad_mode="pad",
                               padding=kernel_size // 2, has_bias=True)
         self.norm = layer_norm(embed_dim, EMBED_NORM_EPS)
