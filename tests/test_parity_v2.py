@@ -79,14 +79,66 @@ def timm_b0(tmp_path_factory):
 # --------------------------------------------------------------------------------------------------- parameters
 
 
+# Official classification/configs/pvt_v2/*.py of whai362/PVT: (drop_path, clip_grad).
+OFFICIAL_RECIPES = {"pvt_v2_b0": (0.1, None), "pvt_v2_b1": (0.1, None), "pvt_v2_b2": (0.1, None),
+                    "pvt_v2_b2_li": (0.1, None), "pvt_v2_b3": (0.3, 1.0), "pvt_v2_b4": (0.3, 1.0),
+                    "pvt_v2_b5": (0.3, 1.0)}
+
+
 @pytest.mark.parametrize("name", SIZES)
-def test_parameter_counts_equal_timm_and_the_official_table(name, pynative):
+def test_every_recipe_builds_a_model_with_the_official_parameter_count(name, pynative):
+    from pvt_dense.classification.recipe import load_classification_config
+    cfg = load_classification_config(ROOT / "configs" / "classification" / f"{name}.yaml")
+    drop_path, clip = OFFICIAL_RECIPES[name]
+    assert cfg.model == name and cfg.drop_path_rate == drop_path
+    assert (cfg.clip_grad, cfg.clip_value) == ((True, 1.0) if clip else (False, 1.0))
+    # classification/main.py: lr 5e-4 scaled by the global batch over 512, wd 0.05, 300 epochs, 5 warmup epochs
+    # from 1e-6, cosine to 1e-5, label smoothing 0.1, mixup 0.8, cutmix 1.0, random erasing 0.25.
+    global_batch = cfg.batch_size * 8
+    assert cfg.lr == pytest.approx(5e-4 * global_batch / 512) and not cfg.scale_lr_with_batch
+    assert (cfg.opt, cfg.weight_decay, cfg.epoch_size, cfg.warmup_epochs, cfg.min_lr) == ("adamw", 0.05, 300, 5, 1e-5)
+    assert cfg.lr * cfg.warmup_factor == pytest.approx(1e-6)
+    assert (cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.re_prob) == (0.1, 0.8, 1.0, 0.25)
+
+    net = pvt_dense.create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path_rate)
     with torch.device("meta"):
         reference = timm.create_model(name, num_classes=1000)
     expected = sum(p.numel() for p in reference.parameters())
-    ours = parameter_count(pvt_dense.create_model(name, num_classes=1000))
-    assert ours == expected
-    assert round(ours / 1e6, 1) == OFFICIAL_PARAMS_M[name]
+    assert parameter_count(net) == expected
+    assert round(expected / 1e6, 1) == OFFICIAL_PARAMS_M[name]
+    if name == "pvt_v2_b0":  # the others' forwards are slow eagerly; the parity tests run b0, b2_li and b2_li's maps
+        assert run(net, images(64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_every_detection_and_segmentation_recipe_builds_on_the_v2_backbone(name, pynative):
+    """RetinaNet 1x and Semantic FPN configs: the neck and head take their sizes from the backbone. The forward
+    runs for the smallest size only (building is what can go wrong per size; eager forwards take seconds each)."""
+    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
+    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config
+    det_cfg = load_detection_config(ROOT / "configs" / "detection" / f"retinanet_{name}_fpn_1x_coco.yaml")
+    seg_cfg = load_segmentation_config(ROOT / "configs" / "segmentation" / f"semfpn_{name}_ade20k_40k.yaml",
+                                       ["--pretrained", ""])
+    assert det_cfg.backbone == seg_cfg.backbone == name
+    assert det_cfg.pretrained == f"{name}.pth"
+    # whai362/PVT detection/configs/retinanet_pvt_v2_*_fpn_1x_coco.py and detection/pvt_v2.py.
+    assert (det_cfg.lr, det_cfg.weight_decay, det_cfg.epochs, det_cfg.drop_path_rate) == (1e-4, 1e-4, 12, 0.1)
+    assert (seg_cfg.lr, seg_cfg.total_iters) == (2e-4, 40000)
+    detector, _ = build_retinanet(det_cfg, load_pretrained=False)
+    spec = PVT_V2_SPECS[name]
+    assert detector.backbone.out_channels == spec.embed_dims and detector.backbone.strides == (4, 8, 16, 32)
+    # Semantic FPN's backbone options equal RetinaNet's, so the same backbone serves both here.
+    assert (seg_cfg.drop_path_rate, seg_cfg.frozen_stages, list(seg_cfg.out_indices)) == (
+        det_cfg.drop_path_rate, det_cfg.frozen_stages, list(det_cfg.out_indices))
+    segmentor = build_segmentor(seg_cfg, backbone=detector.backbone)
+    if name != "pvt_v2_b0":
+        return
+    x = images(64, 96)
+    outs = run(detector, x)
+    cls_scores, box_deltas = outs[:5], outs[5:]
+    assert [c.shape[2:] for c in cls_scores] == [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+    assert len(box_deltas) == 5
+    assert run(segmentor, x).shape == (1, 150, 16, 24)
 
 
 # --------------------------------------------------------------------------------------------------------- timm
