@@ -186,6 +186,8 @@ def bake_position_embeddings(net, shape):
     MindSpore's bilinear resize, and store the result as the stage's table: the exported graph then needs no
     resize operator (the one ONNX export fails on) and computes the same numbers."""
     from mindspore import Parameter, Tensor
+    if not hasattr(net.stages[0], "pos_embed"):
+        return  # PVT v2: no position embedding to resize
     spec = net.spec
     height, width = shape[2], shape[3]
     for index, stage in enumerate(net.stages):
