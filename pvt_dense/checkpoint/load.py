@@ -220,9 +220,12 @@ def save_native(state_or_net, path):
 
 
 def _other_size_hint(state, model_name):
+    from ..models.factory import MODEL_SPECS
     inferred = infer_model_name(state)
     if inferred is None:
         return " (is it a checkpoint of another PVT size?)"
+    if model_name not in MODEL_SPECS:  # a model built from its class, without a name
+        return f" (the checkpoint's block counts and widths are {inferred}'s)"
     if inferred != model_name:
         return f" (it is a checkpoint of another PVT size: {inferred}, by its block counts and widths)"
     return ""
