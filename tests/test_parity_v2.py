@@ -179,6 +179,29 @@ def test_convert_weights_tool_writes_a_native_checkpoint_that_loads(timm_b0, tmp
     np.testing.assert_array_equal(weights["stages.3.norm.beta"], state["stages.3.norm.bias"])
 
 
+def test_gradients_match_timm_for_linear_attention(tmp_path, pynative):
+    """Every parameter's gradient of a training-mode loss, b2_li (adaptive pooling, depth-wise conv, the fused
+    GELU/LayerNorm/Linear kernels all backpropagate), against torch autograd on timm's model."""
+    model = randomise(timm.create_model("pvt_v2_b2_li", num_classes=10), seed=6).train()
+    path = tmp_path / "pvt_v2_b2_li.pth"
+    torch.save(model.state_dict(), path)
+    net = pvt_dense.create_model("pvt_v2_b2_li", num_classes=10, pretrained=str(path))
+    net.set_train(True)
+    x = np.random.default_rng(7).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    params = net.trainable_params()
+    loss, grads = ms.value_and_grad(lambda pixels: (net(pixels) ** 2).sum(), None, params)(ms.Tensor(x))
+    expected_loss = (model(torch.from_numpy(x)) ** 2).sum()
+    expected_loss.backward()
+    assert float(loss.asnumpy()) == pytest.approx(float(expected_loss.detach()), rel=1e-5)
+    from pvt_dense.checkpoint.keymaps import to_native
+    expected = to_native({k: p.grad.numpy() for k, p in model.named_parameters()})[0]
+    assert sorted(expected) == sorted(p.name for p in params)
+    for param, grad in zip(params, grads):
+        reference = expected[param.name]
+        worst = float(np.abs(grad.asnumpy() - reference).max() / (np.abs(reference).max() + 1e-12))
+        assert worst <= TOLERANCE, f"{param.name}: relative gradient difference {worst}"
+
+
 # -------------------------------------------------------------------------------------------------- HuggingFace
 
 
