@@ -172,6 +172,7 @@ def load_state(net, raw, label, notes=(), strict=True, verbose=True):
     expected_shapes = {name: tuple(p.shape) for name, p in params.items()}
     # A classifier (v1: cls token; v2: head) keeps what a backbone drops.
     is_classifier = "cls_token" in params or "head.weight" in params
+    converted = state  # before fitting, which drops what the model lacks: the whole checkpoint tells its size
     state, fit_notes = fit_to_model(state, expected_shapes, has_cls_token=is_classifier)
     report = LoadReport(source_format=source_format, notes=list(notes) + convert_notes + fit_notes)
     report.missing = [name for name in params if name not in state]
@@ -182,7 +183,7 @@ def load_state(net, raw, label, notes=(), strict=True, verbose=True):
                          if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
     model_name = getattr(net, "model_name", type(net).__name__)
     if strict and not report.clean:
-        raise CheckpointError(f"checkpoint {label} does not fit {model_name}{_other_size_hint(state, model_name)}:"
+        raise CheckpointError(f"checkpoint {label} does not fit {model_name}{_other_size_hint(converted, model_name)}:"
                               "\n  " + "\n  ".join(report.lines()[1:]))
     for name, value in state.items():
         if name in params and tuple(value.shape) == expected_shapes[name]:
