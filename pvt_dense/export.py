@@ -134,7 +134,8 @@ def build_segmentor(config, ckpt_path):
 
 
 EXPORT_TASKS = {
-    "backbone": ExportTask(load_backbone_config, build_backbone, "stage maps (N, C_i, H // s_i, W // s_i)"),
+    "backbone": ExportTask(load_backbone_config, build_backbone,
+                           "stage maps (N, C_i, H / s_i, W / s_i), rounded down (PVT v1) or up (v2)"),
     "classifier": ExportTask(load_classifier_config, build_classifier, "logits (N, num_classes)"),
     "detector": ExportTask(load_detector_config, build_detector,
                            "per-level class logits (N, A*K, H_l, W_l) then box deltas (N, A*4, H_l, W_l), P3..P7; "
@@ -186,6 +187,8 @@ def bake_position_embeddings(net, shape):
     MindSpore's bilinear resize, and store the result as the stage's table: the exported graph then needs no
     resize operator (the one ONNX export fails on) and computes the same numbers."""
     from mindspore import Parameter, Tensor
+    if not hasattr(net.stages[0], "pos_embed"):
+        return  # PVT v2: no position embedding to resize
     spec = net.spec
     height, width = shape[2], shape[3]
     for index, stage in enumerate(net.stages):

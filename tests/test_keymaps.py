@@ -330,7 +330,7 @@ def test_native_returns_early_and_keeps_extra_keys():
 
 @pytest.mark.bad_input("checkpoint (any format)",
                        "a checkpoint of another architecture (ResNet keys)",
-                       "CheckpointError: not a PVT v1 checkpoint in any known format, listing its first keys")
+                       "CheckpointError: not a PVT v1 or v2 checkpoint in any known format, listing its first keys")
 def test_unknown_format_lists_keys():
     with pytest.raises(CheckpointError, match="'layer1.0.conv1.weight'"):
         detect_format({"layer1.0.conv1.weight": np.zeros(1), "fc.weight": np.zeros(1)})

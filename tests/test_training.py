@@ -15,7 +15,8 @@ from pvt_dense.engine.train_step import TrainStep
 from pvt_dense.errors import ConfigError, PVTDenseError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs" / "classification").glob("*.yaml"))
+# PVT v1's recipes; v2's are checked in test_parity_v2.py.
+CONFIGS = sorted(p for p in (ROOT / "configs" / "classification").glob("*.yaml") if not p.stem.startswith("pvt_v2"))
 
 # The seed's table (MindCV configs/pvt/*_ascend.yaml): epochs, lr, drop path, loss scale.
 SEED_RECIPES = {

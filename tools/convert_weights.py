@@ -1,4 +1,5 @@
-"""Convert a PVT checkpoint (official PyTorch, HuggingFace, MindCV, pvt_dense) into a pvt_dense .ckpt.
+"""Convert a PVT v1/v2 checkpoint (official PyTorch, HuggingFace, MindCV, pvt_dense; v2 also timm, mmdetection)
+into a pvt_dense .ckpt.
 
     python tools/convert_weights.py pvt_tiny.pth pvt_tiny.ckpt [--model pvt_tiny] [--no-strict]
 
@@ -19,7 +20,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint to convert (.pth, .bin, .safetensors or .ckpt)")
     parser.add_argument("dst", help="native MindSpore checkpoint to write (.ckpt)")
-    parser.add_argument("--model", default=None, help="pvt_tiny|pvt_small|pvt_medium|pvt_large (default: inferred)")
+    parser.add_argument("--model", default=None,
+                        help="pvt_tiny|..|pvt_large|pvt_v2_b0..b5|pvt_v2_b2_li (default: inferred)")
     parser.add_argument("--config", default=None,
                         help="whole models: the detection/segmentation config to build (default: the recipe with "
                              "the checkpoint's PVT size and class count)")

@@ -23,11 +23,12 @@ def convert_checkpoint(src, dst, model_name=None, strict=True):
     inferred = infer_model_name(state)
     model_name = model_name or inferred
     if model_name is None:
-        raise CheckpointError(f"cannot tell which PVT size {src} is: its block counts match none of "
-                              "pvt_tiny/small/medium/large; pass the model name explicitly")
+        raise CheckpointError(f"cannot tell which PVT size {src} is: its block counts and widths match none of "
+                              "pvt_tiny/small/medium/large, pvt_v2_b0..b5, pvt_v2_b2_li; pass the model name "
+                              "explicitly")
     if inferred is not None and inferred != model_name:
         notes.append(f"the block counts say {inferred}, converting as {model_name} as asked")
-    classifier = "cls_token" in state
+    classifier = "cls_token" in state or "head.weight" in state
     num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
     expected = expected_native_shapes(model_name, classifier, num_classes)
     state, fit_notes = fit_to_model(state, expected, has_cls_token=classifier)

@@ -1,6 +1,8 @@
 """Rename PVT v1 state dicts between checkpoint conventions and pvt_dense's native names.
 
-Pure functions over ``dict[str, numpy.ndarray]``: no torch, no MindSpore.
+Pure functions over ``dict[str, numpy.ndarray]``: no torch, no MindSpore. PVT v2's formats (official, timm,
+HuggingFace, mmdetection, MindCV) are tables of the same kind in keymaps_v2.py; ``detect_format`` and ``to_native``
+consider both families and pick the format that explains the most keys.
 
 Formats
 -------
@@ -135,9 +137,13 @@ def _leaves(kind: str, norm_leaves: tuple[str, str]) -> list[tuple[str, str]]:
     return [(".weight", ".weight"), (".bias", ".bias")]
 
 
-def _rules(modules: Mapping[str, str | tuple[str, ...]], norm_leaves: tuple[str, str]) -> tuple[_Rule, ...]:
+def _rules(modules: Mapping[str, str | tuple[str, ...]], norm_leaves: tuple[str, str],
+           native_modules: Mapping[str, str] = NATIVE_MODULES) -> tuple[_Rule, ...]:
+    """Rules for every native module the format has (a backbone-only format has no head)."""
     rules = []
-    for native_module, kind in NATIVE_MODULES.items():
+    for native_module, kind in native_modules.items():
+        if native_module not in modules:
+            continue
         sources = modules[native_module]
         sources = sources if isinstance(sources, tuple) else (sources,)
         for native_leaf, source_leaf in _leaves(kind, norm_leaves):
@@ -149,11 +155,23 @@ def _rules(modules: Mapping[str, str | tuple[str, ...]], norm_leaves: tuple[str,
     return tuple(rules)
 
 
+def _unchanged(state):
+    return state
+
+
 @dataclass(frozen=True)
 class _Format:
     name: str
     rules: tuple[_Rule, ...]
     normalize: Callable[[str], str] = lambda key: key  # applied to a source key before matching
+    family: str = "v1"  # PVT v1 or v2
+    # Applied to the whole source dict before matching: splits or reshapes tensors that are laid out differently
+    # (mmdetection's fused q/k/v projection, 1x1 convs standing for Linear layers).
+    prepare: Callable[[Mapping[str, object]], Mapping[str, object]] = _unchanged
+
+    @property
+    def label(self):
+        return self.name if self.family == "v1" else f"{self.name} (PVT v2)"
 
     def parse(self, key: str) -> tuple[str, int, int] | None:
         """(native key, part, number of parts) for a source key, or None if no rule matches it."""
@@ -205,7 +223,12 @@ def _score(fmt: _Format, keys: Iterable[str]) -> int:
     return sum(fmt.parse(k) is not None for k in keys)
 
 
-def _locate(state: Mapping[str, object]) -> tuple[str, str]:
+def _all_formats() -> list[_Format]:
+    from .keymaps_v2 import V2_FORMATS  # keymaps_v2 builds its tables with this module's helpers
+    return list(_FORMATS.values()) + list(V2_FORMATS.values())
+
+
+def _locate(state: Mapping[str, object]) -> tuple[_Format, str]:
     """(format, wrapper prefix) that explains the most keys of ``state``."""
     if not state:
         raise CheckpointError("the checkpoint holds no tensors")
@@ -218,30 +241,38 @@ def _locate(state: Mapping[str, object]) -> tuple[str, str]:
     keys = list(state)
     candidates = []  # (score, prefix, format)
     for prefix in ("",) + _WRAPPERS:
-        inside = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-        for name, fmt in _FORMATS.items():
-            score = _score(fmt, inside)
+        inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not inside:
+            continue
+        for fmt in _all_formats():
+            score = _score(fmt, fmt.prepare(inside))
             if score:
-                candidates.append((score, prefix, name))
+                candidates.append((score, prefix, fmt))
     if not candidates:
-        raise CheckpointError(f"not a PVT v1 checkpoint in any known format; its keys begin {_examples(keys)}")
+        raise CheckpointError(f"not a PVT v1 or v2 checkpoint in any known format; its keys begin {_examples(keys)}")
     best = max(c[0] for c in candidates)
     top = [c for c in candidates if c[0] == best]
     if len(top) > 1:
-        which = ", ".join(f"{n} (prefix {p!r})" if p else n for _, p, n in top)
+        which = ", ".join(f"{f.label} (prefix {p!r})" if p else f.label for _, p, f in top)
         raise CheckpointError(
             f"cannot tell the checkpoint's format: its keys fit {which} equally well; keys begin {_examples(keys)}"
         )
-    _, prefix, name = top[0]
-    return name, prefix
+    _, prefix, fmt = top[0]
+    return fmt, prefix
 
 
 def detect_format(state: Mapping[str, object]) -> str:
-    """One of ``FORMATS`` for a flat state dict; wrapper prefixes such as ``backbone.`` are looked through.
+    """One of ``FORMATS`` (v1) or ``keymaps_v2.V2_FORMAT_NAMES`` for a flat state dict; wrapper prefixes such as
+    ``backbone.`` are looked through. ``detect_family`` says whether it is PVT v1 or v2.
 
     Raises CheckpointError when no format fits, or when two fit equally well.
     """
-    return _locate(state)[0]
+    return _locate(state)[0].name
+
+
+def detect_family(state: Mapping[str, object]) -> str:
+    """'v1' or 'v2': which PVT a flat state dict in any known format belongs to."""
+    return _locate(state)[0].family
 
 
 def _as_float32(state: dict[str, object], notes: list[str]) -> dict[str, np.ndarray]:
@@ -288,8 +319,9 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
     wrapper prefix (an mmdetection neck or head) and training state (optimizer moments, step counters) are dropped
     with a note; any other key that fits no rule raises CheckpointError, or is dropped with a note if not ``strict``.
     """
-    name, prefix = _locate(state)
-    notes = [f"format: {name}"]
+    fmt, prefix = _locate(state)
+    name = fmt.name
+    notes = [f"format: {fmt.label}"]
     if name == NATIVE and not prefix:
         training = [k for k in state if _TRAINING_STATE.search(k)]
         if training:
@@ -297,19 +329,17 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
         weights = {k: v for k, v in state.items() if k not in set(training)}
         return _as_float32(weights, notes), notes
 
-    fmt = _FORMATS[name]
     if prefix:
         outside = [k for k in state if not k.startswith(prefix)]
         dropped = f"; ignored {len(outside)} keys outside it: {_examples(outside)}" if outside else ""
         notes.append(f"stripped prefix {prefix!r}{dropped}")
+    inside = fmt.prepare({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     parts: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
     counts: dict[str, int] = {}
     training, unknown = [], []
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            continue
-        inner = key[len(prefix):]
+    for inner, value in inside.items():
+        key = prefix + inner
         hit = fmt.parse(inner)
         if hit is None:
             (training if _TRAINING_STATE.search(inner) else unknown).append(key)
@@ -326,7 +356,8 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
     if unknown:
         if strict:
             raise CheckpointError(
-                f"{len(unknown)} keys of this {name} checkpoint are not PVT v1 parameters: {_examples(unknown)}"
+                f"{len(unknown)} keys of this {fmt.label} checkpoint are not PVT {fmt.family} parameters: "
+                f"{_examples(unknown)}"
             )
         notes.append(f"ignored {len(unknown)} unrecognised keys: {_examples(unknown)}")
 
@@ -334,7 +365,7 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
     for native, slot in parts.items():
         out[native] = _stack_parts(native, slot, counts[native]) if counts[native] > 1 else slot[0][1]
 
-    if name in (OFFICIAL, HUGGINGFACE):
+    if name not in (NATIVE, MINDCV):
         norms = sum(k.endswith(".gamma") for k in out)
         notes.append(f"renamed LayerNorm weight/bias to gamma/beta in {norms} norms")
     if name == HUGGINGFACE:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..atomic import fsync_directory, fsync_file, temp_path_for
 from ..errors import CheckpointError
-from .keymaps import detect_format, to_native
+from .keymaps import to_native
 from .safetensors_reader import read_safetensors
 from .torch_reader import read_torch_state_dict
 
@@ -97,11 +97,11 @@ def native_checkpoint(path):
 
 def to_native_with_format(raw, label):
     """(native state, source format, notes) of a state dict in any supported naming."""
-    source_format = detect_format(raw)
     state, notes = to_native(raw)
     if not state:
         raise CheckpointError(f"{label} holds no model weights")
-    return state, source_format, [note for note in notes if not note.startswith("format:")]
+    source_format = notes[0][len("format: "):]  # to_native's first note names the format it read
+    return state, source_format, notes[1:]
 
 
 def fit_to_model(state, expected_shapes, has_cls_token):
@@ -170,7 +170,10 @@ def load_state(net, raw, label, notes=(), strict=True, verbose=True):
     state, source_format, convert_notes = to_native_with_format(raw, label)
     params = {p.name: p for p in net.get_parameters()}
     expected_shapes = {name: tuple(p.shape) for name, p in params.items()}
-    state, fit_notes = fit_to_model(state, expected_shapes, has_cls_token="cls_token" in params)
+    # A classifier (v1: cls token; v2: head) keeps what a backbone drops.
+    is_classifier = "cls_token" in params or "head.weight" in params
+    converted = state  # before fitting, which drops what the model lacks: the whole checkpoint tells its size
+    state, fit_notes = fit_to_model(state, expected_shapes, has_cls_token=is_classifier)
     report = LoadReport(source_format=source_format, notes=list(notes) + convert_notes + fit_notes)
     report.missing = [name for name in params if name not in state]
     report.unexpected = [name for name in state if name not in params]
@@ -180,8 +183,8 @@ def load_state(net, raw, label, notes=(), strict=True, verbose=True):
                          if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
     model_name = getattr(net, "model_name", type(net).__name__)
     if strict and not report.clean:
-        raise CheckpointError(f"checkpoint {label} does not fit {model_name} (is it a checkpoint of another PVT "
-                              "size?):\n  " + "\n  ".join(report.lines()[1:]))
+        raise CheckpointError(f"checkpoint {label} does not fit {model_name}{_other_size_hint(converted, model_name)}:"
+                              "\n  " + "\n  ".join(report.lines()[1:]))
     for name, value in state.items():
         if name in params and tuple(value.shape) == expected_shapes[name]:
             params[name].set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32)))
@@ -217,14 +220,39 @@ def save_native(state_or_net, path):
     return path
 
 
+def _other_size_hint(state, model_name):
+    from ..models.factory import MODEL_SPECS
+    inferred = infer_model_name(state)
+    if inferred is None:
+        return " (is it a checkpoint of another PVT size?)"
+    if model_name not in MODEL_SPECS:  # a model built from its class, without a name
+        return f" (the checkpoint's block counts and widths are {inferred}'s)"
+    if inferred != model_name:
+        return f" (it is a checkpoint of another PVT size: {inferred}, by its block counts and widths)"
+    return ""
+
+
 def infer_model_name(state: Dict[str, np.ndarray]):
-    """The PVT size whose depths match the blocks in a native state dict (None if none does)."""
-    from ..models.pvt import PVT_SPECS
+    """The PVT size (v1 or v2) whose depths, widths and attention kind match a native state dict (None if none
+    does). v2 is told from v1 by its depth-wise MLP convs; b0 from b1 by the stage-0 width; b2_li from b2 by its
+    1x1 reduction conv in stage 0; b5 from the others by its depths."""
+    from ..models.factory import MODEL_SPECS
+    from ..models.pvt_v2 import PVTv2Spec
     depths = []
     for stage in range(4):
         blocks = {int(m.group(1)) for k in state for m in [re.match(rf"^stages\.{stage}\.blocks\.(\d+)\.", k)] if m}
         depths.append(max(blocks) + 1 if blocks else 0)
-    for name, spec in PVT_SPECS.items():
-        if tuple(depths) == spec.depths:
-            return name
+    is_v2 = any(k.endswith("mlp.dwconv.weight") for k in state)
+    embed = state.get("stages.0.patch_embed.proj.weight")
+    width = int(np.shape(embed)[0]) if embed is not None else None
+    sr = state.get("stages.0.blocks.0.attn.sr.weight")
+    linear = sr is not None and tuple(np.shape(sr)[2:]) == (1, 1)
+    for name, spec in MODEL_SPECS.items():
+        if tuple(depths) != spec.depths or isinstance(spec, PVTv2Spec) != is_v2:
+            continue
+        if width is not None and width != spec.embed_dims[0]:
+            continue
+        if is_v2 and sr is not None and linear != spec.linear:
+            continue
+        return name
     return None

@@ -120,5 +120,6 @@ def effective_lr(cfg, world_size):
 
 def official_recipe_overrides(cfg):
     """(clip_grad, clip_value, no-decay name patterns) that the official PyTorch recipe uses for this model."""
-    clip = cfg.model in ("pvt_medium", "pvt_large")
+    # classification/configs/pvt/*.py and configs/pvt_v2/*.py of whai362/PVT: clip_grad 1.0 for these sizes only.
+    clip = cfg.model in ("pvt_medium", "pvt_large", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5")
     return clip, 1.0, ("pos_embed", "cls_token")

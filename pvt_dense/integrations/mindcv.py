@@ -1,10 +1,13 @@
 """pvt_dense's PVT inside mindcv: `mindcv.models.create_model("pvt_tiny", ...)` builds our models.
 
-`register()` (called by `import pvt_dense` when mindcv 0.3.0 is installed) puts four entry points, `pvt_tiny` ...
-`pvt_large`, into mindcv's model registry with mindcv's own `register_model`. They replace mindcv's PVT entries of
-the same names, which do not run on MindSpore 2.10 (`ops.ResizeBilinear` is gone, float16 position embeddings give
-NaN in training, only 224x224 inputs). mindcv's classes stay importable from `mindcv.models.pvt`; only the names in
-the registry point at ours.
+`register()` (called by `import pvt_dense` when mindcv 0.3.0 is installed) puts eleven entry points, `pvt_tiny` ...
+`pvt_large` and `pvt_v2_b0` ... `pvt_v2_b5`, `pvt_v2_b2_li`, into mindcv's model registry with mindcv's own
+`register_model`. The v1 names replace mindcv's PVT entries, which do not run on MindSpore 2.10
+(`ops.ResizeBilinear` is gone, float16 position embeddings give NaN in training, only 224x224 inputs). The v2
+names replace mindcv's `mindcv.models.pvtv2` entries (which have no `features_only` and a fixed-size patch
+embedding); MindCV's published v2 `.ckpt` files (`patch_embed_list.*`, `block_list.*`, `norm_list.*`) load into
+ours. mindcv's classes stay importable from `mindcv.models.pvt` / `mindcv.models.pvtv2`; only the names in the
+registry point at ours.
 
 What a mindcv user gets:
 - `create_model(name, num_classes=..., drop_rate=..., drop_path_rate=...)`: a `PVTClassifier` (logits).
@@ -29,6 +32,7 @@ from ..checkpoint.load import load_state, read_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..models.factory import create_backbone, create_model, list_models
 from ..models.pvt import FeatureInfo, PVTBackbone, PVTClassifier
+from ..models.pvt_v2 import PVTv2Classifier
 
 __all__ = ["SUPPORTED_MINDCV", "MindCVFeatureInfo", "check_mindcv_version", "is_registered", "load_checkpoint",
            "register"]  # register() appends the four entry points, as mindcv's register_model does
@@ -135,7 +139,15 @@ pvt_tiny = _entry_point("pvt_tiny")
 pvt_small = _entry_point("pvt_small")
 pvt_medium = _entry_point("pvt_medium")
 pvt_large = _entry_point("pvt_large")
-_ENTRY_POINTS = (pvt_tiny, pvt_small, pvt_medium, pvt_large)
+pvt_v2_b0 = _entry_point("pvt_v2_b0")
+pvt_v2_b1 = _entry_point("pvt_v2_b1")
+pvt_v2_b2 = _entry_point("pvt_v2_b2")
+pvt_v2_b2_li = _entry_point("pvt_v2_b2_li")
+pvt_v2_b3 = _entry_point("pvt_v2_b3")
+pvt_v2_b4 = _entry_point("pvt_v2_b4")
+pvt_v2_b5 = _entry_point("pvt_v2_b5")
+_ENTRY_POINTS = (pvt_tiny, pvt_small, pvt_medium, pvt_large, pvt_v2_b0, pvt_v2_b1, pvt_v2_b2, pvt_v2_b2_li, pvt_v2_b3,
+                 pvt_v2_b4, pvt_v2_b5)
 assert sorted(fn.__name__ for fn in _ENTRY_POINTS) == list_models()  # one entry per PVT size
 
 # Every native parameter name starts with one of these; anything else in a native-named file (optimizer moments,
@@ -177,7 +189,7 @@ def _hook_checkpoint_loader(model_factory):
         return
 
     def load_model_checkpoint(model, checkpoint_path="", ema=False, auto_mapping=False):
-        if isinstance(model, (PVTBackbone, PVTClassifier)):
+        if isinstance(model, (PVTBackbone, PVTClassifier, PVTv2Classifier)):
             # auto_mapping (fuzzy name matching) has nothing to do: every format is mapped exactly.
             load_checkpoint(model, checkpoint_path, ema=ema)
             return None
@@ -199,9 +211,11 @@ def register():
     check_mindcv_version()
     from mindcv.models import model_factory
     from mindcv.models import pvt as mindcv_pvt
+    from mindcv.models import pvtv2 as mindcv_pvtv2
     from mindcv.models.registry import register_model
+    published = {**mindcv_pvt.default_cfgs, **mindcv_pvtv2.default_cfgs}
     for name in list_models():
-        default_cfgs[name] = dict(mindcv_pvt.default_cfgs.get(name, {"url": ""}))
+        default_cfgs[name] = dict(published.get(name, {"url": ""}))
     for entry in _ENTRY_POINTS:
         register_model(entry)
     _hook_checkpoint_loader(model_factory)

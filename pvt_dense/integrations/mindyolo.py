@@ -16,11 +16,11 @@ mindyolo layer:
         - [[-1, 2], 1, Concat, [1]]
         ...
 
-`PVTBackbone` args: the PVT size, then `key=value` options of `pvt_dense.create_backbone` (`pretrained`,
-`drop_path_rate`, `frozen_stages`, `recompute_stages`, `strict`) and `normalize` (default True: mindyolo feeds RGB
-in [0, 1], which the row normalises with the ImageNet mean and std that PVT's weights were trained with). The
-stages it returns are the ones the `PVTFeature` rows ask for (0-based, as `out_indices`: stage 1 is stride 8), so
-they are never written twice.
+`PVTBackbone` args: the PVT size (v1 `pvt_tiny` ... or v2 `pvt_v2_b0` ...), then `key=value` options of
+`pvt_dense.create_backbone` (`pretrained`, `drop_path_rate`, `frozen_stages`, `recompute_stages`, `strict`) and
+`normalize` (default True: mindyolo feeds RGB in [0, 1], which the row normalises with the ImageNet mean and std
+that PVT's weights were trained with). The stages it returns are the ones the `PVTFeature` rows ask for (0-based, as
+`out_indices`: stage 1 is stride 8), so they are never written twice.
 
 Why a model entry point (`yolov8_pvt`) rather than module names mindyolo evaluates: mindyolo's `parse_model` knows
 the output channels of its own layers only; for any other module it assumes the input's channel count, and it

@@ -118,12 +118,7 @@ class SpatialReductionAttention(nn.Cell):
     def construct(self, x, height, width):
         batch, num_tokens, channels = x.shape
         q = self.q(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        if self.reduces:
-            grid = x.transpose(0, 2, 1).reshape(batch, channels, height, width)
-            reduced = self.sr(grid)
-            source = self.norm(reduced.reshape(batch, channels, -1).transpose(0, 2, 1))
-        else:
-            source = x
+        source = self.key_value_source(x, height, width)
         kv = self.kv(source).reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         k, v = self.unstack_kv(kv)
         q = q * self.scale
@@ -144,6 +139,14 @@ class SpatialReductionAttention(nn.Cell):
         if self.has_proj_drop:
             out = self.proj_drop(out)
         return out
+
+    def key_value_source(self, x, height, width):
+        """The (B, M, C) tokens keys and values are computed from: the grid shrunk by the strided conv, or x."""
+        if not self.reduces:
+            return x
+        batch, _, channels = x.shape
+        reduced = self.sr(x.transpose(0, 2, 1).reshape(batch, channels, height, width))
+        return self.norm(reduced.reshape(batch, channels, -1).transpose(0, 2, 1))
 
     def attend(self, q, k, v):
         """softmax(q k^T) v for (B, heads, n, head_dim) queries; softmax is per query row, so query chunks are

@@ -18,8 +18,21 @@ from .layers import BLOCK_NORM_EPS, EMBED_NORM_EPS, Block, PatchEmbed, dense, la
 NORM_EPS_STYLES = {"official": EMBED_NORM_EPS, "mmdet": BLOCK_NORM_EPS}
 
 
+class NormEpsStyle:
+    """`embed_norm_eps` of a spec dataclass named by the code its weights come from (see NORM_EPS_STYLES)."""
+
+    @property
+    def norm_eps_style(self):
+        return next((name for name, eps in NORM_EPS_STYLES.items() if eps == self.embed_norm_eps), "custom")
+
+    def with_norm_eps_style(self, style):
+        if style not in NORM_EPS_STYLES:
+            raise ValueError(f"unknown norm eps style {style!r}; choose one of {', '.join(NORM_EPS_STYLES)}")
+        return replace(self, embed_norm_eps=NORM_EPS_STYLES[style])
+
+
 @dataclass(frozen=True)
-class PVTSpec:
+class PVTSpec(NormEpsStyle):
     """Hyper-parameters of one PVT size. Everything but `depths` is shared by the four official sizes."""
 
     depths: Tuple[int, int, int, int]
@@ -34,15 +47,6 @@ class PVTSpec:
     @property
     def strides(self):
         return tuple(int(np.prod(self.patch_sizes[: i + 1])) for i in range(len(self.patch_sizes)))
-
-    @property
-    def norm_eps_style(self):
-        return next((name for name, eps in NORM_EPS_STYLES.items() if eps == self.embed_norm_eps), "custom")
-
-    def with_norm_eps_style(self, style):
-        if style not in NORM_EPS_STYLES:
-            raise ValueError(f"unknown norm eps style {style!r}; choose one of {', '.join(NORM_EPS_STYLES)}")
-        return replace(self, embed_norm_eps=NORM_EPS_STYLES[style])
 
     def grid(self, stage):
         side = self.pretrain_size // self.strides[stage]
@@ -181,6 +185,9 @@ class PVTBackbone(nn.Cell):
     division floors exactly like PyTorch's strided convolutions.
     """
 
+    # Builds the stages from the spec; PVT v2's backbone (pvt_v2.py) shares everything else and swaps this.
+    stage_builder = staticmethod(build_stages)
+
     def __init__(self, spec, out_indices=(0, 1, 2, 3), drop_path_rate=0.0, frozen_stages=-1, recompute_stages=(),
                  drop_rate=0.0, attn_drop_rate=0.0):
         super().__init__()
@@ -199,9 +206,9 @@ class PVTBackbone(nn.Cell):
         # Stages after the last requested output are never run, so they are not built either.
         self.num_stages = out_indices[-1] + 1
         self.frozen_stages = min(frozen_stages, self.num_stages)
-        self.stages = build_stages(spec, drop_path_rate, with_cls_token=False, drop_rate=drop_rate,
-                                   attn_drop_rate=attn_drop_rate, num_stages=self.num_stages,
-                                   frozen_stages=max(self.frozen_stages, 0))
+        self.stages = self.stage_builder(spec, drop_path_rate, with_cls_token=False, drop_rate=drop_rate,
+                                         attn_drop_rate=attn_drop_rate, num_stages=self.num_stages,
+                                         frozen_stages=max(self.frozen_stages, 0))
         self.return_flags = tuple(i in out_indices for i in range(self.num_stages))
         self.feature_info = tuple(FeatureInfo(i, spec.embed_dims[i], spec.strides[i]) for i in out_indices)
         self.out_channels = tuple(info.channels for info in self.feature_info)
