@@ -5,11 +5,11 @@
 import argparse
 import sys
 
-from pvt_dense.checkpoint import convert_checkpoint
-from pvt_dense.errors import PVTDenseError
+from pvt_dense.cli import run_tool
 
 
 def main(argv=None):
+    from pvt_dense.checkpoint import convert_checkpoint
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint to convert (.pth, .bin, .safetensors or .ckpt)")
     parser.add_argument("dst", help="native MindSpore checkpoint to write (.ckpt)")
@@ -17,14 +17,10 @@ def main(argv=None):
     parser.add_argument("--no-strict", dest="strict", action="store_false",
                         help="write the matching tensors even if some keys are missing or mismatched")
     args = parser.parse_args(argv)
-    try:
-        report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)
-    except PVTDenseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)
     print(report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -8,7 +8,7 @@ the overlay blend, --overwrite True redoes images whose outputs exist. Other con
 """
 import sys
 
-from pvt_dense.cli import run_tool, split_config_argument
+from pvt_dense.cli import ensure_output_dir, run_tool, split_config_argument
 
 TOOL_KEYS = ("ckpt_path", "input", "output", "opacity", "overwrite")
 
@@ -35,6 +35,7 @@ def main(argv=None):
     for key in ("ckpt_path", "input", "output"):
         if not options[key]:
             raise ConfigError(f"--{key} is required")
+    ensure_output_dir(options["output"])
     cfg = load_segmentation_config(config, [(k, v) for k, v in pairs if k not in TOOL_KEYS],
                                    defaults={"distribute": False})
     net = load_trained_segmentor(cfg, options["ckpt_path"])

@@ -7,6 +7,7 @@ key that is dropped, missing or reshaped is reported, and unexplained difference
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -73,7 +74,15 @@ def _is_safetensors(handle, file_size):
 def read_mindspore_checkpoint(path):
     import mindspore as ms
     try:
-        params = ms.load_checkpoint(path)
+        if path.endswith(".ckpt"):
+            params = ms.load_checkpoint(path)
+        else:
+            # MindSpore refuses names not ending in lowercase ".ckpt" (OUT.CKPT, a .bin that is MindSpore data):
+            # hand it a link of an acceptable name in a private temporary folder.
+            with tempfile.TemporaryDirectory(prefix="pvt_dense-") as folder:
+                link = os.path.join(folder, "checkpoint.ckpt")
+                os.symlink(os.path.abspath(path), link)
+                params = ms.load_checkpoint(link)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {shorten(first_line)}") from None
@@ -109,11 +118,14 @@ _INTEGER_BUFFER_SUFFIXES = ("num_batches_tracked",)
 def check_raw_state(state, label):
     """Refuse entries no PVT weight file has: non-string or absurd names, non-array values, object/string data."""
     for name, value in state.items():
-        if not isinstance(name, str) or len(name) > _MAX_NAME_LENGTH:
-            raise CheckpointError(f"{label}: tensor name {shorten(repr(name))} is not a plausible weight name")
+        if not isinstance(name, str):
+            raise CheckpointError(f"{label}: tensor name {shorten(repr(name))} is not a string")
         if re.search(r"\d{%d}" % (_MAX_INDEX_DIGITS + 1), name):
             raise CheckpointError(f"{label}: tensor name {shorten(repr(name))} has an index of more than "
                                   f"{_MAX_INDEX_DIGITS} digits")
+        if len(name) > _MAX_NAME_LENGTH:
+            raise CheckpointError(f"{label}: tensor name {shorten(repr(name))} is longer than any weight name "
+                                  f"({len(name)} characters)")
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "biufc":
             kind = f"{value.dtype} data" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
             raise CheckpointError(f"{label}: entry {shorten(repr(name))} holds {kind}, not a numeric tensor")
@@ -297,7 +309,9 @@ def save_native(state_or_net, path):
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err} ({directory})") from None
+        reason = "a file is in the way of its folder" if isinstance(err, (FileExistsError, NotADirectoryError)) \
+            else err.strerror or str(err)
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason} ({err.filename or directory})") from None
     # MindSpore writes the file itself, so the temporary is handed to it by name rather than through write_atomic.
     # MindSpore appends ".ckpt" to any name that does not end in it, so the temporary always does.
     tmp_path = temp_path_for(path, suffix=".ckpt")
