@@ -453,6 +453,15 @@ def test_an_output_folder_is_owned_by_one_run_at_a_time(tmp_path):
     manager.run_lock.release()
 
 
+def test_the_stop_message_promises_a_kept_checkpoint_only_when_there_is_one(tmp_path):
+    from pvt_dense.engine.checkpoints import CheckpointManager
+    manager = CheckpointManager(tmp_path / "run")
+    assert manager.kept_sentence().startswith("No checkpoint was written to")
+    manager.save({"w": np.ones(2, np.float32)}, {"epoch": 1, "global_step": 1})
+    assert manager.kept_sentence().startswith("The last good checkpoint is kept in")
+    manager.run_lock.release()
+
+
 # --- output names: one rule for every tool --------------------------------------------------------------------------
 
 @pytest.mark.bad_input("output path",
