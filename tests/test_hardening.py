@@ -84,6 +84,9 @@ def zip_checkpoint(path, pickle_bytes, records, compress=zipfile.ZIP_DEFLATED):
         archive.writestr("archive/data.pkl", pickle_bytes)
         archive.writestr("archive/byteorder", b"little")
         for key, size in records.items():
+            if size == 0:
+                archive.writestr(f"archive/data/{key}", b"")
+                continue
             with archive.open(f"archive/data/{key}", "w", force_zip64=True) as handle:
                 for start in range(0, size, len(chunk)):
                     handle.write(chunk[:min(len(chunk), size - start)])
@@ -104,24 +107,30 @@ def refusal_cost(read, path):
 
 
 @pytest.mark.bad_input("checkpoint (.pth/.bin pickle)",
-                       "a 1 MB zip .pth whose 16 deflated records (each under the per-record cap) inflate to 256 MB "
-                       "(the same file with more records: gigabytes); "
-                       "a 12 KB deflated data.pkl of 2.5 million empty lists",
-                       "CheckpointError ('decompress to more than ... bytes in all' / 'more than 2000000 opcodes'), "
-                       "each under 30 s and 512 MB of allocations (measured: ~1.5 s, ~140 MB)")
+                       "a 450 KB zip .pth whose 12 deflated records (each under the per-record cap) inflate to 96 MB "
+                       "(more records of the same kind: gigabytes); "
+                       "a 6 KB deflated data.pkl of 1.2 million empty lists; a zip directory of 20 003 records",
+                       "CheckpointError ('decompress to more than ... bytes in all' / 'more than 1000000 opcodes' / "
+                       "'declares ... records'), "
+                       "each under 30 s and 512 MB of allocations (measured: under 2 s, under 150 MB)")
 def test_small_zip_checkpoints_cannot_inflate_into_gigabytes(tmp_path):
-    numel = 4 * 1024 * 1024  # 16 MB of float32 zeros per record, deflated to ~70 KB
-    tensors = {f"layer{i}.weight": _TensorRef(str(i), numel) for i in range(16)}
+    numel = 2 * 1024 * 1024  # 8 MB of float32 zeros per record, deflated to ~40 KB
+    tensors = {f"layer{i}.weight": _TensorRef(str(i), numel) for i in range(12)}
     buffer = io.BytesIO()
     _TorchLikePickler(buffer, protocol=2).dump(collections.OrderedDict(tensors))
-    records_bomb = zip_checkpoint(tmp_path / "records.pth", buffer.getvalue(), {str(i): 4 * numel for i in range(16)})
-    assert records_bomb.stat().st_size < 2 * 1024 * 1024
+    records_bomb = zip_checkpoint(tmp_path / "records.pth", buffer.getvalue(), {str(i): 4 * numel for i in range(12)})
+    assert records_bomb.stat().st_size < 512 * 1024
 
-    containers = b"\x80\x02(" + b"]" * 2_500_000 + b"l."  # MARK, 2.5M EMPTY_LIST, LIST, STOP
+    containers = b"\x80\x02(" + b"]" * 1_200_000 + b"l."  # MARK, 1.2M EMPTY_LIST, LIST, STOP
     pickle_bomb = zip_checkpoint(tmp_path / "containers.pth", containers, {})
     assert pickle_bomb.stat().st_size < 64 * 1024
 
-    for path, expected in ((records_bomb, "decompress to more than"), (pickle_bomb, "opcodes")):
+    # 20 001 empty records: zipfile alone spends ~0.5 KB per record reading the directory, ~100 times the file.
+    directory_bomb = zip_checkpoint(tmp_path / "directory.pth", b"\x80\x02}.",
+                                    dict.fromkeys(map(str, range(20_001)), 0), compress=zipfile.ZIP_STORED)
+
+    for path, expected in ((records_bomb, "decompress to more than"), (pickle_bomb, "opcodes"),
+                           (directory_bomb, "declares 20003 records")):
         message, seconds, peak = refusal_cost(read_checkpoint, path)
         assert expected in message and seconds < 30 and peak < 512 * 1024 ** 2, (message, seconds, peak)
 

@@ -55,10 +55,12 @@ _EXPANSION_SLACK = 64 * 1024 * 1024
 # with its AdamW moments is under 2 GiB of tensors.
 _HARD_BYTE_LIMIT = 8 * 1024 ** 3
 # A state dict pickle costs ~31 opcodes per tensor (torch 2: 125k for 4000 tensors, a training checkpoint with
-# AdamW moments of a 1000-tensor model); the largest PVT detector with its optimizer needs ~4000. Walking and
-# loading a pickle costs time and memory per opcode (a tiny deflated record can inflate into millions of empty
-# containers), so the count is capped far above any real checkpoint.
-_MAX_PICKLE_OPCODES = 2_000_000
+# AdamW moments of a 1000-tensor model); the largest PVT detector with its optimizer has ~4000 tensors, and the cap
+# leaves room for 32 000. Walking and loading a pickle costs time and memory per opcode (a tiny deflated record can
+# inflate into millions of empty containers), so the count is capped far above any real checkpoint.
+_MAX_PICKLE_OPCODES = 1_000_000
+# One record per storage plus three: a PVT detector's training checkpoint has a few thousand.
+_MAX_ZIP_RECORDS = 20_000
 # A state dict that wraps its tensors in one of these keys is unwrapped by read_torch_state_dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict")
 _DATA_PARALLEL_PREFIX = "module."
@@ -683,7 +685,25 @@ class _NoStorages:
 # -------------------------------------------------------------------------------------------------- zip format
 
 
+def _zip_record_count(path):
+    """The record count an archive's end record declares, read before zipfile builds one object per record (which
+    costs ~0.5 KB each: a 100 MB directory of empty records would cost gigabytes). None if zipfile cannot tell."""
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if end_record is None:
+        return None
+    with open(path, "rb") as handle:
+        found = end_record(handle)
+    return None if not found else found[zipfile._ECD_ENTRIES_TOTAL]
+
+
 def _read_zip_checkpoint(path, file_size, budget):
+    try:
+        count = _zip_record_count(path)
+    except _ZIP_ERRORS:
+        count = None  # zipfile itself reports the damage below
+    if count is not None and count > _MAX_ZIP_RECORDS:
+        raise _fail(path, f"its zip directory declares {count} records, far more than any checkpoint has "
+                          f"(at most {_MAX_ZIP_RECORDS}); refusing what looks like a crafted file")
     try:
         archive = zipfile.ZipFile(path)
     except _ZIP_ERRORS as error:
