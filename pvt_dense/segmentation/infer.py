@@ -4,8 +4,8 @@ For each input `<name>` (its output name by the rule of `pvt_dense.output_names`
 distinct) three files are written under the output folder: `masks/<name>.png` (class indices, uint8: for programs),
 `color/<name>.png` (one colour per class) and `overlay/<name>.jpg` (the colours blended over the image), so
 `cat.jpg` gives `masks/cat.jpg.png` and `cat.png` its own `masks/cat.png.png`. Nothing lands outside the output
-folder. Files are written atomically; inputs whose three outputs already exist
-are skipped (rerun after an interruption to finish), unreadable images are skipped and counted.
+folder. Files are written atomically; inputs whose three outputs already exist are skipped (rerun after an
+interruption to finish); unreadable images and unusable entries are skipped and reported, the rest still done.
 """
 import os
 
