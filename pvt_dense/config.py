@@ -225,7 +225,8 @@ class Config(dict):
 def unknown_key_error(key, schema, origin):
     close = difflib.get_close_matches(key, list(schema), n=3) if isinstance(key, str) and len(key) < 200 else []
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return ConfigError(f"{origin}: unknown config key {short_repr(key)}{hint} (valid keys: {', '.join(sorted(schema))})")
+    return ConfigError(f"{origin}: unknown config key {short_repr(key)}{hint} "
+                       f"(valid keys: {', '.join(sorted(schema))})")
 
 
 def read_yaml(path):
@@ -271,7 +272,8 @@ def parse_overrides(args):
             key = key.replace("-", "_")
         else:
             if key is None:
-                raise ConfigError(f"unexpected command-line argument {short_repr(arg)}: overrides are written --key value")
+                raise ConfigError(f"unexpected command-line argument {short_repr(arg)}: overrides are written "
+                                  "--key value")
             values.append(arg)
     if key is not None:
         pairs.append((key, values))

@@ -283,8 +283,9 @@ def test_convert_weights_refuses_crafted_checkpoints_in_one_line(hf_tiny, tmp_pa
     scalar_key = "pvt.encoder.patch_embeddings.0.projection.weight"
     cases = {
         "more than 6 digits": _safetensors(tmp_path / "digits.safetensors",
-                                           {"stages.0.blocks." + "1" * 5000 + ".attn.q.weight": np.ones(2, np.float32)}),
-        "shape mismatch": _safetensors(tmp_path / "scalar.safetensors", dict(hf, **{scalar_key: np.array(1.0, np.float32)})),
+                                           {f"stages.0.blocks.{'1' * 5000}.attn.q.weight": np.ones(2, np.float32)}),
+        "shape mismatch": _safetensors(tmp_path / "scalar.safetensors",
+                                       dict(hf, **{scalar_key: np.array(1.0, np.float32)})),
         "has dtype int32": _safetensors(tmp_path / "int.safetensors",
                                         dict(hf, **{scalar_key: hf[scalar_key].astype(np.int32)})),
         "has dtype bool": _safetensors(tmp_path / "bool.safetensors",
@@ -308,7 +309,8 @@ def test_convert_weights_refuses_crafted_checkpoints_in_one_line(hf_tiny, tmp_pa
 
 
 @pytest.mark.bad_input("command line",
-                       "train_cls --lr nan / --warmup_factor inf / --seed 10**30 / --epoch_size 10**12 / --scale '[1,'; "
+                       "train_cls --lr nan / --warmup_factor inf / --seed 10**30 / --epoch_size 10**12 / "
+                       "--scale '[1,'; "
                        "infer_det, infer_seg and export_features with --output naming a file or a path below a file",
                        "one 'error:' line naming the key or the output path, exit 2, no traceback, nothing trained "
                        "or loaded")

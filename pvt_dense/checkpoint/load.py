@@ -222,7 +222,7 @@ def fit_to_model(state, expected_shapes, has_cls_token):
         last_pos = _last_stage_pos_key(state)
         if last_pos in expected_shapes and last_pos in state:
             pos = state[last_pos]
-            if pos.shape[1] == expected_shapes[last_pos][1] + 1:
+            if pos.ndim == 3 and pos.shape[1] == expected_shapes[last_pos][1] + 1:
                 state[last_pos] = pos[:, 1:]
                 dropped.append(f"{last_pos}[cls slot]")
         if dropped:
