@@ -158,6 +158,12 @@ def test_images_whose_header_cannot_be_read_are_refused_before_decoding(tmp_path
         images.read_image(path)
 
 
+def read_yaml_text(folder, text):
+    path = folder / "config.yaml"
+    path.write_text(text)
+    return read_yaml(path)
+
+
 BILLION_LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10))
 
 
@@ -181,10 +187,13 @@ def test_yaml_alias_bombs_bad_list_overrides_and_duplicate_keys_are_refused(tmp_
     duplicate.write_text("lr: 0.1\nepoch_size: 2\nlr: 5.0\n")
     with pytest.raises(ConfigError, match="duplicate key 'lr'"):
         read_yaml(duplicate)
-    # Aliases within the bound still work: YAML anchors are a legitimate way to share a value.
+    # Aliases within the bound still work (YAML anchors are a legitimate way to share a value), and so does
+    # overriding a key brought in by a merge key.
     shared = tmp_path / "shared.yaml"
     shared.write_text("mean: &m [1.0, 2.0, 3.0]\nstd: *m\n")
     assert load_classification_config(shared).std == [1.0, 2.0, 3.0]
+    assert read_yaml_text(tmp_path, "base: &b {lr: 0.1, wd: 2}\nx:\n  <<: *b\n  lr: 0.2\n")["x"] == {"lr": 0.2,
+                                                                                                  "wd": 2}
 
 
 # --- format sniffing on files written by the real libraries ---------------------------------------------------------
