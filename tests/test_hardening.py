@@ -4,7 +4,6 @@ or escape their folder."""
 import collections
 import importlib.util
 import io
-import json
 import os
 import pickle
 import subprocess
