@@ -5,8 +5,20 @@ import sys
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings drown the tools' own output
 
 
+TRACEBACK_ENV = "PVT_DENSE_TRACEBACK"
+
+
+def _first_line(err, limit=300):
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def run_tool(main, argv=None):
-    """Call `main(argv)`; a PVTDenseError prints `error: ...` and exits 2, Ctrl-C exits 130."""
+    """Call `main(argv)`; every failure becomes one `error: ...` line on stderr and a non-zero exit, never a
+    traceback: a PVTDenseError (bad input, said as such) exits 2, an OS error (a path that cannot be read or
+    written) exits 2 naming the path, running out of memory exits 2, anything else exits 1 with its first line.
+    Ctrl-C exits 130. Set $PVT_DENSE_TRACEBACK=1 to get the traceback of an unexpected error instead."""
     from .errors import PVTDenseError
     try:
         return main(argv)
@@ -16,6 +28,20 @@ def run_tool(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume (finished work is kept)", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory (a smaller batch_size or image size, or fewer workers, needs less)",
+              file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"error: {where}{err.strerror or _first_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001  (the promise: one line, whatever went wrong)
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"error: unexpected {type(err).__name__}: {_first_line(err)} (set {TRACEBACK_ENV}=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 def split_config_argument(argv):
@@ -36,3 +62,19 @@ def split_config_argument(argv):
             rest.append(arg)
         index += 1
     return config, rest
+
+
+def ensure_output_dir(path, option="--output"):
+    """Create the output folder `path` up front, or a ConfigError naming `option`: a tool finds out that it cannot
+    write its results before it spends minutes loading a model, not after."""
+    from .errors import ConfigError
+    path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{option} {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{option} {path!r} cannot be created: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path!r} is not writable")
+    return path

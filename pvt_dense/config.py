@@ -6,13 +6,24 @@ must exist in the schema, every value must have the field's type and lie in its 
 `ConfigError` names the key, the file and what is allowed.
 """
 import difflib
+import math
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import yaml
 
 from .errors import ConfigError
+
+# Every int a config holds ends up in numpy, MindSpore or a C library: nothing beyond int64 is meaningful.
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+# A config has tens of values; YAML aliases can make a few hundred bytes stand for billions ("billion laughs").
+MAX_YAML_VALUES = 100_000
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = 8
+_SHORT_REPR.maxlevel = 3
 
 TRUE_WORDS = {"true", "yes", "y", "on", "1"}
 FALSE_WORDS = {"false", "no", "n", "off", "0"}
@@ -39,7 +50,7 @@ class Field:
     def describe(self):
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        name = self.kind.__name__
+        name = "finite float" if self.kind is float else self.kind.__name__
         if self.kind is list and self.item is not None:
             name = f"a list of {self.length or ''} {self.item.__name__}".replace("  ", " ")
         bounds = ""
@@ -50,6 +61,78 @@ class Field:
         elif self.high is not None:
             bounds = f" <= {self.high}"
         return name + bounds + (" or null" if self.optional else "")
+
+
+def short_repr(value, limit=200):
+    """repr of an untrusted value, bounded in length whatever its size or nesting (shared YAML aliases included)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses duplicate keys (which would otherwise silently keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            # Checked before merge keys ('<<: *base') are flattened in: overriding a merged key is what they are for.
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key; SafeLoader reports it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, limit):
+    """How many values `node` stands for once every alias is expanded, counting up to just past `limit`."""
+    sizes, open_nodes = {}, set()
+
+    def size(current):
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            return limit + 1  # a recursive alias stands for infinitely many values
+        open_nodes.add(key)
+        total = 1
+        if isinstance(current, yaml.SequenceNode):
+            children = current.value
+        elif isinstance(current, yaml.MappingNode):
+            children = [child for pair in current.value for child in pair]
+        else:
+            children = ()
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def safe_load_bounded(text):
+    """`yaml.safe_load`, refusing duplicate keys and documents whose aliases expand to more than MAX_YAML_VALUES
+    values. Raises yaml.YAMLError (or ValueError for the alias bound)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise ValueError(f"its aliases expand to more than {MAX_YAML_VALUES} values")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _coerce_scalar(kind, value):
@@ -67,11 +150,19 @@ def _coerce_scalar(kind, value):
             raise ValueError
         if isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return int(value) if not isinstance(value, str) else int(value.strip())
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError
+        result = int(value) if not isinstance(value, str) else int(value.strip())
+        if not INT64_MIN <= result <= INT64_MAX:
+            raise ValueError
+        return result
     if kind is float:
         if isinstance(value, bool):
             raise ValueError
-        return float(value)
+        result = float(value)
+        if not math.isfinite(result):  # nan compares false with every bound, so ranges alone cannot catch it
+            raise ValueError
+        return result
     if kind is str:
         if isinstance(value, (dict, list)):
             raise ValueError
@@ -86,7 +177,7 @@ def _coerce_scalar(kind, value):
 def coerce(key, field, value, origin):
     """The checked value of `key`, or a ConfigError naming the key, where it came from and what is allowed."""
     def fail(reason=""):
-        raise ConfigError(f"{origin}: {key} = {value!r} is not allowed: expected {field.describe()}"
+        raise ConfigError(f"{origin}: {key} = {short_repr(value)} is not allowed: expected {field.describe()}"
                           + (f" ({reason})" if reason else ""))
 
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
@@ -96,7 +187,7 @@ def coerce(key, field, value, origin):
     try:
         if field.kind is list:
             if isinstance(value, str):
-                value = yaml.safe_load(value)
+                value = safe_load_bounded(value)
             if isinstance(value, tuple):
                 value = list(value)
             if not isinstance(value, list):
@@ -106,7 +197,9 @@ def coerce(key, field, value, origin):
                 fail(f"needs {field.length} values")
         else:
             result = _coerce_scalar(field.kind, value)
-    except (ValueError, TypeError):
+    except yaml.YAMLError as err:
+        fail(f"not valid YAML: {str(getattr(err, 'problem', None) or err)[:200]}")
+    except (ValueError, TypeError, OverflowError, RecursionError):
         fail()
     if field.choices is not None and result not in field.choices:
         fail()
@@ -132,9 +225,10 @@ class Config(dict):
 
 
 def unknown_key_error(key, schema, origin):
-    close = difflib.get_close_matches(key, list(schema), n=3)
+    close = difflib.get_close_matches(key, list(schema), n=3) if isinstance(key, str) and len(key) < 200 else []
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return ConfigError(f"{origin}: unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(schema))})")
+    return ConfigError(f"{origin}: unknown config key {short_repr(key)}{hint} "
+                       f"(valid keys: {', '.join(sorted(schema))})")
 
 
 def read_yaml(path):
@@ -144,13 +238,16 @@ def read_yaml(path):
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = safe_load_bounded(handle)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(f"{path}: not valid YAML{where}: {str(problem)[:200]}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{path}: refused: {str(err)[:200] or type(err).__name__}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -177,7 +274,8 @@ def parse_overrides(args):
             key = key.replace("-", "_")
         else:
             if key is None:
-                raise ConfigError(f"unexpected command-line argument {arg!r}: overrides are written --key value")
+                raise ConfigError(f"unexpected command-line argument {short_repr(arg)}: overrides are written "
+                                  "--key value")
             values.append(arg)
     if key is not None:
         pairs.append((key, values))

@@ -1,14 +1,13 @@
 """Export PVT stage maps of many images to one .npz file per image, streaming, resumable, and safe to re-run.
 
 Output layout (see `export_features` for the arrays inside each file): the image's name relative to the input,
-plus `.npz`, under `output_dir`. A directory input keeps its subfolders (`photos/2024/a.jpg` -> `OUT/2024/a.jpg.npz`
-for input `photos`); a single file gives `OUT/a.jpg.npz`; a list file uses each line as written. The extension
-stays in the name so `a.jpg` and `a.png` never overwrite each other.
+plus `.npz`, under `output_dir`, by the rule of `pvt_dense.output_names`: a directory input keeps its subfolders
+(`photos/2024/a.jpg` -> `OUT/2024/a.jpg.npz` for input `photos`); a single file gives `OUT/a.jpg.npz`; a list file
+uses each relative line as written and the file name of each absolute one. The extension stays in the name so
+`a.jpg` and `a.png` never overwrite each other.
 """
 import math
 import os
-import posixpath
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -23,6 +22,8 @@ from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, prepro
 from .errors import ConfigError, PVTDenseError
 from .models import create_backbone
 from .models.factory import get_spec
+from .output_names import contained_path
+from .output_names import output_names as names_by_rule
 
 PAD_DIVISOR = 32  # the stride of the last PVT stage: every stage map is then exactly padded_size // stride
 
@@ -52,43 +53,9 @@ def stage_key(stage_index):
     return f"stage{stage_index + 1}"
 
 
-def neutral_name(name):
-    """A user-given image name made relative and free of '..': either slash separates subfolders, 'a/../b'
-    collapses to 'b', and what would climb above the input, the root and a drive letter are dropped
-    ('../../etc/x.png' -> 'etc/x.png', '/data/x.png' -> 'data/x.png')."""
-    collapsed = posixpath.normpath(name.replace("\\", "/"))
-    parts = [part for part in collapsed.split("/") if part not in ("", ".", "..")]
-    if parts and re.fullmatch(r"[A-Za-z]:", parts[0]):
-        parts = parts[1:]
-    return "/".join(parts) or "image"
-
-
 def output_names(entries):
-    """One distinct output name ('<name>.npz') per entry, in order.
-
-    Names equal up to case get '~2', '~3', ... before '.npz' in input order, so they cannot overwrite each other
-    even on case-insensitive file systems, and a re-run with the same input gives the same names.
-    """
-    taken, names = set(), []
-    for entry in entries:
-        base = neutral_name(entry.name)
-        name, copy = base + ".npz", 1
-        while name.casefold() in taken:
-            copy += 1
-            name = f"{base}~{copy}.npz"
-        taken.add(name.casefold())
-        names.append(name)
-    return names
-
-
-def contained_path(root_real, name):
-    """`root_real/name`, or `PVTDenseError` when resolving symlinks already present under the root would land
-    outside it."""
-    target = os.path.join(root_real, *name.split("/"))
-    resolved = os.path.realpath(target)
-    if os.path.commonpath([root_real, resolved]) != root_real or resolved == root_real:
-        raise PVTDenseError(f"output {name!r} would be written outside the output directory (through a symlink)")
-    return target
+    """One distinct output name ('<name>.npz') per entry, in order, by the rule of `pvt_dense.output_names`."""
+    return names_by_rule([entry.name for entry in entries], suffix=".npz")
 
 
 def write_npz_atomic(path, arrays):

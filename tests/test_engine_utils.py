@@ -12,6 +12,7 @@ from mindspore import nn
 from pvt_dense.data.digits import META_NAME, _plan_split, make_digits_imagenet
 from pvt_dense.engine.checkpoints import CheckpointManager, read_checkpoint_meta
 from pvt_dense.engine.metrics_log import MetricsLog
+from pvt_dense.engine.run_lock import LOCK_NAME
 from pvt_dense.errors import CheckpointError, ConfigError, PVTDenseError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,7 +43,8 @@ def test_rotation_keeps_last_periodic_checkpoints_and_the_best(tmp_path, mode, m
 
     assert manager.periodic_checkpoints() == ["ckpt_e0004_s0000040.ckpt", "ckpt_e0005_s0000050.ckpt",
                                               "ckpt_e0006_s0000060.ckpt"]
-    assert sorted(os.listdir(tmp_path)) == sorted(manager.periodic_checkpoints() + ["ckpt_best.ckpt", "latest.json"])
+    assert sorted(os.listdir(tmp_path)) == sorted(manager.periodic_checkpoints()
+                                                  + ["ckpt_best.ckpt", "latest.json", LOCK_NAME])
     best_meta = read_checkpoint_meta(tmp_path / "ckpt_best.ckpt")
     assert best_meta["epoch"] == best_epoch and best_meta["metric"] == metrics[best_epoch]
     assert best_meta["rng"] == {"seed": best_epoch, "state": [1, 2, 3]}  # nested meta survives

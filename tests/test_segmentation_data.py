@@ -15,7 +15,8 @@ from pvt_dense.segmentation.ade20k import (AnnotationError, Sample, convert_labe
                                            read_label_raw, read_sample)
 from pvt_dense.segmentation.data import SegmentationBatchSource
 from pvt_dense.segmentation.evaluation import Predictor, evaluate_segmentor, resize_logits
-from pvt_dense.segmentation.infer import output_paths, palette, safe_relative_name
+from pvt_dense.output_names import relative_output_name
+from pvt_dense.segmentation.infer import output_paths, palette
 from pvt_dense.segmentation.transforms import (TrainTransform, aligned_test_size, prepare_test_image, random_crop,
                                                rescale_size, sliding_windows)
 
@@ -216,12 +217,13 @@ def test_missing_annotation_and_missing_split_are_clear_errors(tmp_path):
 
 def test_output_names_never_leave_the_output_folder(tmp_path):
     for name in ["../../etc/passwd", "/abs/x.jpg", "a/../../b.png", "C:\\win\\y.jpg", "ok/z.jpg"]:
-        paths = output_paths(tmp_path, name)
+        paths = output_paths(tmp_path, relative_output_name(name))
         for path in paths.values():
             assert str(path).startswith(str(tmp_path.resolve()) + "/")
-    assert safe_relative_name("ok/z.jpg") == "ok/z"
+    assert output_paths(tmp_path, relative_output_name("ok/z.jpg"))["masks"] == str(
+        tmp_path.resolve() / "masks" / "ok" / "z.jpg.png")
     with pytest.raises(PVTDenseError):
-        safe_relative_name("../..")
+        relative_output_name("../..")
     colours = palette(150)
     assert len({tuple(c) for c in colours}) == 150
 

@@ -116,10 +116,10 @@ def test_infer_tool_writes_masks_colours_and_overlays(trained, tmp_path, capsys,
     assert main(tool_arguments(cfg) + ["--input", str(listing), "--output", str(out)]) == 0
     assert "2 images segmented" in capsys.readouterr().out
     for kind, suffix in (("masks", ".png"), ("color", ".png"), ("overlay", ".jpg")):
-        # The list's "../" names stay inside the output folder.
+        # The list's "../" names stay inside the output folder; the input's extension stays in the name.
         assert sorted(p.name for p in (out / kind / "images" / "training").iterdir()) == [
-            "000" + suffix, "005" + suffix]
-    mask = cv2.imread(str(out / "masks" / "images" / "training" / "000.png"), cv2.IMREAD_UNCHANGED)
+            "000.png" + suffix, "005.png" + suffix]
+    mask = cv2.imread(str(out / "masks" / "images" / "training" / "000.png.png"), cv2.IMREAD_UNCHANGED)
     label = cv2.imread(str(Path(cfg.data_dir) / "annotations" / "training" / "000.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == label.shape and (mask == label).mean() > 0.8
     # A second run finds everything done and rewrites nothing.

@@ -11,9 +11,7 @@ native detector / segmentor checkpoint that eval/infer/export and --load_from re
 import argparse
 import sys
 
-from pvt_dense.checkpoint import convert_checkpoint
-from pvt_dense.checkpoint.dense import convert_dense_checkpoint, is_whole_model_checkpoint
-from pvt_dense.errors import PVTDenseError
+from pvt_dense.cli import run_tool
 
 
 def main(argv=None):
@@ -28,17 +26,15 @@ def main(argv=None):
     parser.add_argument("--no-strict", dest="strict", action="store_false",
                         help="backbones: write the matching tensors even if some keys are missing or mismatched")
     args = parser.parse_args(argv)
-    try:
-        if is_whole_model_checkpoint(args.src):
-            report = convert_dense_checkpoint(args.src, args.dst, config=args.config)
-        else:
-            report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)
-    except PVTDenseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from pvt_dense.checkpoint import convert_checkpoint
+    from pvt_dense.checkpoint.dense import convert_dense_checkpoint, is_whole_model_checkpoint
+    if is_whole_model_checkpoint(args.src):
+        report = convert_dense_checkpoint(args.src, args.dst, config=args.config)
+    else:
+        report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)
     print(report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

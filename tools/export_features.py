@@ -13,7 +13,7 @@ import sys
 import mindspore as ms
 
 from pvt_dense import list_models
-from pvt_dense.cli import run_tool
+from pvt_dense.cli import ensure_output_dir, run_tool
 from pvt_dense.features import export_features
 
 
@@ -48,6 +48,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    ensure_output_dir(args.output)
     ms.set_device(args.device)
     # Graph mode compiles once per input shape and then runs far faster than PyNative.
     ms.set_context(mode=ms.GRAPH_MODE)

@@ -10,7 +10,7 @@ meta, else COCO's.
 """
 import sys
 
-from pvt_dense.cli import run_tool, split_config_argument
+from pvt_dense.cli import ensure_output_dir, run_tool, split_config_argument
 
 
 def main(argv=None):
@@ -25,6 +25,7 @@ def main(argv=None):
     cfg = load_detection_config(config, overrides, extra_fields=INFER_FIELDS)
     if not cfg.input or not cfg.output:
         raise ConfigError("--input (image, directory or .txt list) and --output (folder) are required")
+    ensure_output_dir(cfg.output)
     detector, class_names, category_ids = load_detector_with_names(cfg, cfg.ckpt_path)
     summary = infer_images(detector, cfg.input, cfg.output, class_names, inference_settings(cfg), cfg.img_scale,
                            cfg.pad_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,

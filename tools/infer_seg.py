@@ -10,7 +10,7 @@ names then come from its meta (else ADE20K's).
 """
 import sys
 
-from pvt_dense.cli import run_tool, split_config_argument
+from pvt_dense.cli import ensure_output_dir, run_tool, split_config_argument
 
 TOOL_KEYS = ("ckpt_path", "input", "output", "opacity", "overwrite")
 
@@ -37,6 +37,7 @@ def main(argv=None):
     for key in ("ckpt_path", "input", "output"):
         if not options[key]:
             raise ConfigError(f"--{key} is required")
+    ensure_output_dir(options["output"])
     cfg = load_segmentation_config(config, [(k, v) for k, v in pairs if k not in TOOL_KEYS],
                                    defaults={"distribute": False})
     net, report = load_trained_segmentor_with_report(cfg, options["ckpt_path"])

@@ -29,7 +29,7 @@ def convert_checkpoint(src, dst, model_name=None, strict=True):
     if inferred is not None and inferred != model_name:
         notes.append(f"the block counts say {inferred}, converting as {model_name} as asked")
     classifier = "cls_token" in state or "head.weight" in state
-    num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
+    num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state and state["head.weight"].ndim else 0
     expected = expected_native_shapes(model_name, classifier, num_classes)
     state, fit_notes = fit_to_model(state, expected, has_cls_token=classifier)
     report = LoadReport(source_format=source_format, notes=notes + fit_notes)

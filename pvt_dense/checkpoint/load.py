@@ -4,8 +4,10 @@ Formats: official PyTorch PVT (.pth), HuggingFace transformers (.bin / .safetens
 (.ckpt). Reading never executes code from the file and never imports torch. Nothing is loaded silently: every
 key that is dropped, missing or reshaped is reported, and unexplained differences are errors.
 """
+import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -19,32 +21,123 @@ from .torch_reader import read_torch_state_dict
 
 
 def sniff_format(path):
-    """'mindspore', 'safetensors' or 'torch', from the file's first bytes (extensions lie)."""
+    """'mindspore', 'safetensors' or 'torch', from the file's content (extensions lie).
+
+    A safetensors file starts with its header length as 8 little-endian bytes, whose first byte can be anything,
+    including pickle's 0x80 or zip's 'P'. So it is recognised first, and only by a self-consistent header: a length
+    that fits the file, followed by exactly that many bytes of one JSON object whose tensor ranges fit the data.
+    Then zip (torch >= 1.6), then pickle (legacy torch); MindSpore's protobuf is whatever is left.
+    """
     with open(path, "rb") as handle:
         head = handle.read(16)
-    if not head:
-        raise CheckpointError(f"checkpoint file is empty: {path}")
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        if not head:
+            raise CheckpointError(f"checkpoint file is empty: {path}")
+        if _is_safetensors(handle, os.fstat(handle.fileno()).st_size):
+            return "safetensors"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or head[:1] == b"\x80":
         return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     return "mindspore"
+
+
+# The safetensors library refuses larger headers too.
+_SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
+
+
+def _is_safetensors(handle, file_size):
+    handle.seek(0)
+    length_bytes = handle.read(8)
+    if len(length_bytes) < 8:
+        return False
+    header_size = int.from_bytes(length_bytes, "little")
+    if not 2 <= header_size <= min(file_size - 8, _SAFETENSORS_HEADER_LIMIT):
+        return False
+    first = handle.read(1)
+    if first != b"{":  # cheap refusal before reading a header of up to 100 MB
+        return False
+    try:
+        header = json.loads((first + handle.read(header_size - 1)).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    if not isinstance(header, dict):
+        return False
+    data_size = file_size - 8 - header_size
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            return False
+    return True
 
 
 def read_mindspore_checkpoint(path):
     import mindspore as ms
     try:
-        params = ms.load_checkpoint(path)
+        if path.endswith(".ckpt"):
+            params = ms.load_checkpoint(path)
+        else:
+            # MindSpore refuses names not ending in lowercase ".ckpt" (OUT.CKPT, a .bin that is MindSpore data):
+            # hand it a link of an acceptable name in a private temporary folder.
+            with tempfile.TemporaryDirectory(prefix="pvt_dense-") as folder:
+                link = os.path.join(folder, "checkpoint.ckpt")
+                os.symlink(os.path.abspath(path), link)
+                params = ms.load_checkpoint(link)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {first_line}") from None
+        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {shorten(first_line)}") from None
     state = {}
     for name, value in params.items():
-        array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+        if isinstance(value, str):
+            continue  # metadata MindSpore stores beside the weights (save_checkpoint's append_dict), never a weight
+        try:
+            array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+        except Exception as err:  # map tensors, strings and other non-weight entries
+            raise CheckpointError(f"MindSpore checkpoint {path}: entry {shorten(repr(name))} is not a plain tensor "
+                                  f"({type(value).__name__}: {shorten(str(err))})") from None
         state[name] = array
     if not state:
         raise CheckpointError(f"MindSpore checkpoint {path} holds no parameters")
     return state
+
+
+def shorten(text, limit=120):
+    """`text` cut to `limit` characters: untrusted names and values never flood an error message."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+# Longer names or longer runs of digits (layer indices) than any real checkpoint has; checking them here keeps
+# int() of a 5000-digit index and megabyte-long names out of the key mapping.
+_MAX_NAME_LENGTH = 512
+_MAX_INDEX_DIGITS = 6
+# Integer tensors a state dict may legitimately hold: counters, never weights.
+_INTEGER_BUFFER_SUFFIXES = ("num_batches_tracked",)
+
+
+def check_raw_state(state, label):
+    """Refuse entries no PVT weight file has: non-string or absurd names, non-array values, object/string data."""
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{label}: tensor name {shorten(repr(name))} is not a string")
+        if re.search(r"\d{%d}" % (_MAX_INDEX_DIGITS + 1), name):
+            raise CheckpointError(f"{label}: tensor name {shorten(repr(name))} has an index of more than "
+                                  f"{_MAX_INDEX_DIGITS} digits")
+        if len(name) > _MAX_NAME_LENGTH:
+            raise CheckpointError(f"{label}: tensor name {shorten(repr(name))} is longer than any weight name "
+                                  f"({len(name)} characters)")
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biufc":
+            kind = f"{value.dtype} data" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+            raise CheckpointError(f"{label}: entry {shorten(repr(name))} holds {kind}, not a numeric tensor")
+    return state
+
+
+def check_weight_dtypes(state, label):
+    """Weights must be real floating point; integer, bool and complex tensors would load as garbage silently."""
+    for name, value in state.items():
+        if value.dtype.kind != "f" and not name.endswith(_INTEGER_BUFFER_SUFFIXES):
+            raise CheckpointError(f"{label}: tensor {shorten(repr(name))} has dtype {value.dtype}, not a floating "
+                                  f"point weight")
 
 
 def read_checkpoint(path):
@@ -54,10 +147,12 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     kind = sniff_format(path)
     if kind == "torch":
-        return read_torch_state_dict(path)
-    if kind == "safetensors":
-        return read_safetensors(path)
-    return read_mindspore_checkpoint(path)
+        state = read_torch_state_dict(path)
+    elif kind == "safetensors":
+        state = read_safetensors(path)
+    else:
+        state = read_mindspore_checkpoint(path)
+    return check_raw_state(state, path)
 
 
 @dataclass
@@ -97,7 +192,15 @@ def native_checkpoint(path):
 
 def to_native_with_format(raw, label):
     """(native state, source format, notes) of a state dict in any supported naming."""
-    state, notes = to_native(raw)
+    check_raw_state(raw, label)
+    try:
+        state, notes = to_native(raw)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as err:
+        raise CheckpointError(f"{label}: its tensors do not form a PVT state dict ({type(err).__name__}: "
+                              f"{shorten(err)})") from None
+    check_weight_dtypes(state, label)
     if not state:
         raise CheckpointError(f"{label} holds no model weights")
     source_format = notes[0][len("format: "):]  # to_native's first note names the format it read
@@ -119,7 +222,7 @@ def fit_to_model(state, expected_shapes, has_cls_token):
         last_pos = _last_stage_pos_key(state)
         if last_pos in expected_shapes and last_pos in state:
             pos = state[last_pos]
-            if pos.shape[1] == expected_shapes[last_pos][1] + 1:
+            if pos.ndim == 3 and pos.shape[1] == expected_shapes[last_pos][1] + 1:
                 state[last_pos] = pos[:, 1:]
                 dropped.append(f"{last_pos}[cls slot]")
         if dropped:
@@ -206,13 +309,23 @@ def save_native(state_or_net, path):
     else:
         entries = state_or_net
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        reason = "a file is in the way of its folder" if isinstance(err, (FileExistsError, NotADirectoryError)) \
+            else err.strerror or str(err)
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason} ({err.filename or directory})") from None
     # MindSpore writes the file itself, so the temporary is handed to it by name rather than through write_atomic.
-    tmp_path = temp_path_for(path)
+    # MindSpore appends ".ckpt" to any name that does not end in it, so the temporary always does.
+    tmp_path = temp_path_for(path, suffix=".ckpt")
+    if os.path.isdir(path):
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
     try:
         ms.save_checkpoint(entries, tmp_path)
         fsync_file(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)

@@ -51,6 +51,16 @@ _SIZE_LIMIT = 2 ** 48
 # file, but a handful of small records claiming thousands of copies of a big storage is an attack, not weights.
 _EXPANSION_FACTOR = 4
 _EXPANSION_SLACK = 64 * 1024 * 1024
+# Whatever the file's size, no PVT checkpoint needs more: the largest detector or segmentor (PVT v1 Large, v2 b5)
+# with its AdamW moments is under 2 GiB of tensors.
+_HARD_BYTE_LIMIT = 8 * 1024 ** 3
+# A state dict pickle costs ~31 opcodes per tensor (torch 2: 125k for 4000 tensors, a training checkpoint with
+# AdamW moments of a 1000-tensor model); the largest PVT detector with its optimizer has ~4000 tensors, and the cap
+# leaves room for 32 000. Walking and loading a pickle costs time and memory per opcode (a tiny deflated record can
+# inflate into millions of empty containers), so the count is capped far above any real checkpoint.
+_MAX_PICKLE_OPCODES = 1_000_000
+# One record per storage plus three: a PVT detector's training checkpoint has a few thousand.
+_MAX_ZIP_RECORDS = 20_000
 # A state dict that wraps its tensors in one of these keys is unwrapped by read_torch_state_dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict")
 _DATA_PARALLEL_PREFIX = "module."
@@ -126,7 +136,7 @@ def read_torch_checkpoint(path):
             head = stream.read(4)
     except OSError as error:
         raise _fail(path, error.strerror or str(error)) from error
-    budget = _MemoryBudget(_EXPANSION_FACTOR * file_size + _EXPANSION_SLACK, path)
+    budget = _MemoryBudget(min(_EXPANSION_FACTOR * file_size + _EXPANSION_SLACK, _HARD_BYTE_LIMIT), path)
     if not head:
         raise _fail(path, "the file is empty")
     if head in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first record, or the end record of an empty zip
@@ -580,7 +590,10 @@ def _end_of_pickle(data, start, path):
     stream.seek(start)
     memo_entries = 0
     try:
-        for opcode, argument, _ in pickletools.genops(stream):
+        for count, (opcode, argument, _) in enumerate(pickletools.genops(stream)):
+            if count >= _MAX_PICKLE_OPCODES:
+                raise _fail(path, f"its pickle has more than {_MAX_PICKLE_OPCODES} opcodes, far more than any "
+                                  f"state dict needs; refusing what looks like a crafted file")
             if opcode.name == "MEMOIZE":
                 memo_entries += 1
             elif opcode.name in _MEMO_WRITES:
@@ -672,7 +685,25 @@ class _NoStorages:
 # -------------------------------------------------------------------------------------------------- zip format
 
 
+def _zip_record_count(path):
+    """The record count an archive's end record declares, read before zipfile builds one object per record (which
+    costs ~0.5 KB each: a 100 MB directory of empty records would cost gigabytes). None if zipfile cannot tell."""
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if end_record is None:
+        return None
+    with open(path, "rb") as handle:
+        found = end_record(handle)
+    return None if not found else found[zipfile._ECD_ENTRIES_TOTAL]
+
+
 def _read_zip_checkpoint(path, file_size, budget):
+    try:
+        count = _zip_record_count(path)
+    except _ZIP_ERRORS:
+        count = None  # zipfile itself reports the damage below
+    if count is not None and count > _MAX_ZIP_RECORDS:
+        raise _fail(path, f"its zip directory declares {count} records, far more than any checkpoint has "
+                          f"(at most {_MAX_ZIP_RECORDS}); refusing what looks like a crafted file")
     try:
         archive = zipfile.ZipFile(path)
     except _ZIP_ERRORS as error:
@@ -701,6 +732,7 @@ class _ZipStorages:
         self.archive, self.prefix, self.path = archive, prefix, path
         self.file_size, self.size_limit = file_size, size_limit
         self.records = {}
+        self.inflated = 0  # bytes of every record read so far: one budget for the whole archive
         self.byteorder = self._byteorder()
 
     def _byteorder(self):
@@ -737,6 +769,10 @@ class _ZipStorages:
             raise _fail(self.path, f"record {name!r} has inconsistent sizes in the zip directory")
         if info.file_size > self.size_limit:
             raise _fail(self.path, f"record {name!r} claims {info.file_size} bytes, far more than the file holds")
+        self.inflated += info.file_size
+        if self.inflated > self.size_limit:
+            raise _fail(self.path, f"its records decompress to more than {self.size_limit} bytes in all, far more "
+                                   f"than the file holds; refusing what looks like a crafted file")
         try:
             return self.archive.read(info)
         except _ZIP_ERRORS as error:

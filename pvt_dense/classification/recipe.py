@@ -13,7 +13,7 @@ CLASSIFICATION_SCHEMA = {
     "mode": Field(0, int, "0: GRAPH_MODE (default), 1: PYNATIVE_MODE", choices=(0, 1)),
     "distribute": Field(True, bool, "data parallel over the processes started by msrun/mpirun"),
     "device_target": Field("CPU", str, "CPU, GPU or Ascend", choices=("CPU", "GPU", "Ascend")),
-    "seed": Field(42, int, low=0),
+    "seed": Field(42, int, low=0, high=2 ** 32 - 1),
     "val_while_train": Field(True, bool, "validate after every val_interval epochs"),
     "val_interval": Field(1, int, low=1),
     "log_interval": Field(100, int, "steps between log lines inside an epoch", low=1),
@@ -27,7 +27,7 @@ CLASSIFICATION_SCHEMA = {
                               choices=(False,)),
     "num_parallel_workers": Field(8, int, low=1),
     "shuffle": Field(True, bool),
-    "batch_size": Field(128, int, "per process", low=1),
+    "batch_size": Field(128, int, "per process", low=1, high=65536),
     "drop_remainder": Field(True, bool),
     # augmentation (MindCV names and meanings)
     "image_resize": Field(224, int, low=32),
@@ -60,7 +60,7 @@ CLASSIFICATION_SCHEMA = {
     "keep_checkpoint_max": Field(10, int, low=1),
     "ckpt_save_dir": Field("./ckpt/", str),
     "ckpt_save_interval": Field(1, int, "epochs between checkpoints", low=1),
-    "epoch_size": Field(300, int, low=1),
+    "epoch_size": Field(300, int, low=1, high=100_000),
     "dataset_sink_mode": Field(True, bool, "kept for MindCV configs; pvt_dense feeds batches from the host"),
     # loss
     "loss": Field("CE", str, choices=("CE", "BCE")),

@@ -60,6 +60,9 @@ def build_optimizer(net, cfg, lr_schedule):
 
 def build_lr_schedule(cfg, steps_per_epoch, world_size):
     from mindcv.scheduler import create_scheduler
+
+    from ..engine.recipe import check_schedule_length
+    check_schedule_length(steps_per_epoch * cfg.epoch_size, "epoch_size x steps per epoch")
     name = "cosine_decay" if cfg.scheduler == "warmup_cosine_decay" else cfg.scheduler
     return create_scheduler(steps_per_epoch, scheduler=name, lr=effective_lr(cfg, world_size), min_lr=cfg.min_lr,
                             warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_factor,
@@ -149,7 +152,8 @@ class Trainer:
         self.train_step = TrainStep(nn.WithLossCell(self.net, loss), self.optimizer, loss_scale=cfg.loss_scale,
                                     dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=clip)
         self.checkpoints = CheckpointManager(cfg.ckpt_save_dir, keep_last=cfg.keep_checkpoint_max,
-                                             metric_name="top1", mode="max", prefix=cfg.model)
+                                             metric_name="top1", mode="max", prefix=cfg.model,
+                                             lock=self.is_main)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "overflow_steps": 0, "best_top1": None,
                       "skipped_images": 0}
         self.metrics = None
@@ -184,8 +188,8 @@ class Trainer:
         if broken:
             raise NonFiniteLossError(
                 f"weights became non-finite ({', '.join(broken[:3])}...) at epoch {self.state['epoch']}, global "
-                f"step {self.state['global_step']}; stopping without saving. The last good checkpoint is kept in "
-                f"{self.cfg.ckpt_save_dir} (lower lr or loss_scale, or check the data)")
+                f"step {self.state['global_step']}; stopping without saving. {self.checkpoints.kept_sentence()} "
+                "(lower lr or loss_scale, or check the data)")
         meta = dict(self.state, config=dict(self.cfg), class_names=self.class_names)
         return self.checkpoints.save(self.state_parameters(), meta, metric=metric)
 
@@ -203,7 +207,8 @@ class Trainer:
                       f"of {self.steps_per_epoch}, global step {self.state['global_step']}")
         if self.is_main:
             os.makedirs(cfg.ckpt_save_dir, exist_ok=True)
-            self.metrics = MetricsLog(cfg.ckpt_save_dir, resume_from_epoch=self.state["epoch"] - 1
+            # state["epoch"] counts finished epochs, and records are numbered by it: keep records 1..epoch.
+            self.metrics = MetricsLog(cfg.ckpt_save_dir, resume_from_epoch=self.state["epoch"]
                                       if point is not None else -1)
         while self.state["epoch"] < cfg.epoch_size:
             epoch = self.state["epoch"]
@@ -222,8 +227,8 @@ class Trainer:
                 loss_value = float(loss.asnumpy())
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
-                        f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopping. The last good "
-                        f"checkpoint is kept in {cfg.ckpt_save_dir} (lower lr or loss_scale, or check the data)")
+                        f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopping. "
+                        f"{self.checkpoints.kept_sentence()} (lower lr or loss_scale, or check the data)")
                 if bool(overflow.asnumpy()):
                     self.state["overflow_steps"] += 1
                 else:

@@ -53,8 +53,11 @@ def resolve_max_pixels(max_pixels=None):
 
 
 def check_header(path, max_pixels):
-    """Refuse an over-limit image from its header alone; return PIL's name for the format, or None where PIL
-    cannot parse the header (OpenCV may still decode it, and its size is checked after decoding).
+    """Refuse an over-limit image from its header alone; return PIL's name for the format.
+
+    A file whose header PIL cannot parse is refused before decoding too: OpenCV would decode formats PIL does not
+    know (Radiance HDR, OpenEXR, PFM, Sun raster) in full before their size could be checked, so a few megabytes
+    could claim gigabytes. Every format of IMAGE_EXTENSIONS has a header PIL reads.
 
     PIL reads only the header here, so a 50000x50000 PNG of a few kilobytes is refused before any pixel buffer
     exists. PIL's own decompression-bomb guard fires above twice its `MAX_IMAGE_PIXELS`, which is all we learn
@@ -71,8 +74,9 @@ def check_header(path, max_pixels):
             raise image_error(path, f"more than {bomb_floor / 1e6:.0f} megapixels, above the limit of "
                                     f"{max_pixels / 1e6:.1f} megapixels") from None
         return None
-    except Exception:  # PIL raises many types for files it does not know; OpenCV gets the final word anyway
-        return None
+    except Exception:  # PIL raises many types for files it does not know
+        raise image_error(path, "not a decodable image (unknown format, or corrupt or truncated; formats read: "
+                                "JPEG, PNG, BMP, TIFF, WebP, PPM/PGM/PBM)") from None
     check_pixel_count(path, height, width, max_pixels)
     return file_format
 

@@ -1,8 +1,8 @@
 """Detect objects in image files with a trained RetinaNet: images with boxes, class names and scores drawn, and
 one JSON of every detection.
 
-Output names come from the input names (a directory keeps its subfolders) made relative and stripped of '..', so
-nothing is written outside the output directory whatever the input is called.
+Output names come from the input names by the rule of `pvt_dense.output_names`, so nothing is written outside the
+output directory whatever the input is called.
 """
 import json
 import os
@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from ..atomic import write_atomic
 from ..data.images import list_image_entries, read_image
-from ..errors import ImageReadError
-from ..features import neutral_name
+from ..errors import ImageReadError, PVTDenseError
+from ..output_names import OutputNamer, contained_path
 from .evaluation import DetectorForward
 from .postprocess import detect_image
 from .transforms import prepare_image
@@ -23,18 +23,11 @@ DRAWABLE = (".jpg", ".jpeg", ".png", ".bmp")
 RESULTS_NAME = "detections.json"
 
 
-def drawn_name(name, taken):
-    """A safe relative output name for input `name`, distinct (case-insensitively) from those in `taken`."""
-    base = neutral_name(name)
-    if not base.lower().endswith(DRAWABLE):
-        base += ".png"
-    stem, ext = os.path.splitext(base)
-    candidate, copy = base, 1
-    while candidate.casefold() in taken or candidate == RESULTS_NAME:
-        copy += 1
-        candidate = f"{stem}~{copy}{ext}"
-    taken.add(candidate.casefold())
-    return candidate
+def drawn_name(name, namer):
+    """The output name of input `name` by the rule of `pvt_dense.output_names`; '.png' is appended to names that
+    OpenCV cannot write back in their own format."""
+    suffix = "" if name.lower().endswith(DRAWABLE) else ".png"
+    return namer.name_for(name, suffix)
 
 
 def class_color(label):
@@ -78,7 +71,7 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
     os.makedirs(output_dir, exist_ok=True)
     detector.set_train(False)
     forward = forward or DetectorForward(detector)
-    records, written, failed, taken = {}, [], [], set()
+    records, written, failed, namer = {}, [], [], OutputNamer(reserved=(RESULTS_NAME,))
     for entry in tqdm(entries, desc="detect", unit="img", disable=not progress):
         try:
             image = read_image(entry.path)
@@ -87,16 +80,20 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
             continue
         boxes, scores, labels = detect_file(detector, image, settings, tuple(img_scale), pad_divisor,
                                             mean or IMAGENET_MEAN, std or IMAGENET_STD, forward)
-        name = drawn_name(entry.name, taken)
+        name = drawn_name(entry.name, namer)
         shown = scores >= draw_thr
         drawn = draw_detections(image, boxes[shown], scores[shown], labels[shown], class_names)
         ok, encoded = cv2.imencode(os.path.splitext(name)[1], drawn)
         if not ok:
             failed.append((entry.name, "OpenCV could not encode the drawn image"))
             continue
-        path = os.path.join(output_dir, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_atomic(path, encoded.tobytes())
+        try:
+            path = contained_path(output_dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomic(path, encoded.tobytes())
+        except (PVTDenseError, OSError) as err:
+            failed.append((entry.name, getattr(err, "strerror", None) or str(err)))
+            continue
         written.append(path)
         records[entry.name] = {"output": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
                                "detections": [
@@ -105,7 +102,7 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
                                     "class_name": class_names[label] if label < len(class_names) else str(label),
                                     **({"category_id": int(category_ids[label])} if category_ids else {})}
                                    for box, score, label in zip(boxes, scores, labels)]}
-    json_path = os.path.join(output_dir, RESULTS_NAME)
+    json_path = contained_path(output_dir, RESULTS_NAME)
     write_atomic(json_path, json.dumps({"images": records, "failed": dict(failed)}, indent=1).encode("utf-8"))
     shapes = getattr(forward, "shapes", None)
     return {"written": written, "failed": failed, "json": json_path,

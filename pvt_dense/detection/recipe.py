@@ -52,10 +52,11 @@ DETECTION_SCHEMA = {
     **BACKBONE_FIELDS,
     # the recipe's optimizer and schedule: AdamW 1e-4, wd 1e-4, 12 epochs, x0.1 at epochs 8 and 11, warmup 500
     "warmup_iters": _run_field("warmup_iters", 500),
-    "epochs": Field(12, int, low=1),
+    "epochs": Field(12, int, low=1, high=100_000),
     "lr_steps": Field([8, 11], list, "epochs after which the lr is multiplied by lr_gamma", item=int, low=0),
     "lr_gamma": Field(0.1, float, low=0.0, high=1.0),
-    "max_iters": Field(0, int, "stop after this many iterations (0: epochs x iterations per epoch)", low=0),
+    "max_iters": Field(0, int, "stop after this many iterations (0: epochs x iterations per epoch)", low=0,
+                       high=10_000_000),
     "eval_interval": Field(1, int, "epochs between evaluations on the val set (0: only at the end)", low=0),
     "max_eval_images": Field(0, int, "evaluate on the first N val images only (0: all)", low=0),
     "load_from": LOAD_FROM_FIELD,

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..atomic import TEMP_PREFIX, fsync_directory, fsync_file, temp_path_for
 from ..errors import CheckpointError, ConfigError
+from .run_lock import RunLock
 
 # Nested dicts are refused by save_checkpoint's append_dict, strings are stored verbatim, so the metadata travels
 # as one JSON string under a name no MindSpore parameter has.
@@ -248,7 +249,7 @@ def load_checkpoint_into(path, cells_or_params):
 class CheckpointManager:
     """Periodic + best checkpoints of one training run in one directory, resumable after any crash."""
 
-    def __init__(self, directory, keep_last=5, metric_name="top1", mode="max", prefix="ckpt"):
+    def __init__(self, directory, keep_last=5, metric_name="top1", mode="max", prefix="ckpt", lock=True):
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ConfigError(f"keep_last must be a positive integer, got {keep_last!r}")
         if mode not in ("max", "min"):
@@ -262,7 +263,11 @@ class CheckpointManager:
         self.prefix = prefix
         self._periodic_pattern = re.compile(rf"{re.escape(prefix)}_e(\d{{4,}})_s(\d{{7,}})\.ckpt")
         os.makedirs(self.directory, exist_ok=True)
-        self._remove_stale_temporaries()
+        # The writing process owns the folder for the whole run (other ranks of a data-parallel run only read);
+        # only then are temporaries surely stale, never another live run's file being written.
+        self.run_lock = RunLock(self.directory) if lock else None
+        if lock:
+            self._remove_stale_temporaries()
         self._best_metric = self._read_best_metric()
 
     # -- names -------------------------------------------------------------------------------------------------
@@ -430,6 +435,12 @@ class CheckpointManager:
                 continue
             return path, meta
         return None
+
+    def kept_sentence(self):
+        """What a run that stops on bad numbers leaves behind, true whether or not it saved anything yet."""
+        if self.periodic_checkpoints() or os.path.exists(self.best_path):
+            return f"The last good checkpoint is kept in {self.directory}"
+        return f"No checkpoint was written to {self.directory} yet"
 
     def best(self):
         """(path, meta) of the best checkpoint, or None."""

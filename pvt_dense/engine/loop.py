@@ -26,13 +26,12 @@ class NonFiniteLossError(PVTDenseError):
     """The training loss (or the weights) became NaN or infinite."""
 
 
-def check_finite_weights(params, where, run_dir):
+def check_finite_weights(params, where, kept_sentence):
     broken = [p.name for p in params if getattr(p, "requires_grad", False) and not np.isfinite(p.asnumpy()).all()]
     if broken:
         raise NonFiniteLossError(
             f"weights became non-finite ({', '.join(broken[:3])}{'...' if len(broken) > 3 else ''}) at {where}; "
-            f"stopping without saving. The last good checkpoint is kept in {run_dir} (lower lr or loss_scale, or "
-            "check the data)")
+            f"stopping without saving. {kept_sentence} (lower lr or loss_scale, or check the data)")
 
 
 class IterationLoop:
@@ -80,7 +79,7 @@ class IterationLoop:
         self.num_workers = max(1, int(num_workers))
         self.prefetch = max(1, int(prefetch))
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=keep_last, metric_name=metric_name,
-                                             mode=metric_mode, prefix=prefix)
+                                             mode=metric_mode, prefix=prefix, lock=self.is_main)
         self.state = {"iteration": 0, "epoch": 0, "overflow_steps": 0, "best_metric": None, "skipped_samples": 0}
         self.metrics = None
 
@@ -105,7 +104,8 @@ class IterationLoop:
     def save(self, metric=None):
         if not self.is_main:
             return None
-        check_finite_weights(self._parameters(), f"iteration {self.state['iteration']}", self.run_dir)
+        check_finite_weights(self._parameters(), f"iteration {self.state['iteration']}",
+                             self.checkpoints.kept_sentence())
         meta = dict(self.meta, loop_state=dict(self.state), epoch=self.state["epoch"],
                     global_step=self.state["iteration"])
         return self.checkpoints.save(self.state_params, meta, metric=metric)
@@ -169,8 +169,8 @@ class IterationLoop:
                 loss_value = float(loss.asnumpy())
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
-                        f"loss is {loss_value} at iteration {iteration + 1}; stopping. The last good checkpoint is "
-                        f"kept in {self.run_dir} (lower lr or loss_scale, or check the data)")
+                        f"loss is {loss_value} at iteration {iteration + 1}; stopping. "
+                        f"{self.checkpoints.kept_sentence()} (lower lr or loss_scale, or check the data)")
                 if bool(overflow.asnumpy()):
                     self.state["overflow_steps"] += 1
                 else:

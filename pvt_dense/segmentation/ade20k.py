@@ -62,6 +62,10 @@ def annotation_error(path, reason):
     return err
 
 
+# PIL's names of formats whose compression changes pixel values, so a class-index map cannot survive them.
+LOSSY_FORMATS = ("JPEG", "MPO", "WEBP", "JPEG2000")
+
+
 def read_label_raw(path, max_pixels=None):
     """The stored class indices of a label PNG as an (H, W) int64 array: 8-bit, 16-bit and palette PNGs give their
     indices (a palette PNG's indices, not its colours). Anything else raises `AnnotationError` naming the file."""
@@ -76,6 +80,10 @@ def read_label_raw(path, max_pixels=None):
                 width, height = image.size
                 if width * height > max_pixels:
                     raise annotation_error(path, f"{width}x{height} exceeds the limit of {max_pixels} pixels")
+                if image.format in LOSSY_FORMATS:
+                    # Lossy compression blurs class boundaries into indices of other classes, whatever the name.
+                    raise annotation_error(path, f"the file is {image.format} data, a lossy format that corrupts "
+                                                 "class indices at every edge (labels must be PNG)")
                 mode = image.mode
                 if mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
                     raise annotation_error(path, f"PIL mode {mode!r} is not a class-index map (expected an 8- or "

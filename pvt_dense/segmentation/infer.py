@@ -1,10 +1,11 @@
 """Colour-coded masks and overlays for images, a folder or a list file.
 
-For each input `<name>` (its path relative to the input folder or list file) three files are written under the
-output folder: `masks/<name>.png` (class indices, uint8: for programs), `color/<name>.png` (one colour per class) and
-`overlay/<name>.jpg` (the colours blended over the image). Names are cleaned of `..`, absolute paths and empty parts,
-so nothing lands outside the output folder. Files are written atomically; inputs whose three outputs already exist
-are skipped (rerun after an interruption to finish), unreadable images are skipped and counted.
+For each input `<name>` (its output name by the rule of `pvt_dense.output_names`: relative, extension kept, made
+distinct) three files are written under the output folder: `masks/<name>.png` (class indices, uint8: for programs),
+`color/<name>.png` (one colour per class) and `overlay/<name>.jpg` (the colours blended over the image), so
+`cat.jpg` gives `masks/cat.jpg.png` and `cat.png` its own `masks/cat.png.png`. Nothing lands outside the output
+folder. Files are written atomically; inputs whose three outputs already exist are skipped (rerun after an
+interruption to finish); unreadable images and unusable entries are skipped and reported, the rest still done.
 """
 import os
 
@@ -12,8 +13,9 @@ import cv2
 import numpy as np
 
 from ..atomic import write_atomic
-from ..data.images import ImageReadError, list_image_entries, read_image
+from ..data.images import list_image_entries, read_image
 from ..errors import PVTDenseError
+from ..output_names import OutputNamer, contained_path
 
 OUTPUT_KINDS = ("masks", "color", "overlay")
 
@@ -42,26 +44,10 @@ def overlay(image, mask, colours, opacity=0.5):
         np.uint8)
 
 
-def safe_relative_name(name):
-    """A relative path without '..', '.', empty or absolute parts (and no drive letters), never outside the output
-    folder; the extension is dropped (each output kind adds its own)."""
-    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".", "..")]
-    parts = [part.replace(":", "_") for part in parts]
-    if not parts:
-        raise PVTDenseError(f"input name {name!r} leaves no usable output file name")
-    stem = os.path.splitext(parts[-1])[0] or parts[-1]
-    return os.path.join(*parts[:-1], stem) if len(parts) > 1 else stem
-
-
-def output_paths(output_dir, name):
-    relative = safe_relative_name(name)
-    root = os.path.realpath(output_dir)
-    paths = {kind: os.path.join(root, kind, relative + (".jpg" if kind == "overlay" else ".png"))
-             for kind in OUTPUT_KINDS}
-    for path in paths.values():
-        if os.path.commonpath([root, os.path.realpath(path)]) != root:
-            raise PVTDenseError(f"output for {name!r} would leave the output folder {root}")
-    return paths
+def output_paths(output_dir, relative):
+    """The three output files of an input whose output name (by `pvt_dense.output_names`) is `relative`."""
+    return {kind: contained_path(output_dir, f"{kind}/{relative}" + (".jpg" if kind == "overlay" else ".png"))
+            for kind in OUTPUT_KINDS}
 
 
 def _encode(path, rgb_or_gray):
@@ -83,20 +69,24 @@ def infer_images(predictor, input_path, output_dir, num_classes, opacity=0.5, ov
     colours = palette(num_classes)
     summary = {"written": [], "existing": [], "unreadable": {}, "class_pixels": np.zeros(num_classes, np.int64)}
     predictor.network.set_train(False)
+    namer = OutputNamer()
     for entry in tqdm(entries, desc="infer", unit="img", disable=not progress):
-        paths = output_paths(output_dir, entry.name)
-        if not overwrite and all(os.path.isfile(p) for p in paths.values()):
-            summary["existing"].append(entry.name)
-            continue
+        # One bad entry (a name that leaves nothing, a symlink out of the folder, an unwritable file) is reported
+        # with the unreadable images; the others are still segmented.
         try:
+            paths = output_paths(output_dir, namer.name_for(entry.name))
+            if not overwrite and all(os.path.isfile(p) for p in paths.values()):
+                summary["existing"].append(entry.name)
+                continue
             image = read_image(entry.path)
-        except ImageReadError as err:
-            summary["unreadable"][entry.name] = getattr(err, "reason", str(err))
+            mask = predictor.predict(image)
+            _encode(paths["masks"], mask)
+            _encode(paths["color"], colorize(mask, colours))
+            _encode(paths["overlay"], overlay(image, mask, colours, opacity))
+        except (PVTDenseError, OSError) as err:
+            summary["unreadable"][entry.name] = getattr(err, "reason", None) or getattr(err, "strerror", None) \
+                or str(err)
             continue
-        mask = predictor.predict(image)
-        _encode(paths["masks"], mask)
-        _encode(paths["color"], colorize(mask, colours))
-        _encode(paths["overlay"], overlay(image, mask, colours, opacity))
         summary["class_pixels"] += np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
         summary["written"].append(entry.name)
     return summary

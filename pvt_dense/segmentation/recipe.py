@@ -42,7 +42,7 @@ SEGMENTATION_FIELDS = {
     "sync_bn": Field(True, bool, "synchronise the head's BatchNorm statistics across ranks when distributed"),
     "loss_avg_non_ignore": Field(False, bool, "divide the loss by labelled pixels only (mmseg default: all)"),
     # schedule
-    "total_iters": Field(40000, int, low=1),
+    "total_iters": Field(40000, int, low=1, high=10_000_000),
     "power": Field(0.9, float, "poly lr decay power", low=0.0),
     "min_lr": Field(0.0, float, low=0.0),
     "eval_interval": Field(4000, int, "iterations between evaluations on val_split (0: only at the end)", low=0),
