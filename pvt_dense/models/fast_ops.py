@@ -575,3 +575,19 @@ class Dense(nn.Cell):
 
     def extend_repr(self):
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel={self.use_kernel}"
+
+
+# Cells that stay in float32 under O2: MindSpore's own black list (BatchNorm, nn.LayerNorm) knows nothing of these
+# Cells, so `auto_mixed_precision(net, "O2")` would cast them to float16, where they leave the fused kernels for
+# MindSpore's float16 LayerNorm and GELU (a LayerNorm over float16 statistics is what O2 exists to avoid).
+FLOAT32_UNDER_O2 = (LayerNorm, GELU)
+
+
+def mixed_precision(network, amp_level):
+    """`mindspore.amp.auto_mixed_precision(network, amp_level)`, except that O2 also keeps this module's LayerNorm
+    and GELU in float32 (their outputs cast back to float16, as MindSpore does for its black list). Modifies
+    `network` in place; returns the Cell to call (O2/O3 wrap it so its outputs are float32)."""
+    if amp_level == "O2":
+        black_list = ms.amp.get_black_list() + list(FLOAT32_UNDER_O2)
+        return ms.amp.custom_mixed_precision(network, black_list=black_list)
+    return ms.amp.auto_mixed_precision(network, amp_level)
