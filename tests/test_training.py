@@ -1,4 +1,5 @@
 """ImageNet-style pretraining on a tiny class-folder dataset: it learns, it resumes exactly, it fails cleanly."""
+import json
 import re
 from pathlib import Path
 
@@ -280,3 +281,42 @@ def test_corrupt_images_are_skipped_and_counted_and_missing_splits_are_clear(dig
     with pytest.raises(PVTDenseError, match="num_classes is 1000 but .* has 10 class folders"):
         Trainer(load_classification_config(None, SMALL_RUN + ["--data_dir", str(digits), "--num_classes", "1000",
                                                               "--ckpt_save_dir", str(tmp_path / "r3")]))
+
+
+def mixed_precision_of(net, kinds):
+    """{the mixed-precision types of net's cells of `kinds`}: what PyNative casts their operators' inputs to and
+    graph mode inserts casts for."""
+    return {str(cell.mixed_precision_type) for _, cell in net.cells_and_names() if isinstance(cell, kinds)}
+
+
+def test_o2_keeps_layer_norm_and_gelu_in_float32_with_a_loss_close_to_o0(digits, tmp_path):
+    from pvt_dense.models.fast_ops import GELU, LayerNorm
+    common = ("--batch_size", 16, "--epoch_size", 1, "--max_steps_per_epoch", 3, "--lr", 1e-3, "--val_while_train",
+              "False", "--mode", 1, "--loss_scale", 1024)
+    o0 = Trainer(config_for(digits, tmp_path / "o0", *common))
+    o0.fit()
+    o2 = Trainer(config_for(digits, tmp_path / "o2", *common, "--amp_level", "O2"))
+    o2.fit()
+    assert mixed_precision_of(o2.net, (LayerNorm,)) == mixed_precision_of(o2.net, (GELU,)) == {
+        "MixedPrecisionType.FP32"}
+    # the rest of the network is float16 (the classifier head, for one)
+    assert str(o2.net.head.mixed_precision_type) == "MixedPrecisionType.FP16"
+    assert o2.state["overflow_steps"] == 0
+    loss = {name: [json.loads(line)["train_loss"]
+                   for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("o0", "o2")}
+    # three AdamW steps from the same weights on the same batches; float16 matmuls change the loss in the 3rd digit
+    assert abs(loss["o2"][0] - loss["o0"][0]) <= 5e-3 * abs(loss["o0"][0]), loss
+
+
+def test_mindspores_own_o2_would_cast_the_fused_layer_norm_and_gelu_to_float16():
+    # Why the trainer uses fast_ops.mixed_precision: MindSpore's O2 black list holds nn.LayerNorm, not these Cells
+    # (and the float32 kernels refuse the float16 inputs MindSpore would then give them).
+    import pvt_dense
+    from pvt_dense.models.fast_ops import GELU, LayerNorm, mixed_precision
+    plain = pvt_dense.create_model("pvt_tiny", num_classes=10)
+    ms.amp.auto_mixed_precision(plain, "O2")
+    assert mixed_precision_of(plain, (LayerNorm, GELU)) == {"MixedPrecisionType.FP16"}
+    ours = pvt_dense.create_model("pvt_tiny", num_classes=10)
+    mixed_precision(ours, "O2")
+    assert mixed_precision_of(ours, (LayerNorm, GELU)) == {"MixedPrecisionType.FP32"}
+    assert str(ours.head.mixed_precision_type) == "MixedPrecisionType.FP16"
