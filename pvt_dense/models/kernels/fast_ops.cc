@@ -306,7 +306,8 @@ int guarded(const Kernel &kernel) {
 extern "C" {
 
 // inputs: x; output: y = GELU(x).
-static int PvtGeluUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+static int PvtGeluUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                            const char **dtypes, void *, void *) {
   if (nparam != 2 || !all_float32(2, dtypes)) return 1;
   const float *__restrict x = static_cast<const float *>(params[0]);
   float *__restrict y = static_cast<float *>(params[1]);
@@ -318,7 +319,8 @@ static int PvtGeluUnchecked(int nparam, void **params, int *ndims, int64_t **sha
 }
 
 // inputs: x, dy; output: dx = dy * GELU'(x).
-static int PvtGeluGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+static int PvtGeluGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                const char **dtypes, void *, void *) {
   if (nparam != 3 || !all_float32(3, dtypes)) return 1;
   const float *__restrict x = static_cast<const float *>(params[0]);
   const float *__restrict dy = static_cast<const float *>(params[1]);
@@ -331,7 +333,8 @@ static int PvtGeluGradUnchecked(int nparam, void **params, int *ndims, int64_t *
 }
 
 // inputs: x (..., C), gamma (C), beta (C), eps (1); output: y. Normalises over the last axis.
-static int PvtLayerNormUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+static int PvtLayerNormUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
   if (nparam != 5 || !all_float32(5, dtypes)) return 1;
   const float *__restrict x = static_cast<const float *>(params[0]);
   const float *__restrict gamma = static_cast<const float *>(params[1]);
@@ -353,7 +356,8 @@ static int PvtLayerNormUnchecked(int nparam, void **params, int *ndims, int64_t 
 }
 
 // inputs: x, gamma, dy, eps; outputs: dx, dgamma, dbeta.
-static int PvtLayerNormGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+static int PvtLayerNormGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                     const char **dtypes, void *, void *) {
   if (nparam != 7 || !all_float32(7, dtypes)) return 1;
   const float *__restrict x = static_cast<const float *>(params[0]);
   const float *__restrict gamma = static_cast<const float *>(params[1]);
@@ -410,7 +414,8 @@ static int PvtLayerNormGradUnchecked(int nparam, void **params, int *ndims, int6
 constexpr int64_t kGemmRowGrain = 64;
 
 // inputs: x (..., K), w (N, K), b (N); output: y (..., N) = x w^T + b, as nn.Dense (weight layout (out, in)).
-static int PvtDenseUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+static int PvtDenseUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes, void *, void *) {
   if (nparam != 4 || !all_float32(4, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
@@ -435,7 +440,8 @@ static int PvtDenseUnchecked(int nparam, void **params, int *ndims, int64_t **sh
 }
 
 // inputs: x (..., K), w (N, K), dy (..., N); outputs: dx = dy w, dw = dy^T x, db = sum of dy over rows.
-static int PvtDenseGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+static int PvtDenseGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
   if (nparam != 6 || !all_float32(6, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
@@ -481,7 +487,8 @@ static int PvtDenseGradUnchecked(int nparam, void **params, int *ndims, int64_t 
 // inputs: q (..., N, D), k (..., M, D), v (..., M, D), leading axes equal; output: softmax(q k^T) v (..., N, D).
 // Blocks of 64 query rows: scores (64 x M) in a per-thread buffer, softmax in place, then times v, so the
 // N x M score matrix is never stored (at 800x1344 it would be 67200 x 1050 per stage-1 block).
-static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
   if (nparam != 4 || !all_float32(4, dtypes) || ndims[0] < 2) return 1;
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
