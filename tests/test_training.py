@@ -198,6 +198,31 @@ FULL_AUGMENTATION = ("--auto_augment", "randaug-m9-mstd0.5-inc1", "--mixup", 0.8
                      "--label_smoothing", 0.1)
 
 
+def test_augmented_batches_depend_only_on_their_place_in_the_epoch(digits, tmp_path):
+    # The loader under the resume test below: with the full recipe, batch k of an epoch is the same whether the
+    # epoch's iterator started at batch 0 or (a resumed run) at batch k, and differs from epoch to epoch.
+    from pvt_dense.classification.data import ImageFolderSource, build_loader, scan_image_folder
+    cfg = config_for(digits, tmp_path / "run", "--batch_size", 8, *FULL_AUGMENTATION)
+    paths, labels, _ = scan_image_folder(cfg.data_dir, "train")
+
+    def batches(shuffle, epoch, start_batch, count):
+        source = ImageFolderSource(paths, labels, seed=3, shuffle=shuffle, batch_size=8)
+        loader = build_loader(source, cfg, cfg.num_classes, training=True)
+        source.set_epoch(epoch, start_batch)
+        iterator = loader.create_tuple_iterator(num_epochs=1, output_numpy=True)
+        return [next(iterator) for _ in range(count)]
+
+    whole, again, from_second = batches(True, 1, 0, 3), batches(True, 1, 0, 3), batches(True, 1, 1, 2)
+    assert whole[0][1].shape == (8, 10) and not np.isin(whole[0][1], (0.0, 1.0)).all()  # mixed soft labels
+    for ours, theirs in zip(whole, again):
+        np.testing.assert_array_equal(ours[0], theirs[0])
+    for ours, theirs in zip(whole[1:], from_second):
+        np.testing.assert_array_equal(ours[0], theirs[0])
+        np.testing.assert_array_equal(ours[1], theirs[1])
+    # unshuffled, epochs 1 and 2 hold the same images in the same order but draw again: the augmentation is random
+    assert not np.array_equal(batches(False, 1, 0, 1)[0][0], batches(False, 2, 0, 1)[0][0])
+
+
 @pytest.mark.bad_input("training run (crash, interrupt, NaN)",
                        "a run killed after epoch 1 and again mid-epoch 2, then resumed (augmentation off, and the "
                        "full recipe: RandAugment, random resized crop, flip, random erasing, mixup/cutmix)",
