@@ -72,8 +72,10 @@ def test_gelu_matches_exact_gelu_and_its_gradient(mode):
     xt = torch.from_numpy(x).requires_grad_()
     yt = F.gelu(xt)
     (yt * torch.from_numpy(weight)).sum().backward()
-    assert np.abs(y - yt.detach().numpy()).max() <= GELU_TOLERANCE
-    assert np.abs(dx - xt.grad.numpy()).max() <= GELU_TOLERANCE * np.abs(weight).max()
+    # torch 2.14's float32 GELU is itself up to 1.1e-6 from the float64 values (near |x| = 3.4), so against it the
+    # bound is two tolerances; against float64 (below) it is one.
+    assert np.abs(y - yt.detach().numpy()).max() <= 2 * GELU_TOLERANCE
+    assert np.abs(dx - xt.grad.numpy()).max() <= 2 * GELU_TOLERANCE * np.abs(weight).max()
     x64 = x.astype(np.float64)
     exact = F.gelu(torch.from_numpy(x64)).numpy()  # float64 erf: the reference both float32 versions aim at
     assert np.abs(y - exact).max() <= GELU_TOLERANCE
@@ -83,9 +85,9 @@ def test_gelu_matches_exact_gelu_and_its_gradient(mode):
 def test_gelu_edge_values_match_torch(mode):
     net = fast_ops.GELU()
     y = in_mode(mode, lambda: net(ms.Tensor(EDGES)).asnumpy())
-    expected = F.gelu(torch.from_numpy(EDGES)).numpy()
-    # NaN and inf where torch has them, zeros and identities in the tails; torch's own erf approximation is off by
-    # 6e-8 at -5.5, where ours gives the float64 value.
+    # torch's float64 GELU: its float32 one gives NaN at +inf and overflows to inf at 3.4e38 since torch 2.14.
+    expected = F.gelu(torch.from_numpy(EDGES.astype(np.float64))).numpy().astype(np.float32)
+    # NaN and inf where torch has them, zeros and identities in the tails.
     np.testing.assert_allclose(y, expected, rtol=0, atol=GELU_TOLERANCE)
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(y[~finite], expected[~finite])

@@ -192,14 +192,48 @@ def weights_of(trainer):
     return {p.name: p.asnumpy().copy() for p in trainer.state_parameters()}
 
 
+# The reference recipe's augmentation (configs/classification/*.yaml) on 32x32 images; drop path stays 0 (its masks
+# come from MindSpore's op-level generators, which a checkpoint cannot restore).
+FULL_AUGMENTATION = ("--auto_augment", "randaug-m9-mstd0.5-inc1", "--mixup", 0.8, "--cutmix", 1.0, "--cutmix_prob",
+                     1.0, "--re_prob", 0.25, "--hflip", 0.5, "--scale", 0.08, 1.0, "--ratio", 0.75, 1.3333,
+                     "--label_smoothing", 0.1)
+
+
+def test_augmented_batches_depend_only_on_their_place_in_the_epoch(digits, tmp_path):
+    # The loader under the resume test below: with the full recipe, batch k of an epoch is the same whether the
+    # epoch's iterator started at batch 0 or (a resumed run) at batch k, and differs from epoch to epoch.
+    from pvt_dense.classification.data import ImageFolderSource, build_loader, scan_image_folder
+    cfg = config_for(digits, tmp_path / "run", "--batch_size", 8, *FULL_AUGMENTATION)
+    paths, labels, _ = scan_image_folder(cfg.data_dir, "train")
+
+    def batches(shuffle, epoch, start_batch, count):
+        source = ImageFolderSource(paths, labels, seed=3, shuffle=shuffle, batch_size=8)
+        loader = build_loader(source, cfg, cfg.num_classes, training=True)
+        source.set_epoch(epoch, start_batch)
+        iterator = loader.create_tuple_iterator(num_epochs=1, output_numpy=True)
+        return [next(iterator) for _ in range(count)]
+
+    whole, again, from_second = batches(True, 1, 0, 3), batches(True, 1, 0, 3), batches(True, 1, 1, 2)
+    assert whole[0][1].shape == (8, 10) and not np.isin(whole[0][1], (0.0, 1.0)).all()  # mixed soft labels
+    for ours, theirs in zip(whole, again):
+        np.testing.assert_array_equal(ours[0], theirs[0])
+    for ours, theirs in zip(whole[1:], from_second):
+        np.testing.assert_array_equal(ours[0], theirs[0])
+        np.testing.assert_array_equal(ours[1], theirs[1])
+    # unshuffled, epochs 1 and 2 hold the same images in the same order but draw again: the augmentation is random
+    assert not np.array_equal(batches(False, 1, 0, 1)[0][0], batches(False, 2, 0, 1)[0][0])
+
+
 @pytest.mark.bad_input("training run (crash, interrupt, NaN)",
-                       "a run killed after epoch 1 and again mid-epoch 2, then resumed",
+                       "a run killed after epoch 1 and again mid-epoch 2, then resumed (augmentation off, and the "
+                       "full recipe: RandAugment, random resized crop, flip, random erasing, mixup/cutmix)",
                        "the resumed run reaches the uninterrupted run's step count and weights (to 1e-6); "
                        "metrics.jsonl/.csv list every epoch once (the last finished epoch survives each resume)")
-def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path):
+@pytest.mark.parametrize("augmentation", [(), FULL_AUGMENTATION], ids=["no-augmentation", "full-augmentation"])
+def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path, augmentation):
     # PyNative: four trainers would each compile the same graph; what is resumed does not depend on the mode.
     common = ("--batch_size", 16, "--max_steps_per_epoch", 3, "--lr", 1e-3, "--val_while_train", "False",
-              "--mode", 1)
+              "--mode", 1, *augmentation)
     straight = Trainer(config_for(digits, tmp_path / "straight", "--epoch_size", 3, *common))
     straight.fit()
 
@@ -282,3 +316,42 @@ def test_corrupt_images_are_skipped_and_counted_and_missing_splits_are_clear(dig
     with pytest.raises(PVTDenseError, match="num_classes is 1000 but .* has 10 class folders"):
         Trainer(load_classification_config(None, SMALL_RUN + ["--data_dir", str(digits), "--num_classes", "1000",
                                                               "--ckpt_save_dir", str(tmp_path / "r3")]))
+
+
+def mixed_precision_of(net, kinds):
+    """{the mixed-precision types of net's cells of `kinds`}: what PyNative casts their operators' inputs to and
+    graph mode inserts casts for."""
+    return {str(cell.mixed_precision_type) for _, cell in net.cells_and_names() if isinstance(cell, kinds)}
+
+
+def test_o2_keeps_layer_norm_and_gelu_in_float32_with_a_loss_close_to_o0(digits, tmp_path):
+    from pvt_dense.models.fast_ops import GELU, LayerNorm
+    common = ("--batch_size", 16, "--epoch_size", 1, "--max_steps_per_epoch", 3, "--lr", 1e-3, "--val_while_train",
+              "False", "--mode", 1, "--loss_scale", 1024)
+    o0 = Trainer(config_for(digits, tmp_path / "o0", *common))
+    o0.fit()
+    o2 = Trainer(config_for(digits, tmp_path / "o2", *common, "--amp_level", "O2"))
+    o2.fit()
+    assert mixed_precision_of(o2.net, (LayerNorm,)) == mixed_precision_of(o2.net, (GELU,)) == {
+        "MixedPrecisionType.FP32"}
+    # the rest of the network is float16 (the classifier head, for one)
+    assert str(o2.net.head.mixed_precision_type) == "MixedPrecisionType.FP16"
+    assert o2.state["overflow_steps"] == 0
+    loss = {name: [json.loads(line)["train_loss"]
+                   for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("o0", "o2")}
+    # three AdamW steps from the same weights on the same batches; float16 matmuls change the loss in the 3rd digit
+    assert abs(loss["o2"][0] - loss["o0"][0]) <= 5e-3 * abs(loss["o0"][0]), loss
+
+
+def test_mindspores_own_o2_would_cast_the_fused_layer_norm_and_gelu_to_float16():
+    # Why the trainer uses fast_ops.mixed_precision: MindSpore's O2 black list holds nn.LayerNorm, not these Cells
+    # (and the float32 kernels refuse the float16 inputs MindSpore would then give them).
+    import pvt_dense
+    from pvt_dense.models.fast_ops import GELU, LayerNorm, mixed_precision
+    plain = pvt_dense.create_model("pvt_tiny", num_classes=10)
+    ms.amp.auto_mixed_precision(plain, "O2")
+    assert mixed_precision_of(plain, (LayerNorm, GELU)) == {"MixedPrecisionType.FP16"}
+    ours = pvt_dense.create_model("pvt_tiny", num_classes=10)
+    mixed_precision(ours, "O2")
+    assert mixed_precision_of(ours, (LayerNorm, GELU)) == {"MixedPrecisionType.FP32"}
+    assert str(ours.head.mixed_precision_type) == "MixedPrecisionType.FP16"

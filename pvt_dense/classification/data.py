@@ -3,12 +3,20 @@
 Two things differ from mindcv's `create_dataset`, each for a stated reason:
 - Images are decoded in Python with OpenCV (`pvt_dense.data.images.read_image`), so a corrupt or unreadable file is
   skipped and counted instead of stopping a multi-day run; the next readable image of the epoch takes its place.
-- The sample order of every epoch is a permutation seeded by (seed, epoch) and sharded by rank, so an epoch can be
-  replayed exactly after a crash, from its first batch or from any batch inside it.
-mindcv's own transform lists (RandAugment, random erasing, bicubic resize, crop_pct) and its loader (mixup/cutmix)
-are used as they are; only their first op, which decodes bytes, becomes its decoded-array equivalent.
+- The sample order of every epoch is a permutation seeded by (seed, epoch) and sharded by rank, and every random
+  draw of the training augmentation is seeded by the position it is made for: each image's (random resized crop,
+  flip, RandAugment, random erasing) by (seed, epoch, rank, its position in the epoch), each batch's mixup/cutmix by
+  (seed, epoch, rank, batch index). So an epoch can be replayed exactly after a crash, from its first batch or from
+  any batch inside it, augmentation included (MindSpore's pipeline ops draw from generators that restart with the
+  pipeline, and mindcv's Python ops from the process-wide `random`/`numpy.random`, neither of which a checkpoint
+  can restore).
+mindcv's own transform lists (RandAugment, random erasing, bicubic resize, crop_pct) and mixup/cutmix (`Mixup`, as
+its `create_loader` configures it) are used as they are; only their first op, which decodes bytes, becomes its
+decoded-array equivalent, and the training ones run on the source's thread, one image at a time, under a lock
+(their random state is process-wide).
 """
 import os
+import random
 import threading
 
 import numpy as np
@@ -81,8 +89,10 @@ class ImageFolderSource:
     def set_epoch(self, epoch, start_batch=0):
         order = epoch_order(len(self.paths), epoch, self.seed, self.shuffle, self.rank, self.world_size,
                             self.batch_size)
+        self.epoch = epoch
         self.epoch_indices = order
-        self.order = order[start_batch * self.batch_size:]
+        self.start_position = start_batch * self.batch_size  # where `order` begins in the epoch
+        self.order = order[self.start_position:]
 
     def __len__(self):
         return len(self.order)
@@ -98,6 +108,78 @@ class ImageFolderSource:
                 with self._lock:
                     self.bad_files[index] = getattr(err, "reason", str(err))
         raise PVTDenseError("no readable image left in this shard of the dataset")
+
+
+_AUGMENT_LOCK = threading.Lock()
+
+
+def _seeded_draws(seed, epoch, rank, position, kind):
+    """A generator for one image's (kind 0) or one batch's (kind 1) random draws, fixed by where it is in the run."""
+    return np.random.default_rng([int(seed), int(epoch), int(rank), int(position), kind])
+
+
+class _SeededGlobalRandom:
+    """Seeds `random`, `numpy.random` and MindSpore's dataset seed from `draws` for the block, then puts MindSpore's
+    dataset seed back. Callers hold _AUGMENT_LOCK: the three are process-wide."""
+
+    def __init__(self, draws):
+        self.draws = draws
+
+    def reseed_dataset_ops(self):
+        import mindspore.dataset as ds
+        # An eager MindSpore random op seeds itself from the dataset seed on every call: one fresh seed per op.
+        ds.config.set_seed(int(self.draws.integers(2 ** 32 - 1)))
+
+    def __enter__(self):
+        import mindspore.dataset as ds
+        self.saved = ds.config.get_seed()
+        random.seed(int(self.draws.integers(2 ** 63)))
+        np.random.seed(int(self.draws.integers(2 ** 32)))
+        return self
+
+    def __exit__(self, *exc):
+        import mindspore.dataset as ds
+        ds.config.set_seed(self.saved)
+        return False
+
+
+class AugmentedSource:
+    """(augmented image, label, position in the epoch) for each item of an `ImageFolderSource`, the image's random
+    draws seeded by (seed, epoch, rank, position): the same image at the same place in a run is augmented the same
+    way whether or not the run was interrupted before it."""
+
+    def __init__(self, source, transforms):
+        self.source, self.transforms = source, list(transforms)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, position):
+        image, label = self.source[position]
+        source = self.source
+        epoch_position = source.start_position + position
+        with _AUGMENT_LOCK, _SeededGlobalRandom(_seeded_draws(source.seed, source.epoch, source.rank,
+                                                              epoch_position, 0)) as rng:
+            for op in self.transforms:
+                rng.reseed_dataset_ops()
+                image = op(image)
+        return image, label, np.int64(epoch_position)
+
+
+class SeededMixup:
+    """mindcv's Mixup (mixup/cutmix per batch) with its draws seeded by (seed, epoch, rank, batch index); drops the
+    position column. Without mixup, only drops it."""
+
+    def __init__(self, mixup, seed, source, batch_size):
+        self.mixup, self.seed, self.source, self.batch_size = mixup, seed, source, batch_size
+
+    def __call__(self, images, labels, positions):
+        if self.mixup is None:
+            return images, labels
+        batch = int(positions[0]) // self.batch_size
+        with _AUGMENT_LOCK, _SeededGlobalRandom(_seeded_draws(self.seed, self.source.epoch, self.source.rank, batch,
+                                                              1)):
+            return self.mixup(images, labels)
 
 
 def decoded_train_transforms(cfg):
@@ -139,11 +221,32 @@ def build_loader(source, cfg, num_classes, training):
     import mindspore.dataset as ds
     from mindcv.data import create_loader
     workers = worker_count(cfg.num_parallel_workers)
-    dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
+    if not training:
+        dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
+                                      num_parallel_workers=workers, python_multiprocessing=False)
+        return create_loader(dataset, batch_size=cfg.batch_size, drop_remainder=False, is_training=False,
+                             num_classes=num_classes, transform=decoded_eval_transforms(cfg),
+                             num_parallel_workers=workers)
+    return build_training_loader(source, cfg, num_classes, workers)
+
+
+def build_training_loader(source, cfg, num_classes, workers):
+    """mindcv's `create_loader` pipeline for training (label cast, transforms, batch, mixup/cutmix), with every random
+    draw seeded by its position in the epoch (`AugmentedSource`, `SeededMixup`)."""
+    import mindspore as ms
+    import mindspore.dataset as ds
+    from mindcv.data.mixup import Mixup
+    from mindspore.dataset import transforms
+    dataset = ds.GeneratorDataset(AugmentedSource(source, decoded_train_transforms(cfg)),
+                                  column_names=["image", "label", "position"], shuffle=False,
                                   num_parallel_workers=workers, python_multiprocessing=False)
-    transforms = decoded_train_transforms(cfg) if training else decoded_eval_transforms(cfg)
-    return create_loader(dataset, batch_size=cfg.batch_size, drop_remainder=training and cfg.drop_remainder,
-                         is_training=training, mixup=cfg.mixup if training else 0.0,
-                         cutmix=cfg.cutmix if training else 0.0, cutmix_prob=cfg.cutmix_prob,
-                         num_classes=num_classes, transform=transforms,
-                         num_parallel_workers=workers)
+    dataset = dataset.map(operations=transforms.TypeCast(ms.int32), input_columns="label",
+                          num_parallel_workers=workers)
+    dataset = dataset.batch(batch_size=cfg.batch_size, drop_remainder=cfg.drop_remainder)
+    mixup = None
+    if cfg.mixup + cfg.cutmix > 0.0 and cfg.batch_size > 1:  # as mindcv's create_loader configures it
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=None, prob=cfg.cutmix_prob,
+                      switch_prob=0.5, label_smoothing=0.0, num_classes=num_classes)
+    return dataset.map(operations=SeededMixup(mixup, source.seed, source, cfg.batch_size),
+                       input_columns=["image", "label", "position"], output_columns=["image", "label"],
+                       num_parallel_workers=workers)

@@ -110,6 +110,7 @@ class Trainer:
         from ..engine.distributed import init_distributed
         from ..engine.train_step import TrainStep
         from ..models import create_model
+        from ..models.fast_ops import mixed_precision
         from .data import ImageFolderSource, build_loader, scan_image_folder
 
         self.cfg = cfg
@@ -141,7 +142,8 @@ class Trainer:
         self.net = create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path_rate,
                                 drop_rate=cfg.drop_rate, pretrained=cfg.ckpt_path or None, strict=False)
         if cfg.amp_level != "O0":
-            ms.amp.auto_mixed_precision(self.net, cfg.amp_level)
+            # In place; LayerNorm and GELU stay float32 under O2 (see fast_ops.mixed_precision).
+            mixed_precision(self.net, cfg.amp_level)
         self.lr_schedule = build_lr_schedule(cfg, self.steps_per_epoch, self.world_size)
         self.optimizer = build_optimizer(self.net, cfg, self.lr_schedule)
         loss = create_loss(name=cfg.loss, label_smoothing=cfg.label_smoothing)

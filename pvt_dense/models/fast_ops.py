@@ -23,19 +23,30 @@ Accuracy (float32; measured against float64 references, see tests/test_fast_ops.
 - LayerNorm: two-pass mean and biased variance per row, eps inside the square root, as `nn.LayerNorm`.
   The backward recomputes the row statistics instead of storing them and sums dgamma/dbeta in double.
 
-The kernels are compiled with the system C++ compiler at first use and cached under `$PVT_DENSE_CACHE_DIR`, or
-`$XDG_CACHE_HOME/pvt_dense`, or `~/.cache/pvt_dense` (file name keyed by a hash of the source and the flags).
-When they are unavailable (no compiler, a device target other than CPU, a non-float32 input, or
-`PVT_DENSE_FAST_OPS=0`), both Cells fall back to MindSpore's own operators with the same semantics (a failed
-compile warns once, saying why). `PVT_DENSE_NUM_THREADS` caps the kernels' threads (default: the CPUs this process
-may use). A graph exported with `mindspore.export` refers to the compiled library by path: export with
-`PVT_DENSE_FAST_OPS=0` for a MINDIR that runs elsewhere.
+The kernels' source is `pvt_dense/models/kernels/fast_ops.cc`. It is compiled with the system C++ compiler (`$CXX`,
+else g++) when the first Cell is built, into this user's cache: `$PVT_DENSE_CACHE_DIR`, or
+`$XDG_CACHE_HOME/pvt_dense`, or `~/.cache/pvt_dense`, created 0700 and refused (with a fallback) if it, or a file
+in it, belongs to another user or is writable by others. The file name is keyed by a hash of the source's content,
+MindSpore's version, the compiler, the flags and the machine; a build that fails leaves a `.failed` marker so other
+processes do not retry it until one of those changes. Before any Cell uses it, the library is loaded with ctypes and
+every kernel symbol is resolved, so that a library that cannot load (noexec mount, unresolved symbol, a file that is
+not a library) costs speed, never the model. When the kernels are unavailable for any reason (that, no compiler, a
+device target other than CPU, a non-float32 input, or `PVT_DENSE_FAST_OPS=0`), the Cells fall back to MindSpore's
+own operators with the same semantics, warning once per process saying why. Shapes are checked where MindSpore
+infers them and again in the kernels, so a misuse is an error, never an out-of-bounds read.
+
+Threads: one pool per process. `PVT_DENSE_NUM_THREADS` sets its size; by default it is the CPUs this process may
+use divided among the processes msrun (MS_WORKER_NUM) or mpirun started on the machine. A graph exported with
+`mindspore.export` refers to the compiled library by path: export with `PVT_DENSE_FAST_OPS=0` for a MINDIR that
+runs elsewhere.
 """
 import contextlib
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -47,390 +58,23 @@ from mindspore.common.initializer import initializer
 
 ENV_SWITCH = "PVT_DENSE_FAST_OPS"
 ENV_CACHE_DIR = "PVT_DENSE_CACHE_DIR"
+ENV_NUM_THREADS = "PVT_DENSE_NUM_THREADS"
 
-_SOURCE = r"""// Fused float32 CPU kernels, exact GELU and LayerNorm, for MindSpore ops.Custom(func_type="aot").
-#include <sched.h>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <thread>
-#include <vector>
-
-#ifdef PVT_HAVE_DNNL
-// oneDNN's row-major sgemm, from the libdnnl that ships inside MindSpore's CPU wheel: C = alpha op(A) op(B) + beta C.
-// It runs on the calling thread (MindSpore builds oneDNN with its threadpool runtime), so the kernels below split
-// the work over their own threads.
-extern "C" int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
-                          int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
-#endif
-
-namespace {
-
-int thread_count() {
-  static const int count = [] {
-    const char *env = std::getenv("PVT_DENSE_NUM_THREADS");
-    if (env != nullptr && std::atoi(env) > 0) return std::atoi(env);
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
-    unsigned hw = std::thread::hardware_concurrency();
-    return hw > 0 ? static_cast<int>(hw) : 1;
-  }();
-  return count;
-}
-
-// Runs body(begin, end) over [0, n) in contiguous chunks of at least `grain` items, one chunk per thread.
-template <class Body>
-void parallel_for(int64_t n, int64_t grain, const Body &body) {
-  int64_t chunks = n / (grain > 0 ? grain : 1);
-  if (chunks > thread_count()) chunks = thread_count();
-  if (chunks <= 1) {
-    body(0, n, 0);
-    return;
-  }
-  const int64_t step = (n + chunks - 1) / chunks;
-  std::vector<std::thread> workers;
-  int64_t launched = 1;
-  try {
-    for (int64_t c = 1; c < chunks; ++c, ++launched) {
-      const int64_t begin = c * step, end = begin + step < n ? begin + step : n;
-      workers.emplace_back([&body, begin, end, c] { body(begin, end, static_cast<int>(c)); });
-    }
-  } catch (...) {
-    // Could not start a thread: do the remaining chunks here.
-    for (int64_t c = launched; c < chunks; ++c) {
-      const int64_t begin = c * step, end = begin + step < n ? begin + step : n;
-      body(begin, end, static_cast<int>(c));
-    }
-  }
-  body(0, step < n ? step : n, 0);
-  for (auto &w : workers) w.join();
-}
-
-inline float as_float(int32_t i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
-
-// exp(a) for a in [-87, 88] (0 below, e^88 above), ~1 ulp; branch-free so loops vectorise.
-inline float exp_clamped(float a_in) {
-  float a = a_in < -87.0f ? -87.0f : a_in;
-  a = a > 88.0f ? 88.0f : a;
-  // Round a / ln2 to the nearest integer with the 1.5 * 2^23 shifter (exact for |a / ln2| < 2^22).
-  const float n = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = a - n * 0.693145751953125f;  // ln2 split in two so r is exact to float precision
-  r = r - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float value = p * as_float((static_cast<int32_t>(n) + 127) << 23);
-  return a_in < -87.0f ? 0.0f : value;  // below e^-87 flush to zero instead of returning e^-87
-}
-
-// erfc(a) for a >= 0 as t * exp(-a^2 + P(t)), t = 1 / (1 + a/2): relative error ~1e-7 over the float range.
-// P: least squares on ln(erfcx(a) / t) for a in [0, 10], reweighted toward minimax (max error 4.5e-8).
-inline float erfc_nonneg(float a) {
-  const float t = 1.0f / (1.0f + 0.5f * a);
-  float p = 1.422023271e-01f;
-  p = p * t - 6.660994638e-01f;
-  p = p * t + 1.122468556e+00f;
-  p = p * t - 6.513143240e-01f;
-  p = p * t - 1.167530199e-01f;
-  p = p * t + 2.018824575e-02f;
-  p = p * t + 2.835616645e-02f;
-  p = p * t + 3.879006575e-01f;
-  p = p * t + 9.984923255e-01f;
-  p = p * t - 1.265441425e+00f;
-  return t * exp_clamped(std::fma(-a, a, p));
-}
-
-constexpr float kSqrtHalf = 0.70710678118654752440f;
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
-
-// GELU(x) = 0.5 x erfc(-x / sqrt(2)); erfc of a non-positive argument is 2 - erfc(|.|).
-inline float gelu(float x) {
-  const float z = -x * kSqrtHalf;
-  const float e = erfc_nonneg(std::fabs(z));
-  const float c = z >= 0.0f ? e : 2.0f - e;
-  return 0.5f * x * c;
-}
-
-// d GELU / dx = Phi(x) + x phi(x).
-inline float gelu_grad(float x) {
-  const float z = -x * kSqrtHalf;
-  const float a = std::fabs(z);
-  const float e = erfc_nonneg(a);
-  const float cdf = 0.5f * (z >= 0.0f ? e : 2.0f - e);
-  const float pdf = a < 14.0f ? kInvSqrt2Pi * exp_clamped(-a * a) : 0.0f;
-  return cdf + x * pdf;
-}
-
-bool all_float32(int count, const char **dtypes) {
-  for (int i = 0; i < count; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
-  return true;
-}
-
-int64_t element_count(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
-}
-
-constexpr int64_t kElementGrain = 1 << 15;
-
-struct RowStats {
-  float mean, rstd;
-};
-
-inline RowStats row_stats(const float *__restrict x, int64_t cols, float eps) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < cols; ++j) sum += x[j];
-  const float mean = sum / static_cast<float>(cols);
-  float sq = 0.0f;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < cols; ++j) {
-    const float d = x[j] - mean;
-    sq += d * d;
-  }
-  const float var = sq / static_cast<float>(cols);
-  return {mean, 1.0f / std::sqrt(var + eps)};
-}
-
-}  // namespace
-
-extern "C" {
-
-// inputs: x; output: y = GELU(x).
-int PvtGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 2 || !all_float32(2, dtypes)) return 1;
-  const float *__restrict x = static_cast<const float *>(params[0]);
-  float *__restrict y = static_cast<float *>(params[1]);
-  parallel_for(element_count(ndims[0], shapes[0]), kElementGrain, [&](int64_t b, int64_t e, int) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) y[i] = gelu(x[i]);
-  });
-  return 0;
-}
-
-// inputs: x, dy; output: dx = dy * GELU'(x).
-int PvtGeluGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 3 || !all_float32(3, dtypes)) return 1;
-  const float *__restrict x = static_cast<const float *>(params[0]);
-  const float *__restrict dy = static_cast<const float *>(params[1]);
-  float *__restrict dx = static_cast<float *>(params[2]);
-  parallel_for(element_count(ndims[0], shapes[0]), kElementGrain, [&](int64_t b, int64_t e, int) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) dx[i] = dy[i] * gelu_grad(x[i]);
-  });
-  return 0;
-}
-
-// inputs: x (..., C), gamma (C), beta (C), eps (1); output: y. Normalises over the last axis.
-int PvtLayerNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 5 || !all_float32(5, dtypes)) return 1;
-  const float *__restrict x = static_cast<const float *>(params[0]);
-  const float *__restrict gamma = static_cast<const float *>(params[1]);
-  const float *__restrict beta = static_cast<const float *>(params[2]);
-  const float eps = *static_cast<const float *>(params[3]);
-  float *__restrict y = static_cast<float *>(params[4]);
-  const int64_t cols = shapes[0][ndims[0] - 1];
-  const int64_t rows = cols > 0 ? element_count(ndims[0], shapes[0]) / cols : 0;
-  parallel_for(rows, 1 + kElementGrain / (cols > 0 ? cols : 1), [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) {
-      const float *__restrict xr = x + r * cols;
-      float *__restrict yr = y + r * cols;
-      const RowStats s = row_stats(xr, cols, eps);
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) yr[j] = (xr[j] - s.mean) * s.rstd * gamma[j] + beta[j];
-    }
-  });
-  return 0;
-}
-
-// inputs: x, gamma, dy, eps; outputs: dx, dgamma, dbeta.
-int PvtLayerNormGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 7 || !all_float32(7, dtypes)) return 1;
-  const float *__restrict x = static_cast<const float *>(params[0]);
-  const float *__restrict gamma = static_cast<const float *>(params[1]);
-  const float *__restrict dy = static_cast<const float *>(params[2]);
-  const float eps = *static_cast<const float *>(params[3]);
-  float *__restrict dx = static_cast<float *>(params[4]);
-  float *__restrict dgamma = static_cast<float *>(params[5]);
-  float *__restrict dbeta = static_cast<float *>(params[6]);
-  const int64_t cols = shapes[0][ndims[0] - 1];
-  const int64_t rows = cols > 0 ? element_count(ndims[0], shapes[0]) / cols : 0;
-  const int slots = thread_count();
-  // dgamma and dbeta sum over all rows (25088 at stage 1, batch 8): accumulate in double.
-  std::vector<double> partial(static_cast<size_t>(slots) * 2 * cols, 0.0);
-  parallel_for(rows, 1 + kElementGrain / (cols > 0 ? cols : 1), [&](int64_t b, int64_t e, int slot) {
-    double *__restrict pg = partial.data() + static_cast<size_t>(slot) * 2 * cols;
-    double *__restrict pb = pg + cols;
-    for (int64_t r = b; r < e; ++r) {
-      const float *__restrict xr = x + r * cols;
-      const float *__restrict dyr = dy + r * cols;
-      float *__restrict dxr = dx + r * cols;
-      const RowStats s = row_stats(xr, cols, eps);
-      float sum_g = 0.0f, sum_gx = 0.0f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-      for (int64_t j = 0; j < cols; ++j) {
-        const float xhat = (xr[j] - s.mean) * s.rstd;
-        const float g = dyr[j] * gamma[j];
-        sum_g += g;
-        sum_gx += g * xhat;
-        pg[j] += dyr[j] * xhat;
-        pb[j] += dyr[j];
-      }
-      const float mean_g = sum_g / static_cast<float>(cols), mean_gx = sum_gx / static_cast<float>(cols);
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) {
-        const float xhat = (xr[j] - s.mean) * s.rstd;
-        dxr[j] = s.rstd * (dyr[j] * gamma[j] - mean_g - xhat * mean_gx);
-      }
-    }
-  });
-  for (int64_t j = 0; j < cols; ++j) {
-    double g = 0.0, bsum = 0.0;
-    for (int s = 0; s < slots; ++s) {
-      g += partial[static_cast<size_t>(s) * 2 * cols + j];
-      bsum += partial[static_cast<size_t>(s) * 2 * cols + cols + j];
-    }
-    dgamma[j] = static_cast<float>(g);
-    dbeta[j] = static_cast<float>(bsum);
-  }
-  return 0;
-}
-
-#ifdef PVT_HAVE_DNNL
-// Rows of a (rows x cols) matrix per thread so that each sgemm call still gets a well-shaped block.
-constexpr int64_t kGemmRowGrain = 64;
-
-// inputs: x (..., K), w (N, K), b (N); output: y (..., N) = x w^T + b, as nn.Dense (weight layout (out, in)).
-int PvtDense(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 4 || !all_float32(4, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float *b = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
-  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
-  const int64_t m = k > 0 ? element_count(ndims[0], shapes[0]) / k : 0;
-  if (m == 0 || n == 0) return 0;
-  std::atomic<int> status{0};
-  if (m >= 2 * kGemmRowGrain || n < 2 * kGemmRowGrain) {
-    parallel_for(m, kGemmRowGrain, [&](int64_t r0, int64_t r1, int) {
-      for (int64_t r = r0; r < r1; ++r) std::memcpy(y + r * n, b, sizeof(float) * n);
-      if (dnnl_sgemm('N', 'T', r1 - r0, n, k, 1.0f, x + r0 * k, k, w, k, 1.0f, y + r0 * n, n) != 0) status = 2;
-    });
-  } else {  // few rows (a late stage at batch 1): split the output features instead
-    for (int64_t r = 0; r < m; ++r) std::memcpy(y + r * n, b, sizeof(float) * n);
-    parallel_for(n, kGemmRowGrain, [&](int64_t c0, int64_t c1, int) {
-      if (dnnl_sgemm('N', 'T', m, c1 - c0, k, 1.0f, x, k, w + c0 * k, k, 1.0f, y + c0, n) != 0) status = 2;
-    });
-  }
-  return status.load();
-}
-
-// inputs: x (..., K), w (N, K), dy (..., N); outputs: dx = dy w, dw = dy^T x, db = sum of dy over rows.
-int PvtDenseGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 6 || !all_float32(6, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float *dy = static_cast<const float *>(params[2]);
-  float *dx = static_cast<float *>(params[3]);
-  float *dw = static_cast<float *>(params[4]);
-  float *db = static_cast<float *>(params[5]);
-  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
-  const int64_t m = k > 0 ? element_count(ndims[0], shapes[0]) / k : 0;
-  std::memset(dw, 0, sizeof(float) * n * k);
-  if (m == 0 || n == 0) {
-    std::memset(db, 0, sizeof(float) * n);
-    if (m > 0) std::memset(dx, 0, sizeof(float) * m * k);
-    return 0;
-  }
-  std::atomic<int> status{0};
-  parallel_for(m, kGemmRowGrain, [&](int64_t r0, int64_t r1, int) {
-    if (dnnl_sgemm('N', 'N', r1 - r0, k, n, 1.0f, dy + r0 * n, n, w, k, 0.0f, dx + r0 * k, k) != 0) status = 2;
-  });
-  // dw rows are independent: each thread owns a band of output features and reads all rows of dy and x.
-  parallel_for(n, 16, [&](int64_t c0, int64_t c1, int) {
-    if (dnnl_sgemm('T', 'N', c1 - c0, k, m, 1.0f, dy + c0, n, x, k, 0.0f, dw + c0 * k, k) != 0) status = 2;
-  });
-  // db sums up to ~10^5 rows: accumulate in double, one partial row per thread.
-  const int slots = thread_count();
-  std::vector<double> partial(static_cast<size_t>(slots) * n, 0.0);
-  parallel_for(m, 1 + kElementGrain / n, [&](int64_t r0, int64_t r1, int slot) {
-    double *__restrict acc = partial.data() + static_cast<size_t>(slot) * n;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float *__restrict row = dy + r * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) acc[j] += row[j];
-    }
-  });
-  for (int64_t j = 0; j < n; ++j) {
-    double total = 0.0;
-    for (int s = 0; s < slots; ++s) total += partial[static_cast<size_t>(s) * n + j];
-    db[j] = static_cast<float>(total);
-  }
-  return status.load();
-}
-
-// inputs: q (..., N, D), k (..., M, D), v (..., M, D), leading axes equal; output: softmax(q k^T) v (..., N, D).
-// Blocks of 64 query rows: scores (64 x M) in a per-thread buffer, softmax in place, then times v, so the
-// N x M score matrix is never stored (at 800x1344 it would be 67200 x 1050 per stage-1 block).
-int PvtAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 4 || !all_float32(4, dtypes) || ndims[0] < 2) return 1;
-  const float *q = static_cast<const float *>(params[0]);
-  const float *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  float *out = static_cast<float *>(params[3]);
-  const int64_t d = shapes[0][ndims[0] - 1], n = shapes[0][ndims[0] - 2], m = shapes[1][ndims[1] - 2];
-  if (n == 0 || d == 0) return 0;
-  const int64_t groups = element_count(ndims[0], shapes[0]) / (n * d);
-  constexpr int64_t kRows = 64;
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  std::atomic<int> status{0};
-  parallel_for(groups * blocks, 1, [&](int64_t t0, int64_t t1, int) {
-    std::vector<float> scores(static_cast<size_t>(kRows * (m > 0 ? m : 1)));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / blocks, r0 = (t % blocks) * kRows, rows = n - r0 < kRows ? n - r0 : kRows;
-      float *o = out + (g * n + r0) * d;
-      if (m == 0) {
-        std::memset(o, 0, sizeof(float) * rows * d);
-        continue;
-      }
-      float *s = scores.data();
-      if (dnnl_sgemm('N', 'T', rows, m, d, 1.0f, q + (g * n + r0) * d, d, k + g * m * d, d, 0.0f, s, m) != 0)
-        status = 2;
-      for (int64_t r = 0; r < rows; ++r) {
-        float *__restrict row = s + r * m;
-        float top = row[0];
-        for (int64_t j = 1; j < m; ++j) top = row[j] > top ? row[j] : top;
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < m; ++j) {
-          row[j] = exp_clamped(row[j] - top);
-          total += row[j];
-        }
-        const float inverse = 1.0f / total;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
-      }
-      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, v + g * m * d, d, 0.0f, o, d) != 0) status = 2;
-    }
-  });
-  return status.load();
-}
-#endif  // PVT_HAVE_DNNL
-
-}  // extern "C"
-"""
+KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fast_ops.cc")
+# What the Custom ops below name: every one must resolve in the loaded library before a Cell uses it.
+BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
+DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtAttention")
+CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
                "-fno-math-errno", "-fno-trapping-math")
+# Every symbol resolved at link time (-z defs) and at load time (-z now): a library that would fail on its first
+# call fails to build or to load instead, where it can still fall back.
+_LINK_FLAGS = ("-Wl,-z,defs", "-Wl,-z,now")
+
+
+class KernelLibraryError(RuntimeError):
+    """The kernel library cannot be built, trusted or loaded; the Cells use MindSpore's operators instead."""
 
 
 def _x86_flags():
@@ -448,12 +92,69 @@ def _x86_flags():
     return ()
 
 
-def _cache_dirs():
+def cache_dir():
+    """Where this user's compiled kernels live: `$PVT_DENSE_CACHE_DIR`, `$XDG_CACHE_HOME/pvt_dense` or
+    `~/.cache/pvt_dense`. Never a shared temporary directory, where another user could plant a library."""
     explicit = os.environ.get(ENV_CACHE_DIR)
     if explicit:
-        return [explicit]
+        return os.path.abspath(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [os.path.join(base, "pvt_dense"), os.path.join(tempfile.gettempdir(), f"pvt_dense-{os.getuid()}")]
+    return os.path.join(os.path.abspath(base), "pvt_dense")
+
+
+def _refuse_unless_private(path, info, what):
+    """A file or folder another user could have written is never loaded from or built into."""
+    if info.st_uid != os.geteuid():
+        raise KernelLibraryError(f"refusing {what} {path}: owned by uid {info.st_uid}, not by this user "
+                                 f"(uid {os.geteuid()})")
+    if info.st_mode & 0o022:
+        raise KernelLibraryError(f"refusing {what} {path}: writable by its group or by everyone (mode "
+                                 f"{stat.S_IMODE(info.st_mode):o})")
+
+
+def private_cache_dir(folder):
+    """`folder`, created 0700 if missing, after checking that it is a real directory owned by this user and not
+    writable by anyone else."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as err:
+        raise KernelLibraryError(f"cannot create the kernel cache {folder}: {err}") from err
+    if not stat.S_ISDIR(info.st_mode):
+        raise KernelLibraryError(f"refusing the kernel cache {folder}: not a directory (a symbolic link?)")
+    _refuse_unless_private(folder, info, "the kernel cache")
+    return folder
+
+
+def _trusted_file(path):
+    """Whether `path` exists, raising if it exists but is not a regular file of this user's that only they can write."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        raise KernelLibraryError(f"refusing {path}: not a regular file")
+    _refuse_unless_private(path, info, "the cached file")
+    return True
+
+
+def _compiler():
+    """Absolute path of the C++ compiler: `$CXX`, else g++ or c++ on PATH."""
+    named = os.environ.get("CXX") or "g++"
+    found = shutil.which(named) or (None if os.environ.get("CXX") else shutil.which("c++"))
+    if not found:
+        raise KernelLibraryError(f"no C++ compiler found ({named!r} is not on PATH; set CXX, or install g++)")
+    return os.path.abspath(found)
+
+
+def _compiler_identity(compiler):
+    """The compiler's resolved path, size and modification time: a new compiler means a new key, without running it."""
+    real = os.path.realpath(compiler)
+    try:
+        info = os.stat(real)
+        return f"{real}:{info.st_size}:{info.st_mtime_ns}"
+    except OSError:
+        return real
 
 
 def _dnnl_library():
@@ -465,32 +166,8 @@ def _dnnl_library():
     return None
 
 
-def _compile(compiler, flags, link, target):
-    """Compile _SOURCE into `target` atomically: concurrent processes each write a temporary file, then rename."""
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
-    fd, source_path = tempfile.mkstemp(suffix=".cc", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(_SOURCE)
-    partial = f"{target}.{os.getpid()}.tmp"
-    try:
-        result = subprocess.run([compiler, *flags, "-o", partial, source_path, *link], capture_output=True,
-                                text=True, timeout=300, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(partial, target)
-    finally:
-        for leftover in (source_path, partial):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-
-
-def _build_library():
-    """(path of the compiled kernel library, whether it has the Dense kernels), compiling it if this machine has
-    no cached copy yet."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+def _build_attempts():
+    """(flags, link, has_dense) from the fastest library to the plainest."""
     simd = [_BASE_FLAGS + _x86_flags()]
     if simd[0] != _BASE_FLAGS:
         simd.append(_BASE_FLAGS)  # an old compiler or assembler without AVX2 support
@@ -498,26 +175,207 @@ def _build_library():
     attempts = []
     if dnnl:
         folder = os.path.dirname(dnnl)
-        link = (f"-L{folder}", f"-l:{os.path.basename(dnnl)}", f"-Wl,-rpath,{folder}")
+        link = (f"-L{folder}", f"-l:{os.path.basename(dnnl)}", f"-Wl,-rpath,{folder}") + _LINK_FLAGS
         attempts += [(flags + ("-DPVT_HAVE_DNNL",), link, True) for flags in simd]
-    attempts += [(flags, (), False) for flags in simd]  # GELU and LayerNorm only
+    attempts += [(flags, _LINK_FLAGS, False) for flags in simd]  # GELU and LayerNorm only
+    return attempts
+
+
+def library_key(source, compiler, flags, link):
+    """The cache name's hash: the source's content, MindSpore's version (the aot interface and its libdnnl), the
+    compiler, the flags and the machine, so a change to any of them builds a new library."""
+    parts = (hashlib.sha256(source).hexdigest(), ms.__version__, _compiler_identity(compiler), platform.machine(),
+             platform.python_version()) + tuple(flags) + tuple(link)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def _write_private(folder, suffix, data):
+    """A new 0600 file in `folder` holding `data` (bytes): its path."""
+    fd, path = tempfile.mkstemp(suffix=suffix, dir=folder)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def _compile(compiler, source, flags, link, target):
+    """Compile `source` (the bytes the key was made from) into `target` atomically: concurrent processes each write
+    their own temporary file, then rename."""
+    folder = os.path.dirname(target)
+    source_path = _write_private(folder, ".cc", source)
+    partial = _write_private(folder, ".so.tmp", b"")
+    try:
+        result = subprocess.run([compiler, *flags, "-o", partial, source_path, *link], capture_output=True,
+                                text=True, timeout=600, check=False)
+        if result.returncode != 0:
+            raise KernelLibraryError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.chmod(partial, 0o700)
+        os.replace(partial, target)
+    finally:
+        for leftover in (source_path, partial):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _remember_failure(marker, message):
+    """Write the failed build's marker, so other processes skip this build until the key changes."""
+    try:
+        path = _write_private(os.path.dirname(marker), ".failed.tmp", message.encode("utf-8", "replace"))
+        os.replace(path, marker)
+    except OSError:
+        pass  # only costs a retry in the next process
+
+
+def load_library(path, symbols):
+    """The ctypes handle of `path`, every name in `symbols` resolved: KernelLibraryError if it cannot be loaded
+    (not an ELF library for this machine, a noexec mount, an unresolved dependency) or lacks one of them."""
+    try:
+        handle = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+    except OSError as err:
+        raise KernelLibraryError(f"cannot load {path}: {err}") from err
+    missing = [name for name in symbols if not hasattr(handle, name)]
+    if missing:
+        raise KernelLibraryError(f"{path} lacks the kernel symbols {', '.join(missing)}")
+    return handle
+
+
+def _local_workers(environ):
+    """How many processes of this job share this machine's CPUs, from what msrun or mpirun exported."""
+    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE", "MS_WORKER_NUM",
+                 "RANK_SIZE"):
+        try:
+            value = int(environ.get(name, ""))
+        except ValueError:
+            continue
+        if value > 0:
+            return value
+    return 1
+
+
+def default_thread_count(environ=None, cpus=None):
+    """Threads for this process's kernels: `$PVT_DENSE_NUM_THREADS` if set, else the CPUs this process may use
+    divided among the processes msrun/mpirun started (msrun exports MS_WORKER_NUM; a single node is assumed), or
+    all of them when msrun bound each process to its own cores (it then exports MSRUN_CPU_LIST)."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get(ENV_NUM_THREADS, "").strip()
+    if explicit:
+        try:
+            if int(explicit) > 0:
+                return int(explicit)
+        except ValueError:
+            pass
+        warnings.warn(f"{ENV_NUM_THREADS}={explicit!r} is not a positive integer; choosing the thread count "
+                      "automatically", RuntimeWarning, stacklevel=2)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if environ.get("MSRUN_CPU_LIST"):
+        return max(1, cpus)
+    return max(1, cpus // _local_workers(environ))
+
+
+def read_kernel_source():
+    """The bytes of pvt_dense/models/kernels/fast_ops.cc, the source that is compiled and hashed."""
+    try:
+        with open(KERNEL_SOURCE, "rb") as handle:
+            return handle.read()
+    except OSError as err:
+        raise KernelLibraryError(f"kernel source missing from the installed package: {err}") from err
+
+
+def library_candidates(source, compiler, folder):
+    """(library path, failed-build marker path, flags, link flags, has_dense) for each build, fastest first."""
+    candidates = []
+    for flags, link, has_dense in _build_attempts():
+        stem = os.path.join(folder, f"fast_ops-{library_key(source, compiler, flags, link)}")
+        candidates.append((stem + ".so", stem + ".failed", flags, link, has_dense))
+    return candidates
+
+
+def _build_library():
+    """(path, has_dense, ctypes handle) of a loaded, symbol-checked kernel library, compiled into this user's cache
+    if it holds none for this source, MindSpore, compiler and flags. A build that failed once is not retried
+    (its `.failed` marker says why) until one of those changes."""
+    source = read_kernel_source()
+    compiler = _compiler()
+    folder = private_cache_dir(cache_dir())
     errors = []
-    for folder in _cache_dirs():
-        for flags, link, has_dense in attempts:
-            key = hashlib.sha256("\0".join((_SOURCE, compiler, platform.machine()) + flags + link).encode())
-            target = os.path.join(folder, f"fast_ops-{key.hexdigest()[:20]}.so")
-            if os.path.isfile(target):
-                return target, has_dense
+    for target, marker, flags, link, has_dense in library_candidates(source, compiler, folder):
+        symbols = BASIC_KERNELS + CONTROL_SYMBOLS + (DENSE_KERNELS if has_dense else ())
+        if not _trusted_file(target):
+            if _trusted_file(marker):
+                with open(marker, encoding="utf-8", errors="replace") as handle:
+                    errors.append(f"an earlier build failed ({marker}): {handle.read()[-500:]}")
+                continue
             try:
-                _compile(compiler, flags, link, target)
-                return target, has_dense
-            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _compile(compiler, source, flags, link, target)
+            except (OSError, KernelLibraryError, subprocess.SubprocessError) as err:
                 errors.append(f"{target}: {err}")
-    raise RuntimeError("; ".join(errors))
+                _remember_failure(marker, str(err))
+                continue
+        # A library that exists but cannot be loaded (corrupt, noexec, a changed dependency) is not rebuilt over:
+        # every process would do so again. It falls back instead; deleting the file retries.
+        return target, has_dense, load_library(target, symbols)
+    raise KernelLibraryError("; ".join(errors))
 
 
-def _same_shape(*shapes):
+def _known(*shapes):
+    return all(all(d >= 0 for d in shape) for shape in shapes)
+
+
+def _require(ok, kernel, expected, shapes):
+    if not ok:
+        raise ValueError(f"pvt_dense {kernel} kernel: expected {expected}, got shapes "
+                         f"{', '.join(str(tuple(s)) for s in shapes)}")
+
+
+def _gelu_shape(*shapes):
     return shapes[0]
+
+
+def _gelu_grad_shape(x, dy):
+    _require(not _known(x, dy) or list(x) == list(dy), "GELU backward", "x and dy of one shape", (x, dy))
+    return x
+
+
+def _layer_norm_shape(x, gamma, beta, eps):
+    _require(len(x) >= 1, "LayerNorm", "x with at least one axis", (x,))
+    if _known(x, gamma, beta):
+        _require(list(gamma) == [x[-1]] and list(beta) == [x[-1]], "LayerNorm",
+                 "gamma and beta of shape (C,) for x (..., C)", (x, gamma, beta))
+    return x
+
+
+def _layer_norm_grad_shape(x, gamma, dy, eps):
+    _require(len(x) >= 1, "LayerNorm backward", "x with at least one axis", (x,))
+    if _known(x, gamma, dy):
+        _require(list(gamma) == [x[-1]] and list(dy) == list(x), "LayerNorm backward",
+                 "gamma (C,) and dy like x (..., C)", (x, gamma, dy))
+    return x, gamma, gamma
+
+
+def _dense_shape(x, w, b):
+    _require(len(x) >= 1 and len(w) == 2 and len(b) == 1, "Dense", "x (..., K), weight (N, K), bias (N,)",
+             (x, w, b))
+    if _known(x, w, b):
+        _require(w[1] == x[-1] and b[0] == w[0], "Dense", "x (..., K), weight (N, K), bias (N,)", (x, w, b))
+    return list(x[:-1]) + [w[0]]
+
+
+def _dense_grad_shape(x, w, dy):
+    _require(len(x) >= 1 and len(w) == 2 and len(dy) == len(x), "Dense backward",
+             "x (..., K), weight (N, K), dy (..., N)", (x, w, dy))
+    if _known(x, w, dy):
+        _require(w[1] == x[-1] and list(dy) == list(x[:-1]) + [w[0]], "Dense backward",
+                 "x (..., K), weight (N, K), dy (..., N)", (x, w, dy))
+    return x, w, [w[0]]
+
+
+def _attention_shape(q, k, v):
+    expected = "q (..., N, D), k and v (..., M, D) with the same leading axes"
+    _require(len(q) >= 2 and len(k) == len(q) and len(v) == len(q), "attention", expected, (q, k, v))
+    if _known(q, k, v):
+        _require(list(k) == list(v) and list(k[:-2]) == list(q[:-2]) and k[-1] == q[-1], "attention", expected,
+                 (q, k, v))
+    return q
 
 
 def _same_dtype(*dtypes):
@@ -527,16 +385,22 @@ def _same_dtype(*dtypes):
 class _Kernels:
     """The Custom primitives, with their bprops, made once per process."""
 
-    def __init__(self, library, has_dense=False):
+    def __init__(self, library, has_dense=False, handle=None):
         if ":" in library:
-            raise RuntimeError(f"the kernel library path must not contain ':' ({library})")
-        gelu_grad = ops.Custom(f"{library}:PvtGeluGrad", out_shape=_same_shape, out_dtype=_same_dtype,
+            raise KernelLibraryError(f"the kernel library path must not contain ':' ({library})")
+        self.handle = handle  # the ctypes handle: keeps the checked library loaded for MindSpore's own dlopen
+        self.threads = None
+        if handle is not None:
+            handle.PvtSetThreadCount.argtypes = [ctypes.c_int]
+            handle.PvtSetThreadCount.restype = ctypes.c_int
+            self.threads = handle.PvtSetThreadCount(default_thread_count())
+        gelu_grad = ops.Custom(f"{library}:PvtGeluGrad", out_shape=_gelu_grad_shape, out_dtype=_same_dtype,
                                func_type="aot")
 
         def gelu_bprop(x, out, dout):
             return (gelu_grad(x, dout),)
 
-        layer_norm_grad = ops.Custom(f"{library}:PvtLayerNormGrad", out_shape=lambda x, g, dy, e: (x, g, g),
+        layer_norm_grad = ops.Custom(f"{library}:PvtLayerNormGrad", out_shape=_layer_norm_grad_shape,
                                      out_dtype=lambda x, g, dy, e: (x, g, g), func_type="aot")
 
         def layer_norm_bprop(x, gamma, beta, eps, out, dout):
@@ -546,7 +410,7 @@ class _Kernels:
         self.library = library
         self.dense = self.attention = None
         if has_dense:
-            dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=lambda x, w, dy: (x, w, [w[0]]),
+            dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=_dense_grad_shape,
                                     out_dtype=lambda x, w, dy: (x, w, w), func_type="aot")
 
             def dense_bprop(x, weight, bias, out, dout):
@@ -564,13 +428,13 @@ class _Kernels:
                 dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
                 return times(dscores, k), transposed_times(dscores, q), transposed_times(probs, dout)
 
-            self.attention = ops.Custom(f"{library}:PvtAttention", out_shape=lambda q, k, v: q,
+            self.attention = ops.Custom(f"{library}:PvtAttention", out_shape=_attention_shape,
                                         out_dtype=lambda q, k, v: q, func_type="aot", bprop=attention_bprop)
-            self.dense = ops.Custom(f"{library}:PvtDense", out_shape=lambda x, w, b: list(x[:-1]) + [w[0]],
+            self.dense = ops.Custom(f"{library}:PvtDense", out_shape=_dense_shape,
                                     out_dtype=lambda x, w, b: x, func_type="aot", bprop=dense_bprop)
-        self.gelu = ops.Custom(f"{library}:PvtGelu", out_shape=_same_shape, out_dtype=_same_dtype,
+        self.gelu = ops.Custom(f"{library}:PvtGelu", out_shape=_gelu_shape, out_dtype=_same_dtype,
                                func_type="aot", bprop=gelu_bprop)
-        self.layer_norm = ops.Custom(f"{library}:PvtLayerNorm", out_shape=_same_shape, out_dtype=_same_dtype,
+        self.layer_norm = ops.Custom(f"{library}:PvtLayerNorm", out_shape=_layer_norm_shape, out_dtype=_same_dtype,
                                      func_type="aot", bprop=layer_norm_bprop)
 
 
@@ -591,6 +455,7 @@ def kernels():
                 try:
                     _STATE["kernels"] = _Kernels(*_build_library())
                 except Exception as err:  # any failure here must only cost speed, never the model
+                    _STATE["kernels"] = None
                     _STATE["reason"] = f"{type(err).__name__}: {err}"
                     warnings.warn(f"pvt_dense fast GELU/LayerNorm kernels unavailable, using MindSpore's "
                                   f"operators (slower, same results): {_STATE['reason']}", RuntimeWarning,
@@ -710,3 +575,19 @@ class Dense(nn.Cell):
 
     def extend_repr(self):
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel={self.use_kernel}"
+
+
+# Cells that stay in float32 under O2: MindSpore's own black list (BatchNorm, nn.LayerNorm) knows nothing of these
+# Cells, so `auto_mixed_precision(net, "O2")` would cast them to float16, where they leave the fused kernels for
+# MindSpore's float16 LayerNorm and GELU (a LayerNorm over float16 statistics is what O2 exists to avoid).
+FLOAT32_UNDER_O2 = (LayerNorm, GELU)
+
+
+def mixed_precision(network, amp_level):
+    """`mindspore.amp.auto_mixed_precision(network, amp_level)`, except that O2 also keeps this module's LayerNorm
+    and GELU in float32 (their outputs cast back to float16, as MindSpore does for its black list). Modifies
+    `network` in place; returns the Cell to call (O2/O3 wrap it so its outputs are float32)."""
+    if amp_level == "O2":
+        black_list = ms.amp.get_black_list() + list(FLOAT32_UNDER_O2)
+        return ms.amp.custom_mixed_precision(network, black_list=black_list)
+    return ms.amp.auto_mixed_precision(network, amp_level)

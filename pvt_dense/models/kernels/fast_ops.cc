@@ -1,0 +1,589 @@
+// Fused float32 CPU kernels (exact GELU, LayerNorm, Linear, attention) for MindSpore ops.Custom(func_type="aot").
+// pvt_dense/models/fast_ops.py compiles this file (cached by a hash of its content), loads it and checks its
+// symbols with ctypes, and describes the kernels' accuracy and speed.
+#include <sched.h>
+#include <unistd.h>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#ifdef PVT_HAVE_DNNL
+// oneDNN's row-major sgemm, from the libdnnl that ships inside MindSpore's CPU wheel: C = alpha op(A) op(B) + beta C.
+// It runs on the calling thread (MindSpore builds oneDNN with its threadpool runtime), so the kernels below split
+// the work over their own threads.
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                          int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+#endif
+
+namespace {
+
+// Threads: one pool per process, started at the first parallel call and kept (starting threads on every call
+// cost ~20-50 us each, several times per layer). The count comes from PvtSetThreadCount (pvt_dense sets it from
+// PVT_DENSE_NUM_THREADS, or from the CPUs this process may use divided among msrun's local workers); 0 means
+// "the CPUs this process may use".
+std::atomic<int> requested_threads{0};
+
+int affinity_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw > 0 ? static_cast<int>(hw) : 1;
+}
+
+int thread_count() {
+  const int requested = requested_threads.load();
+  if (requested > 0) return requested;
+  static const int fallback = affinity_count();
+  return fallback;
+}
+
+// Runs task(c) for c in [0, chunks): chunk 0 and any chunk no worker has taken on the calling thread, the rest on
+// the pool's workers. Which thread runs a chunk never changes its result: each chunk writes only its own outputs
+// and its own partial-sum slot, so results are the same as running the chunks one after another.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int workers) {
+    for (int i = 0; i < workers; ++i) {
+      try {
+        threads_.emplace_back([this] { work(); });
+      } catch (...) {
+        break;  // could not start another thread: run with the ones that started
+      }
+    }
+  }
+
+  int size() const { return static_cast<int>(threads_.size()); }
+
+  void run(int64_t chunks, const std::function<void(int64_t)> &task) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &task;
+      chunks_ = chunks;
+      next_.store(1);
+      busy_ = static_cast<int>(threads_.size());
+      error_ = nullptr;
+      ++generation_;
+    }
+    start_.notify_all();
+    std::exception_ptr mine;
+    try {
+      task(0);
+      drain(task);
+    } catch (...) {
+      mine = std::current_exception();
+      next_.store(chunks);  // let the workers stop early
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    task_ = nullptr;
+    if (mine) std::rethrow_exception(mine);
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void drain(const std::function<void(int64_t)> &task) {
+    for (int64_t c = next_.fetch_add(1); c < chunks_; c = next_.fetch_add(1)) task(c);
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t)> *task;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        start_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        task = task_;
+      }
+      std::exception_ptr failure;
+      try {
+        drain(*task);
+      } catch (...) {
+        failure = std::current_exception();
+        next_.store(chunks_);
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (failure && !error_) error_ = failure;
+      if (--busy_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::condition_variable start_, done_;
+  const std::function<void(int64_t)> *task_ = nullptr;
+  int64_t chunks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int busy_ = 0;
+  uint64_t generation_ = 0;
+  std::exception_ptr error_;
+};
+
+// The pool is never destroyed (its workers must not be joined while the process exits) and is remade after a fork,
+// where only the forking thread survives, or when the thread count changes. One parallel call uses it at a time;
+// a kernel launched while another holds it (MindSpore may run independent kernels concurrently) runs its chunks on
+// its own thread.
+std::mutex pool_mutex;
+ThreadPool *pool = nullptr;
+int pool_workers = -1;
+pid_t pool_pid = 0;
+
+// Runs body(begin, end, slot) over [0, n) in contiguous chunks of at least `grain` items, at most one chunk per
+// thread; slot is the chunk's index (< thread_count()), for per-chunk partial sums.
+template <class Body>
+void parallel_for(int64_t n, int64_t grain, const Body &body) {
+  const int threads = thread_count();
+  int64_t chunks = n / (grain > 0 ? grain : 1);
+  if (chunks > threads) chunks = threads;
+  if (chunks <= 1) {
+    body(0, n, 0);
+    return;
+  }
+  const int64_t step = (n + chunks - 1) / chunks;
+  const std::function<void(int64_t)> chunk = [&](int64_t c) {
+    const int64_t begin = c * step, end = begin + step < n ? begin + step : n;
+    if (begin < end) body(begin, end, static_cast<int>(c));
+  };
+  std::unique_lock<std::mutex> lock(pool_mutex, std::try_to_lock);
+  if (lock.owns_lock()) {
+    if (pool == nullptr || pool_pid != getpid() || pool_workers != threads - 1) {
+      pool = new ThreadPool(threads - 1);  // an old pool's workers stay parked; a forked child has none
+      pool_workers = threads - 1;
+      pool_pid = getpid();
+    }
+    pool->run(chunks, chunk);
+    return;
+  }
+  for (int64_t c = 0; c < chunks; ++c) chunk(c);
+}
+
+inline float as_float(int32_t i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
+
+// exp(a) for a in [-87, 88] (0 below, e^88 above), ~1 ulp; branch-free so loops vectorise.
+inline float exp_clamped(float a_in) {
+  float a = a_in < -87.0f ? -87.0f : a_in;
+  a = a > 88.0f ? 88.0f : a;
+  // Round a / ln2 to the nearest integer with the 1.5 * 2^23 shifter (exact for |a / ln2| < 2^22).
+  const float n = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = a - n * 0.693145751953125f;  // ln2 split in two so r is exact to float precision
+  r = r - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float value = p * as_float((static_cast<int32_t>(n) + 127) << 23);
+  return a_in < -87.0f ? 0.0f : value;  // below e^-87 flush to zero instead of returning e^-87
+}
+
+// erfc(a) for a >= 0 as t * exp(-a^2 + P(t)), t = 1 / (1 + a/2): relative error ~1e-7 over the float range.
+// P: least squares on ln(erfcx(a) / t) for a in [0, 10], reweighted toward minimax (max error 4.5e-8).
+inline float erfc_nonneg(float a) {
+  const float t = 1.0f / (1.0f + 0.5f * a);
+  float p = 1.422023271e-01f;
+  p = p * t - 6.660994638e-01f;
+  p = p * t + 1.122468556e+00f;
+  p = p * t - 6.513143240e-01f;
+  p = p * t - 1.167530199e-01f;
+  p = p * t + 2.018824575e-02f;
+  p = p * t + 2.835616645e-02f;
+  p = p * t + 3.879006575e-01f;
+  p = p * t + 9.984923255e-01f;
+  p = p * t - 1.265441425e+00f;
+  return t * exp_clamped(std::fma(-a, a, p));
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+
+// GELU(x) = 0.5 x erfc(-x / sqrt(2)); erfc of a non-positive argument is 2 - erfc(|.|).
+inline float gelu(float x) {
+  const float z = -x * kSqrtHalf;
+  const float e = erfc_nonneg(std::fabs(z));
+  const float c = z >= 0.0f ? e : 2.0f - e;
+  return 0.5f * x * c;
+}
+
+// d GELU / dx = Phi(x) + x phi(x).
+inline float gelu_grad(float x) {
+  const float z = -x * kSqrtHalf;
+  const float a = std::fabs(z);
+  const float e = erfc_nonneg(a);
+  const float cdf = 0.5f * (z >= 0.0f ? e : 2.0f - e);
+  const float pdf = a < 14.0f ? kInvSqrt2Pi * exp_clamped(-a * a) : 0.0f;
+  return cdf + x * pdf;
+}
+
+bool all_float32(int count, const char **dtypes) {
+  for (int i = 0; i < count; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+  return true;
+}
+
+int64_t element_count(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+constexpr int64_t kElementGrain = 1 << 15;
+
+struct RowStats {
+  float mean, rstd;
+};
+
+inline RowStats row_stats(const float *__restrict x, int64_t cols, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < cols; ++j) sum += x[j];
+  const float mean = sum / static_cast<float>(cols);
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < cols; ++j) {
+    const float d = x[j] - mean;
+    sq += d * d;
+  }
+  const float var = sq / static_cast<float>(cols);
+  return {mean, 1.0f / std::sqrt(var + eps)};
+}
+
+// Shape checks for the entry points: MindSpore passes every input's and output's shape; a kernel called with
+// shapes that do not fit together would read or write out of bounds, so it refuses them (non-zero status) instead.
+bool well_formed(int nparam, const int *ndims, int64_t **shapes) {
+  for (int i = 0; i < nparam; ++i) {
+    if (ndims[i] < 0 || ndims[i] > 16) return false;
+    for (int a = 0; a < ndims[i]; ++a)
+      if (shapes[i][a] < 0) return false;
+  }
+  return true;
+}
+
+bool same_shape(const int *ndims, int64_t **shapes, int a, int b) {
+  if (ndims[a] != ndims[b]) return false;
+  for (int i = 0; i < ndims[a]; ++i)
+    if (shapes[a][i] != shapes[b][i]) return false;
+  return true;
+}
+
+// Tensor `i` is a vector of `length` values.
+bool is_vector(const int *ndims, int64_t **shapes, int i, int64_t length) {
+  return ndims[i] == 1 && shapes[i][0] == length;
+}
+
+// Tensors a and b have the same rank and agree on every axis except the last `skip_last`.
+bool same_leading(const int *ndims, int64_t **shapes, int a, int b, int skip_last) {
+  if (ndims[a] != ndims[b] || ndims[a] < skip_last) return false;
+  for (int i = 0; i < ndims[a] - skip_last; ++i)
+    if (shapes[a][i] != shapes[b][i]) return false;
+  return true;
+}
+
+int64_t last(const int *ndims, int64_t **shapes, int i) { return shapes[i][ndims[i] - 1]; }
+
+// Exceptions (std::bad_alloc from a scratch buffer) must not cross the C interface.
+template <class Kernel>
+int guarded(const Kernel &kernel) {
+  try {
+    return kernel();
+  } catch (...) {
+    return 3;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// inputs: x; output: y = GELU(x).
+static int PvtGeluUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                            const char **dtypes, void *, void *) {
+  if (nparam != 2 || !all_float32(2, dtypes)) return 1;
+  const float *__restrict x = static_cast<const float *>(params[0]);
+  float *__restrict y = static_cast<float *>(params[1]);
+  parallel_for(element_count(ndims[0], shapes[0]), kElementGrain, [&](int64_t b, int64_t e, int) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) y[i] = gelu(x[i]);
+  });
+  return 0;
+}
+
+// inputs: x, dy; output: dx = dy * GELU'(x).
+static int PvtGeluGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                const char **dtypes, void *, void *) {
+  if (nparam != 3 || !all_float32(3, dtypes)) return 1;
+  const float *__restrict x = static_cast<const float *>(params[0]);
+  const float *__restrict dy = static_cast<const float *>(params[1]);
+  float *__restrict dx = static_cast<float *>(params[2]);
+  parallel_for(element_count(ndims[0], shapes[0]), kElementGrain, [&](int64_t b, int64_t e, int) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) dx[i] = dy[i] * gelu_grad(x[i]);
+  });
+  return 0;
+}
+
+// inputs: x (..., C), gamma (C), beta (C), eps (1); output: y. Normalises over the last axis.
+static int PvtLayerNormUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
+  if (nparam != 5 || !all_float32(5, dtypes)) return 1;
+  const float *__restrict x = static_cast<const float *>(params[0]);
+  const float *__restrict gamma = static_cast<const float *>(params[1]);
+  const float *__restrict beta = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *__restrict y = static_cast<float *>(params[4]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  const int64_t rows = cols > 0 ? element_count(ndims[0], shapes[0]) / cols : 0;
+  parallel_for(rows, 1 + kElementGrain / (cols > 0 ? cols : 1), [&](int64_t b, int64_t e, int) {
+    for (int64_t r = b; r < e; ++r) {
+      const float *__restrict xr = x + r * cols;
+      float *__restrict yr = y + r * cols;
+      const RowStats s = row_stats(xr, cols, eps);
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) yr[j] = (xr[j] - s.mean) * s.rstd * gamma[j] + beta[j];
+    }
+  });
+  return 0;
+}
+
+// inputs: x, gamma, dy, eps; outputs: dx, dgamma, dbeta.
+static int PvtLayerNormGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                     const char **dtypes, void *, void *) {
+  if (nparam != 7 || !all_float32(7, dtypes)) return 1;
+  const float *__restrict x = static_cast<const float *>(params[0]);
+  const float *__restrict gamma = static_cast<const float *>(params[1]);
+  const float *__restrict dy = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *__restrict dx = static_cast<float *>(params[4]);
+  float *__restrict dgamma = static_cast<float *>(params[5]);
+  float *__restrict dbeta = static_cast<float *>(params[6]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  const int64_t rows = cols > 0 ? element_count(ndims[0], shapes[0]) / cols : 0;
+  const int slots = thread_count();
+  // dgamma and dbeta sum over all rows (25088 at stage 1, batch 8): accumulate in double.
+  std::vector<double> partial(static_cast<size_t>(slots) * 2 * cols, 0.0);
+  parallel_for(rows, 1 + kElementGrain / (cols > 0 ? cols : 1), [&](int64_t b, int64_t e, int slot) {
+    double *__restrict pg = partial.data() + static_cast<size_t>(slot) * 2 * cols;
+    double *__restrict pb = pg + cols;
+    for (int64_t r = b; r < e; ++r) {
+      const float *__restrict xr = x + r * cols;
+      const float *__restrict dyr = dy + r * cols;
+      float *__restrict dxr = dx + r * cols;
+      const RowStats s = row_stats(xr, cols, eps);
+      float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (int64_t j = 0; j < cols; ++j) {
+        const float xhat = (xr[j] - s.mean) * s.rstd;
+        const float g = dyr[j] * gamma[j];
+        sum_g += g;
+        sum_gx += g * xhat;
+        pg[j] += dyr[j] * xhat;
+        pb[j] += dyr[j];
+      }
+      const float mean_g = sum_g / static_cast<float>(cols), mean_gx = sum_gx / static_cast<float>(cols);
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        const float xhat = (xr[j] - s.mean) * s.rstd;
+        dxr[j] = s.rstd * (dyr[j] * gamma[j] - mean_g - xhat * mean_gx);
+      }
+    }
+  });
+  for (int64_t j = 0; j < cols; ++j) {
+    double g = 0.0, bsum = 0.0;
+    for (int s = 0; s < slots; ++s) {
+      g += partial[static_cast<size_t>(s) * 2 * cols + j];
+      bsum += partial[static_cast<size_t>(s) * 2 * cols + cols + j];
+    }
+    dgamma[j] = static_cast<float>(g);
+    dbeta[j] = static_cast<float>(bsum);
+  }
+  return 0;
+}
+
+#ifdef PVT_HAVE_DNNL
+// Rows of a (rows x cols) matrix per thread so that each sgemm call still gets a well-shaped block.
+constexpr int64_t kGemmRowGrain = 64;
+
+// inputs: x (..., K), w (N, K), b (N); output: y (..., N) = x w^T + b, as nn.Dense (weight layout (out, in)).
+static int PvtDenseUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes, void *, void *) {
+  if (nparam != 4 || !all_float32(4, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = k > 0 ? element_count(ndims[0], shapes[0]) / k : 0;
+  if (m == 0 || n == 0) return 0;
+  std::atomic<int> status{0};
+  if (m >= 2 * kGemmRowGrain || n < 2 * kGemmRowGrain) {
+    parallel_for(m, kGemmRowGrain, [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) std::memcpy(y + r * n, b, sizeof(float) * n);
+      if (dnnl_sgemm('N', 'T', r1 - r0, n, k, 1.0f, x + r0 * k, k, w, k, 1.0f, y + r0 * n, n) != 0) status = 2;
+    });
+  } else {  // few rows (a late stage at batch 1): split the output features instead
+    for (int64_t r = 0; r < m; ++r) std::memcpy(y + r * n, b, sizeof(float) * n);
+    parallel_for(n, kGemmRowGrain, [&](int64_t c0, int64_t c1, int) {
+      if (dnnl_sgemm('N', 'T', m, c1 - c0, k, 1.0f, x, k, w + c0 * k, k, 1.0f, y + c0, n) != 0) status = 2;
+    });
+  }
+  return status.load();
+}
+
+// inputs: x (..., K), w (N, K), dy (..., N); outputs: dx = dy w, dw = dy^T x, db = sum of dy over rows.
+static int PvtDenseGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
+  if (nparam != 6 || !all_float32(6, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  float *dw = static_cast<float *>(params[4]);
+  float *db = static_cast<float *>(params[5]);
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = k > 0 ? element_count(ndims[0], shapes[0]) / k : 0;
+  std::memset(dw, 0, sizeof(float) * n * k);
+  if (m == 0 || n == 0) {
+    std::memset(db, 0, sizeof(float) * n);
+    if (m > 0) std::memset(dx, 0, sizeof(float) * m * k);
+    return 0;
+  }
+  std::atomic<int> status{0};
+  parallel_for(m, kGemmRowGrain, [&](int64_t r0, int64_t r1, int) {
+    if (dnnl_sgemm('N', 'N', r1 - r0, k, n, 1.0f, dy + r0 * n, n, w, k, 0.0f, dx + r0 * k, k) != 0) status = 2;
+  });
+  // dw rows are independent: each thread owns a band of output features and reads all rows of dy and x.
+  parallel_for(n, 16, [&](int64_t c0, int64_t c1, int) {
+    if (dnnl_sgemm('T', 'N', c1 - c0, k, m, 1.0f, dy + c0, n, x, k, 0.0f, dw + c0 * k, k) != 0) status = 2;
+  });
+  // db sums up to ~10^5 rows: accumulate in double, one partial row per thread.
+  const int slots = thread_count();
+  std::vector<double> partial(static_cast<size_t>(slots) * n, 0.0);
+  parallel_for(m, 1 + kElementGrain / n, [&](int64_t r0, int64_t r1, int slot) {
+    double *__restrict acc = partial.data() + static_cast<size_t>(slot) * n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *__restrict row = dy + r * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += row[j];
+    }
+  });
+  for (int64_t j = 0; j < n; ++j) {
+    double total = 0.0;
+    for (int s = 0; s < slots; ++s) total += partial[static_cast<size_t>(s) * n + j];
+    db[j] = static_cast<float>(total);
+  }
+  return status.load();
+}
+
+// inputs: q (..., N, D), k (..., M, D), v (..., M, D), leading axes equal; output: softmax(q k^T) v (..., N, D).
+// Blocks of 64 query rows: scores (64 x M) in a per-thread buffer, softmax in place, then times v, so the
+// N x M score matrix is never stored (at 800x1344 it would be 67200 x 1050 per stage-1 block).
+static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
+  if (nparam != 4 || !all_float32(4, dtypes) || ndims[0] < 2) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  const int64_t d = shapes[0][ndims[0] - 1], n = shapes[0][ndims[0] - 2], m = shapes[1][ndims[1] - 2];
+  if (n == 0 || d == 0) return 0;
+  const int64_t groups = element_count(ndims[0], shapes[0]) / (n * d);
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  std::atomic<int> status{0};
+  parallel_for(groups * blocks, 1, [&](int64_t t0, int64_t t1, int) {
+    std::vector<float> scores(static_cast<size_t>(kRows * (m > 0 ? m : 1)));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / blocks, r0 = (t % blocks) * kRows, rows = n - r0 < kRows ? n - r0 : kRows;
+      float *o = out + (g * n + r0) * d;
+      if (m == 0) {
+        std::memset(o, 0, sizeof(float) * rows * d);
+        continue;
+      }
+      float *s = scores.data();
+      if (dnnl_sgemm('N', 'T', rows, m, d, 1.0f, q + (g * n + r0) * d, d, k + g * m * d, d, 0.0f, s, m) != 0)
+        status = 2;
+      for (int64_t r = 0; r < rows; ++r) {
+        float *__restrict row = s + r * m;
+        float top = row[0];
+        for (int64_t j = 1; j < m; ++j) top = row[j] > top ? row[j] : top;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < m; ++j) {
+          row[j] = exp_clamped(row[j] - top);
+          total += row[j];
+        }
+        const float inverse = 1.0f / total;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
+      }
+      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, v + g * m * d, d, 0.0f, o, d) != 0) status = 2;
+    }
+  });
+  return status.load();
+}
+#endif  // PVT_HAVE_DNNL
+
+// The entry points MindSpore calls (ops.Custom "library:Name", func_type="aot"): status 0 on success, 1 for
+// tensors this kernel does not take (count, dtype or shapes), 2 for a failed sgemm, 3 for an exception.
+#define PVT_ENTRY(name, count, shapes_fit)                                                                       \
+  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *extra,           \
+           void *stream) {                                                                                      \
+    if (nparam != (count) || params == nullptr || ndims == nullptr || shapes == nullptr || dtypes == nullptr ||   \
+        !all_float32(count, dtypes) || !well_formed(count, ndims, shapes) || !(shapes_fit))                     \
+      return 1;                                                                                                 \
+    return guarded([&] { return name##Unchecked(nparam, params, ndims, shapes, dtypes, extra, stream); });       \
+  }
+
+// y = GELU(x); dx = dy * GELU'(x)
+PVT_ENTRY(PvtGelu, 2, same_shape(ndims, shapes, 0, 1))
+PVT_ENTRY(PvtGeluGrad, 3, same_shape(ndims, shapes, 0, 1) && same_shape(ndims, shapes, 0, 2))
+// x (..., C), gamma (C), beta (C), eps (1) -> y like x
+PVT_ENTRY(PvtLayerNorm, 5,
+          ndims[0] >= 1 && is_vector(ndims, shapes, 1, last(ndims, shapes, 0)) &&
+              is_vector(ndims, shapes, 2, last(ndims, shapes, 0)) &&
+              element_count(ndims[3], shapes[3]) == 1 && same_shape(ndims, shapes, 0, 4))
+// x, gamma, dy, eps -> dx like x, dgamma (C), dbeta (C)
+PVT_ENTRY(PvtLayerNormGrad, 7,
+          ndims[0] >= 1 && is_vector(ndims, shapes, 1, last(ndims, shapes, 0)) &&
+              same_shape(ndims, shapes, 0, 2) && element_count(ndims[3], shapes[3]) == 1 &&
+              same_shape(ndims, shapes, 0, 4) && is_vector(ndims, shapes, 5, last(ndims, shapes, 0)) &&
+              is_vector(ndims, shapes, 6, last(ndims, shapes, 0)))
+
+#ifdef PVT_HAVE_DNNL
+// x (..., K), w (N, K), b (N) -> y (..., N)
+PVT_ENTRY(PvtDense, 4,
+          ndims[0] >= 1 && ndims[1] == 2 && shapes[1][1] == last(ndims, shapes, 0) &&
+              is_vector(ndims, shapes, 2, shapes[1][0]) && same_leading(ndims, shapes, 0, 3, 1) &&
+              last(ndims, shapes, 3) == shapes[1][0])
+// x (..., K), w (N, K), dy (..., N) -> dx like x, dw like w, db (N)
+PVT_ENTRY(PvtDenseGrad, 6,
+          ndims[0] >= 1 && ndims[1] == 2 && shapes[1][1] == last(ndims, shapes, 0) &&
+              same_leading(ndims, shapes, 0, 2, 1) && last(ndims, shapes, 2) == shapes[1][0] &&
+              same_shape(ndims, shapes, 0, 3) && same_shape(ndims, shapes, 1, 4) &&
+              is_vector(ndims, shapes, 5, shapes[1][0]))
+// q (..., N, D), k (..., M, D), v (..., M, D) -> out like q
+PVT_ENTRY(PvtAttention, 4,
+          ndims[0] >= 2 && same_leading(ndims, shapes, 0, 1, 2) && same_leading(ndims, shapes, 0, 2, 2) &&
+              last(ndims, shapes, 1) == last(ndims, shapes, 0) && same_shape(ndims, shapes, 1, 2) &&
+              same_shape(ndims, shapes, 0, 3))
+#endif  // PVT_HAVE_DNNL
+
+// Threads the kernels use from now on (> 0), or 0 for the CPUs this process may use. Returns the count in effect.
+int PvtSetThreadCount(int count) {
+  requested_threads.store(count > 0 ? count : 0);
+  return thread_count();
+}
+
+int PvtThreadCount() { return thread_count(); }
+
+}  // extern "C"

@@ -1,0 +1,90 @@
+"""MINDIR export of the detector and the segmentor through tools/export.py: the written graph, loaded back with
+mindspore.load + nn.GraphCell, gives the outputs of the model as users load it from the same checkpoint (built
+with the default fast-kernel path, while the export uses MindSpore's own operators). Tiny inputs, few classes."""
+import os
+import sys
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DETECTION_CONFIG = os.path.join(ROOT, "configs", "detection", "retinanet_pvt_tiny_fpn_1x_coco.yaml")
+SEGMENTATION_CONFIG = os.path.join(ROOT, "configs", "segmentation", "semfpn_pvt_tiny_ade20k_40k.yaml")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import export as export_tool  # noqa: E402  (tools/ is not a package)
+
+
+def randomise(net, seed):
+    """Every float parameter away from its initial value (norm gains/biases, BatchNorm statistics included), so
+    that a weight the export dropped or misread shows in the outputs."""
+    rng = np.random.default_rng(seed)
+    for param in net.get_parameters():
+        value = param.asnumpy()
+        if param.name.endswith(("gamma", "moving_variance")):
+            value = rng.uniform(0.5, 1.5, value.shape)
+        else:
+            value = value + 0.02 * rng.standard_normal(value.shape)
+        param.set_data(ms.Tensor(value.astype(np.float32)))
+
+
+def exported_and_reference(graph_path, reference, shape, seed):
+    pixels = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    graph = nn.GraphCell(ms.load(str(graph_path)))
+    outs = [graph(ms.Tensor(pixels)), reference(ms.Tensor(pixels))]
+    return [[o.asnumpy() for o in (out if isinstance(out, (tuple, list)) else (out,))] for out in outs]
+
+
+def run_tool(arguments, capsys):
+    status = export_tool.main(arguments)
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the tool switches to graph mode
+    out = capsys.readouterr().out
+    assert status == 0, out
+    return out
+
+
+def test_detector_mindir_loads_back_and_equals_the_model(tmp_path, pynative, capsys):
+    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
+    from pvt_dense.detection.train import load_detector
+    overrides = ["--num_classes", "3", "--pretrained", "", "--mode", "1"]
+    cfg = load_detection_config(DETECTION_CONFIG, overrides)
+    detector, _ = build_retinanet(cfg, load_pretrained=False)
+    randomise(detector, 0)
+    ckpt = str(tmp_path / "detector.ckpt")
+    ms.save_checkpoint(detector, ckpt)
+    output = tmp_path / "detector.mindir"
+    out = run_tool(["--config", DETECTION_CONFIG, "--ckpt_path", ckpt, "--shape", "1x3x64x96", "--output",
+                    str(output), "--no-verify", *overrides], capsys)
+    assert "detector" in out
+    reference = load_detector(load_detection_config(DETECTION_CONFIG, overrides), ckpt)
+    exported, expected = exported_and_reference(output, reference, (1, 3, 64, 96), 1)
+    # P3..P7 class logits then box deltas: 9 anchors x 3 classes, 9 anchors x 4
+    strides = (8, 16, 32, 64, 128)
+    shapes = [(1, 27, -(-64 // s), -(-96 // s)) for s in strides] + [(1, 36, -(-64 // s), -(-96 // s))
+                                                                     for s in strides]
+    assert [o.shape for o in exported] == [o.shape for o in expected] == shapes
+    for level, (a, b) in enumerate(zip(exported, expected)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, np.abs(b).max()), err_msg=f"output {level}")
+    assert b"fast_ops-" not in output.read_bytes()
+
+
+def test_segmentor_mindir_loads_back_and_equals_the_model(tmp_path, pynative, capsys):
+    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config, load_trained_segmentor
+    overrides = ["--num_classes", "5", "--pretrained", "", "--mode", "1"]
+    cfg = load_segmentation_config(SEGMENTATION_CONFIG, overrides)
+    network = build_segmentor(cfg)
+    randomise(network, 2)
+    ckpt = str(tmp_path / "segmentor.ckpt")
+    ms.save_checkpoint(network, ckpt)
+    output = tmp_path / "segmentor.mindir"
+    out = run_tool(["--config", SEGMENTATION_CONFIG, "--ckpt_path", ckpt, "--shape", "1x3x64x96", "--output",
+                    str(output), "--no-verify", *overrides], capsys)
+    assert "segmentor" in out
+    from pvt_dense.segmentation.segmentor import SegmentorInference
+    reference = SegmentorInference(load_trained_segmentor(load_segmentation_config(SEGMENTATION_CONFIG, overrides),
+                                                          ckpt))
+    reference.set_train(False)
+    exported, expected = exported_and_reference(output, reference, (1, 3, 64, 96), 3)
+    assert [o.shape for o in exported] == [o.shape for o in expected] == [(1, 5, 64, 96)]
+    np.testing.assert_allclose(exported[0], expected[0], rtol=0, atol=1e-4 * max(1.0, np.abs(expected[0]).max()))
+    assert b"fast_ops-" not in output.read_bytes()
