@@ -1,26 +1,36 @@
-"""Run one inference Cell on inputs of many shapes without paying a graph compilation for every new shape.
+"""Run one inference Cell on inputs of many shapes, compiling a graph only for the shapes where that pays.
 
-MindSpore's graph mode compiles one graph per input signature (shapes and dtypes); a graph already compiled for a
-signature is reused (the Cell keeps one per phase in `cell.compile_cache`). A folder of photos of many sizes, where
-each image is padded only to a multiple of 32 (the reference protocol of mmdet/mmseg test pipelines), therefore
-pays one compilation per distinct padded size: for PVT-Tiny on a 2-core CPU ~4 s per shape, against a forward of
-~0.1-0.6 s at 100-320 pixel sides and a few seconds at 800x1333.
+MindSpore's graph mode compiles one graph per input signature (shapes and dtypes) and reuses it when the signature
+comes back (the Cell keeps one phase per graph in `cell.compile_cache`). A folder of photos of many sizes, each
+padded only to a multiple of 32 (the reference protocol of mmdet/mmseg test pipelines), pays one compilation per
+distinct padded size: PVT-Tiny, one thread, ~3-5 s per compilation on an idle machine, against a graph forward of
+~0.2 s at 97x131 and ~0.6 s at 224x320.
 
-Why not one dynamic-shape graph (`cell.set_inputs(Tensor(shape=[1, 3, None, None]))`)? In MindSpore 2.10 it
-compiles, but the fused aot kernels of `pvt_dense.models.fast_ops` fail at run time ("The pointer[value] is null":
-their shapes are inferred in Python, which a dynamic graph cannot call per run), the attention's query-chunk loop
-and the position embedding's "same grid" shortcut branch on shapes, and with those removed and MindSpore's own
-operators the dynamic graph ran the PVT-Tiny forward ~1.5-3x slower than the static one (results identical).
-Padding to a few bucket sizes is not an option either: PVT attention is global, so padding changes every output.
+What else was tried (MindSpore 2.10, CPU):
+- One dynamic-shape graph (`cell.set_inputs(Tensor(shape=[1, 3, None, None], dtype=ms.float32))`) compiles, but
+  the fused aot kernels of `pvt_dense.models.fast_ops` then fail at run time ("The pointer[value] is null": their
+  output shapes are inferred by Python functions, which a dynamic graph cannot call per run), and the attention's
+  query-chunk loop and the position embedding's "same grid" shortcut branch on shapes. With those three changed
+  (MindSpore's own operators, no chunking, always resizing the embedding, which is exact at the same size) the
+  dynamic graph compiled once, matched the static graph exactly and ran the forward about 1.1-2x slower than a
+  static graph of the same operators, itself slower than the fused kernels.
+- Padding to a few bucket sizes: PVT attention is global, so padding changes every output. Not allowed.
+- PyNative (eager) gives exactly the graph's outputs (max difference 0.0 measured) with no compilation, but each
+  forward costs ~2-4x a graph forward here: at 97x131 an eager forward beats compile + graph forward, at 224x320
+  and above they are about even or the graph wins.
 
-The policy here keeps results exactly those of the model at the image's own size and bounds the cost of rare
-shapes, the "ski rental" rule: a shape that has no graph yet runs eagerly (PyNative: no compilation, slower per
-forward); once the eager time spent on that shape reaches the measured cost of one compilation, its graph is
-compiled and used from then on. A shape seen once costs one eager forward instead of a compilation; a recurring
-shape costs at most about twice what compiling it right away would have. The very first shape is compiled at once,
-to measure what a compilation costs on this machine and model (later estimates are the mean of the measured ones).
+So the choice is made per signature from measured costs, keeping results exactly those of the model at the
+image's own size. Costs are learned on the fly per Cell: the seconds of a first graph call (compilation and one
+forward), and eager and graph seconds per input element. A signature without a graph:
+1. the first one seen is compiled (this measures a compilation); the next new one runs eagerly once (this measures
+   the eager speed);
+2. when one eager forward of it is predicted to cost at least a first graph call, it is compiled at once;
+3. otherwise it runs eagerly until the eager time spent on it reaches the cost of a compilation, then it is
+   compiled (the "ski rental" rule: a shape seen once never pays a compilation, a recurring one costs at most
+   about twice what compiling it at once would have).
 """
 import contextlib
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -38,10 +48,24 @@ def input_signature(args):
                  for arg in args)
 
 
+def input_elements(args):
+    """Elements in all tensor arguments: the size measure costs are scaled by."""
+    return sum(math.prod(arg.shape) for arg in args if hasattr(arg, "shape")) or 1
+
+
+def wait_for(outputs):
+    """Block until (nested tuples of) `outputs` are computed: MindSpore may return before an eager op finished.
+    Reading the last output suffices, operators run in order."""
+    while isinstance(outputs, (tuple, list)) and outputs:
+        outputs = outputs[-1]
+    if hasattr(outputs, "asnumpy"):
+        outputs.asnumpy()
+
+
 @dataclass
 class ShapeStats:
     """What a `ShapeFlexibleForward` did: graph compilations and the seconds of each first graph call (compilation
-    plus one forward), calls run through an already compiled graph, calls run eagerly (PyNative)."""
+    plus one forward), calls through an already compiled graph, calls run eagerly (PyNative)."""
 
     compilations: int = 0
     compile_seconds: List[float] = field(default_factory=list)
@@ -54,13 +78,37 @@ class ShapeStats:
 
 
 @dataclass
+class Rate:
+    """Seconds per input element, from the calls measured so far."""
+
+    seconds: float = 0.0
+    elements: int = 0
+
+    def add(self, seconds, elements):
+        self.seconds += seconds
+        self.elements += elements
+
+    def predict(self, elements):
+        return self.seconds / self.elements * elements if self.elements else None
+
+
+@dataclass
 class _CellRecord:
     """What is known about one Cell, shared by all its wrappers (so a second export with the same backbone reuses
-    the first one's graphs and cost measurements)."""
+    the first one's graphs and measurements)."""
 
     compiled: Set[tuple] = field(default_factory=set)
-    first_graph_seconds: List[float] = field(default_factory=list)
-    eager_seconds: Dict[tuple, float] = field(default_factory=dict)
+    first_graph_calls: List[tuple] = field(default_factory=list)  # (seconds, input elements)
+    graph: Rate = field(default_factory=Rate)
+    eager: Rate = field(default_factory=Rate)
+    eager_seconds: Dict[tuple, float] = field(default_factory=dict)  # per signature without a graph
+
+    def compile_seconds(self):
+        """Mean seconds of a compilation alone: first graph calls less a graph forward (when that is known)."""
+        if not self.first_graph_calls:
+            return None
+        costs = [seconds - (self.graph.predict(elements) or 0.0) for seconds, elements in self.first_graph_calls]
+        return max(sum(costs) / len(costs), 0.0)
 
 
 _RECORDS = weakref.WeakKeyDictionary()  # Cell -> _CellRecord, dropped with the Cell
@@ -88,11 +136,11 @@ class ShapeFlexibleForward:
         policy: "auto" (the rule above), "graph" (compile every new signature: MindSpore's own graph mode) or
             "eager" (never compile). Under a global PYNATIVE_MODE context "auto" runs eagerly: whoever chose
             PyNative (to debug, to step through the model) gets no graphs.
-        compile_seconds: the assumed cost of a first graph call (compilation and one forward) before one was
-            measured; None (default) compiles the first signature at once and measures it.
+        compile_seconds: the assumed seconds of one compilation until one is measured; None (default) compiles
+            the first signature at once to measure it.
 
     `stats` (`ShapeStats`) counts what this wrapper did. The global execution mode is switched only for the
-    duration of a call and restored afterwards. Not thread-safe (MindSpore's execution mode is process-wide).
+    duration of a call and restored afterwards; not thread-safe (MindSpore's execution mode is process-wide).
     """
 
     def __init__(self, cell, policy="auto", compile_seconds=None):
@@ -109,41 +157,49 @@ class ShapeFlexibleForward:
     def __call__(self, *args):
         signature = input_signature(args)
         if signature in self.record.compiled:
-            self.stats.graph_calls += 1
-            with execution_mode(ms.GRAPH_MODE):
-                return self.cell(*args)
-        if self.should_compile(signature):
+            return self._run_graph(args)
+        if self.should_compile(signature, input_elements(args)):
             return self._compile_and_run(signature, args)
         return self._run_eager(signature, args)
 
-    def compile_cost_estimate(self):
-        """Seconds a first graph call (compilation and one forward) is expected to take: the mean of those
-        measured on this Cell, else the assumed value (None when neither exists)."""
-        measured = self.record.first_graph_seconds
-        if measured:
-            return sum(measured) / len(measured)
-        return self.assumed_compile_seconds
-
-    def should_compile(self, signature):
-        """Whether a signature without a graph gets one now (see the module docstring)."""
+    def should_compile(self, signature, elements):
+        """Whether a signature without a graph gets one now (the rule of the module docstring)."""
         if self.policy != "auto":
             return self.policy == "graph"
         if ms.get_context("mode") == ms.PYNATIVE_MODE:
             return False
-        estimate = self.compile_cost_estimate()
-        if estimate is None:
+        record = self.record
+        compile_seconds = record.compile_seconds()
+        if compile_seconds is None:
+            compile_seconds = self.assumed_compile_seconds
+        if compile_seconds is None:
             return True  # nothing measured yet: this compilation is the measurement
-        return self.record.eager_seconds.get(signature, 0.0) >= estimate
+        eager = record.eager.predict(elements)
+        if eager is None:
+            return False  # the eager speed is not known yet: this run measures it
+        graph = record.graph.predict(elements) or 0.0
+        if eager >= compile_seconds + graph:
+            return True  # even a shape seen once is cheaper compiled
+        return record.eager_seconds.get(signature, 0.0) >= compile_seconds
 
-    def _compile_and_run(self, signature, args):
-        # Timed as one call through the Cell (not `cell.compile`), so the Cell's own input checks run first.
+    def _run_graph(self, args):
         with execution_mode(ms.GRAPH_MODE):
             start = time.perf_counter()
             outputs = self.cell(*args)
-            ms.runtime.synchronize()
+            wait_for(outputs)
+            self.record.graph.add(time.perf_counter() - start, input_elements(args))
+        self.stats.graph_calls += 1
+        return outputs
+
+    def _compile_and_run(self, signature, args):
+        # One call through the Cell (not `cell.compile`), so the Cell's own input checks run first.
+        with execution_mode(ms.GRAPH_MODE):
+            start = time.perf_counter()
+            outputs = self.cell(*args)
+            wait_for(outputs)
             seconds = time.perf_counter() - start
         self.record.compiled.add(signature)
-        self.record.first_graph_seconds.append(seconds)
+        self.record.first_graph_calls.append((seconds, input_elements(args)))
         self.record.eager_seconds.pop(signature, None)
         self.stats.compilations += 1
         self.stats.compile_seconds.append(seconds)
@@ -153,8 +209,9 @@ class ShapeFlexibleForward:
         with execution_mode(ms.PYNATIVE_MODE):
             start = time.perf_counter()
             outputs = self.cell(*args)
-            ms.runtime.synchronize()
+            wait_for(outputs)
             seconds = time.perf_counter() - start
+        self.record.eager.add(seconds, input_elements(args))
         self.record.eager_seconds[signature] = self.record.eager_seconds.get(signature, 0.0) + seconds
         self.stats.eager_calls += 1
         return outputs
