@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from .atomic import write_atomic
 from .data.images import list_image_entries, read_image, resolve_max_pixels
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense
-from .engine.shapes import ShapeFlexibleForward, ShapeStats
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense, rescaled_size
+from .engine.shapes import ShapeFlexibleForward, ShapeStats, tensor_signature
 from .errors import ConfigError, PVTDenseError
 from .models import create_backbone
 from .models.factory import get_spec
@@ -240,6 +240,10 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
         batcher = SameShapeBatcher(batch_size, max_pending=4 * batch_size)
         forward = ShapeFlexibleForward(net)
         summary.forward_stats = forward.stats
+        if batch_size == 1:  # larger batches are formed on the fly, so their shapes are not known ahead
+            for padded in padded_sizes_ahead((entry.path for entry, _, _ in todo), short_side,
+                                                 max_long_side):
+                forward.expect(tensor_signature((1, 3) + padded))
         for batch in ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failure):
             for item, maps in zip(batch, forward_batch(forward, batch)):
                 arrays = feature_arrays(maps, item.meta, item.source, backbone_name, ckpt, out_indices, strides,
@@ -252,6 +256,24 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
                 summary.exported.append(item.target)
                 bar.update(1)
     return summary
+
+
+def padded_sizes_ahead(paths, short_side, max_long_side):
+    """The padded (height, width) each image will have, read from file headers only (no decoding), for images
+    whose header can be read; used to tell the forward which input sizes recur. A wrong guess (an unusual file)
+    costs only speed: it never changes a result."""
+    from PIL import Image
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                    width, height = height, width
+            resized_height, resized_width, _ = rescaled_size(height, width, short_side, max_long_side)
+        except Exception:  # noqa: BLE001  (any unreadable header: no guess for this image)
+            continue
+        yield (math.ceil(resized_height / PAD_DIVISOR) * PAD_DIVISOR,
+               math.ceil(resized_width / PAD_DIVISOR) * PAD_DIVISOR)
 
 
 def ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failure):

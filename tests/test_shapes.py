@@ -10,7 +10,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from pvt_dense import create_backbone
-from pvt_dense.engine.shapes import ShapeFlexibleForward, execution_mode
+from pvt_dense.engine.shapes import ShapeFlexibleForward, execution_mode, tensor_signature
 
 ODD_SIZES = ((97, 131), (160, 211), (224, 320))
 SMALL_ODD_SIZES = ((65, 97), (97, 131), (130, 66))  # heads compile the same graph at any size: keep them cheap
@@ -120,6 +120,17 @@ def test_a_recurring_size_is_compiled_once_its_eager_runs_cost_a_compilation():
     # A new size with a measured (real) compilation cost: the first sighting runs eagerly.
     other(second)
     assert other.stats.eager_calls == 1 and len(net.compile_cache) == 1
+
+
+def test_a_size_announced_to_recur_is_compiled_at_its_first_call():
+    net = TinyConv()
+    recurring, once = images(((8, 8), (8, 12)))
+    forward = ShapeFlexibleForward(net, compile_seconds=1e-12)
+    forward.expect(tensor_signature((1, 3, 8, 8)), count=2)
+    forward(recurring)
+    assert forward.stats.compilations == 1 and len(net.compile_cache) == 1
+    forward(once)  # not announced, eager speed not known yet: runs eagerly and measures it
+    assert forward.stats.eager_calls == 1 and len(net.compile_cache) == 1
 
 
 def test_policies_and_the_global_mode():

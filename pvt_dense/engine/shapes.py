@@ -28,6 +28,9 @@ forward), and eager and graph seconds per input element. A signature without a g
 3. otherwise it runs eagerly until the eager time spent on it reaches the cost of a compilation, then it is
    compiled (the "ski rental" rule: a shape seen once never pays a compilation, a recurring one costs at most
    about twice what compiling it at once would have).
+A caller that knows its inputs ahead (a list of images) can say how often each signature will come with `expect`;
+such a signature with k calls left is compiled when k eager forwards are predicted to cost at least a compilation
+plus k graph forwards, and otherwise runs eagerly, without the ski-rental detour.
 """
 import contextlib
 import math
@@ -46,6 +49,11 @@ def input_signature(args):
     value itself."""
     return tuple((tuple(arg.shape), str(arg.dtype)) if hasattr(arg, "shape") and hasattr(arg, "dtype") else arg
                  for arg in args)
+
+
+def tensor_signature(*shapes, dtype=ms.float32):
+    """The signature of a call with tensors of these shapes (all of `dtype`), for `ShapeFlexibleForward.expect`."""
+    return tuple((tuple(int(n) for n in shape), str(dtype)) for shape in shapes)
 
 
 def input_elements(args):
@@ -102,6 +110,7 @@ class _CellRecord:
     graph: Rate = field(default_factory=Rate)
     eager: Rate = field(default_factory=Rate)
     eager_seconds: Dict[tuple, float] = field(default_factory=dict)  # per signature without a graph
+    expected: Dict[tuple, int] = field(default_factory=dict)  # calls announced with `expect` and not made yet
 
     def compile_seconds(self):
         """Mean seconds of a compilation alone: first graph calls less a graph forward (when that is known)."""
@@ -154,11 +163,20 @@ class ShapeFlexibleForward:
         self.record = _RECORDS.setdefault(cell, _CellRecord())
         self.stats = ShapeStats()
 
+    def expect(self, signature, count=1):
+        """Announce `count` more calls with this signature (see `tensor_signature`), so the choice for it can
+        weigh all of them instead of learning by renting."""
+        self.record.expected[signature] = self.record.expected.get(signature, 0) + int(count)
+
     def __call__(self, *args):
         signature = input_signature(args)
-        if signature in self.record.compiled:
+        compiled = signature in self.record.compiled
+        decide_compile = not compiled and self.should_compile(signature, input_elements(args))
+        if self.record.expected.get(signature, 0) > 0:
+            self.record.expected[signature] -= 1
+        if compiled:
             return self._run_graph(args)
-        if self.should_compile(signature, input_elements(args)):
+        if decide_compile:
             return self._compile_and_run(signature, args)
         return self._run_eager(signature, args)
 
@@ -174,10 +192,14 @@ class ShapeFlexibleForward:
             compile_seconds = self.assumed_compile_seconds
         if compile_seconds is None:
             return True  # nothing measured yet: this compilation is the measurement
+        calls_left = record.expected.get(signature, 0)
         eager = record.eager.predict(elements)
         if eager is None:
-            return False  # the eager speed is not known yet: this run measures it
+            # The eager speed is not known yet: a signature announced to recur is compiled, any other measures it.
+            return calls_left > 1
         graph = record.graph.predict(elements) or 0.0
+        if calls_left > 0:
+            return calls_left * eager >= compile_seconds + calls_left * graph
         if eager >= compile_seconds + graph:
             return True  # even a shape seen once is cheaper compiled
         return record.eager_seconds.get(signature, 0.0) >= compile_seconds
