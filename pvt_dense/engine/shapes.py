@@ -12,12 +12,12 @@ What else was tried (MindSpore 2.10, CPU):
   output shapes are inferred by Python functions, which a dynamic graph cannot call per run), and the attention's
   query-chunk loop and the position embedding's "same grid" shortcut branch on shapes. With those three changed
   (MindSpore's own operators, no chunking, always resizing the embedding, which is exact at the same size) the
-  dynamic graph compiled once, matched the static graph exactly and ran the forward about 1.1-2x slower than a
-  static graph of the same operators, itself slower than the fused kernels.
+  dynamic graph compiled once, matched the static graph exactly and ran the forward about 1.1-3x slower than a
+  static graph of the same operators (PVT-Tiny, 96x128 to 224x320), itself slower than the fused kernels.
 - Padding to a few bucket sizes: PVT attention is global, so padding changes every output. Not allowed.
 - PyNative (eager) gives exactly the graph's outputs (max difference 0.0 measured) with no compilation, but each
-  forward costs ~2-4x a graph forward here: at 97x131 an eager forward beats compile + graph forward, at 224x320
-  and above they are about even or the graph wins.
+  forward costs ~1.4-5x a graph forward here: at 97x131 an eager forward (~1.9 s) beats compile + graph forward
+  (~3.1 s), at 224x320 and above they are about even or the graph wins.
 
 So the choice is made per signature from measured costs, keeping results exactly those of the model at the
 image's own size. Costs are learned on the fly per Cell: the seconds of a first graph call (compilation and one
