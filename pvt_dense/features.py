@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from .atomic import write_atomic
 from .data.images import list_image_entries, read_image, resolve_max_pixels
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense, rescaled_size
+from .engine.shapes import ShapeFlexibleForward, ShapeStats, tensor_signature
 from .errors import ConfigError, PVTDenseError
 from .models import create_backbone
 from .models.factory import get_spec
@@ -36,11 +37,14 @@ class ExportSummary:
     exported: List[str] = field(default_factory=list)
     skipped_existing: List[str] = field(default_factory=list)
     failed: List[Tuple[str, str]] = field(default_factory=list)
+    forward_stats: ShapeStats = field(default_factory=ShapeStats)
 
     def lines(self):
         out = [f"exported {len(self.exported)} feature files to {self.output_dir}",
                f"skipped {len(self.skipped_existing)} images whose .npz already exists",
                f"failed {len(self.failed)} images"]
+        if self.exported:
+            out.append(f"forward passes: {self.forward_stats.summary()}")
         out += [f"  {source}: {reason}" for source, reason in self.failed]
         return out
 
@@ -79,8 +83,7 @@ class SameShapeBatcher:
     """Groups preprocessed images by padded size into batches of up to `batch_size`.
 
     Each image is padded only to its own multiple of 32, never to a batch mate's size, so its features do not
-    depend on the batch size or the other images. In graph mode each distinct (batch, height, width) compiles
-    once, so same-shape batches also keep compilations few. At most `max_pending` images wait; past that the
+    depend on the batch size or the other images (PVT attention is global: padding changes every output). At most `max_pending` images wait; past that the
     fullest group goes out as a smaller batch, which bounds memory on inputs of many different sizes.
     """
 
@@ -154,9 +157,10 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
 
     Images whose .npz exists are skipped (a run can be resumed; the model and checkpoint are only loaded when
     something is left to do); unreadable images are listed in the summary and do not stop the run. Images are
-    read, run and written batch by batch, so memory does not grow with the number of images. In graph mode every
-    distinct padded size (and batch size) compiles once: a folder of one camera's photos compiles once or twice,
-    a folder of many aspect ratios pays one compilation per padded size.
+    read, run and written batch by batch, so memory does not grow with the number of images. Forward passes go
+    through `ShapeFlexibleForward` (policy "auto" in graph mode): a padded size (and batch size) seen once runs
+    eagerly instead of paying a graph compilation, a recurring one gets its graph once its eager runs have cost
+    about one compilation; the features are the same either way. `summary.forward_stats` says what happened.
     """
     check_positive(batch_size=batch_size, short_side=short_side, max_long_side=max_long_side)
     max_pixels = resolve_max_pixels(max_pixels)
@@ -201,8 +205,14 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
             return preprocess_dense(image, short_side, max_long_side, PAD_DIVISOR)
 
         batcher = SameShapeBatcher(batch_size, max_pending=4 * batch_size)
+        forward = ShapeFlexibleForward(net)
+        summary.forward_stats = forward.stats
+        if batch_size == 1:  # larger batches are formed on the fly, so their shapes are not known ahead
+            for padded in padded_sizes_ahead((entry.path for entry, _, _ in todo), short_side,
+                                                 max_long_side):
+                forward.expect(tensor_signature((1, 3) + padded))
         for batch in ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failure):
-            for item, maps in zip(batch, forward_batch(net, batch)):
+            for item, maps in zip(batch, forward_batch(forward, batch)):
                 arrays = feature_arrays(maps, item.meta, item.source, backbone_name, ckpt, out_indices, strides,
                                         channels)
                 try:
@@ -213,6 +223,24 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
                 summary.exported.append(item.target)
                 bar.update(1)
     return summary
+
+
+def padded_sizes_ahead(paths, short_side, max_long_side):
+    """The padded (height, width) each image will have, read from file headers only (no decoding), for images
+    whose header can be read; used to tell the forward which input sizes recur. A wrong guess (an unusual file)
+    costs only speed: it never changes a result."""
+    from PIL import Image
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                    width, height = height, width
+            resized_height, resized_width, _ = rescaled_size(height, width, short_side, max_long_side)
+        except Exception:  # noqa: BLE001  (any unreadable header: no guess for this image)
+            continue
+        yield (math.ceil(resized_height / PAD_DIVISOR) * PAD_DIVISOR,
+               math.ceil(resized_width / PAD_DIVISOR) * PAD_DIVISOR)
 
 
 def ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failure):
@@ -228,9 +256,9 @@ def ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failu
     yield from batcher.drain()
 
 
-def forward_batch(net, batch):
-    """Per image of a same-shape batch, its list of stage maps (C, h, w)."""
-    outputs = net(Tensor(np.stack([item.chw for item in batch])))
+def forward_batch(forward, batch):
+    """Per image of a same-shape batch, its list of stage maps (C, h, w); `forward` runs the backbone."""
+    outputs = forward(Tensor(np.stack([item.chw for item in batch])))
     maps = [stage_maps.asnumpy() for stage_maps in outputs]
     return [[stage_maps[i] for stage_maps in maps] for i in range(len(batch))]
 

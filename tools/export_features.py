@@ -50,7 +50,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     ensure_output_dir(args.output)
     ms.set_device(args.device)
-    # Graph mode compiles once per input shape and then runs far faster than PyNative.
+    # Graph mode runs far faster than PyNative once compiled; export_features compiles only the input sizes where
+    # that pays and runs the others eagerly (pvt_dense.engine.shapes).
     ms.set_context(mode=ms.GRAPH_MODE)
     if not args.ckpt:
         print("warning: no --ckpt given: the features come from randomly initialised weights", file=sys.stderr)

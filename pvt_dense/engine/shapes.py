@@ -1,0 +1,239 @@
+"""Run one inference Cell on inputs of many shapes, compiling a graph only for the shapes where that pays.
+
+MindSpore's graph mode compiles one graph per input signature (shapes and dtypes) and reuses it when the signature
+comes back (the Cell keeps one phase per graph in `cell.compile_cache`). A folder of photos of many sizes, each
+padded only to a multiple of 32 (the reference protocol of mmdet/mmseg test pipelines), pays one compilation per
+distinct padded size: PVT-Tiny, one thread, ~3-5 s per compilation on an idle machine, against a graph forward of
+~0.2 s at 97x131 and ~0.6 s at 224x320.
+
+What else was tried (MindSpore 2.10, CPU):
+- One dynamic-shape graph (`cell.set_inputs(Tensor(shape=[1, 3, None, None], dtype=ms.float32))`) compiles, but
+  the fused aot kernels of `pvt_dense.models.fast_ops` then fail at run time ("The pointer[value] is null": their
+  output shapes are inferred by Python functions, which a dynamic graph cannot call per run), and the attention's
+  query-chunk loop and the position embedding's "same grid" shortcut branch on shapes. With those three changed
+  (MindSpore's own operators, no chunking, always resizing the embedding, which is exact at the same size) the
+  dynamic graph compiled once, matched the static graph exactly and ran the forward about 1.1-3x slower than a
+  static graph of the same operators (PVT-Tiny, 96x128 to 224x320), itself slower than the fused kernels.
+- Padding to a few bucket sizes: PVT attention is global, so padding changes every output. Not allowed.
+- PyNative (eager) gives exactly the graph's outputs (max difference 0.0 measured) with no compilation, but each
+  forward costs ~1.4-5x a graph forward here: at 97x131 an eager forward (~1.9 s) beats compile + graph forward
+  (~3.1 s), at 224x320 and above they are about even or the graph wins.
+
+So the choice is made per signature from measured costs, keeping results exactly those of the model at the
+image's own size. Costs are learned on the fly per Cell: the seconds of a first graph call (compilation and one
+forward), and eager and graph seconds per input element. A signature without a graph:
+1. the first one seen is compiled (this measures a compilation); the next new one runs eagerly once (this measures
+   the eager speed);
+2. when one eager forward of it is predicted to cost at least a first graph call, it is compiled at once;
+3. otherwise it runs eagerly until the eager time spent on it reaches the cost of a compilation, then it is
+   compiled (the "ski rental" rule: a shape seen once never pays a compilation, a recurring one costs at most
+   about twice what compiling it at once would have).
+A caller that knows its inputs ahead (a list of images) can say how often each signature will come with `expect`;
+such a signature with k calls left is compiled when k eager forwards are predicted to cost at least a compilation
+plus k graph forwards, and otherwise runs eagerly, without the ski-rental detour.
+"""
+import contextlib
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, Set
+
+import mindspore as ms
+
+POLICIES = ("auto", "graph", "eager")
+
+
+def input_signature(args):
+    """The part of the arguments a compiled graph is specialised on: shape and dtype of each tensor, else the
+    value itself."""
+    return tuple((tuple(arg.shape), str(arg.dtype)) if hasattr(arg, "shape") and hasattr(arg, "dtype") else arg
+                 for arg in args)
+
+
+def tensor_signature(*shapes, dtype=ms.float32):
+    """The signature of a call with tensors of these shapes (all of `dtype`), for `ShapeFlexibleForward.expect`."""
+    return tuple((tuple(int(n) for n in shape), str(dtype)) for shape in shapes)
+
+
+def input_elements(args):
+    """Elements in all tensor arguments: the size measure costs are scaled by."""
+    return sum(math.prod(arg.shape) for arg in args if hasattr(arg, "shape")) or 1
+
+
+def wait_for(outputs):
+    """Block until (nested tuples of) `outputs` are computed: MindSpore may return before an eager op finished.
+    Reading the last output suffices, operators run in order."""
+    while isinstance(outputs, (tuple, list)) and outputs:
+        outputs = outputs[-1]
+    if hasattr(outputs, "asnumpy"):
+        outputs.asnumpy()
+
+
+@dataclass
+class ShapeStats:
+    """What a `ShapeFlexibleForward` did: graph compilations and the seconds of each first graph call (compilation
+    plus one forward), calls through an already compiled graph, calls run eagerly (PyNative)."""
+
+    compilations: int = 0
+    compile_seconds: List[float] = field(default_factory=list)
+    graph_calls: int = 0
+    eager_calls: int = 0
+
+    def summary(self):
+        return (f"{self.compilations} graph compilations ({sum(self.compile_seconds):.1f} s), "
+                f"{self.graph_calls} calls through compiled graphs, {self.eager_calls} eager calls")
+
+
+@dataclass
+class Rate:
+    """Seconds per input element, from the calls measured so far."""
+
+    seconds: float = 0.0
+    elements: int = 0
+
+    def add(self, seconds, elements):
+        self.seconds += seconds
+        self.elements += elements
+
+    def predict(self, elements):
+        return self.seconds / self.elements * elements if self.elements else None
+
+
+@dataclass
+class _CellRecord:
+    """What is known about one Cell, shared by all its wrappers (so a second export with the same backbone reuses
+    the first one's graphs and measurements)."""
+
+    compiled: Set[tuple] = field(default_factory=set)
+    first_graph_calls: List[tuple] = field(default_factory=list)  # (seconds, input elements)
+    graph: Rate = field(default_factory=Rate)
+    eager: Rate = field(default_factory=Rate)
+    eager_seconds: Dict[tuple, float] = field(default_factory=dict)  # per signature without a graph
+    expected: Dict[tuple, int] = field(default_factory=dict)  # calls announced with `expect` and not made yet
+
+    def compile_seconds(self):
+        """Mean seconds of a compilation alone: first graph calls less a graph forward (when that is known)."""
+        if not self.first_graph_calls:
+            return None
+        costs = [seconds - (self.graph.predict(elements) or 0.0) for seconds, elements in self.first_graph_calls]
+        return max(sum(costs) / len(costs), 0.0)
+
+
+_RECORDS = weakref.WeakKeyDictionary()  # Cell -> _CellRecord, dropped with the Cell
+
+
+@contextlib.contextmanager
+def execution_mode(mode):
+    """Run the block in MindSpore execution `mode` (GRAPH_MODE or PYNATIVE_MODE), restoring the previous one."""
+    previous = ms.get_context("mode")
+    if previous != mode:
+        ms.set_context(mode=mode)
+    try:
+        yield
+    finally:
+        if previous != mode:
+            ms.set_context(mode=previous)
+
+
+class ShapeFlexibleForward:
+    """`forward(*args)` is `cell(*args)`, run per input signature either through a compiled graph or eagerly
+    (PyNative), by the rule of the module docstring; outputs are exactly what the Cell returns in either way.
+
+    Args:
+        cell: the inference Cell, in eval mode (`cell.set_train(False)`).
+        policy: "auto" (the rule above), "graph" (compile every new signature: MindSpore's own graph mode) or
+            "eager" (never compile). Under a global PYNATIVE_MODE context "auto" runs eagerly: whoever chose
+            PyNative (to debug, to step through the model) gets no graphs.
+        compile_seconds: the assumed seconds of one compilation until one is measured; None (default) compiles
+            the first signature at once to measure it.
+
+    `stats` (`ShapeStats`) counts what this wrapper did. The global execution mode is switched only for the
+    duration of a call and restored afterwards; not thread-safe (MindSpore's execution mode is process-wide).
+    """
+
+    def __init__(self, cell, policy="auto", compile_seconds=None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        if compile_seconds is not None and not compile_seconds >= 0:
+            raise ValueError(f"compile_seconds must be a non-negative number of seconds, got {compile_seconds!r}")
+        self.cell = cell
+        self.policy = policy
+        self.assumed_compile_seconds = compile_seconds
+        self.record = _RECORDS.setdefault(cell, _CellRecord())
+        self.stats = ShapeStats()
+
+    def expect(self, signature, count=1):
+        """Announce `count` more calls with this signature (see `tensor_signature`), so the choice for it can
+        weigh all of them instead of learning by renting."""
+        self.record.expected[signature] = self.record.expected.get(signature, 0) + int(count)
+
+    def __call__(self, *args):
+        signature = input_signature(args)
+        compiled = signature in self.record.compiled
+        decide_compile = not compiled and self.should_compile(signature, input_elements(args))
+        if self.record.expected.get(signature, 0) > 0:
+            self.record.expected[signature] -= 1
+        if compiled:
+            return self._run_graph(args)
+        if decide_compile:
+            return self._compile_and_run(signature, args)
+        return self._run_eager(signature, args)
+
+    def should_compile(self, signature, elements):
+        """Whether a signature without a graph gets one now (the rule of the module docstring)."""
+        if self.policy != "auto":
+            return self.policy == "graph"
+        if ms.get_context("mode") == ms.PYNATIVE_MODE:
+            return False
+        record = self.record
+        compile_seconds = record.compile_seconds()
+        if compile_seconds is None:
+            compile_seconds = self.assumed_compile_seconds
+        if compile_seconds is None:
+            return True  # nothing measured yet: this compilation is the measurement
+        calls_left = record.expected.get(signature, 0)
+        eager = record.eager.predict(elements)
+        if eager is None:
+            # The eager speed is not known yet: a signature announced to recur is compiled, any other measures it.
+            return calls_left > 1
+        graph = record.graph.predict(elements) or 0.0
+        if calls_left > 0:
+            return calls_left * eager >= compile_seconds + calls_left * graph
+        if eager >= compile_seconds + graph:
+            return True  # even a shape seen once is cheaper compiled
+        return record.eager_seconds.get(signature, 0.0) >= compile_seconds
+
+    def _run_graph(self, args):
+        with execution_mode(ms.GRAPH_MODE):
+            start = time.perf_counter()
+            outputs = self.cell(*args)
+            wait_for(outputs)
+            self.record.graph.add(time.perf_counter() - start, input_elements(args))
+        self.stats.graph_calls += 1
+        return outputs
+
+    def _compile_and_run(self, signature, args):
+        # One call through the Cell (not `cell.compile`), so the Cell's own input checks run first.
+        with execution_mode(ms.GRAPH_MODE):
+            start = time.perf_counter()
+            outputs = self.cell(*args)
+            wait_for(outputs)
+            seconds = time.perf_counter() - start
+        self.record.compiled.add(signature)
+        self.record.first_graph_calls.append((seconds, input_elements(args)))
+        self.record.eager_seconds.pop(signature, None)
+        self.stats.compilations += 1
+        self.stats.compile_seconds.append(seconds)
+        return outputs
+
+    def _run_eager(self, signature, args):
+        with execution_mode(ms.PYNATIVE_MODE):
+            start = time.perf_counter()
+            outputs = self.cell(*args)
+            wait_for(outputs)
+            seconds = time.perf_counter() - start
+        self.record.eager.add(seconds, input_elements(args))
+        self.record.eager_seconds[signature] = self.record.eager_seconds.get(signature, 0.0) + seconds
+        self.stats.eager_calls += 1
+        return outputs
