@@ -95,6 +95,10 @@ def _randomise(module, seed):
             else:
                 fan_in = max(1, tensor[0].numel())
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in ** 0.5)
+            if ".0.projection." in name or ".attn.sr." in name:
+                # Inputs of the patch-embedding and spatial-reduction norms of variance ~1e-5, where LayerNorm eps
+                # 1e-5 and 1e-6 give visibly different outputs: the eps convention is tested, not just the keys.
+                tensor.mul_(0.003)
     module.eval()
     return module
 
@@ -223,7 +227,9 @@ def test_retinanet_checkpoint_matches_mmdet(files, layout):
     for x in _inputs():
         reference = _det_reference(files["det"], x, official)
         assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
-        assert _max_diff(_run_detector(detector, x), reference) <= TOLERANCE
+        ours = _run_detector(detector, x)
+        assert _max_diff(ours, reference) <= TOLERANCE
+        assert _max_diff(ours, _det_reference(files["det"], x, not official)) > 100 * TOLERANCE  # eps matters
 
 
 @pytest.mark.parametrize("layout", ["seg_mmseg1", "seg_official"])
@@ -243,6 +249,7 @@ def test_semantic_fpn_checkpoint_matches_mmseg(files, layout):
         assert abs(reference).max() > 0.1
         ours = net(ms.Tensor(x)).asnumpy()
         assert _max_diff([ours], [reference]) <= TOLERANCE
+        assert _max_diff([ours], [_seg_reference(files["seg"], x, not official)]) > 100 * TOLERANCE  # eps matters
 
 
 def test_convert_tool_writes_a_native_checkpoint_the_tools_load(files, tmp_path):
