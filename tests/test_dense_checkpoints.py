@@ -341,3 +341,42 @@ def test_task_mismatch_is_an_error(files):
     from pvt_dense.detection.train import load_detector
     with pytest.raises(CheckpointError, match="is a segmentor checkpoint; the model is a detector"):
         load_detector(_detection_cfg(), files["seg_official"])
+
+
+@pytest.mark.slow
+def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
+    """train_det.py --load_from: the run starts from the file's weights (lr 0 keeps them), at iteration 0, with the
+    file's LayerNorm eps convention recorded in the run's config."""
+    import json
+
+    from pvt_dense.checkpoint.dense import save_dense_native
+    from pvt_dense.data.digits_detection import make_digits_detection
+    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
+    from pvt_dense.detection.train import load_detector, train_detector
+
+    data = make_digits_detection(tmp_path / "digits", train_images=4, val_images=1, canvas_size=64,
+                                 digit_sizes=(22, 30), min_digits=1, max_digits=2, classes=2, seed=1)
+    narrow = ["--num_classes", "2", "--pretrained", "", "--out_indices", "[1, 2]", "--frozen_stages", "3",
+              "--drop_path_rate", "0", "--neck_channels", "16", "--head_feat_channels", "16",
+              "--head_stacked_convs", "1", "--backbone_norm_eps", "mmdet"]
+    source_cfg = load_detection_config(None, narrow)
+    source, _ = build_retinanet(source_cfg, load_pretrained=False)
+    rng = np.random.default_rng(0)
+    for param in source.get_parameters():
+        param.set_data(ms.Tensor(rng.normal(size=param.shape).astype(np.float32) * 0.05))
+    start = save_dense_native(source, str(tmp_path / "start.ckpt"),
+                              {"task": "detector", "class_names": ["a", "b"], "config": dict(source_cfg)})
+    cfg = load_detection_config(None, [
+        "--data_dir", data["root"], "--train_ann", data["train_ann"], "--train_images", data["train_images"],
+        "--val_ann", "", "--ckpt_save_dir", str(tmp_path / "run"), "--resume", "", "--distribute", "False",
+        "--mode", "1", "--img_scale", "[64, 64]", "--max_gt", "4", "--batch_size", "4", "--lr", "0", "--max_iters",
+        "1", "--progress_bar", "False", "--num_workers", "1", "--load_from", start,
+        *[item for item in narrow if item not in ("--backbone_norm_eps", "mmdet")]])
+    train_detector(cfg)
+    with open(tmp_path / "run" / "latest.json") as handle:
+        latest = json.load(handle)
+    assert latest["global_step"] == 1  # started at iteration 0, not resumed from the file's step
+    trained = load_detector(cfg, str(tmp_path / "run" / latest["checkpoint"]))
+    assert trained.backbone.spec.norm_eps_style == "mmdet"
+    for (name, ours), (_, theirs) in zip(trained.parameters_and_names(), source.parameters_and_names()):
+        np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy(), err_msg=name)
