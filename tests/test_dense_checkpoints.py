@@ -224,6 +224,7 @@ def test_retinanet_checkpoint_matches_mmdet(files, layout):
     assert report.norm_eps_style == ("official" if official else "mmdet")
     assert report.class_names == files["coco"]
     assert report.mapped == {"backbone": 156, "neck": 16, "head": 12}
+    assert any("cls slot of backbone.stages.3.pos_embed" in note for note in report.notes) == official
     for x in _inputs():
         reference = _det_reference(files["det"], x, official)
         assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
