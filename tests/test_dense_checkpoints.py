@@ -224,6 +224,7 @@ def test_retinanet_checkpoint_matches_mmdet(files, layout):
     assert report.norm_eps_style == ("official" if official else "mmdet")
     assert report.class_names == files["coco"]
     assert report.mapped == {"backbone": 156, "neck": 16, "head": 12}
+    assert any("cls slot of backbone.stages.3.pos_embed" in note for note in report.notes) == official
     for x in _inputs():
         reference = _det_reference(files["det"], x, official)
         assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
@@ -380,3 +381,29 @@ def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
     assert trained.backbone.spec.norm_eps_style == "mmdet"
     for (name, ours), (_, theirs) in zip(trained.parameters_and_names(), source.parameters_and_names()):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy(), err_msg=name)
+
+
+def test_segmentation_run_starts_from_load_from(files, tmp_path):
+    """train_seg.py --load_from with an official Semantic FPN release: the run's segmentor holds the file's
+    weights (BatchNorm statistics included) before its first step."""
+    import cv2
+
+    from pvt_dense.checkpoint.dense import MMLAB_OFFICIAL_PVT, read_dense_checkpoint_meta
+    from pvt_dense.segmentation.recipe import load_segmentation_config, load_trained_segmentor
+    from pvt_dense.segmentation.train import SegmentationRun
+    for split in ("training", "validation"):
+        for folder in ("images", "annotations"):
+            (tmp_path / folder / split).mkdir(parents=True)
+        for index in range(4):
+            cv2.imwrite(str(tmp_path / "images" / split / f"{index}.png"), np.full((64, 64, 3), 100, np.uint8))
+            cv2.imwrite(str(tmp_path / "annotations" / split / f"{index}.png"), np.ones((64, 64), np.uint8))
+    overrides = [("data_dir", str(tmp_path)), ("distribute", False), ("mode", 1), ("pretrained", ""),
+                 ("neck_channels", NECK_CHANNELS), ("head_channels", SEG_HEAD_CHANNELS), ("batch_size", 2),
+                 ("ckpt_save_dir", str(tmp_path / "run")), ("num_workers", 1), ("crop_size", [64, 64])]
+    assert read_dense_checkpoint_meta(files["seg_official"]).source_format == MMLAB_OFFICIAL_PVT
+    run = SegmentationRun(load_segmentation_config(None, overrides + [("load_from", files["seg_official"])]))
+    reference = load_trained_segmentor(_segmentation_cfg(), files["seg_official"])
+    theirs = dict(reference.parameters_and_names())
+    for name, ours in run.net.parameters_and_names():
+        np.testing.assert_array_equal(ours.asnumpy(), theirs[name].asnumpy(), err_msg=name)
+    assert run.cfg.backbone_norm_eps == "official"

@@ -394,6 +394,13 @@ def mmlab_to_model_state(model, path, state, info, strict=True):
     backbone_raw = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     native_backbone, backbone_notes = _backbone_to_native(backbone_raw, info.source_format, path)
     backbone_expected = {k[len("backbone."):]: v for k, v in expected.items() if k.startswith("backbone.")}
+    native_backbone = dict(native_backbone)
+    for key, value in list(native_backbone.items()):
+        # The official detection/segmentation code keeps the classifier's cls slot in the last position embedding.
+        if key.endswith("pos_embed") and key in backbone_expected and value.ndim == 3 and \
+                value.shape[1] == backbone_expected[key][1] + 1:
+            native_backbone[key] = np.ascontiguousarray(value[:, 1:])
+            notes.append(f"dropped the cls slot of backbone.{key} (the official PVT code keeps it)")
     native_backbone, fit_notes = fit_to_model(native_backbone, backbone_expected, has_cls_token=False)
     notes += [n for n in backbone_notes + fit_notes if not n.startswith("format:")]
     if info.source_format == MMLAB_MMDET_PVT:

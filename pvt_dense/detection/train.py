@@ -104,7 +104,7 @@ def load_detector_with_report(cfg, ckpt_path, num_classes=None):
     """(detector, `DenseLoadReport`); the backbone's LayerNorm eps follows the checkpoint (config 'auto')."""
     import mindspore as ms
 
-    from ..checkpoint.dense import config_for_checkpoint, load_dense_checkpoint, print_report
+    from ..checkpoint.dense import config_for_checkpoint
     ms.set_device(cfg.device_target)
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
     if not ckpt_path or not os.path.isfile(ckpt_path):
@@ -132,7 +132,6 @@ def load_detector_with_names(cfg, ckpt_path):
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
     info = read_dense_checkpoint_meta(ckpt_path)
-    meta = {}
     if info.source_format == NATIVE:
         from ..engine.checkpoints import read_checkpoint_meta
         try:
