@@ -1,0 +1,151 @@
+"""Whole RetinaNet checkpoints with mmdetection's PVT v2 backbone (the layout of mmdetection's published
+RetinaNet-PVTv2 files) load into our RetinaNet on `pvt_v2_b0` and compute what mmdetection 3.3 computes.
+
+The reference is mmdetection 3.3's RetinaNet on its `PyramidVisionTransformerV2` (b0: embed_dims 32, two layers per
+stage, as mmdetection's configs/pvt/retinanet_pvtv2-b0_fpn_1x_coco.py builds it), FPN and head narrowed as in
+test_dense_checkpoints.py, every parameter and BatchNorm statistic perturbed (that file's `_randomise`), saved with
+torch.save the way mmdetection 3.x's runner does. Our model is built from configs/detection/
+retinanet_pvt_v2_b0_fpn_1x_coco.yaml with the narrow widths as overrides. mmdetection's PVT v2 uses LayerNorm eps
+1e-6 in every norm (`norm_cfg=dict(type='LN', eps=1e-6)`), so the file must select the 'mmdet' eps style; the
+patch-embedding and reduction norms see inputs where 1e-5 would differ visibly.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from test_dense_checkpoints import HEAD_CHANNELS, MEAN, NECK_CHANNELS, STACKED_CONVS, STD, TOLERANCE, _max_diff, \
+    _randomise, _save
+
+from pvt_dense.checkpoint import read_dense_checkpoint_meta
+from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT_V2
+from pvt_dense.errors import CheckpointError
+
+torch = pytest.importorskip("torch")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "detection", "retinanet_pvt_v2_b0_fpn_1x_coco.yaml")
+B0_CHANNELS = [32, 64, 160, 256]
+# A padded size whose grids are odd at strides 32, 64 and 128 (5x7, 3x4, 2x2).
+SHAPE = (1, 3, 160, 224)
+NARROW = [("neck_channels", NECK_CHANNELS), ("head_feat_channels", HEAD_CHANNELS),
+          ("head_stacked_convs", STACKED_CONVS), ("pretrained", "")]
+
+
+def _retinanet_v2_config(num_classes):
+    return dict(
+        type="RetinaNet",
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_size_divisor=32),
+        backbone=dict(type="PyramidVisionTransformerV2", embed_dims=32, num_layers=[2, 2, 2, 2]),
+        neck=dict(type="FPN", in_channels=B0_CHANNELS, out_channels=NECK_CHANNELS, start_level=1,
+                  add_extra_convs="on_input", num_outs=5),
+        bbox_head=dict(type="RetinaHead", num_classes=num_classes, in_channels=NECK_CHANNELS,
+                       stacked_convs=STACKED_CONVS, feat_channels=HEAD_CHANNELS,
+                       anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=3,
+                                             ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128]),
+                       bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+                       loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+                       loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
+        test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5),
+                      max_per_img=100))
+
+
+@pytest.fixture(scope="module")
+def v2_file(tmp_path_factory):
+    from mmlab_reference import require_mmdet
+    require_mmdet()
+    from mmdet.registry import MODELS
+    from mmengine.config import ConfigDict
+    classes = ("ant", "bee", "cow")
+    model = _randomise(MODELS.build(ConfigDict(_retinanet_v2_config(len(classes)))), 3)
+    path = _save(tmp_path_factory.mktemp("dense_v2") / "retinanet_pvtv2-b0_fpn_1x_coco.pth", model.state_dict(),
+                 {"dataset_meta": {"classes": classes}, "mmengine_version": "0.10.7", "epoch": 12})
+    return {"model": model, "path": path, "classes": list(classes)}
+
+
+def _reference(mm_model, x, eps=None):
+    model = copy.deepcopy(mm_model)
+    if eps is not None:  # the official code's eps in the patch-embedding and spatial-reduction norms
+        for stage in model.backbone.layers:
+            stage[0].norm.eps = eps
+            for layer in stage[1]:
+                if hasattr(layer.attn, "norm"):
+                    layer.attn.norm.eps = eps
+    with torch.no_grad():
+        cls_scores, bbox_preds = model(torch.from_numpy(x), mode="tensor")
+    return [t.numpy() for t in list(cls_scores) + list(bbox_preds)]
+
+
+def test_mmdet_pvt_v2_file_is_recognised(v2_file):
+    info = read_dense_checkpoint_meta(v2_file["path"])
+    assert (info.source_format, info.task, info.norm_eps_style, info.model_name, info.num_classes) == (
+        MMLAB_MMDET_PVT_V2, "detector", "mmdet", "pvt_v2_b0", 3)
+    assert info.class_names == v2_file["classes"] and info.framework == "mmdet 3.x"
+
+
+def test_retinanet_pvt_v2_checkpoint_matches_mmdet(v2_file):
+    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.train import load_detector_with_report
+    cfg = load_detection_config(CONFIG, [("mode", 1), ("num_classes", 3)] + NARROW)
+    detector, report = load_detector_with_report(cfg, v2_file["path"])
+    assert report.source_format == MMLAB_MMDET_PVT_V2 and report.norm_eps_style == "mmdet"
+    assert report.class_names == v2_file["classes"]
+    assert report.mapped["neck"] == 16 and report.mapped["head"] == 12
+    x = np.random.default_rng(5).normal(size=SHAPE).astype(np.float32)
+    reference = _reference(v2_file["model"], x)
+    assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
+    ours = [o.asnumpy() for o in detector(ms.Tensor(x))]
+    assert _max_diff(ours, reference) <= TOLERANCE
+    assert _max_diff(ours, _reference(v2_file["model"], x, eps=1e-5)) > 100 * TOLERANCE  # the eps matters
+
+
+@pytest.mark.bad_input("dense checkpoint", "an OpenMMLab file with an integer weight tensor",
+                       "CheckpointError naming the tensor and its dtype")
+def test_integer_weights_in_a_dense_file_are_refused(v2_file, tmp_path):
+    from pvt_dense.checkpoint.torch_reader import read_torch_checkpoint
+    top = read_torch_checkpoint(v2_file["path"])
+    state = dict(top["state_dict"])
+    state["neck.lateral_convs.0.conv.weight"] = state["neck.lateral_convs.0.conv.weight"].astype(np.int32)
+    path = _save(tmp_path / "int_weight.pth", state, top["meta"])
+    with pytest.raises(CheckpointError, match=r"neck\.lateral_convs\.0\.conv\.weight.*int32"):
+        read_dense_checkpoint_meta(path)
+
+
+@pytest.mark.slow
+def test_infer_det_command_line_on_an_mmdet_pvt_v2_checkpoint(v2_file, tmp_path):
+    """tools/infer_det.py with the v2 config and the mmdetection file: the detections of mmdetection's
+    `test_step` on the same image (its pipeline and `predict(rescale=True)`), up to detections.json's rounding."""
+    import cv2
+    from mmengine.dataset import Compose
+    rng = np.random.default_rng(11)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (150, 230, 3), dtype=np.uint8), (5, 5), 0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = str(folder / "scene.png")
+    cv2.imwrite(path, image)
+    img_scale = (320, 192)
+    pipeline = Compose([dict(type="LoadImageFromFile"), dict(type="Resize", scale=img_scale, keep_ratio=True),
+                        dict(type="PackDetInputs")])
+    packed = pipeline(dict(img_path=path, img_id=0))
+    with torch.no_grad():
+        expected = v2_file["model"].test_step({"inputs": [packed["inputs"]],
+                                               "data_samples": [packed["data_samples"]]})[0].pred_instances
+    out = tmp_path / "drawn"
+    command = [sys.executable, os.path.join(REPO, "tools", "infer_det.py"), "--config", CONFIG,
+               "--ckpt_path", v2_file["path"], "--input", str(folder), "--output", str(out), "--num_classes", "3",
+               "--img_scale", str(list(img_scale)), "--progress_bar", "False"]
+    for key, value in NARROW:
+        command += [f"--{key}", str(value)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "forward: " in run.stdout
+    with open(out / "detections.json") as handle:
+        ours = json.load(handle)["images"]["scene.png"]["detections"]
+    assert 0 < len(ours) == len(expected.scores)
+    assert [d["class_name"] for d in ours] == [v2_file["classes"][k] for k in expected.labels.tolist()]
+    np.testing.assert_allclose([d["score"] for d in ours], expected.scores.numpy(), atol=1e-5)
+    np.testing.assert_allclose([d["bbox_xyxy"] for d in ours], expected.bboxes.numpy(), atol=6e-3, rtol=1e-5)
