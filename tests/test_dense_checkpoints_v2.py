@@ -4,14 +4,18 @@ RetinaNet-PVTv2 files) load into our RetinaNet on `pvt_v2_b0` and compute what m
 The reference is mmdetection 3.3's RetinaNet on its `PyramidVisionTransformerV2` (b0: embed_dims 32, two layers per
 stage, as mmdetection's configs/pvt/retinanet_pvtv2-b0_fpn_1x_coco.py builds it), FPN and head narrowed as in
 test_dense_checkpoints.py, every parameter and BatchNorm statistic perturbed (that file's `_randomise`), saved with
-torch.save the way mmdetection 3.x's runner does. Our model is built from configs/detection/
+torch.save the way mmdetection 3.x's runner does, and once more in the official v2 release layout (whai362/PVT
+branch v2: `patch_embed{i}`, `block{i}.{j}` with `attn.q`/`attn.kv` and `mlp.dwconv.dwconv`, `norm{i}`), whose
+names are checked to give back exactly mmdetection's state through mmdetection's own `pvt_convert`. Our model is built from configs/detection/
 retinanet_pvt_v2_b0_fpn_1x_coco.yaml with the narrow widths as overrides. mmdetection's PVT v2 uses LayerNorm eps
-1e-6 in every norm (`norm_cfg=dict(type='LN', eps=1e-6)`), so the file must select the 'mmdet' eps style; the
-patch-embedding and reduction norms see inputs where 1e-5 would differ visibly.
+1e-6 in every norm (`norm_cfg=dict(type='LN', eps=1e-6)`), so its file must select the 'mmdet' eps style; the
+official v2 code uses 1e-5 in the patch-embedding and spatial-reduction norms ('official', its reference is
+mmdetection's model with those two eps set so). Those norms see inputs where the two eps differ visibly.
 """
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,7 +26,7 @@ from test_dense_checkpoints import HEAD_CHANNELS, MEAN, NECK_CHANNELS, STACKED_C
     _randomise, _save
 
 from pvt_dense.checkpoint import read_dense_checkpoint_meta
-from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT_V2
+from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT_V2, MMLAB_OFFICIAL_PVT
 from pvt_dense.errors import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -54,6 +58,43 @@ def _retinanet_v2_config(num_classes):
                       max_per_img=100))
 
 
+def _official_v2_state(mm_model):
+    """mmdetection's state with the backbone in the official v2 names, checked through mmdet 3.3's `pvt_convert`."""
+    from mmdet.models.backbones.pvt import pvt_convert
+    state = {k: v.numpy().copy() for k, v in mm_model.state_dict().items()}
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    official = {}
+    for key, value in backbone.items():
+        stage = int(key.split(".")[1])
+        block = re.match(r"^layers\.\d+\.1\.(\d+)\.(.+)$", key)
+        if block is None:
+            name = re.sub(r"^layers\.\d+\.0\.projection\.", f"patch_embed{stage + 1}.proj.", key)
+            name = re.sub(r"^layers\.\d+\.0\.norm\.", f"patch_embed{stage + 1}.norm.", name)
+            official[re.sub(r"^layers\.\d+\.2\.", f"norm{stage + 1}.", name)] = value
+            continue
+        prefix, rest = f"block{stage + 1}.{block.group(1)}.", block.group(2)
+        if rest.startswith("attn.attn.in_proj_"):
+            leaf, dim = rest.rsplit("_", 1)[1], value.shape[0] // 3
+            official[prefix + f"attn.q.{leaf}"], official[prefix + f"attn.kv.{leaf}"] = value[:dim], value[dim:]
+            continue
+        ffn = {"ffn.layers.0.": "mlp.fc1.", "ffn.layers.1.": "mlp.dwconv.dwconv.", "ffn.layers.4.": "mlp.fc2.",
+               "attn.attn.out_proj.": "attn.proj."}
+        head = next((k for k in ffn if rest.startswith(k)), None)
+        if head is None:
+            official[prefix + rest] = value
+            continue
+        if head != "ffn.layers.1." and rest.endswith("weight") and value.ndim == 4:
+            value = value[:, :, 0, 0]  # 1x1 conv -> Linear
+        official[prefix + ffn[head] + rest[len(head):]] = value
+    back = pvt_convert({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in official.items()})
+    assert sorted(back) == sorted(backbone)
+    for key, value in back.items():
+        np.testing.assert_array_equal(value.numpy().reshape(backbone[key].shape), backbone[key], err_msg=key)
+    out = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    out.update({"backbone." + k: v for k, v in official.items()})
+    return out
+
+
 @pytest.fixture(scope="module")
 def v2_file(tmp_path_factory):
     from mmlab_reference import require_mmdet
@@ -62,9 +103,12 @@ def v2_file(tmp_path_factory):
     from mmengine.config import ConfigDict
     classes = ("ant", "bee", "cow")
     model = _randomise(MODELS.build(ConfigDict(_retinanet_v2_config(len(classes)))), 3)
-    path = _save(tmp_path_factory.mktemp("dense_v2") / "retinanet_pvtv2-b0_fpn_1x_coco.pth", model.state_dict(),
+    folder = tmp_path_factory.mktemp("dense_v2")
+    path = _save(folder / "retinanet_pvtv2-b0_fpn_1x_coco.pth", model.state_dict(),
                  {"dataset_meta": {"classes": classes}, "mmengine_version": "0.10.7", "epoch": 12})
-    return {"model": model, "path": path, "classes": list(classes)}
+    official = _save(folder / "retinanet_pvt_v2_b0_official.pth", _official_v2_state(model),
+                     {"CLASSES": classes, "mmdet_version": "2.13.0", "epoch": 12})
+    return {"model": model, "path": path, "official": official, "classes": list(classes)}
 
 
 def _reference(mm_model, x, eps=None):
@@ -85,22 +129,29 @@ def test_mmdet_pvt_v2_file_is_recognised(v2_file):
     assert (info.source_format, info.task, info.norm_eps_style, info.model_name, info.num_classes) == (
         MMLAB_MMDET_PVT_V2, "detector", "mmdet", "pvt_v2_b0", 3)
     assert info.class_names == v2_file["classes"] and info.framework == "mmdet 3.x"
+    official = read_dense_checkpoint_meta(v2_file["official"])
+    assert (official.source_format, official.norm_eps_style, official.model_name) == (
+        MMLAB_OFFICIAL_PVT, "official", "pvt_v2_b0")
 
 
-def test_retinanet_pvt_v2_checkpoint_matches_mmdet(v2_file):
+@pytest.mark.parametrize("layout", ["path", "official"])
+def test_retinanet_pvt_v2_checkpoint_matches_mmdet(v2_file, layout):
     from pvt_dense.detection.recipe import load_detection_config
     from pvt_dense.detection.train import load_detector_with_report
+    official = layout == "official"
     cfg = load_detection_config(CONFIG, [("mode", 1), ("num_classes", 3)] + NARROW)
-    detector, report = load_detector_with_report(cfg, v2_file["path"])
-    assert report.source_format == MMLAB_MMDET_PVT_V2 and report.norm_eps_style == "mmdet"
+    detector, report = load_detector_with_report(cfg, v2_file[layout])
+    assert report.source_format == (MMLAB_OFFICIAL_PVT if official else MMLAB_MMDET_PVT_V2)
+    assert report.norm_eps_style == ("official" if official else "mmdet")
     assert report.class_names == v2_file["classes"]
     assert report.mapped["neck"] == 16 and report.mapped["head"] == 12
     x = np.random.default_rng(5).normal(size=SHAPE).astype(np.float32)
-    reference = _reference(v2_file["model"], x)
+    reference = _reference(v2_file["model"], x, eps=1e-5 if official else None)
     assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
     ours = [o.asnumpy() for o in detector(ms.Tensor(x))]
     assert _max_diff(ours, reference) <= TOLERANCE
-    assert _max_diff(ours, _reference(v2_file["model"], x, eps=1e-5)) > 100 * TOLERANCE  # the eps matters
+    other = _reference(v2_file["model"], x, eps=None if official else 1e-5)
+    assert _max_diff(ours, other) > 100 * TOLERANCE  # the eps matters
 
 
 @pytest.mark.bad_input("dense checkpoint", "an OpenMMLab file with an integer weight tensor",
@@ -113,6 +164,16 @@ def test_integer_weights_in_a_dense_file_are_refused(v2_file, tmp_path):
     path = _save(tmp_path / "int_weight.pth", state, top["meta"])
     with pytest.raises(CheckpointError, match=r"neck\.lateral_convs\.0\.conv\.weight.*int32"):
         read_dense_checkpoint_meta(path)
+
+
+@pytest.mark.bad_input("dense checkpoint", "a PVT v2 RetinaNet file loaded with a PVT v1 config",
+                       "CheckpointError listing the misfit keys and naming the file's size (set backbone: ...)")
+def test_a_file_of_another_size_names_its_size(v2_file):
+    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.train import load_detector_with_report
+    cfg = load_detection_config(None, [("mode", 1), ("num_classes", 3), ("backbone", "pvt_tiny")] + NARROW)
+    with pytest.raises(CheckpointError, match="set backbone: pvt_v2_b0"):
+        load_detector_with_report(cfg, v2_file["path"])
 
 
 @pytest.mark.slow

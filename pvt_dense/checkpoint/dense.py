@@ -472,8 +472,11 @@ def mmlab_to_model_state(model, path, state, info, strict=True):
         if keys:
             problems.append(f"{len(keys)} {label}: {_examples(keys)}")
     if problems and strict:
+        hint = (f"\n  its backbone weights are {info.model_name}'s: set backbone: {info.model_name}"
+                if info.model_name and any(k.startswith("backbone") for k in missing + unexpected + mismatched)
+                else "")
         raise CheckpointError(f"{path} does not fit this {task} ({model_task_description(model)}):\n  "
-                              + "\n  ".join(problems))
+                              + "\n  ".join(problems) + hint)
     notes += problems
     kept = {name: value for name, value in out.items()
             if name in expected and tuple(np.shape(value)) == expected[name]}
