@@ -176,6 +176,26 @@ def test_a_file_of_another_size_names_its_size(v2_file):
         load_detector_with_report(cfg, v2_file["path"])
 
 
+def test_convert_tool_writes_a_native_v2_detector(v2_file, tmp_path):
+    """tools/convert_weights.py on the mmdetection file (size and class count from the weights, the narrow widths
+    from a config), then the detection loader on its output: mmdetection's outputs again."""
+    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.train import load_detector_with_report
+    dst = tmp_path / "retinanet_pvt_v2_b0.ckpt"
+    config = tmp_path / "narrow.yaml"
+    config.write_text("".join(f"{key}: {value!r}\n" for key, value in NARROW) + "num_classes: 3\nbackbone: pvt_v2_b0\n")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_weights.py"), v2_file["path"],
+                             str(dst), "--config", str(config)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = read_dense_checkpoint_meta(dst)
+    assert (info.source_format, info.task, info.norm_eps_style) == ("native", "detector", "mmdet")
+    cfg = load_detection_config(None, [("mode", 1), ("num_classes", 3), ("backbone", "pvt_v2_b0")] + NARROW)
+    detector, report = load_detector_with_report(cfg, str(dst))
+    assert report.class_names == v2_file["classes"]
+    x = np.random.default_rng(6).normal(size=SHAPE).astype(np.float32)
+    assert _max_diff([o.asnumpy() for o in detector(ms.Tensor(x))], _reference(v2_file["model"], x)) <= TOLERANCE
+
+
 @pytest.mark.slow
 def test_infer_det_command_line_on_an_mmdet_pvt_v2_checkpoint(v2_file, tmp_path):
     """tools/infer_det.py with the v2 config and the mmdetection file: the detections of mmdetection's
