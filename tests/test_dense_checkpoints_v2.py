@@ -1,5 +1,6 @@
 """Whole RetinaNet checkpoints with mmdetection's PVT v2 backbone (the layout of mmdetection's published
-RetinaNet-PVTv2 files) load into our RetinaNet on `pvt_v2_b0` and compute what mmdetection 3.3 computes.
+RetinaNet-PVTv2 files) load into our RetinaNet on `pvt_v2_b0` and compute what mmdetection 3.3 computes; likewise a
+Semantic FPN that mmsegmentation 1.2 builds on that backbone.
 
 The reference is mmdetection 3.3's RetinaNet on its `PyramidVisionTransformerV2` (b0: embed_dims 32, two layers per
 stage, as mmdetection's configs/pvt/retinanet_pvtv2-b0_fpn_1x_coco.py builds it), FPN and head narrowed as in
@@ -22,8 +23,8 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
-from test_dense_checkpoints import HEAD_CHANNELS, MEAN, NECK_CHANNELS, STACKED_CONVS, STD, TOLERANCE, _max_diff, \
-    _randomise, _save
+from test_dense_checkpoints import HEAD_CHANNELS, MEAN, NECK_CHANNELS, SEG_HEAD_CHANNELS, STACKED_CONVS, STD, \
+    TOLERANCE, _max_diff, _randomise, _save
 
 from pvt_dense.checkpoint import read_dense_checkpoint_meta
 from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT_V2, MMLAB_OFFICIAL_PVT
@@ -33,6 +34,8 @@ torch = pytest.importorskip("torch")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "detection", "retinanet_pvt_v2_b0_fpn_1x_coco.yaml")
+SEG_CONFIG = os.path.join(REPO, "configs", "segmentation", "semfpn_pvt_v2_b0_ade20k_40k.yaml")
+SEG_CLASSES = 5
 B0_CHANNELS = [32, 64, 160, 256]
 # A padded size whose grids are odd at strides 32, 64 and 128 (5x7, 3x4, 2x2).
 SHAPE = (1, 3, 160, 224)
@@ -230,3 +233,43 @@ def test_infer_det_command_line_on_an_mmdet_pvt_v2_checkpoint(v2_file, tmp_path)
     assert [d["class_name"] for d in ours] == [v2_file["classes"][k] for k in expected.labels.tolist()]
     np.testing.assert_allclose([d["score"] for d in ours], expected.scores.numpy(), atol=1e-5)
     np.testing.assert_allclose([d["bbox_xyxy"] for d in ours], expected.bboxes.numpy(), atol=6e-3, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def v2_segmentor_file(tmp_path_factory):
+    """mmsegmentation 1.2's EncoderDecoder + FPN + FPNHead on mmdetection's PyramidVisionTransformerV2 b0, saved by
+    torch.save in mmseg 1.x's layout."""
+    from mmlab_reference import require_mmdet, require_mmseg
+    require_mmdet()
+    require_mmseg()
+    from mmengine.config import ConfigDict
+    from mmseg.registry import MODELS
+    model = _randomise(MODELS.build(ConfigDict(
+        type="EncoderDecoder",
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=MEAN, std=STD, bgr_to_rgb=True, size_divisor=32),
+        backbone=dict(type="mmdet.PyramidVisionTransformerV2", embed_dims=32, num_layers=[2, 2, 2, 2]),
+        neck=dict(type="FPN", in_channels=B0_CHANNELS, out_channels=NECK_CHANNELS, num_outs=4),
+        decode_head=dict(type="FPNHead", in_channels=[NECK_CHANNELS] * 4, in_index=[0, 1, 2, 3],
+                         feature_strides=[4, 8, 16, 32], channels=SEG_HEAD_CHANNELS, dropout_ratio=0.1,
+                         num_classes=SEG_CLASSES, norm_cfg=dict(type="BN", requires_grad=True), align_corners=False,
+                         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
+        train_cfg=dict(), test_cfg=dict(mode="whole"))), 4)
+    names = [f"class {i}" for i in range(SEG_CLASSES)]
+    path = _save(tmp_path_factory.mktemp("dense_v2_seg") / "semfpn_pvtv2_b0.pth", model.state_dict(),
+                 {"dataset_meta": {"classes": names}, "mmengine_version": "0.10.7"})
+    return {"model": model, "path": path, "classes": names}
+
+
+def test_semantic_fpn_pvt_v2_checkpoint_matches_mmseg(v2_segmentor_file):
+    from pvt_dense.segmentation.recipe import load_segmentation_config, load_trained_segmentor_with_report
+    cfg = load_segmentation_config(SEG_CONFIG, [("mode", 1), ("pretrained", ""), ("num_classes", SEG_CLASSES),
+                                                ("neck_channels", NECK_CHANNELS),
+                                                ("head_channels", SEG_HEAD_CHANNELS)])
+    net, report = load_trained_segmentor_with_report(cfg, v2_segmentor_file["path"])
+    assert report.source_format == MMLAB_MMDET_PVT_V2 and report.norm_eps_style == "mmdet"
+    assert report.class_names == v2_segmentor_file["classes"]
+    x = np.random.default_rng(7).normal(size=SHAPE).astype(np.float32)
+    with torch.no_grad():
+        reference = v2_segmentor_file["model"](torch.from_numpy(x), mode="tensor").numpy()
+    assert abs(reference).max() > 0.1
+    assert _max_diff([net(ms.Tensor(x)).asnumpy()], [reference]) <= TOLERANCE
