@@ -7,8 +7,8 @@ stage, as mmdetection's configs/pvt/retinanet_pvtv2-b0_fpn_1x_coco.py builds it)
 test_dense_checkpoints.py, every parameter and BatchNorm statistic perturbed (that file's `_randomise`), saved with
 torch.save the way mmdetection 3.x's runner does, and once more in the official v2 release layout (whai362/PVT
 branch v2: `patch_embed{i}`, `block{i}.{j}` with `attn.q`/`attn.kv` and `mlp.dwconv.dwconv`, `norm{i}`), whose
-names are checked to give back exactly mmdetection's state through mmdetection's own `pvt_convert`. Our model is built from configs/detection/
-retinanet_pvt_v2_b0_fpn_1x_coco.yaml with the narrow widths as overrides. mmdetection's PVT v2 uses LayerNorm eps
+names are checked to give back exactly mmdetection's state through mmdetection's own `pvt_convert`. Our model is
+built from configs/detection/retinanet_pvt_v2_b0_fpn_1x_coco.yaml with the narrow widths as overrides. mmdetection's PVT v2 uses LayerNorm eps
 1e-6 in every norm (`norm_cfg=dict(type='LN', eps=1e-6)`), so its file must select the 'mmdet' eps style; the
 official v2 code uses 1e-5 in the patch-embedding and spatial-reduction norms ('official', its reference is
 mmdetection's model with those two eps set so). Those norms see inputs where the two eps differ visibly.
