@@ -17,7 +17,7 @@ from mindspore import Tensor
 from tqdm import tqdm
 
 from .atomic import write_atomic
-from .data.images import list_image_entries, read_image, resolve_max_pixels
+from .data.images import header_image_size, list_image_entries, read_image, resolve_max_pixels
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense, rescaled_size
 from .engine.shapes import ShapeFlexibleForward, ShapeStats, tensor_signature
 from .errors import ConfigError, PVTDenseError
@@ -226,19 +226,13 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
 
 
 def padded_sizes_ahead(paths, short_side, max_long_side):
-    """The padded (height, width) each image will have, read from file headers only (no decoding), for images
-    whose header can be read; used to tell the forward which input sizes recur. A wrong guess (an unusual file)
-    costs only speed: it never changes a result."""
-    from PIL import Image
+    """The padded (height, width) each image will have, from file headers only (`header_image_size`), for images
+    whose header can be read; used to tell the forward which input sizes recur."""
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
-                    width, height = height, width
-            resized_height, resized_width, _ = rescaled_size(height, width, short_side, max_long_side)
-        except Exception:  # noqa: BLE001  (any unreadable header: no guess for this image)
+        size = header_image_size(path)
+        if size is None:
             continue
+        resized_height, resized_width, _ = rescaled_size(*size, short_side, max_long_side)
         yield (math.ceil(resized_height / PAD_DIVISOR) * PAD_DIVISOR,
                math.ceil(resized_width / PAD_DIVISOR) * PAD_DIVISOR)
 

@@ -99,13 +99,14 @@ def test_evaluation_pads_each_image_to_32_and_reuses_a_compiled_graph_per_shape(
                                        "--drop_path_rate", "0", "--num_classes", "2", "--neck_channels", "16",
                                        "--head_feat_channels", "16", "--head_stacked_convs", "1"])
     detector, _ = build_retinanet(cfg, 2)
-    forward = DetectorForward(detector)
+    forward = DetectorForward(detector, policy="graph")  # MindSpore's own graph mode: compile every new shape
     metrics = evaluate_detector(detector, CocoDetection(tmp_path / "ann.json", tmp_path), img_scale=(96, 64),
                                 progress=False, forward=forward)
     # 60x40 -> x1.6 -> 96x64, already a multiple of 32: no padding beyond it (not a fixed canvas)
     assert forward.shapes == {(1, 3, 64, 96), (1, 3, 96, 64)} and metrics["input_shapes"] == 2
     assert len(detector.compile_cache) == 2  # the third image reused the first one's graph
-    assert "3 images in 2 distinct input shapes" in capsys.readouterr().out
+    assert (forward.stats.compilations, forward.stats.graph_calls) == (2, 1)
+    assert "3 images in 2 distinct input shapes; forward: 2 graph compilations" in capsys.readouterr().out
 
 
 @pytest.mark.bad_input("config", "pad_grid that is not a multiple of pad_divisor (48 with 32)",

@@ -35,6 +35,8 @@ def main(argv=None):
     result = evaluate_segmentor(SegmentorInference(net), samples, cfg.num_classes, cfg.reduce_zero_label,
                                 predictor_options(cfg), progress=cfg.progress_bar)
     print(format_results(result, checkpoint_class_names(cfg, report)))
+    if result["forward_stats"] is not None:
+        print(f"forward: {result['forward_stats'].summary()}")
     for name, reason in list(result["skipped_files"].items())[:10]:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0

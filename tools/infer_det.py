@@ -31,7 +31,8 @@ def main(argv=None):
                            cfg.pad_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,
                            progress=cfg.progress_bar)
     print(f"{len(summary['written'])} images with detections drawn in {cfg.output}; all detections in "
-          f"{summary['json']}; {summary['input_shapes']} distinct input shapes (one graph compilation each)")
+          f"{summary['json']}; {summary['input_shapes']} distinct input shapes"
+          + (f"; forward: {summary['forward_stats'].summary()}" if summary["forward_stats"] else ""))
     for name, reason in summary["failed"]:
         print(f"  skipped {name}: {reason}")
     return 1 if summary["failed"] and not summary["written"] else 0

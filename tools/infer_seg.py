@@ -52,6 +52,8 @@ def main(argv=None):
           + (f", {len(summary['unreadable'])} unreadable skipped" if summary["unreadable"] else ""))
     if seen:
         print("most frequent classes: " + ", ".join(seen))
+    if predictor.stats is not None:
+        print(f"forward: {predictor.stats.summary()}")
     for name, reason in list(summary["unreadable"].items())[:10]:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0

@@ -5,18 +5,23 @@ Sources
 ``native``             a pvt_dense .ckpt written by train_det.py / train_seg.py / convert_weights.py.
 ``mmlab_official_pvt`` the official PVT releases (whai362/PVT, trained with mmdetection 2.x / mmsegmentation
                        0.x): ``{"meta": {"CLASSES": ...}, "state_dict": ...}`` with the backbone under ``backbone.``
-                       in the official PVT names (``patch_embed1``, ``pos_embed1``, ``block1.0...``).
+                       in the official PVT names (v1: ``patch_embed1``, ``pos_embed1``, ``block1.0...``; v2 from
+                       the v2 branch: ``patch_embed1``, ``block1.0.mlp.dwconv.dwconv``, ``norm1``).
 ``mmlab_mmdet_pvt``    the same models with mmdetection's own ``PyramidVisionTransformer`` backbone
                        (``backbone.layers.{s}.0`` patch embedding, ``backbone.layers.{s}.1.0.pos_embed``, encoder
                        layers ``backbone.layers.{s}.1.{k}`` with ``nn.MultiheadAttention``), as mmdetection 3.x /
                        mmsegmentation 1.x save them (class names under ``meta.dataset_meta.classes``).
+``mmlab_mmdet_pvt_v2`` mmdetection's ``PyramidVisionTransformerV2`` backbone (``backbone.layers.{s}.0`` patch
+                       embedding, blocks ``backbone.layers.{s}.1.{j}`` with a MixFFN ``ffn.layers.{0,1,4}``, the
+                       stage norm ``backbone.layers.{s}.2``): mmdetection's published RetinaNet-PVTv2 files.
 
 The neck and heads are named as mmdetection/mmsegmentation name them in every OpenMMLab file: ``neck.lateral_convs.
 {i}.conv``, ``neck.fpn_convs.{i}.conv`` (the extra P6/P7 convs appended there), ``bbox_head.{cls,reg}_convs.{i}.conv``,
 ``bbox_head.retina_{cls,reg}``, ``decode_head.scale_heads.{i}.{j}.{conv,bn}`` and ``decode_head.conv_seg``.
 
-mmdetection's PyramidVisionTransformer computes its patch-embedding and spatial-reduction LayerNorms with eps 1e-6,
-the official code with 1e-5 (`pvt_dense.models.pvt.NORM_EPS_STYLES`). Every checkpoint says which it needs
+mmdetection's PyramidVisionTransformer and PyramidVisionTransformerV2 compute their patch-embedding and
+spatial-reduction LayerNorms with eps 1e-6 (mmdet 3.3 `norm_cfg=dict(type='LN', eps=1e-6)`, every norm), the
+official code with 1e-5 (`pvt_dense.models.pvt.NORM_EPS_STYLES`). Every checkpoint says which it needs
 (`DenseCheckpointInfo.norm_eps_style`), and loading one into a backbone built with the other is an error.
 
 Files are read with the restricted unpickler of `torch_reader`: nothing in them is executed.
@@ -31,13 +36,15 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .keymaps import to_native
-from .load import fit_to_model, infer_model_name, sniff_format
+from .load import check_raw_state, check_weight_dtypes, fit_to_model, infer_model_name, sniff_format
 from .torch_reader import read_torch_checkpoint
 
 NATIVE = "native"
 MMLAB_OFFICIAL_PVT = "mmlab_official_pvt"
 MMLAB_MMDET_PVT = "mmlab_mmdet_pvt"
-SOURCE_FORMATS = (NATIVE, MMLAB_OFFICIAL_PVT, MMLAB_MMDET_PVT)
+MMLAB_MMDET_PVT_V2 = "mmlab_mmdet_pvt_v2"
+SOURCE_FORMATS = (NATIVE, MMLAB_OFFICIAL_PVT, MMLAB_MMDET_PVT, MMLAB_MMDET_PVT_V2)
+MMDET_LAYOUTS = (MMLAB_MMDET_PVT, MMLAB_MMDET_PVT_V2)  # backbones built with mmdet's LayerNorm eps (1e-6)
 
 DETECTOR = "detector"
 SEGMENTOR = "segmentor"
@@ -47,6 +54,7 @@ _SOURCE_DESCRIPTIONS = {
     NATIVE: "pvt_dense checkpoint",
     MMLAB_OFFICIAL_PVT: "OpenMMLab checkpoint with the official PVT backbone names",
     MMLAB_MMDET_PVT: "OpenMMLab checkpoint with mmdetection's PyramidVisionTransformer backbone",
+    MMLAB_MMDET_PVT_V2: "OpenMMLab checkpoint with mmdetection's PyramidVisionTransformerV2 backbone",
 }
 
 
@@ -140,6 +148,10 @@ def _read_mmlab(path):
             isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
         raise CheckpointError(f"{path} has no 'state_dict' of name -> tensor; its top-level keys are "
                               f"{_examples(sorted(map(str, top)))}")
+    # The checks every backbone file gets (names, numeric data, floating-point weights; BatchNorm
+    # num_batches_tracked counters are integers).
+    check_raw_state(state, path)
+    check_weight_dtypes(state, path)
     if any(k.startswith("module.") for k in state):
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     return state, top.get("meta") if isinstance(top.get("meta"), dict) else {}
@@ -154,8 +166,15 @@ def _mmlab_task(state, path):
                           f"'decode_head.' keys); its keys begin {_examples(list(state)[:6])}")
 
 
+_MMDET_V2_DWCONV = re.compile(r"^layers\.\d+\.1\.\d+\.ffn\.layers\.1\.weight$")
+
+
 def _backbone_layout(backbone_keys):
-    return MMLAB_MMDET_PVT if any(k.startswith("layers.") for k in backbone_keys) else MMLAB_OFFICIAL_PVT
+    """mmdetection's names (``layers.``) are v2 when an encoder layer has MixFFN's depth-wise conv; official names
+    (v1 or v2) are told apart later, by `to_native`'s format detection."""
+    if not any(k.startswith("layers.") for k in backbone_keys):
+        return MMLAB_OFFICIAL_PVT
+    return MMLAB_MMDET_PVT_V2 if any(_MMDET_V2_DWCONV.match(k) for k in backbone_keys) else MMLAB_MMDET_PVT
 
 
 def _read_native_meta(path):
@@ -210,7 +229,7 @@ def _mmlab_info(path, state, meta):
         anchors = _retina_anchors(state) if task == DETECTOR else 1
         num_classes = outputs // anchors if anchors and outputs % anchors == 0 else None
     return DenseCheckpointInfo(path, layout, task, _mmlab_class_names(meta),
-                               "mmdet" if layout == MMLAB_MMDET_PVT else "official",
+                               "mmdet" if layout in MMDET_LAYOUTS else "official",
                                model_name=infer_model_name(native_backbone), num_classes=num_classes,
                                framework=_mmlab_framework(meta, task))
 
@@ -280,14 +299,28 @@ def mmdet_pvt_to_official(state, label="the checkpoint"):
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{label}: {len(unknown)} backbone keys are not parameters of mmdetection's PVT v1 "
-                              f"(use_abs_pos_embed, no conv FFN, no norm after stages): "
+                              f"(use_abs_pos_embed, no conv FFN, no norm after stages) nor of its PVT v2 "
+                              f"(MixFFN with ffn.layers.1 a depth-wise conv, layers.{{s}}.2 norms): "
                               f"{_examples('backbone.' + k for k in unknown)}")
     return out
 
 
 def _backbone_to_native(backbone_state, layout, label):
-    official = mmdet_pvt_to_official(backbone_state, label) if layout == MMLAB_MMDET_PVT else backbone_state
-    return to_native(official)
+    """(native backbone state, notes). mmdet's v1 names go through `mmdet_pvt_to_official`; official v1/v2 names
+    and mmdet's v2 names are `to_native` formats (`keymaps_v2`'s ``mmdetection`` table for the latter), and the
+    format it finds must be the one the layout promised."""
+    from .keymaps_v2 import MMDETECTION
+    if layout == MMLAB_MMDET_PVT:
+        backbone_state = mmdet_pvt_to_official(backbone_state, label)
+    try:
+        native, notes = to_native(backbone_state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{label}: its backbone keys are not PVT weights: {err}") from None
+    found = notes[0][len("format: "):] if notes and notes[0].startswith("format: ") else ""
+    if (layout == MMLAB_MMDET_PVT_V2) != (MMDETECTION in found):
+        raise CheckpointError(f"{label}: its backbone keys read as {found or 'an unknown format'}, not as "
+                              f"{_SOURCE_DESCRIPTIONS[layout]}")
+    return native, notes
 
 
 # ------------------------------------------------------------------------------------------- neck and head maps
@@ -406,6 +439,9 @@ def mmlab_to_model_state(model, path, state, info, strict=True):
     if info.source_format == MMLAB_MMDET_PVT:
         notes.append("backbone: mmdetection PyramidVisionTransformer -> PVT (in_proj split into q and kv, 1x1-conv "
                      "FFN weights flattened)")
+    elif info.source_format == MMLAB_MMDET_PVT_V2:
+        notes.append("backbone: mmdetection PyramidVisionTransformerV2 -> PVT v2 (in_proj split into q and kv, "
+                     "MixFFN 1x1 convs flattened)")
 
     out = {"backbone." + k: v for k, v in native_backbone.items()}
     origin = {"backbone." + k: "backbone (converted)" for k in native_backbone}
@@ -443,8 +479,11 @@ def mmlab_to_model_state(model, path, state, info, strict=True):
         if keys:
             problems.append(f"{len(keys)} {label}: {_examples(keys)}")
     if problems and strict:
+        hint = (f"\n  its backbone weights are {info.model_name}'s: set backbone: {info.model_name}"
+                if info.model_name and any(k.startswith("backbone") for k in missing + unexpected + mismatched)
+                else "")
         raise CheckpointError(f"{path} does not fit this {task} ({model_task_description(model)}):\n  "
-                              + "\n  ".join(problems))
+                              + "\n  ".join(problems) + hint)
     notes += problems
     kept = {name: value for name, value in out.items()
             if name in expected and tuple(np.shape(value)) == expected[name]}

@@ -357,7 +357,7 @@ def infer_model_name(state: Dict[str, np.ndarray]):
         depths.append(max(blocks) + 1 if blocks else 0)
     is_v2 = any(k.endswith("mlp.dwconv.weight") for k in state)
     embed = state.get("stages.0.patch_embed.proj.weight")
-    width = int(np.shape(embed)[0]) if embed is not None else None
+    width = int(np.shape(embed)[0]) if embed is not None and np.ndim(embed) else None  # a 0-d tensor: no size
     sr = state.get("stages.0.blocks.0.attn.sr.weight")
     linear = sr is not None and tuple(np.shape(sr)[2:]) == (1, 1)
     for name, spec in MODEL_SPECS.items():

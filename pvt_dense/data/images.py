@@ -81,6 +81,22 @@ def check_header(path, max_pixels):
     return file_format
 
 
+def header_image_size(path):
+    """(height, width) of an image as `read_image` will return it (EXIF orientation applied), from its header
+    only (no decoding); None when the header cannot be read. Used to tell a forward ahead which input sizes will
+    come, where a wrong guess (an unusual file) costs only speed, never a result."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                    width, height = height, width
+    except Exception:  # noqa: BLE001  (any unreadable header: no guess for this image)
+        return None
+    return (height, width) if height > 0 and width > 0 else None
+
+
 def check_pixel_count(path, height, width, max_pixels):
     if height * width > max_pixels:
         raise image_error(path, f"{width}x{height} = {height * width / 1e6:.1f} megapixels exceeds the limit of "

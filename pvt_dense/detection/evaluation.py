@@ -11,6 +11,7 @@ from ..atomic import write_atomic
 from ..errors import PVTDenseError
 from .data import evaluation_batches
 from .postprocess import InferenceSettings, detect_image
+from .transforms import padded_shape, rescale_size
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 METRIC_TITLES = (
@@ -78,19 +79,45 @@ class DetectorForward:
     outputs as numpy arrays (L class maps, then L box maps).
 
     Under the test protocol every distinct padded image size is a new input shape, and graph mode compiles one
-    graph per input shape (a shape seen before reuses its graph); `shapes` records the distinct shapes of a run.
-    A different strategy for running many sizes replaces this object: `predict_dataset` and `infer_images` take
-    any callable with the same contract as `forward=`.
+    graph per input shape. The detector runs through a `ShapeFlexibleForward` (policy "auto"): per shape either a
+    compiled graph or an eager (PyNative) run, whichever the measured costs favour; the outputs are the same either
+    way, and under a global PyNative context everything runs eagerly as before. `expect_sizes` announces the padded
+    sizes of the images to come; `shapes` records the distinct shapes of a run, `stats` what ran how.
+    A different strategy replaces this object: `predict_dataset` and `infer_images` take any callable with the
+    same contract as `forward=`.
     """
 
-    def __init__(self, detector):
+    def __init__(self, detector, policy="auto"):
+        from ..engine.shapes import ShapeFlexibleForward
         self.detector = detector
         self.shapes = set()
+        self.flexible = ShapeFlexibleForward(detector, policy)
+
+    @property
+    def stats(self):
+        return self.flexible.stats
+
+    def expect_sizes(self, padded_sizes):
+        """Announce one coming single-image call per padded (height, width) in `padded_sizes`."""
+        from ..engine.shapes import tensor_signature
+        for size in padded_sizes:
+            self.flexible.expect(tensor_signature((1, 3) + tuple(size)))
 
     def __call__(self, image_batch):
         import mindspore as ms
         self.shapes.add(tuple(image_batch.shape))
-        return [output.asnumpy() for output in self.detector(ms.Tensor(image_batch))]
+        return [output.asnumpy() for output in self.flexible(ms.Tensor(image_batch))]
+
+
+def padded_test_size(height, width, img_scale=(1333, 800), pad_divisor=32):
+    """The (height, width) network input of an image of this size under the test protocol (`prepare_image`)."""
+    return padded_shape(*rescale_size(height, width, img_scale), pad_divisor)
+
+
+def announce_sizes(forward, image_sizes, img_scale, pad_divisor):
+    """Tell `forward` (when it takes announcements) the input sizes of the images (height, width) to come."""
+    if hasattr(forward, "expect_sizes"):
+        forward.expect_sizes(padded_test_size(h, w, img_scale, pad_divisor) for h, w in image_sizes)
 
 
 def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
@@ -103,6 +130,9 @@ def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(
     forward = forward or DetectorForward(detector)
     results, image_ids, unreadable, shapes = [], [], [], set()
     total = len(dataset) if indices is None else len(indices)
+    # The annotation file gives every image's size, so the padded sizes to come are known without reading a file.
+    records = dataset.records if indices is None else [dataset.records[i] for i in indices]
+    announce_sizes(forward, ((r.height, r.width) for r in records), img_scale, pad_divisor)
     batches = evaluation_batches(dataset, indices, img_scale, pad_divisor, mean or IMAGENET_MEAN,
                                  std or IMAGENET_STD)
     for images, metas, records in tqdm(batches, total=total, desc="detect", unit="img", leave=False,
@@ -127,12 +157,13 @@ def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale
     12 metrics plus `images`, `unreadable` and `input_shapes` counts; writes the results JSON when `results_json`
     is a path."""
     indices = range(min(max_images, len(dataset))) if max_images else None
+    forward = forward or DetectorForward(detector)
     results, image_ids, unreadable, num_shapes = predict_dataset(detector, dataset, settings, img_scale,
                                                                  pad_divisor, mean, std, indices, progress,
                                                                  forward)
     if verbose:
-        print(f"{len(image_ids)} images in {num_shapes} distinct input shapes (one graph compilation each in "
-              "graph mode)")
+        print(f"{len(image_ids)} images in {num_shapes} distinct input shapes"
+              + (f"; forward: {forward.stats.summary()}" if hasattr(forward, "stats") else ""))
     for message in unreadable:
         print(f"warning: skipped in evaluation: {message}")
     if results_json:

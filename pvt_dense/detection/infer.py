@@ -12,10 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..atomic import write_atomic
-from ..data.images import list_image_entries, read_image
+from ..data.images import header_image_size, list_image_entries, read_image
 from ..errors import ImageReadError, PVTDenseError
 from ..output_names import OutputNamer, contained_path
-from .evaluation import DetectorForward
+from .evaluation import DetectorForward, announce_sizes
 from .postprocess import detect_image
 from .transforms import prepare_image
 
@@ -65,12 +65,15 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
     """Detect in every image of `input_path` (file, directory or .txt list); write drawn images (detections with
     score >= draw_thr) and `detections.json` (every detection above the config's score_thr) to `output_dir`.
     `forward` runs the network (default: a `DetectorForward` of the detector).
-    Returns {"written": [...], "failed": [(name, reason)], "json": path, "input_shapes": distinct input shapes}."""
+    Returns {"written": [...], "failed": [(name, reason)], "json": path, "input_shapes": distinct input shapes,
+    "forward_stats": the forward's `ShapeStats` (None for a forward without)}."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     entries = list_image_entries(input_path)
     os.makedirs(output_dir, exist_ok=True)
     detector.set_train(False)
     forward = forward or DetectorForward(detector)
+    sizes = (header_image_size(entry.path) for entry in entries)
+    announce_sizes(forward, (size for size in sizes if size is not None), tuple(img_scale), pad_divisor)
     records, written, failed, namer = {}, [], [], OutputNamer(reserved=(RESULTS_NAME,))
     for entry in tqdm(entries, desc="detect", unit="img", disable=not progress):
         try:
@@ -106,4 +109,5 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
     write_atomic(json_path, json.dumps({"images": records, "failed": dict(failed)}, indent=1).encode("utf-8"))
     shapes = getattr(forward, "shapes", None)
     return {"written": written, "failed": failed, "json": json_path,
-            "input_shapes": len(shapes) if shapes is not None else None}
+            "input_shapes": len(shapes) if shapes is not None else None,
+            "forward_stats": getattr(forward, "stats", None)}

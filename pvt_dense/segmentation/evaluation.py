@@ -5,10 +5,10 @@ import math
 import cv2
 import numpy as np
 
-from ..data.images import ImageReadError
+from ..data.images import ImageReadError, header_image_size
 from .ade20k import AnnotationError, read_sample
 from .metrics import ConfusionMatrix
-from .transforms import prepare_test_image, sliding_windows
+from .transforms import aligned_test_size, prepare_test_image, sliding_windows
 
 # OpenCV resizes at most this many channels at once (CV_CN_MAX).
 _CV_MAX_CHANNELS = 512
@@ -40,9 +40,12 @@ class Predictor:
     does the same two resizes.
 
     `forward` is the one per-input call: (3, h, w) float32 -> (K, h, w) float32 logits at the input size. By default
-    it runs `network` in the current MindSpore mode; in graph mode that compiles one graph per distinct (h, w) and
-    reuses it for every later input of that size. Pass another callable to run the network differently (e.g. a
-    cache of compiled graphs per size bucket).
+    it runs `network`: in mode "whole" through a `ShapeFlexibleForward` (every image has its own aligned size, so
+    per size either a compiled graph or an eager PyNative run, whichever the measured costs favour; the logits are
+    the same either way, and under a global PyNative context everything runs eagerly), in mode "slide" directly in
+    the current MindSpore mode (the windows share one shape: one graph). `expect_images` announces the image sizes
+    to come; `stats` (a `ShapeStats`, None for a forward passed in or slide mode) says what ran how. Pass another
+    callable to run the network differently.
     """
 
     def __init__(self, network, scale=(2048, 512), size_divisor=32, mode="whole", crop_size=(512, 512),
@@ -55,11 +58,35 @@ class Predictor:
         self.mode = mode
         self.crop_size = tuple(crop_size)
         self.stride = tuple(stride)
+        self.flexible = None
+        if forward is None and mode == "whole":
+            from ..engine.shapes import ShapeFlexibleForward
+            self.flexible = ShapeFlexibleForward(network)
         self.forward = forward if forward is not None else self.network_forward
+
+    @property
+    def stats(self):
+        return self.flexible.stats if self.flexible is not None else None
+
+    def expect_images(self, image_sizes):
+        """Announce one coming image per (height, width) in `image_sizes` (mode "whole" with the default forward;
+        otherwise nothing to announce)."""
+        if self.flexible is None:
+            return
+        from ..engine.shapes import tensor_signature
+        for height, width in image_sizes:
+            aligned, _ = aligned_test_size(height, width, self.scale, self.size_divisor)
+            self.flexible.expect(tensor_signature((1, 3) + aligned))
+
+    def expect_files(self, paths):
+        """`expect_images` with the sizes read from the files' headers (unreadable headers are left out)."""
+        sizes = (header_image_size(path) for path in paths)
+        self.expect_images(size for size in sizes if size is not None)
 
     def network_forward(self, array):
         import mindspore as ms
-        return self.network(ms.Tensor(np.ascontiguousarray(array[None])))[0].asnumpy()[0]
+        run = self.flexible if self.flexible is not None else self.network
+        return run(ms.Tensor(np.ascontiguousarray(array[None])))[0].asnumpy()[0]
 
     def logits(self, image):
         x = prepare_test_image(image, self.scale, self.size_divisor)
@@ -86,12 +113,14 @@ def evaluate_segmentor(network, samples, num_classes, reduce_zero_label=True, pr
                        progress=False, desc="eval", max_pixels=None):
     """Metrics of `network` (an inference Cell, set to eval mode here) over labelled `samples`.
 
-    Returns {"mIoU", "mAcc", "aAcc", "IoU", "Acc", "label_pixels", "samples", "skipped", "out_of_range_pixels"}.
+    Returns {"mIoU", "mAcc", "aAcc", "IoU", "Acc", "label_pixels", "samples", "skipped", "out_of_range_pixels",
+    "forward_stats"} (the last: the predictor's `ShapeStats`, None in slide mode).
     Samples whose files cannot be used are skipped and listed in "skipped_files" (name -> reason).
     """
     from tqdm import tqdm
     network.set_train(False)
     predictor = Predictor(network, **(predictor_options or {}))
+    predictor.expect_files(sample.image for sample in samples)
     confusion = ConfusionMatrix(num_classes)
     skipped, out_of_range, counted = {}, 0, 0
     for sample in tqdm(samples, desc=desc, unit="img", leave=False, disable=not progress):
@@ -104,7 +133,8 @@ def evaluate_segmentor(network, samples, num_classes, reduce_zero_label=True, pr
         confusion.update(predictor.predict(image), label)
         counted += 1
     result = confusion.summary()
-    result.update(samples=counted, skipped=len(skipped), skipped_files=skipped, out_of_range_pixels=out_of_range)
+    result.update(samples=counted, skipped=len(skipped), skipped_files=skipped, out_of_range_pixels=out_of_range,
+                  forward_stats=predictor.stats)
     return result
 
 

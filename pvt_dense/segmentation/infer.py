@@ -69,6 +69,8 @@ def infer_images(predictor, input_path, output_dir, num_classes, opacity=0.5, ov
     colours = palette(num_classes)
     summary = {"written": [], "existing": [], "unreadable": {}, "class_pixels": np.zeros(num_classes, np.int64)}
     predictor.network.set_train(False)
+    if hasattr(predictor, "expect_files"):
+        predictor.expect_files(entry.path for entry in entries)
     namer = OutputNamer()
     for entry in tqdm(entries, desc="infer", unit="img", disable=not progress):
         # One bad entry (a name that leaves nothing, a symlink out of the folder, an unwritable file) is reported
