@@ -185,6 +185,8 @@ def _read_native_meta(path):
         stored = ms.load_checkpoint(path, choice_func=lambda name: name == META_KEY)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with C++ traces
         text = str(err).strip()
+        if "empty after filter" in text:
+            return {}  # a plain mindspore.save_checkpoint file: weights only, no pvt_dense metadata
         raise CheckpointError(f"cannot read checkpoint {path}: {text.splitlines()[0] if text else err!r}") from None
     try:
         meta = json.loads(stored[META_KEY]) if isinstance(stored.get(META_KEY), str) else {}
