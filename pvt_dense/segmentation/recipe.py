@@ -3,15 +3,10 @@ from component names to builders. See configs/segmentation/ for the four ADE20K 
 from ..config import Field, load_config
 from ..engine.recipe import BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone
 from ..errors import ConfigError
-from ..models.fpn import build_neck
+from ..models.fpn import NECKS, build_neck
 from .ade20k import ADE20K_CLASSES
 from .semfpn_head import SemanticFPNHead
 from .segmentor import EncoderDecoder
-
-
-def _fpn(backbone, cfg):
-    # Semantic FPN uses every backbone map and adds no extra level.
-    return build_neck(backbone, "fpn", out_channels=cfg.neck_channels, num_outs=len(backbone.out_channels))
 
 
 def _semantic_fpn(neck, cfg, synchronized_bn):
@@ -19,7 +14,6 @@ def _semantic_fpn(neck, cfg, synchronized_bn):
                            dropout_ratio=cfg.dropout_ratio, synchronized_bn=synchronized_bn)
 
 
-NECK_BUILDERS = {"fpn": _fpn}
 HEAD_BUILDERS = {"semantic_fpn": _semantic_fpn}
 
 SEGMENTATION_FIELDS = {
@@ -34,7 +28,7 @@ SEGMENTATION_FIELDS = {
     "class_names": Field([], list, "one name per class for tables ([]: ADE20K's names for 150 classes, else "
                          "numbers)", item=str),
     # model
-    "neck": Field("fpn", str, choices=tuple(NECK_BUILDERS)),
+    "neck": Field("fpn", str, choices=tuple(NECKS)),
     "neck_channels": Field(256, int, low=1),
     "head": Field("semantic_fpn", str, choices=tuple(HEAD_BUILDERS)),
     "head_channels": Field(128, int, low=1),
@@ -90,11 +84,12 @@ def class_names_of(cfg):
 
 def build_segmentor(cfg, synchronized_bn=False, backbone=None):
     """Backbone (with its pretrained weights) + neck + head as an `EncoderDecoder`, from the config's names."""
-    for kind, name, table in (("neck", cfg.neck, NECK_BUILDERS), ("head", cfg.head, HEAD_BUILDERS)):
+    for kind, name, table in (("neck", cfg.neck, NECKS), ("head", cfg.head, HEAD_BUILDERS)):
         if name not in table:
             raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}")
     backbone = build_backbone(cfg) if backbone is None else backbone
-    neck = NECK_BUILDERS[cfg.neck](backbone, cfg)
+    # Semantic FPN uses every backbone map and adds no extra level.
+    neck = build_neck(backbone, cfg.neck, out_channels=cfg.neck_channels, num_outs=len(backbone.out_channels))
     head = HEAD_BUILDERS[cfg.head](neck, cfg, synchronized_bn)
     return EncoderDecoder(backbone, neck, head)
 
