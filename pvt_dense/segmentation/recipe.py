@@ -63,8 +63,24 @@ SEGMENTATION_SCHEMA = {**RUN_FIELDS, **BACKBONE_FIELDS, **SEGMENTATION_FIELDS}
 SEGMENTATION_DEFAULTS = {"lr": 2e-4, "weight_decay": 1e-4, "batch_size": 4, "ckpt_save_dir": "./runs/segmentation"}
 
 
-def load_segmentation_config(path=None, overrides=(), defaults=None):
-    cfg = load_config(SEGMENTATION_SCHEMA, path, overrides, defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})})
+# Keys only the evaluation and inference tools read (a training config is checked without them).
+EVAL_FIELDS = {
+    "ckpt_path": Field("", str, "the segmentor checkpoint (train_seg.py's, an official PVT Semantic FPN .pth or an "
+                       "mmsegmentation 1.x one)"),
+}
+INFER_FIELDS = {
+    "ckpt_path": EVAL_FIELDS["ckpt_path"],
+    "input": Field("", str, "an image, a directory of images or a .txt list of paths"),
+    "output": Field("", str, "folder for masks/, color/ and overlay/"),
+    "opacity": Field(0.5, float, "the overlay's blend of the colour mask", low=0.0, high=1.0),
+    "overwrite": Field(False, bool, "redo images whose outputs exist"),
+}
+
+
+def load_segmentation_config(path=None, overrides=(), defaults=None, extra_fields=None):
+    """A checked segmentation config; `extra_fields` adds a tool's own keys (EVAL_FIELDS, INFER_FIELDS)."""
+    cfg = load_config({**SEGMENTATION_SCHEMA, **(extra_fields or {})}, path, overrides,
+                      defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})})
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"class_names has {len(cfg.class_names)} names but num_classes is {cfg.num_classes}")
     if cfg.ratio_range[0] > cfg.ratio_range[1]:
