@@ -64,6 +64,26 @@ def split_config_argument(argv):
     return config, rest
 
 
+def tool_config(argv, doc, load_task_config, fields, required=None, **options):
+    """The checked config of an evaluation or inference tool, or None once `doc` is printed for -h / --help.
+
+    The command line is `[--config FILE] --key value ...`; `load_task_config(path, overrides, extra_fields=fields,
+    **options)` checks every key, the tool's own `fields` (checkpoint, input, output...) declared in the schema like
+    the task's, so a wrong value or an unknown key is one ConfigError naming it. `required` maps keys that must not
+    be empty to the message saying so, checked in order.
+    """
+    if argv is None and any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(doc)
+        return None
+    path, overrides = split_config_argument(argv)
+    cfg = load_task_config(path, overrides, extra_fields=fields, **options)
+    for key, message in (required or {}).items():
+        if not getattr(cfg, key):
+            from .errors import ConfigError
+            raise ConfigError(message)
+    return cfg
+
+
 def ensure_output_dir(path, option="--output"):
     """Create the output folder `path` up front, or a ConfigError naming `option`: a tool finds out that it cannot
     write its results before it spends minutes loading a model, not after."""

@@ -2,9 +2,11 @@
 
 What can be exported is one explicit table, `EXPORT_TASKS`, from task names to a config loader and a builder:
 - "backbone": the dense backbone; outputs the selected stage maps (N, C_i, H // s_i, W // s_i);
-- "classifier": the ImageNet classifier; outputs logits (N, num_classes).
-A task's builder receives the loaded (checked) config and the checkpoint path and returns the Cell to export, so
-the detector and the segmentor are one table line each once their packages exist.
+- "classifier": the ImageNet classifier; outputs logits (N, num_classes);
+- "detector": RetinaNet; outputs per-level class logits then box deltas (decode and NMS outside the graph);
+- "segmentor": Semantic FPN; outputs logits (N, num_classes, H, W).
+A task's builder receives the loaded (checked) config and the checkpoint path and returns the Cell to export; a
+new task is one table line.
 
 The exported graph uses MindSpore's own operators, never pvt_dense's compiled CPU kernels (a graph with those names
 this machine's .so file by path and would not run elsewhere); the numbers are the same to ~1e-6. The file is written

@@ -1,6 +1,9 @@
 import os
+import sys
 
 os.environ.setdefault("GLOG_v", "3")
+# devtools/ (benchmark, bad-input table, HF reference model) sits beside the package, outside what is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402

@@ -8,7 +8,7 @@ import pvt_dense
 from pvt_dense.errors import PVTDenseError
 from pvt_dense.models.pvt import PVT_SPECS, drop_path_schedule, parameter_count
 
-# From the seed's table (MindCV) and the official code; see shared/notes/references.md.
+# From MindCV's PVT page (its parameter table) and the official PVT code (whai362/PVT, classification/pvt.py).
 CLASSIFIER_PARAMS = {"pvt_tiny": 13_229_288, "pvt_small": 24_485_864, "pvt_medium": 44_208_104,
                      "pvt_large": 61_369_320}
 BACKBONE_PARAMS = {"pvt_tiny": 12_714_240, "pvt_small": 23_970_816, "pvt_medium": 43_693_056,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pvt_dense.devtools.bad_inputs import (BadInputMarkError, BadInputRow, collect_bad_inputs, marks_in_source,
+from devtools.bad_inputs import (BadInputMarkError, BadInputRow, collect_bad_inputs, marks_in_source,
                                            render_table, stale_table_message, write_table)
 
 ROOT = Path(__file__).resolve().parents[1]

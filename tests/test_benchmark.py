@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from pvt_dense import benchmark
+from devtools import benchmark
 from pvt_dense.models.pvt import PVT_SPECS
 
 torch = pytest.importorskip("torch")

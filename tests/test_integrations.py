@@ -93,7 +93,7 @@ def test_mindcv_built_models_run_the_same_in_graph_and_pynative_mode():
 @pytest.fixture(scope="module")
 def mindcv_format_checkpoint(tmp_path_factory):
     """A pvt_tiny checkpoint written by mindcv's own PVT class: MindCV names and float16 position embeddings, as in
-    the seed's pvt_tiny-6abb953d.ckpt, with random weights (the published file is not downloadable here)."""
+    MindCV's published pvt_tiny-6abb953d.ckpt, with random weights (the published file is not downloadable here)."""
     from mindcv.models.pvt import pvt_tiny as mindcv_pvt_tiny
     net = mindcv_pvt_tiny(num_classes=1000)
     rng = np.random.default_rng(3)

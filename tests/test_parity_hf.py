@@ -2,7 +2,7 @@
 
 Random weights are made on the torch side, saved the way HF saves them (.bin pickle and .safetensors), converted by
 our converter and loaded into our MindSpore model. Two adjustments turn HF's PVT into the official model, and both
-are made on the torch side only, where they are visible:
+are made on the torch side only, where they are visible (devtools/hf_reference.py):
 - HF uses one LayerNorm eps (1e-6) everywhere; the official code uses 1e-5 in the patch-embedding and
   spatial-reduction norms. We set those two norms' eps to the official value.
 - For the dense forward (stage maps), HF always carries the cls token into the last stage and resizes position
@@ -10,31 +10,18 @@ are made on the torch side only, where they are visible:
   official dense backbone has no cls token and resizes the learned grid bilinearly (align_corners=False). We drop
   the cls token and substitute that resize.
 """
-import types
-
 import mindspore as ms
 import numpy as np
 import pytest
 
 import pvt_dense
+from devtools.hf_reference import as_official_dense_backbone, hf_pvt_config, set_official_norm_eps
 from pvt_dense.checkpoint import convert_checkpoint
 from pvt_dense.models.pvt import PVT_SPECS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-F = torch.nn.functional
 TOLERANCE = 1e-4
-
-
-def hf_config(name, num_labels=1000):
-    spec = PVT_SPECS[name]
-    return transformers.PvtConfig(
-        image_size=spec.pretrain_size, num_channels=3, num_encoder_blocks=4, depths=list(spec.depths),
-        sequence_reduction_ratios=list(spec.sr_ratios), hidden_sizes=list(spec.embed_dims),
-        patch_sizes=list(spec.patch_sizes), strides=list(spec.patch_sizes), num_attention_heads=list(spec.num_heads),
-        mlp_ratios=list(spec.mlp_ratios), hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, drop_path_rate=0.0, layer_norm_eps=1e-6, qkv_bias=True,
-        num_labels=num_labels)
 
 
 def randomise(model, seed):
@@ -52,36 +39,6 @@ def randomise(model, seed):
                 param.copy_(0.1 * noise)
 
 
-def set_official_norm_eps(pvt_model):
-    for embedding in pvt_model.encoder.patch_embeddings:
-        embedding.layer_norm.eps = 1e-5
-    for stage in pvt_model.encoder.block:
-        for layer in stage:
-            attention = layer.attention.self
-            if attention.sequences_reduction_ratio > 1:
-                attention.layer_norm.eps = 1e-5
-
-
-def official_pos_resize(self, embeddings, height, width):
-    grid_h = self.image_size[0] // self.patch_size[0]
-    grid_w = self.image_size[1] // self.patch_size[1]
-    if (height, width) == (grid_h, grid_w):
-        return embeddings
-    grid = embeddings.reshape(1, grid_h, grid_w, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-    return grid.reshape(1, -1, height * width).permute(0, 2, 1)
-
-
-def as_official_dense_backbone(pvt_model):
-    embeddings = pvt_model.encoder.patch_embeddings
-    for embedding in embeddings:
-        embedding.interpolate_pos_encoding = types.MethodType(official_pos_resize, embedding)
-    last = embeddings[-1]
-    last.cls_token = None
-    last.position_embeddings = torch.nn.Parameter(last.position_embeddings[:, 1:].clone())
-    return pvt_model
-
-
 def hf_stage_maps(pvt_model, pixels, depths):
     hidden = pvt_model(torch.from_numpy(pixels), output_hidden_states=True).hidden_states
     maps, height, width = [], pixels.shape[2], pixels.shape[3]
@@ -97,7 +54,7 @@ def hf_stage_maps(pvt_model, pixels, depths):
 def hf_checkpoints(request, tmp_path_factory):
     name, mode = request.param
     torch.manual_seed(0)
-    model = transformers.PvtForImageClassification(hf_config(name)).eval()
+    model = transformers.PvtForImageClassification(hf_pvt_config(PVT_SPECS[name])).eval()
     randomise(model, seed=len(name))
     set_official_norm_eps(model.pvt)
     folder = tmp_path_factory.mktemp(name)

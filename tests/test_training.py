@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # PVT v1's recipes; v2's are checked in test_parity_v2.py.
 CONFIGS = sorted(p for p in (ROOT / "configs" / "classification").glob("*.yaml") if not p.stem.startswith("pvt_v2"))
 
-# The seed's table (MindCV configs/pvt/*_ascend.yaml): epochs, lr, drop path, loss scale.
+# MindCV's PVT page (configs/pvt/*_ascend.yaml): epochs, lr, drop path, loss scale.
 SEED_RECIPES = {
     "pvt_tiny": (450, 5e-4, 0.1, 1024),
     "pvt_small": (500, 5e-4, 0.1, 1024),
@@ -53,7 +53,7 @@ def test_every_recipe_loads_builds_and_matches_the_seed_table(path):
     import pvt_dense
     cfg = load_classification_config(path)
     assert (cfg.epoch_size, cfg.lr, cfg.drop_path_rate, cfg.loss_scale) == SEED_RECIPES[cfg.model]
-    # Shared by the four recipes in the seed.
+    # Shared by the four recipes on MindCV's PVT page.
     assert (cfg.batch_size, cfg.weight_decay, cfg.opt, cfg.label_smoothing) == (128, 0.05, "adamw", 0.1)
     assert (cfg.mixup, cfg.cutmix, cfg.re_prob, cfg.crop_pct) == (0.8, 1.0, 0.25, 0.9)
     assert (cfg.auto_augment, cfg.interpolation, cfg.warmup_epochs, cfg.min_lr) == (

@@ -7,11 +7,13 @@ The test modules are parsed, not imported. Exit status: 0 done or up to date, 1 
 cannot be read (not string literals, or not on a test).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from pvt_dense.cli import run_tool
-from pvt_dense.devtools.bad_inputs import collect_bad_inputs, stale_table_message, write_table
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # devtools/, not installed
+from pvt_dense.cli import run_tool  # noqa: E402
+from devtools.bad_inputs import collect_bad_inputs, stale_table_message, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,15 @@ results.md / .csv / .json / .png and profile_<model>_<case>.md to --output (defa
 Needs the [bench] extra (torch, transformers): pip install -e .[bench]
 """
 import argparse
+import os
 import sys
 
-from pvt_dense.cli import run_tool
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # devtools/, not installed
+from pvt_dense.cli import run_tool  # noqa: E402
 
 
 def build_parser():
-    from pvt_dense.benchmark import CASES, DEFAULT_MODELS, OURS, THEIRS
+    from devtools.benchmark import CASES, DEFAULT_MODELS, OURS, THEIRS
     from pvt_dense.models import list_models
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list_models())
@@ -38,7 +40,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from pvt_dense.benchmark import markdown_table, run_benchmark
+    from devtools.benchmark import markdown_table, run_benchmark
     args = build_parser().parse_args(argv)
     if args.quick:
         args.repeats, args.max_seconds = min(args.repeats, 3), min(args.max_seconds, 20.0)

@@ -10,17 +10,15 @@ value (--max_eval_images 500 for a quick look, --score_thr, --nms_iou, --mode 1 
 """
 import sys
 
-from pvt_dense.cli import run_tool, split_config_argument
+from pvt_dense.cli import run_tool, tool_config
 
 
 def main(argv=None):
-    if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__)
-        return 0
     from pvt_dense.detection.recipe import EVAL_FIELDS, load_detection_config
     from pvt_dense.detection.train import evaluate_checkpoint
-    config, overrides = split_config_argument(argv)
-    cfg = load_detection_config(config, overrides, extra_fields=EVAL_FIELDS)
+    cfg = tool_config(argv, __doc__, load_detection_config, EVAL_FIELDS)
+    if cfg is None:
+        return 0
     metrics = evaluate_checkpoint(cfg, cfg.ckpt_path, results_json=cfg.results_json or None)
     print(f"box AP {metrics['AP']:.4f} on {metrics['images']} images"
           + (f" ({metrics['unreadable']} unreadable, skipped)" if metrics["unreadable"] else "")

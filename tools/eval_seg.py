@@ -8,29 +8,21 @@ r"""Evaluate a Semantic FPN checkpoint: mIoU, mAcc, aAcc and a per-class IoU/Acc
 """
 import sys
 
-from pvt_dense.cli import run_tool, split_config_argument
+from pvt_dense.cli import run_tool, tool_config
 
 
 def main(argv=None):
-    if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__)
-        return 0
-    from pvt_dense.config import parse_overrides
-    from pvt_dense.errors import ConfigError
     from pvt_dense.segmentation.ade20k import list_samples
     from pvt_dense.segmentation.evaluation import evaluate_segmentor, format_results
-    from pvt_dense.segmentation.recipe import (checkpoint_class_names, load_segmentation_config,
+    from pvt_dense.segmentation.recipe import (EVAL_FIELDS, checkpoint_class_names, load_segmentation_config,
                                                load_trained_segmentor_with_report, predictor_options)
     from pvt_dense.segmentation.segmentor import SegmentorInference
-    config, overrides = split_config_argument(argv)
-    pairs = parse_overrides(overrides)
-    ckpt = [value for key, value in pairs if key == "ckpt_path"]
-    if not ckpt or not isinstance(ckpt[-1], str):
-        raise ConfigError("--ckpt_path PATH is required (train_seg.py's, an official PVT Semantic FPN .pth or an "
-                          "mmsegmentation 1.x one)")
-    cfg = load_segmentation_config(config, [(k, v) for k, v in pairs if k != "ckpt_path"],
-                                   defaults={"distribute": False})
-    net, report = load_trained_segmentor_with_report(cfg, ckpt[-1])
+    cfg = tool_config(argv, __doc__, load_segmentation_config, EVAL_FIELDS,
+                      {"ckpt_path": "--ckpt_path PATH is required (train_seg.py's, an official PVT Semantic FPN "
+                       ".pth or an mmsegmentation 1.x one)"}, defaults={"distribute": False})
+    if cfg is None:
+        return 0
+    net, report = load_trained_segmentor_with_report(cfg, cfg.ckpt_path)
     samples = list_samples(cfg.data_dir, cfg.val_split)
     result = evaluate_segmentor(SegmentorInference(net), samples, cfg.num_classes, cfg.reduce_zero_label,
                                 predictor_options(cfg), progress=cfg.progress_bar)

@@ -10,21 +10,17 @@ meta, else COCO's.
 """
 import sys
 
-from pvt_dense.cli import ensure_output_dir, run_tool, split_config_argument
+from pvt_dense.cli import ensure_output_dir, run_tool, tool_config
 
 
 def main(argv=None):
-    if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__)
-        return 0
     from pvt_dense.detection.infer import infer_images
     from pvt_dense.detection.recipe import INFER_FIELDS, load_detection_config, inference_settings
     from pvt_dense.detection.train import load_detector_with_names
-    from pvt_dense.errors import ConfigError
-    config, overrides = split_config_argument(argv)
-    cfg = load_detection_config(config, overrides, extra_fields=INFER_FIELDS)
-    if not cfg.input or not cfg.output:
-        raise ConfigError("--input (image, directory or .txt list) and --output (folder) are required")
+    required = "--input (image, directory or .txt list) and --output (folder) are required"
+    cfg = tool_config(argv, __doc__, load_detection_config, INFER_FIELDS, {"input": required, "output": required})
+    if cfg is None:
+        return 0
     ensure_output_dir(cfg.output)
     detector, class_names, category_ids = load_detector_with_names(cfg, cfg.ckpt_path)
     summary = infer_images(detector, cfg.input, cfg.output, class_names, inference_settings(cfg), cfg.img_scale,

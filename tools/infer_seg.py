@@ -10,44 +10,29 @@ names then come from its meta (else ADE20K's).
 """
 import sys
 
-from pvt_dense.cli import ensure_output_dir, run_tool, split_config_argument
-
-TOOL_KEYS = ("ckpt_path", "input", "output", "opacity", "overwrite")
+from pvt_dense.cli import ensure_output_dir, run_tool, tool_config
 
 
 def main(argv=None):
-    if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__)
-        return 0
-    from pvt_dense.config import Field, coerce, parse_overrides
-    from pvt_dense.errors import ConfigError
     from pvt_dense.segmentation.evaluation import Predictor
     from pvt_dense.segmentation.infer import infer_images
-    from pvt_dense.segmentation.recipe import (checkpoint_class_names, load_segmentation_config,
+    from pvt_dense.segmentation.recipe import (INFER_FIELDS, checkpoint_class_names, load_segmentation_config,
                                                load_trained_segmentor_with_report, predictor_options)
     from pvt_dense.segmentation.segmentor import SegmentorInference
-    config, overrides = split_config_argument(argv)
-    pairs = parse_overrides(overrides)
-    fields = {"ckpt_path": Field("", str), "input": Field("", str), "output": Field("", str),
-              "opacity": Field(0.5, float, low=0.0, high=1.0), "overwrite": Field(False, bool)}
-    options = {key: field.default for key, field in fields.items()}
-    for key, value in pairs:
-        if key in fields:
-            options[key] = coerce(key, fields[key], value, "command line")
-    for key in ("ckpt_path", "input", "output"):
-        if not options[key]:
-            raise ConfigError(f"--{key} is required")
-    ensure_output_dir(options["output"])
-    cfg = load_segmentation_config(config, [(k, v) for k, v in pairs if k not in TOOL_KEYS],
-                                   defaults={"distribute": False})
-    net, report = load_trained_segmentor_with_report(cfg, options["ckpt_path"])
+    cfg = tool_config(argv, __doc__, load_segmentation_config, INFER_FIELDS,
+                      {key: f"--{key} is required" for key in ("ckpt_path", "input", "output")},
+                      defaults={"distribute": False})
+    if cfg is None:
+        return 0
+    ensure_output_dir(cfg.output)
+    net, report = load_trained_segmentor_with_report(cfg, cfg.ckpt_path)
     predictor = Predictor(SegmentorInference(net), **predictor_options(cfg))
-    summary = infer_images(predictor, options["input"], options["output"], cfg.num_classes, options["opacity"],
-                           options["overwrite"], progress=cfg.progress_bar)
+    summary = infer_images(predictor, cfg.input, cfg.output, cfg.num_classes, cfg.opacity,
+                           cfg.overwrite, progress=cfg.progress_bar)
     names = checkpoint_class_names(cfg, report)
     seen = [f"{names[c]} {100 * n / max(summary['class_pixels'].sum(), 1):.1f}%"
             for c, n in sorted(enumerate(summary["class_pixels"]), key=lambda item: -item[1]) if n][:8]
-    print(f"{len(summary['written'])} images segmented into {options['output']} (masks/, color/, overlay/)"
+    print(f"{len(summary['written'])} images segmented into {cfg.output} (masks/, color/, overlay/)"
           + (f", {len(summary['existing'])} already done" if summary["existing"] else "")
           + (f", {len(summary['unreadable'])} unreadable skipped" if summary["unreadable"] else ""))
     if seen:

@@ -3,10 +3,10 @@
 Two things differ from mindcv's `create_dataset`, each for a stated reason:
 - Images are decoded in Python with OpenCV (`pvt_dense.data.images.read_image`), so a corrupt or unreadable file is
   skipped and counted instead of stopping a multi-day run; the next readable image of the epoch takes its place.
-- The sample order of every epoch is a permutation seeded by (seed, epoch) and sharded by rank, and every random
-  draw of the training augmentation is seeded by the position it is made for: each image's (random resized crop,
-  flip, RandAugment, random erasing) by (seed, epoch, rank, its position in the epoch), each batch's mixup/cutmix by
-  (seed, epoch, rank, batch index). So an epoch can be replayed exactly after a crash, from its first batch or from
+- The sample order of every epoch is a permutation seeded by (seed, epoch) dealt to the ranks by the sampler the
+  three tasks share (`pvt_dense.data.sampler`), and every random draw of the training augmentation is seeded by the
+  position it is made for: each image's (random resized crop, flip, RandAugment, random erasing) by (seed, epoch,
+  rank, its position in the epoch), each batch's mixup/cutmix by (seed, epoch, rank, batch index). So an epoch can be replayed exactly after a crash, from its first batch or from
   any batch inside it, augmentation included (MindSpore's pipeline ops draw from generators that restart with the
   pipeline, and mindcv's Python ops from the process-wide `random`/`numpy.random`, neither of which a checkpoint
   can restore).
@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from ..data.images import is_image_name, read_image
+from ..data.sampler import EpochSampler, UnreadableSamples
 from ..errors import ImageReadError, PVTDenseError
 
 
@@ -54,21 +55,19 @@ def scan_image_folder(root, split):
 
 
 def epoch_order(num_samples, epoch, seed, shuffle, rank, world_size, batch_size=1):
-    """This rank's sample indices for `epoch`, from one permutation seeded by (seed, epoch).
+    """This rank's sample indices for `epoch`, by the shared sampler (`pvt_dense.data.sampler.EpochSampler`).
 
-    With several ranks the permutation is dealt out batch by batch: global batch k holds the same images as batch k
-    of a single process with `batch_size * world_size` images, so one process and N processes train on the same
-    data. The tail that does not fill a global batch is dropped, so every rank runs the same number of steps.
+    Global batch k holds the same images as batch k of a single process with `batch_size * world_size` images, so
+    one process and N processes train on the same data. With several processes the tail that does not fill a global
+    batch is dropped, so every rank runs the same number of steps; one process keeps it and the loader's
+    `drop_remainder` decides.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else np.arange(num_samples)
-    if world_size == 1:
-        return order
-    global_batch = batch_size * world_size
-    usable = num_samples // global_batch * global_batch
-    if usable == 0:
-        raise PVTDenseError(f"{num_samples} images cannot fill one global batch of {global_batch} "
+    sampler = EpochSampler(num_samples, batch_size, world_size, rank, seed, shuffle,
+                           tail="keep" if world_size == 1 else "drop")
+    if sampler.steps_per_epoch == 0 and num_samples:
+        raise PVTDenseError(f"{num_samples} images cannot fill one global batch of {sampler.global_batch} "
                             f"({world_size} processes x {batch_size})")
-    return order[:usable].reshape(-1, world_size, batch_size)[:, rank, :].reshape(-1)
+    return sampler.rank_order(epoch)
 
 
 class ImageFolderSource:
@@ -82,9 +81,13 @@ class ImageFolderSource:
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int32)
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.batch_size = batch_size
-        self.bad_files = {}
-        self._lock = threading.Lock()
+        self.unreadable = UnreadableSamples(errors=(ImageReadError,))
         self.set_epoch(0)
+
+    @property
+    def bad_files(self):
+        """{index of an unreadable image: the reason}."""
+        return self.unreadable.bad
 
     def set_epoch(self, epoch, start_batch=0):
         order = epoch_order(len(self.paths), epoch, self.seed, self.shuffle, self.rank, self.world_size,
@@ -98,16 +101,10 @@ class ImageFolderSource:
         return len(self.order)
 
     def __getitem__(self, position):
-        for step in range(len(self.order)):
-            index = self.order[(position + step) % len(self.order)]
-            if index in self.bad_files:
-                continue
-            try:
-                return read_image(self.paths[index]), self.labels[index]
-            except ImageReadError as err:
-                with self._lock:
-                    self.bad_files[index] = getattr(err, "reason", str(err))
-        raise PVTDenseError("no readable image left in this shard of the dataset")
+        _, sample = self.unreadable.read_first(
+            self.order, position, lambda index: (read_image(self.paths[index]), self.labels[index]),
+            "no readable image left in this shard of the dataset")
+        return sample
 
 
 _AUGMENT_LOCK = threading.Lock()

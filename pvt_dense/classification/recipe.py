@@ -1,5 +1,5 @@
-"""The ImageNet classification config: MindCV's key names (so the seed's YAML files and command lines work as they
-are), plus the few keys pvt_dense adds for long runs. See configs/classification/ for the four recipes."""
+"""The ImageNet classification config: MindCV's key names (so the YAML files and command lines of MindCV's PVT page
+work as they are), plus the few keys pvt_dense adds for long runs. See configs/classification/ for the four recipes."""
 from ..config import Field, load_config
 from ..errors import ConfigError
 from ..models import list_models
@@ -76,7 +76,7 @@ CLASSIFICATION_SCHEMA = {
     "decay_rate": Field(0.1, float, low=0.0),
     "multi_step_decay_milestones": Field([30, 60, 90], list, item=int),
     "lr_epoch_stair": Field(False, bool),
-    "scale_lr_with_batch": Field(False, bool, "lr *= global batch / 1024 (the seed's note on batch size)"),
+    "scale_lr_with_batch": Field(False, bool, "lr *= global batch / 1024 (MindCV's PVT page's note on batch size)"),
     # optimizer
     "opt": Field("adamw", str, choices=("adamw", "adam", "sgd", "momentum")),
     "weight_decay": Field(0.05, float, low=0.0),

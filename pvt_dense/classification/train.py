@@ -7,23 +7,14 @@ the last good checkpoint in place; steps whose scaled gradients overflow are ski
 """
 import math
 import os
-import random
 import time
 
 import numpy as np
 
 from ..engine.loop import NonFiniteLossError  # noqa: F401  (raised here, importable from here)
+from ..engine.recipe import set_seeds
 from ..errors import PVTDenseError
 from .recipe import effective_lr, official_recipe_overrides
-
-
-def set_seeds(seed):
-    import mindspore as ms
-    import mindspore.dataset as ds
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    ms.set_seed(seed)
-    ds.config.set_seed(seed % (2 ** 32))
 
 
 def no_decay_names(net, filter_bias_and_norm, extra_patterns=()):
@@ -102,23 +93,19 @@ class Trainer:
     """Everything one classification run needs, built from a checked config (`load_classification_config`)."""
 
     def __init__(self, cfg):
-        import mindspore as ms
         from mindcv.loss import create_loss
         from mindspore import nn
 
         from ..engine.checkpoints import CheckpointManager
-        from ..engine.distributed import init_distributed
+        from ..engine.recipe import init_run
         from ..engine.train_step import TrainStep
         from ..models import create_model
         from ..models.fast_ops import mixed_precision
         from .data import ImageFolderSource, build_loader, scan_image_folder
 
         self.cfg = cfg
-        ms.set_device(cfg.device_target)
-        ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
-        self.rank, self.world_size = init_distributed(cfg.distribute)
+        self.rank, self.world_size = init_run(cfg)
         self.is_main = self.rank == 0
-        set_seeds(cfg.seed)
 
         paths, labels, classes = scan_image_folder(cfg.data_dir, cfg.train_split)
         val_split = scan_image_folder(cfg.data_dir, cfg.val_split) if cfg.val_while_train else None

@@ -1,10 +1,11 @@
 """Deterministic training batches for `pvt_dense.engine.loop.IterationLoop`, and ordered evaluation batches.
 
-The batches of an epoch are a pure function of (seed, epoch, rank): one permutation seeded by (seed, epoch) is
-split into the landscape and the other images (each batch holds one orientation, mmdetection's aspect-ratio grouping),
-each group is cut into global batches of `batch_size * world_size` (its last batch filled up from the group's
-start, as mmdetection's GroupSampler does), and the batches are put in an order drawn from the same generator. Rank
-r takes slice r of each global batch and pads it to its largest image rounded up to `pad_grid` (see
+The batches of an epoch are a pure function of (seed, epoch, rank), dealt by the sampler the three tasks share
+(`pvt_dense.data.sampler.EpochSampler`): one permutation seeded by (seed, epoch) is split into the landscape and
+the other images (each batch holds one orientation, mmdetection's aspect-ratio grouping), each group is cut into
+global batches of `batch_size * world_size` (its last batch filled up from the group's start, as mmdetection's
+GroupSampler does), and when both orientations are present the batches are put in an order drawn from the same
+generator. Rank r takes slice r of each global batch and pads it to its largest image rounded up to `pad_grid` (see
 `transforms.batch_shape`; `shapes` records the distinct batch shapes, each one graph compilation). Flips draw from
 a generator seeded by (seed, epoch, image index). A resumed run therefore sees exactly the batches an uninterrupted
 run would.
@@ -13,11 +14,10 @@ An image file that cannot be decoded is recorded and replaced by the next image 
 (deterministic, since a corrupt file stays corrupt); `skipped` counts them.
 """
 import threading
-import warnings
-from functools import lru_cache
 
 import numpy as np
 
+from ..data.sampler import EpochSampler, UnreadableSamples
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ImageReadError, PVTDenseError
 from .transforms import batch_shape, canvas_shape, is_landscape, pad_targets, prepare_image
@@ -46,55 +46,25 @@ class DetectionBatchSource:
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
         self.landscape = np.asarray([is_landscape(r.height, r.width) for r in dataset.records])
-        self.bad_images = {}
+        # group 0: landscape, 1: the others
+        self.sampler = EpochSampler(len(dataset), self.batch_size, world_size, rank, seed, shuffle, tail="fill",
+                                    groups=(~self.landscape).astype(np.int8))
+        self.unreadable = UnreadableSamples(
+            errors=(ImageReadError,), warning=lambda index, err: f"skipping unreadable training image: {err}")
         self._lock = threading.Lock()
-        self.steps_per_epoch = sum(-(-int(count) // self.global_batch)
-                                   for count in (self.landscape.sum(), (~self.landscape).sum()) if count)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+
+    @property
+    def bad_images(self):
+        return self.unreadable.bad
 
     @property
     def skipped(self):
-        return len(self.bad_images)
-
-    @lru_cache(maxsize=2)
-    def epoch_plan(self, epoch):
-        """(global batches: list of (landscape, index array)), {landscape: the group's order}) of `epoch`."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.dataset)) if self.shuffle else np.arange(len(self.dataset))
-        batches, groups = [], {}
-        for landscape in (True, False):
-            group = order[self.landscape[order] == landscape]
-            if not group.size:
-                continue
-            groups[landscape] = group
-            count = -(-group.size // self.global_batch)
-            filled = np.resize(group, count * self.global_batch)  # repeats from the group's start
-            batches += [(landscape, chunk) for chunk in filled.reshape(count, self.global_batch)]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches, groups
-
-    def _read(self, index, group):
-        """(image, record, index actually used): the next readable image of `group` from `index` on."""
-        start = int(np.flatnonzero(group == index)[0])
-        for step in range(group.size):
-            candidate = int(group[(start + step) % group.size])
-            if candidate in self.bad_images:
-                continue
-            try:
-                image, record = self.dataset.read(candidate)
-                return image, record, candidate
-            except ImageReadError as err:
-                with self._lock:
-                    if candidate not in self.bad_images:
-                        self.bad_images[candidate] = getattr(err, "reason", str(err))
-                        warnings.warn(f"skipping unreadable training image: {err}", RuntimeWarning, stacklevel=2)
-        raise PVTDenseError("no readable image left among the training images of this orientation "
-                            f"({len(self.bad_images)} unreadable)")
+        return len(self.unreadable)
 
     def batch(self, epoch, index):
-        batches, groups = self.epoch_plan(epoch)
-        landscape, chunk = batches[index]
-        mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine, group = self.sampler.rank_batch(epoch, index)
+        landscape = bool(self.landscape[group[0]])
         count = len(mine)
         boxes = np.zeros((count, self.max_gt, 4), np.float32)
         labels = np.zeros((count, self.max_gt), np.int32)
@@ -102,7 +72,9 @@ class DetectionBatchSource:
         pad_sizes = np.zeros((count, 2), np.float32)
         prepared = []
         for slot, sample in enumerate(mine):
-            image, record, used = self._read(int(sample), groups[landscape])
+            used, (image, record) = self.unreadable.read_in_place(
+                group, int(sample), self.dataset.read, lambda: "no readable image left among the training images "
+                f"of this orientation ({len(self.unreadable)} unreadable)")
             flip = np.random.default_rng([self.seed, epoch, used]).random() < self.flip_ratio
             chw, resized_boxes, meta = prepare_image(image, record.boxes, self.img_scale, flip, self.mean, self.std,
                                                      self.pad_divisor)

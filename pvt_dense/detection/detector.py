@@ -3,7 +3,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .anchors import AnchorGenerator, graph_level_anchors, graph_level_valid
+from .anchors import graph_level_anchors, graph_level_valid
 from .assigner import MaxIoUAssigner
 from .box_coder import encode_deltas
 from .losses import l1_loss, sigmoid_focal_loss
@@ -143,6 +143,3 @@ class RetinaNetWithLoss(nn.Cell):
             total = total + value
         return total
 
-
-def build_anchor_generator(strides, octave_base_scale=4, scales_per_octave=3, ratios=(0.5, 1.0, 2.0)):
-    return AnchorGenerator(strides, octave_base_scale, scales_per_octave, ratios)

@@ -2,7 +2,7 @@
 
 `DETECTION_SCHEMA` = the shared run keys + the backbone keys + the keys below. Defaults are the official RetinaNet
 1x recipe (configs/detection/retinanet_pvt_*_fpn_1x_coco.yaml spell it out). `neck:` and `head:` name components
-of `NECK_BUILDERS` / `HEAD_BUILDERS`; an unknown name is a ConfigError listing the valid ones.
+of `models.fpn.NECKS` / `HEAD_BUILDERS`; an unknown name is a ConfigError listing the valid ones.
 """
 import dataclasses
 import os
@@ -11,7 +11,7 @@ from ..config import Field, load_config
 from ..engine.recipe import (BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone,
                              check_backbone_options)
 from ..errors import ConfigError
-from ..models.fpn import build_neck
+from ..models.fpn import NECKS, build_neck
 from .anchors import AnchorGenerator
 from .assigner import MaxIoUAssigner
 from .detector import RetinaNet, RetinaNetWithLoss
@@ -19,15 +19,16 @@ from .postprocess import InferenceSettings
 from .retinanet_head import RetinaNetHead
 
 
-def build_fpn(backbone, cfg):
+def build_detection_neck(backbone, cfg):
     """mmdetection's RetinaNet FPN: backbone stages from `neck_first_stage` on, `neck_num_outs` levels, the
     extra levels by stride-2 convs on the last backbone map ("on_input")."""
     stages = list(cfg.out_indices)
     if cfg.neck_first_stage not in stages:
         raise ConfigError(f"neck_first_stage {cfg.neck_first_stage} is not among the backbone's out_indices "
                           f"{stages}")
-    return build_neck(backbone, "fpn", out_channels=cfg.neck_channels, start_level=stages.index(cfg.neck_first_stage),
-                      num_outs=cfg.neck_num_outs, add_extra_convs=cfg.neck_extra_convs)
+    return build_neck(backbone, cfg.neck, out_channels=cfg.neck_channels,
+                      start_level=stages.index(cfg.neck_first_stage), num_outs=cfg.neck_num_outs,
+                      add_extra_convs=cfg.neck_extra_convs)
 
 
 def build_retinanet_head(neck, cfg, num_classes):
@@ -39,7 +40,6 @@ def build_retinanet_head(neck, cfg, num_classes):
                          stacked_convs=cfg.head_stacked_convs, prior_prob=cfg.head_prior_prob)
 
 
-NECK_BUILDERS = {"fpn": build_fpn}
 HEAD_BUILDERS = {"retinanet": build_retinanet_head}
 
 
@@ -78,7 +78,7 @@ DETECTION_SCHEMA = {
     "std": Field([58.395, 57.12, 57.375], list, item=float, length=3, low=1e-6),
     "max_gt": Field(100, int, "ground truth boxes per image (padded for graph mode; more are capped)", low=1),
     # model
-    "neck": Field("fpn", str, choices=tuple(NECK_BUILDERS)),
+    "neck": Field("fpn", str, choices=tuple(NECKS)),
     "neck_first_stage": Field(1, int, "first backbone stage (0-based) the FPN uses; 1 = stride 8 (P3)", low=0,
                               high=3),
     "neck_channels": Field(256, int, low=1),
@@ -151,7 +151,7 @@ def build_retinanet(cfg, num_classes=None, load_pretrained=True):
     if not load_pretrained and cfg.pretrained:
         cfg = type(cfg)(cfg, pretrained="")
     backbone = build_backbone(cfg)
-    neck = NECK_BUILDERS[cfg.neck](backbone, cfg)
+    neck = build_detection_neck(backbone, cfg)
     head = HEAD_BUILDERS[cfg.head](neck, cfg, num_classes or cfg.num_classes)
     anchors = AnchorGenerator(neck.strides, cfg.anchor_octave_base_scale, cfg.anchor_scales_per_octave,
                               tuple(cfg.anchor_ratios))

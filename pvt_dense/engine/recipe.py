@@ -146,15 +146,18 @@ def warmup_poly_schedule(base_lr, total_iters, power=0.9, min_lr=0.0, warmup_ite
 
 
 def set_seeds(seed):
+    """Seed every generator a run draws from: Python's, numpy's, MindSpore's and its dataset pipeline's."""
     import mindspore as ms
+    import mindspore.dataset as ds
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     ms.set_seed(seed)
+    ds.config.set_seed(seed % (2 ** 32))
 
 
 def init_run(cfg):
-    """Device, execution mode, process group (msrun/mpirun data parallel when launched so) and seeds; returns
-    (rank, world_size)."""
+    """Device, execution mode, process group (msrun/mpirun data parallel when launched so) and seeds, for all three
+    tasks; returns (rank, world_size)."""
     import mindspore as ms
 
     from .distributed import init_distributed

@@ -121,6 +121,8 @@ class FPN(nn.Cell):
 
 
 NECKS = {"fpn": FPN}
+"""The one table of necks, shared by the detection and segmentation configs (their `neck:` key names one of these);
+each recipe passes its own options (levels, extra convs) through `build_neck`."""
 
 
 def build_neck(backbone, name="fpn", **options):

@@ -3,15 +3,10 @@ from component names to builders. See configs/segmentation/ for the four ADE20K 
 from ..config import Field, load_config
 from ..engine.recipe import BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone
 from ..errors import ConfigError
-from ..models.fpn import build_neck
+from ..models.fpn import NECKS, build_neck
 from .ade20k import ADE20K_CLASSES
 from .semfpn_head import SemanticFPNHead
 from .segmentor import EncoderDecoder
-
-
-def _fpn(backbone, cfg):
-    # Semantic FPN uses every backbone map and adds no extra level.
-    return build_neck(backbone, "fpn", out_channels=cfg.neck_channels, num_outs=len(backbone.out_channels))
 
 
 def _semantic_fpn(neck, cfg, synchronized_bn):
@@ -19,7 +14,6 @@ def _semantic_fpn(neck, cfg, synchronized_bn):
                            dropout_ratio=cfg.dropout_ratio, synchronized_bn=synchronized_bn)
 
 
-NECK_BUILDERS = {"fpn": _fpn}
 HEAD_BUILDERS = {"semantic_fpn": _semantic_fpn}
 
 SEGMENTATION_FIELDS = {
@@ -34,7 +28,7 @@ SEGMENTATION_FIELDS = {
     "class_names": Field([], list, "one name per class for tables ([]: ADE20K's names for 150 classes, else "
                          "numbers)", item=str),
     # model
-    "neck": Field("fpn", str, choices=tuple(NECK_BUILDERS)),
+    "neck": Field("fpn", str, choices=tuple(NECKS)),
     "neck_channels": Field(256, int, low=1),
     "head": Field("semantic_fpn", str, choices=tuple(HEAD_BUILDERS)),
     "head_channels": Field(128, int, low=1),
@@ -69,8 +63,24 @@ SEGMENTATION_SCHEMA = {**RUN_FIELDS, **BACKBONE_FIELDS, **SEGMENTATION_FIELDS}
 SEGMENTATION_DEFAULTS = {"lr": 2e-4, "weight_decay": 1e-4, "batch_size": 4, "ckpt_save_dir": "./runs/segmentation"}
 
 
-def load_segmentation_config(path=None, overrides=(), defaults=None):
-    cfg = load_config(SEGMENTATION_SCHEMA, path, overrides, defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})})
+# Keys only the evaluation and inference tools read (a training config is checked without them).
+EVAL_FIELDS = {
+    "ckpt_path": Field("", str, "the segmentor checkpoint (train_seg.py's, an official PVT Semantic FPN .pth or an "
+                       "mmsegmentation 1.x one)"),
+}
+INFER_FIELDS = {
+    "ckpt_path": EVAL_FIELDS["ckpt_path"],
+    "input": Field("", str, "an image, a directory of images or a .txt list of paths"),
+    "output": Field("", str, "folder for masks/, color/ and overlay/"),
+    "opacity": Field(0.5, float, "the overlay's blend of the colour mask", low=0.0, high=1.0),
+    "overwrite": Field(False, bool, "redo images whose outputs exist"),
+}
+
+
+def load_segmentation_config(path=None, overrides=(), defaults=None, extra_fields=None):
+    """A checked segmentation config; `extra_fields` adds a tool's own keys (EVAL_FIELDS, INFER_FIELDS)."""
+    cfg = load_config({**SEGMENTATION_SCHEMA, **(extra_fields or {})}, path, overrides,
+                      defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})})
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"class_names has {len(cfg.class_names)} names but num_classes is {cfg.num_classes}")
     if cfg.ratio_range[0] > cfg.ratio_range[1]:
@@ -90,11 +100,12 @@ def class_names_of(cfg):
 
 def build_segmentor(cfg, synchronized_bn=False, backbone=None):
     """Backbone (with its pretrained weights) + neck + head as an `EncoderDecoder`, from the config's names."""
-    for kind, name, table in (("neck", cfg.neck, NECK_BUILDERS), ("head", cfg.head, HEAD_BUILDERS)):
+    for kind, name, table in (("neck", cfg.neck, NECKS), ("head", cfg.head, HEAD_BUILDERS)):
         if name not in table:
             raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}")
     backbone = build_backbone(cfg) if backbone is None else backbone
-    neck = NECK_BUILDERS[cfg.neck](backbone, cfg)
+    # Semantic FPN uses every backbone map and adds no extra level.
+    neck = build_neck(backbone, cfg.neck, out_channels=cfg.neck_channels, num_outs=len(backbone.out_channels))
     head = HEAD_BUILDERS[cfg.head](neck, cfg, synchronized_bn)
     return EncoderDecoder(backbone, neck, head)
 

@@ -32,8 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atomic import write_atomic
-from .errors import PVTDenseError
+from pvt_dense.atomic import write_atomic
+from pvt_dense.errors import PVTDenseError
+
+from .hf_reference import NUM_CLASSES, hf_pvt_config, official_dense_hf_model
+
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESULT_MARK = "PVT_BENCH_RESULT "
 OURS, THEIRS = "mindspore", "torch_hf"
@@ -68,7 +72,6 @@ CASES = {case.name: case for case in (
     BenchCase("train224_b8", "train", 8, 224, 224),
 )}
 DEFAULT_MODELS = ("pvt_tiny", "pvt_small")
-NUM_CLASSES = 1000
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,8 +184,8 @@ def _mindspore_worker(task):
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     _set_mindspore_threads(task["threads"])
-    from .models import create_backbone, create_model
-    from .models.fast_ops import fast_ops_status
+    from pvt_dense.models import create_backbone, create_model
+    from pvt_dense.models.fast_ops import fast_ops_status
     case = CASES[task["case"]]
     rss_after_import = current_rss_mb()
     rng = np.random.default_rng(0)
@@ -197,7 +200,7 @@ def _mindspore_worker(task):
     else:
         from mindcv.optim.adamw import AdamW
 
-        from .engine.train_step import TrainStep
+        from pvt_dense.engine.train_step import TrainStep
         net = create_model(task["model"], num_classes=NUM_CLASSES)
         labels = ms.Tensor(rng.integers(0, NUM_CLASSES, case.batch).astype(np.int32))
         optimizer = AdamW(net.trainable_params(), learning_rate=1e-4, weight_decay=0.05)
@@ -212,57 +215,11 @@ def _mindspore_worker(task):
             "fast_ops": fast, "fast_ops_note": reason or ""}
 
 
-def hf_pvt_config(spec, num_labels=NUM_CLASSES):
-    """transformers.PvtConfig for a pvt_dense spec, with the official LayerNorm eps split applied afterwards by
-    `_official_dense_hf_model` (HF has one eps for all norms)."""
-    import transformers
-    return transformers.PvtConfig(
-        image_size=spec.pretrain_size, num_channels=3, num_encoder_blocks=len(spec.depths),
-        depths=list(spec.depths), sequence_reduction_ratios=list(spec.sr_ratios),
-        hidden_sizes=list(spec.embed_dims), patch_sizes=list(spec.patch_sizes), strides=list(spec.patch_sizes),
-        num_attention_heads=list(spec.num_heads), mlp_ratios=list(spec.mlp_ratios), hidden_act="gelu",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, layer_norm_eps=1e-6,
-        qkv_bias=True, num_labels=num_labels)
-
-
-def official_dense_hf_model(spec):
-    """HF's PvtModel made to compute the official dense backbone: no cls token, official norm eps, and every
-    stage's position embedding bilinearly resized from the 224 grid (HF's own resize fails at other sizes)."""
-    import types
-
-    import torch
-    import transformers
-    functional = torch.nn.functional
-
-    def official_pos_resize(self, embeddings, height, width):
-        grid_h = self.image_size[0] // self.patch_size[0]
-        grid_w = self.image_size[1] // self.patch_size[1]
-        if (height, width) == (grid_h, grid_w):
-            return embeddings
-        grid = embeddings.reshape(1, grid_h, grid_w, -1).permute(0, 3, 1, 2)
-        grid = functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-        return grid.reshape(1, -1, height * width).permute(0, 2, 1)
-
-    model = transformers.PvtModel(hf_pvt_config(spec))
-    embeddings = model.encoder.patch_embeddings
-    for embedding in embeddings:
-        embedding.layer_norm.eps = 1e-5
-        embedding.interpolate_pos_encoding = types.MethodType(official_pos_resize, embedding)
-    for stage in model.encoder.block:
-        for layer in stage:
-            if layer.attention.self.sequences_reduction_ratio > 1:
-                layer.attention.self.layer_norm.eps = 1e-5
-    last = embeddings[-1]
-    last.cls_token = None
-    last.position_embeddings = torch.nn.Parameter(last.position_embeddings[:, 1:].clone())
-    return model.eval()
-
-
 def _torch_worker(task):
     import torch
     import transformers
 
-    from .models.pvt import PVT_SPECS
+    from pvt_dense.models.pvt import PVT_SPECS
     torch.set_num_threads(task["threads"])
     torch.manual_seed(0)
     case = CASES[task["case"]]
@@ -299,7 +256,7 @@ def _mindspore_profile_worker(task):
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     _set_mindspore_threads(task["threads"])
-    from .models import create_backbone
+    from pvt_dense.models import create_backbone
     case = CASES[task["case"]]
     net = create_backbone(task["model"])
     net.set_train(False)
@@ -340,7 +297,7 @@ def _mindspore_profile_worker(task):
 def _torch_profile_worker(task):
     import torch
 
-    from .models.pvt import PVT_SPECS
+    from pvt_dense.models.pvt import PVT_SPECS
     torch.set_num_threads(task["threads"])
     case = CASES[task["case"]]
     model = official_dense_hf_model(PVT_SPECS[task["model"]])
@@ -384,7 +341,9 @@ def run_worker(task, timeout=3600):
     threads = str(task["threads"])
     env.update({"GLOG_v": env.get("GLOG_v", "3"), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                 "PVT_DENSE_NUM_THREADS": threads})
-    command = [sys.executable, "-c", "import sys; from pvt_dense.benchmark import worker_main; "
+    # the worker imports this module, which lives outside the installed package
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (REPOSITORY_ROOT, env.get("PYTHONPATH"))))
+    command = [sys.executable, "-c", "import sys; from devtools.benchmark import worker_main; "
                "sys.exit(worker_main(sys.argv[1]))", json.dumps(task)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
@@ -440,7 +399,7 @@ def load_average():
 
 def result_row(model, case, framework, raw):
     """One table row: throughput, spread, memory and GFLOP/s of one framework on one case."""
-    from .models.pvt import PVT_SPECS
+    from pvt_dense.models.pvt import PVT_SPECS
     row = {"model": model, "case": case.name, "label": case.label, "framework": framework,
            "batch": case.batch, "height": case.height, "width": case.width,
            "gflops_per_call": case_flops(PVT_SPECS[model], case) / 1e9}
@@ -521,7 +480,7 @@ def machine_lines(info):
             f"- Load average (1, 5, 15 min) at start {info.get('load_start')}, at end {info.get('load_end')}: "
             f"other processes on the machine make the numbers noisy",
             "- Memory: peak RSS of a fresh process running only that case (includes the framework itself)",
-            "- GFLOP/s: `pvt_dense.benchmark.forward_flops` (convs, linears, attention products; a training step "
+            "- GFLOP/s: `devtools.benchmark.forward_flops` (convs, linears, attention products; a training step "
             "counts as 3 forwards) / median time"] + ([f"- Note: {info['note']}"] if info.get("note") else [])
 
 
@@ -613,7 +572,7 @@ def run_benchmark(models=DEFAULT_MODELS, cases=tuple(CASES), output="outputs/ben
                   threads=None, frameworks=(OURS, THEIRS), profile_cases=("fwd224_b8",), max_seconds=60.0,
                   progress=True):
     """Measure every (model, case, framework) in a fresh subprocess and write the reports; returns the rows."""
-    from .models import list_models
+    from pvt_dense.models import list_models
     unknown = [m for m in models if m not in list_models()]
     if unknown:
         raise BenchmarkError(f"unknown model(s) {unknown}; valid: {', '.join(list_models())}")

@@ -17,8 +17,8 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_atomic
-from ..errors import PVTDenseError
+from pvt_dense.atomic import write_atomic
+from pvt_dense.errors import PVTDenseError
 
 MARK = "bad_input"
 FIELDS = ("kind", "given", "behaviour")
