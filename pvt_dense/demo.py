@@ -54,7 +54,8 @@ PART_ESTIMATES = (("pretraining", 0), ("features", 0), ("detection", 0), ("segme
 
 
 def print_plan(output_dir, tasks):
-    parts = [(name, seconds) for name, seconds in PART_ESTIMATES if name in ("pretraining", "features") or name in tasks]
+    parts = [(name, seconds) for name, seconds in PART_ESTIMATES
+             if name in ("pretraining", "features") or name in tasks]
     total = sum(seconds for _, seconds in parts)
     print(f"pvt_dense demo into {os.path.abspath(output_dir)}: about {total / 60:.0f} min on an idle 2-core CPU "
           "(longer when the machine is busy; a re-run resumes or skips finished parts)")

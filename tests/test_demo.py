@@ -23,7 +23,8 @@ def _fake_run(root):
     """A demo output folder as a finished run leaves it, with made-up numbers and pictures."""
     rng = np.random.default_rng(0)
     _write_jsonl(os.path.join(root, "pretrain", "metrics.jsonl"),
-                 [{"epoch": 1, "train_loss": 1.4, "val_top1": 81.9}, {"epoch": 2, "train_loss": 0.9, "val_top1": 93.25}])
+                 [{"epoch": 1, "train_loss": 1.4, "val_top1": 81.9},
+                  {"epoch": 2, "train_loss": 0.9, "val_top1": 93.25}])
     _write_jsonl(os.path.join(root, "detection", "metrics.jsonl"),
                  [{"iteration": 10, "train_loss": 1.0}, {"iteration": 72, "train_loss": 0.3, "val_AP": 0.625,
                                                          "val_AP50": 0.875}])
@@ -128,9 +129,9 @@ def demo_detection_set(tmp_path):
 
 
 def test_demo_detection_config_fits_the_demo_data(demo_detection_set):
-    """(Nearly) every box of the generated training set has an anchor the assigner takes as positive (IoU >= pos_iou_thr),
-    with the anchors built by mmdetection's own AnchorGenerator from the config's values; the config's classes
-    are the generated categories and the head predicts one set of outputs per anchor."""
+    """(Nearly) every box of the generated training set has an anchor the assigner takes as positive (IoU >=
+    pos_iou_thr), with the anchors built by mmdetection's own AnchorGenerator from the config's values; the config's
+    classes are the generated categories and the head predicts one set of outputs per anchor."""
     from mmlab_reference import require_mmdet
     require_mmdet()
     import torch

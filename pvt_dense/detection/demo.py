@@ -23,7 +23,8 @@ def write_image_list(list_path, image_dir, names):
     """The list file of the images to draw: absolute paths, which `pvt_dense.output_names` turns into their file
     names, so the drawn canvases land flat in the output folder (`detections/000000.png`)."""
     from ..atomic import write_atomic
-    write_atomic(list_path, "".join(os.path.join(os.path.abspath(image_dir), name) + "\n" for name in names).encode())
+    folder = os.path.abspath(image_dir)
+    write_atomic(list_path, "".join(os.path.join(folder, name) + "\n" for name in names).encode())
 
 
 def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEMO_DET_CONFIG, overrides=(),
@@ -57,8 +58,8 @@ def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEM
     write_image_list(list_path, summary["val_images"], val_images)
     val_set = open_dataset(cfg, "val")
     result = infer_images(detector, list_path, drawn_dir, val_set.class_names, inference_settings(cfg), cfg.img_scale,
-                          cfg.pad_divisor, cfg.mean, cfg.std, draw_thr=DRAW_THRESHOLD, category_ids=val_set.category_ids,
-                          progress=False, draw_scale=DRAW_SCALE)
+                          cfg.pad_divisor, cfg.mean, cfg.std, draw_thr=DRAW_THRESHOLD,
+                          category_ids=val_set.category_ids, progress=False, draw_scale=DRAW_SCALE)
     print(f"[det 4/4] {len(result['written'])} val canvases with their detections of score >= {DRAW_THRESHOLD} "
           f"(after class-wise NMS) drawn in {drawn_dir} "
           f"({result['json']}); detection demo took {time.perf_counter() - started:.0f} s")
