@@ -106,7 +106,7 @@ def _show_image(ax, path, title):
     ax.set_axis_off()
 
 
-def build_summary(run_dir, path=None, examples=3):
+def build_summary(run_dir, path=None, examples=4):
     """Draw the summary of the demo run in `run_dir` into `path` (default `run_dir/summary.png`); returns the
     path and the headline numbers it shows."""
     import matplotlib
@@ -118,7 +118,7 @@ def build_summary(run_dir, path=None, examples=3):
     numbers = headline(run_dir)
     columns = 4
     figure = plt.figure(figsize=(14, 14), dpi=80)
-    grid = figure.add_gridspec(4, columns, hspace=0.35, wspace=0.15)
+    grid = figure.add_gridspec(4, columns, hspace=0.3, wspace=0.15, left=0.06, right=0.97, top=0.93, bottom=0.03)
     figure.suptitle(f"pvt_dense demo: PVT-Tiny pretrained on digits (val top-1 {_format(numbers['top1'], True)}), "
                     f"RetinaNet box AP {_format(numbers['AP'])} / AP50 {_format(numbers['AP50'])}, "
                     f"Semantic FPN mIoU {_format(numbers['mIoU'], True)}", fontsize=12)
@@ -130,6 +130,7 @@ def build_summary(run_dir, path=None, examples=3):
         epochs = [r["epoch"] for r in records]
         loss_ax.plot(epochs, [r.get("train_loss") for r in records], "o-", color="tab:blue", label="train loss")
         loss_ax.set_xlabel("epoch")
+        loss_ax.set_xticks(epochs)
         loss_ax.set_ylabel("train loss", color="tab:blue")
         top1_ax = loss_ax.twinx()
         top1_ax.plot(epochs, [r.get("val_top1") for r in records], "s-", color="tab:red", label="val top-1")
@@ -145,7 +146,7 @@ def build_summary(run_dir, path=None, examples=3):
              f"detection box AP50          {_format(numbers['AP50'])}",
              f"segmentation mIoU           {_format(numbers['mIoU'], True)}",
              "", f"run folder: {run_dir}"]
-    text_ax.text(0.0, 0.95, "\n".join(lines), va="top", family="monospace", fontsize=11)
+    text_ax.text(0.15, 0.9, "\n".join(lines), va="top", family="monospace", fontsize=11)
 
     # Row 2: drawn detections; row 3: segmentation overlays.
     rows = ((1, list_images(os.path.join(run_dir, "detections"), examples), "detections"),
