@@ -141,8 +141,9 @@ def run_demo(output_dir="outputs/demo", short_side=320, max_long_side=512, tasks
     summary_path, numbers = build_summary(output_dir)
     results["summary"] = summary_path
     print("demo finished: " + ", ".join(f"{name} {wall:.0f} s" for name, (wall, _) in timings.items()))
-    print(f"headline (read back from the run's files): val top-1 {numbers['top1']}, box AP {numbers['AP']}, "
-          f"AP50 {numbers['AP50']}, mIoU {numbers['mIoU']}")
+    shown = {key: "not run" if value is None else f"{value:.3f}" for key, value in numbers.items()}
+    print(f"headline (read back from the run's files): val top-1 {shown['top1']}%, box AP {shown['AP']}, "
+          f"AP50 {shown['AP50']}, mIoU {shown['mIoU']}")
     for text, folder in output_folders(output_dir, tasks):
         print(f"  {text}: {folder}")
     print(f"open first: {summary_path}")

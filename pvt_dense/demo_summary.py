@@ -76,7 +76,8 @@ def read_stage_maps(npz_path):
 
 
 def headline(run_dir):
-    """{'top1', 'AP', 'AP50', 'mIoU'}: the numbers the run's metrics files end with (None where absent)."""
+    """{'top1', 'AP', 'AP50', 'mIoU'}: the numbers the run's metrics files end with (None where absent); top-1 in
+    percent, the others fractions, as the training loops record them."""
     pretrain = read_metrics(os.path.join(run_dir, "pretrain", "metrics.jsonl"))
     detection = read_metrics(os.path.join(run_dir, "detection", "metrics.jsonl"))
     segmentation = read_metrics(os.path.join(run_dir, "segmentation", "metrics.jsonl"))
@@ -84,9 +85,12 @@ def headline(run_dir):
             "AP50": last_value(detection, "val_AP50"), "mIoU": last_value(segmentation, "val_mIoU")}
 
 
-def _format(value, percent=False):
+def _format(value, percent=False, fraction=False):
+    """`percent`: a value already in percent (top-1); `fraction`: a fraction shown in percent (mIoU)."""
     if value is None:
         return "not run"
+    if fraction:
+        return f"{100 * value:.1f}%"
     return f"{value:.1f}%" if percent else f"{value:.3f}"
 
 
@@ -121,7 +125,7 @@ def build_summary(run_dir, path=None, examples=4):
     grid = figure.add_gridspec(4, columns, hspace=0.3, wspace=0.15, left=0.06, right=0.97, top=0.93, bottom=0.03)
     figure.suptitle(f"pvt_dense demo: PVT-Tiny pretrained on digits (val top-1 {_format(numbers['top1'], True)}), "
                     f"RetinaNet box AP {_format(numbers['AP'])} / AP50 {_format(numbers['AP50'])}, "
-                    f"Semantic FPN mIoU {_format(numbers['mIoU'], True)}", fontsize=12)
+                    f"Semantic FPN mIoU {_format(numbers['mIoU'], fraction=True)}", fontsize=12)
 
     # Row 1: the pretraining curves.
     records = [r for r in read_metrics(os.path.join(run_dir, "pretrain", "metrics.jsonl")) if "epoch" in r]
@@ -144,7 +148,7 @@ def build_summary(run_dir, path=None, examples=4):
     lines = [f"classification val top-1   {_format(numbers['top1'], True)}",
              f"detection box AP            {_format(numbers['AP'])}",
              f"detection box AP50          {_format(numbers['AP50'])}",
-             f"segmentation mIoU           {_format(numbers['mIoU'], True)}",
+             f"segmentation mIoU           {_format(numbers['mIoU'], fraction=True)}",
              "", f"run folder: {run_dir}"]
     text_ax.text(0.15, 0.9, "\n".join(lines), va="top", family="monospace", fontsize=11)
 

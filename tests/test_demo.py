@@ -28,7 +28,7 @@ def _fake_run(root):
     _write_jsonl(os.path.join(root, "detection", "metrics.jsonl"),
                  [{"iteration": 10, "train_loss": 1.0}, {"iteration": 72, "train_loss": 0.3, "val_AP": 0.625,
                                                          "val_AP50": 0.875}])
-    _write_jsonl(os.path.join(root, "segmentation", "metrics.jsonl"), [{"iteration": 100, "val_mIoU": 80.5}])
+    _write_jsonl(os.path.join(root, "segmentation", "metrics.jsonl"), [{"iteration": 100, "val_mIoU": 0.805}])
     for folder, names in ((os.path.join(root, "detections"), ["000000.png", "000001.png"]),
                           (os.path.join(root, "segmentation_overlays", "overlay"), ["val_00000.jpg.jpg"])):
         os.makedirs(folder)
@@ -45,7 +45,7 @@ def test_summary_is_drawn_from_the_run_files_and_changes_with_them(tmp_path):
     _fake_run(root)
     path, numbers = build_summary(root)
     assert path == os.path.join(root, "summary.png")
-    assert numbers == {"top1": 93.25, "AP": 0.625, "AP50": 0.875, "mIoU": 80.5}
+    assert numbers == {"top1": 93.25, "AP": 0.625, "AP50": 0.875, "mIoU": 0.805}
     first = cv2.imread(path)
     assert first is not None and first.shape == (1120, 1120, 3)  # 14 x 14 inches at 80 dpi
     assert not [name for name in os.listdir(root) if name.startswith(".") or name.endswith(".tmp")]
