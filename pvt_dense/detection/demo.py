@@ -11,8 +11,24 @@ DEMO_DET_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(o
                                "configs", "demo", "retinanet_pvt_tiny_digits.yaml")
 
 
+# The data the demo config is fitted to (its anchors): 2-4 digits of 24-40 px per 96x96 canvas, 192 training canvases
+# (~580 digits, ~58 per class; 64 canvases of 1-3 digits gave too few examples of each class).
+DEMO_DATA = {"train_images": 192, "val_images": 32, "canvas_size": 96, "digit_sizes": (24, 40), "min_digits": 2,
+             "max_digits": 4}
+DRAW_THRESHOLD = 0.5  # the detections a person would keep
+DRAW_SCALE = 4        # 96x96 canvases drawn at 384x384 so the labels are readable
+
+
+def write_image_list(list_path, image_dir, names):
+    """The list file of the images to draw: absolute paths, which `pvt_dense.output_names` turns into their file
+    names, so the drawn canvases land flat in the output folder (`detections/000000.png`)."""
+    from ..atomic import write_atomic
+    folder = os.path.abspath(image_dir)
+    write_atomic(list_path, "".join(os.path.join(folder, name) + "\n" for name in names).encode())
+
+
 def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEMO_DET_CONFIG, overrides=(),
-                       num_drawn=6):
+                       num_drawn=6, data=None):
     """Run steps 1-4; returns the val metrics (dict of the 12 COCO numbers)."""
     import time
 
@@ -23,7 +39,7 @@ def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEM
 
     started = time.perf_counter()
     data_dir = os.path.join(output_dir, "digits_detection")
-    summary = make_digits_detection(data_dir)
+    summary = make_digits_detection(data_dir, **(data or DEMO_DATA))
     params = summary["parameters"]
     print(f"[det 1/4] digits on {params['canvas_size']}x{params['canvas_size']} canvases in {data_dir} (COCO "
           f"layout): {params['train_images']} train / {params['val_images']} val images, boxes {summary['boxes']}")
@@ -39,12 +55,12 @@ def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEM
     drawn_dir = os.path.join(output_dir, "detections")
     val_images = sorted(os.listdir(summary["val_images"]))[:num_drawn]
     list_path = os.path.join(output_dir, "detection_inputs.txt")
-    with open(list_path, "w", encoding="utf-8") as handle:
-        handle.write("".join(os.path.join(summary["val_images"], name) + "\n" for name in val_images))
+    write_image_list(list_path, summary["val_images"], val_images)
     val_set = open_dataset(cfg, "val")
     result = infer_images(detector, list_path, drawn_dir, val_set.class_names, inference_settings(cfg), cfg.img_scale,
-                          cfg.pad_divisor, cfg.mean, cfg.std, draw_thr=0.3, category_ids=val_set.category_ids,
-                          progress=False)
-    print(f"[det 4/4] {len(result['written'])} val canvases with their detections drawn in {drawn_dir} "
+                          cfg.pad_divisor, cfg.mean, cfg.std, draw_thr=DRAW_THRESHOLD,
+                          category_ids=val_set.category_ids, progress=False, draw_scale=DRAW_SCALE)
+    print(f"[det 4/4] {len(result['written'])} val canvases with their detections of score >= {DRAW_THRESHOLD} "
+          f"(after class-wise NMS) drawn in {drawn_dir} "
           f"({result['json']}); detection demo took {time.perf_counter() - started:.0f} s")
     return metrics

@@ -35,9 +35,13 @@ def class_color(label):
     return tuple(int(c) for c in rng.integers(64, 256, size=3))
 
 
-def draw_detections(image_rgb, boxes, scores, labels, class_names):
-    """A BGR copy of the image with each box, its class name and score."""
+def draw_detections(image_rgb, boxes, scores, labels, class_names, scale=1):
+    """A BGR copy of the image with each box, its class name and score; `scale` > 1 enlarges the image first
+    (nearest neighbour, boxes scaled along) so labels stay readable on small images."""
     canvas = np.ascontiguousarray(image_rgb[:, :, ::-1])
+    if scale != 1:
+        canvas = cv2.resize(canvas, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * scale
     thickness = max(1, round(min(canvas.shape[:2]) / 300))
     font_scale = max(0.35, min(canvas.shape[:2]) / 900)
     for box, score, label in zip(boxes, scores, labels):
@@ -61,10 +65,11 @@ def detect_file(detector, image, settings, img_scale, pad_divisor, mean, std, fo
 
 
 def infer_images(detector, input_path, output_dir, class_names, settings, img_scale=(1333, 800), pad_divisor=32,
-                 mean=None, std=None, draw_thr=0.3, category_ids=None, progress=True, forward=None):
+                 mean=None, std=None, draw_thr=0.3, category_ids=None, progress=True, forward=None, draw_scale=1):
     """Detect in every image of `input_path` (file, directory or .txt list); write drawn images (detections with
     score >= draw_thr) and `detections.json` (every detection above the config's score_thr) to `output_dir`.
-    `forward` runs the network (default: a `DetectorForward` of the detector).
+    `forward` runs the network (default: a `DetectorForward` of the detector); `draw_scale` enlarges the drawn
+    images (the JSON keeps the input's pixels).
     Returns {"written": [...], "failed": [(name, reason)], "json": path, "input_shapes": distinct input shapes,
     "forward_stats": the forward's `ShapeStats` (None for a forward without)}."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -85,7 +90,7 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
                                             mean or IMAGENET_MEAN, std or IMAGENET_STD, forward)
         name = drawn_name(entry.name, namer)
         shown = scores >= draw_thr
-        drawn = draw_detections(image, boxes[shown], scores[shown], labels[shown], class_names)
+        drawn = draw_detections(image, boxes[shown], scores[shown], labels[shown], class_names, draw_scale)
         ok, encoded = cv2.imencode(os.path.splitext(name)[1], drawn)
         if not ok:
             failed.append((entry.name, "OpenCV could not encode the drawn image"))
