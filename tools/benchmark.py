@@ -19,9 +19,10 @@ from pvt_dense.cli import run_tool  # noqa: E402
 
 def build_parser():
     from devtools.benchmark import CASES, DEFAULT_MODELS, OURS, THEIRS
-    from pvt_dense.models import list_models
+    from pvt_dense.models.pvt import PVT_SPECS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list_models())
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(PVT_SPECS),
+                        help="PVT v1 sizes (v2 is not benchmarked yet)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--frameworks", nargs="+", default=[OURS, THEIRS], choices=[OURS, THEIRS])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case (median reported)")
