@@ -137,25 +137,23 @@ def install_mmcv_ops_stand_in():
     _installed = True
 
 
-def require_mmdet():
-    """Import mmdet with the stand-in ops and its registries set up; skip the test where it is not installed."""
+def _require(package):
+    """Import `package` (mmdet or mmseg) with the stand-in ops and its registries set up; skip the test where the
+    frameworks are not installed."""
+    import importlib
+
     pytest.importorskip("torch")
     pytest.importorskip("torchvision")
     pytest.importorskip("mmengine")
     install_mmcv_ops_stand_in()
-    mmdet = pytest.importorskip("mmdet")
-    from mmdet.utils import register_all_modules
+    module = pytest.importorskip(package)
+    importlib.import_module(f"{package}.utils").register_all_modules(init_default_scope=True)
+    return module
 
-    register_all_modules(init_default_scope=True)
-    return mmdet
+
+def require_mmdet():
+    return _require("mmdet")
 
 
 def require_mmseg():
-    pytest.importorskip("torch")
-    pytest.importorskip("mmengine")
-    install_mmcv_ops_stand_in()
-    mmseg = pytest.importorskip("mmseg")
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    return mmseg
+    return _require("mmseg")

@@ -42,12 +42,13 @@ SEG_CLASSES = 150
 torch = pytest.importorskip("torch")
 
 
-def _retinanet_config(num_classes):
+def _retinanet_config(num_classes, backbone=None, in_channels=(64, 128, 320, 512)):
+    """mmdetection's RetinaNet dict; by default on mmdet's PVT-Tiny."""
     return dict(
         type="RetinaNet",
         data_preprocessor=dict(type="DetDataPreprocessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_size_divisor=32),
-        backbone=dict(type="PyramidVisionTransformer", num_layers=[2, 2, 2, 2]),
-        neck=dict(type="FPN", in_channels=[64, 128, 320, 512], out_channels=NECK_CHANNELS, start_level=1,
+        backbone=backbone or dict(type="PyramidVisionTransformer", num_layers=[2, 2, 2, 2]),
+        neck=dict(type="FPN", in_channels=list(in_channels), out_channels=NECK_CHANNELS, start_level=1,
                   add_extra_convs="on_input", num_outs=5),
         bbox_head=dict(type="RetinaHead", num_classes=num_classes, in_channels=NECK_CHANNELS,
                        stacked_convs=STACKED_CONVS, feat_channels=HEAD_CHANNELS,

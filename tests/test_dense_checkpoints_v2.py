@@ -24,7 +24,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 from test_dense_checkpoints import HEAD_CHANNELS, MEAN, NECK_CHANNELS, SEG_HEAD_CHANNELS, STACKED_CONVS, STD, \
-    TOLERANCE, _max_diff, _randomise, _save
+    TOLERANCE, _max_diff, _randomise, _retinanet_config, _save
 
 from pvt_dense.checkpoint import read_dense_checkpoint_meta
 from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT_V2, MMLAB_OFFICIAL_PVT
@@ -44,21 +44,8 @@ NARROW = [("neck_channels", NECK_CHANNELS), ("head_feat_channels", HEAD_CHANNELS
 
 
 def _retinanet_v2_config(num_classes):
-    return dict(
-        type="RetinaNet",
-        data_preprocessor=dict(type="DetDataPreprocessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_size_divisor=32),
-        backbone=dict(type="PyramidVisionTransformerV2", embed_dims=32, num_layers=[2, 2, 2, 2]),
-        neck=dict(type="FPN", in_channels=B0_CHANNELS, out_channels=NECK_CHANNELS, start_level=1,
-                  add_extra_convs="on_input", num_outs=5),
-        bbox_head=dict(type="RetinaHead", num_classes=num_classes, in_channels=NECK_CHANNELS,
-                       stacked_convs=STACKED_CONVS, feat_channels=HEAD_CHANNELS,
-                       anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=3,
-                                             ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128]),
-                       bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
-                       loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
-                       loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
-        test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5),
-                      max_per_img=100))
+    return _retinanet_config(num_classes, backbone=dict(type="PyramidVisionTransformerV2", embed_dims=32,
+                                                        num_layers=[2, 2, 2, 2]), in_channels=B0_CHANNELS)
 
 
 def _official_v2_state(mm_model):
