@@ -167,7 +167,18 @@ def check_image_batch(shape, in_channels, min_side, owner):
                          f"cell), got {shape[2]}x{shape[3]}")
 
 
-class PVTBackbone(nn.Cell):
+class ChecksImageBatch:
+    """Mixin for the PVT Cells that take images: the input batch is checked (rank, channels, at least one cell of
+    the last used stage's stride) before MindSpore sees it, in graph and PyNative mode alike."""
+
+    def __call__(self, *args, **kwargs):
+        if args and hasattr(args[0], "shape"):
+            check_image_batch(args[0].shape, self.in_channels, self.spec.strides[self.num_stages - 1],
+                              type(self).__name__)
+        return super().__call__(*args, **kwargs)
+
+
+class PVTBackbone(ChecksImageBatch, nn.Cell):
     """PVT as a dense-prediction backbone: NCHW float32 images of any size -> tuple of NCHW stage maps.
 
     Args:
@@ -225,12 +236,6 @@ class PVTBackbone(nn.Cell):
             for param in stage.get_parameters():
                 param.requires_grad = False
 
-    def __call__(self, *args, **kwargs):
-        if args and hasattr(args[0], "shape"):
-            check_image_batch(args[0].shape, self.in_channels, self.spec.strides[self.num_stages - 1],
-                              type(self).__name__)
-        return super().__call__(*args, **kwargs)
-
     def construct(self, x):
         outs = ()
         for i in range(self.num_stages):
@@ -241,7 +246,7 @@ class PVTBackbone(nn.Cell):
         return outs
 
 
-class PVTClassifier(nn.Cell):
+class PVTClassifier(ChecksImageBatch, nn.Cell):
     """The ImageNet classifier of the official code: cls token joins at the last stage, final norm, linear head.
 
     `forward_features(x)` returns the normalised cls embedding (B, C); `construct(x)` the logits (B, num_classes).
@@ -263,11 +268,6 @@ class PVTClassifier(nn.Cell):
         self.head = dense(dim, num_classes) if self.has_head else nn.Identity()
         self.in_channels = 3
         self.num_features = dim
-
-    def __call__(self, *args, **kwargs):
-        if args and hasattr(args[0], "shape"):
-            check_image_batch(args[0].shape, self.in_channels, self.spec.strides[-1], type(self).__name__)
-        return super().__call__(*args, **kwargs)
 
     def forward_features(self, x):
         last = self.num_stages - 1

@@ -14,7 +14,7 @@ from mindspore import nn, ops
 
 from .layers import BLOCK_NORM_EPS, EMBED_NORM_EPS, dense, layer_norm
 from .layers_v2 import BlockV2, OverlapPatchEmbed
-from .pvt import NormEpsStyle, PVTBackbone, check_image_batch, drop_path_schedule, tokens_to_map
+from .pvt import ChecksImageBatch, NormEpsStyle, PVTBackbone, drop_path_schedule, tokens_to_map
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class PVTv2Backbone(PVTBackbone):
     stage_builder = staticmethod(build_v2_stages)
 
 
-class PVTv2Classifier(nn.Cell):
+class PVTv2Classifier(ChecksImageBatch, nn.Cell):
     """The ImageNet classifier of the official code: all four stages, mean of the last stage's normalised tokens,
     linear head.
 
@@ -135,11 +135,6 @@ class PVTv2Classifier(nn.Cell):
         self.head = dense(dim, num_classes) if self.has_head else nn.Identity()
         self.in_channels = 3
         self.num_features = dim
-
-    def __call__(self, *args, **kwargs):
-        if args and hasattr(args[0], "shape"):
-            check_image_batch(args[0].shape, self.in_channels, self.spec.strides[-1], type(self).__name__)
-        return super().__call__(*args, **kwargs)
 
     def forward_features(self, x):
         last = self.num_stages - 1
