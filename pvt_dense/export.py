@@ -16,8 +16,9 @@ versions, and by default the exported graph is loaded back and compared with the
 ONNX: MindSpore 2.10's exporter has no Erf (exact GELU), no bilinear resize, no Unstack and no Reciprocal, so the
 ONNX graph is the same model written with substitutes (`make_onnx_exportable`): GELU as x/2 + |x|/2 erf(|x|/sqrt2)
 with a rational-exponential erf accurate to 1.5e-7, the position embeddings resized for the fixed shape ahead of
-time with MindSpore's own bilinear resize, and Gather for Unstack. Checked with onnxruntime against the exact
-model (max difference ~3e-6 on random weights; tests/test_export.py).
+time with MindSpore's own bilinear resize (v1), PVT v2 "-li"'s adaptive 7x7 pooling as two constant matmuls for
+the fixed grid, and Gather for Unstack. Checked with onnxruntime against the exact model (max difference ~3e-6 on
+random weights; tests/test_export.py). Every task works for PVT v1 and v2 models alike.
 """
 import hashlib
 import json
@@ -207,18 +208,58 @@ def bake_position_embeddings(net, shape):
     return net
 
 
+def adaptive_pool_matrix(size_in, size_out):
+    """(size_out, size_in) averaging matrix of PyTorch's (and MindSpore's) adaptive average pooling: output i
+    averages inputs floor(i * in / out) .. ceil((i + 1) * in / out) - 1."""
+    matrix = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class FixedGridAveragePool(nn.Cell):
+    """AdaptiveAvgPool2d for one known (h, w) input grid as two constant matmuls, P_h x P_w^T: the same averages,
+    from MatMul, which ONNX has (MindSpore 2.10 cannot export AdaptiveAvgPool2D)."""
+
+    def __init__(self, grid, output_size):
+        from mindspore import Tensor
+        super().__init__()
+        self.grid = tuple(grid)
+        self.rows = Tensor(adaptive_pool_matrix(grid[0], output_size))
+        self.columns = Tensor(adaptive_pool_matrix(grid[1], output_size).T.copy())
+
+    def construct(self, x):
+        return ops.matmul(ops.matmul(self.rows, x), self.columns)
+
+
+def fix_linear_attention_pools(net, shape):
+    """PVT v2 "-li": each stage's 7x7 adaptive pooling as a `FixedGridAveragePool` for that stage's grid at the
+    fixed input `shape`."""
+    from .models.layers_v2 import LINEAR_POOL_SIZE, LinearSpatialReductionAttention
+    if not hasattr(net.spec, "stage_grids"):
+        return net  # PVT v1: no pooling
+    for stage, grid in zip(net.stages, net.spec.stage_grids(shape[2], shape[3])):
+        for _, cell in list(stage.cells_and_names()):
+            if isinstance(cell, LinearSpatialReductionAttention):
+                cell.pool = FixedGridAveragePool(grid, LINEAR_POOL_SIZE)
+    return net
+
+
 def make_onnx_exportable(net, shape):
     """The same model from operators MindSpore can write to ONNX: polynomial exact GELU, Gather instead of
-    Unstack, position embeddings resized for `shape` ahead of time. Build `net` with MindSpore's own operators
-    (`fast_ops.mindspore_ops_only`)."""
+    Unstack, position embeddings resized (v1) and linear attention's adaptive pooling fixed (v2 "-li") for
+    `shape` ahead of time. Build `net` with MindSpore's own operators (`fast_ops.mindspore_ops_only`)."""
     from .models.fast_ops import GELU
     from .models.layers import SpatialReductionAttention
     _replace_cells(net, lambda cell: isinstance(cell, GELU), PolynomialGELU)
     for _, cell in net.cells_and_names():
         if isinstance(cell, SpatialReductionAttention):
             cell.unstack_kv = SplitPair()
-    if hasattr(net, "stages") and hasattr(net, "spec"):
-        bake_position_embeddings(net, shape)
+    for _, cell in list(net.cells_and_names()):
+        if hasattr(cell, "stages") and hasattr(cell, "spec"):  # the PVT itself, or a detector's backbone
+            bake_position_embeddings(cell, shape)
+            fix_linear_attention_pools(cell, shape)
     return net
 
 

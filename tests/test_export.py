@@ -160,3 +160,72 @@ def test_config_files_pick_their_task(config, task, model):
     chosen, loaded = resolve_task(os.path.join(root, config))
     assert chosen == task
     assert (loaded.get("model") or loaded.get("backbone")) == model
+
+
+# --- PVT v2 ---------------------------------------------------------------------------------------------------------
+
+def test_v2_backbone_mindir_equals_eager_model(tmp_path, pynative):
+    net = pvt_dense.create_backbone("pvt_v2_b0")
+    randomise_norms(net, 3)
+    ckpt = str(tmp_path / "b0.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    # 65x97: v2's overlapping embeddings round every stage up (ceil), unlike v1
+    info = export_model("pvt_v2_b0", tmp_path / "b0_backbone", shape=(1, 3, 65, 97), ckpt_path=ckpt, verify=False)
+    assert info["task"] == "backbone" and info["model"] == "pvt_v2_b0"
+    reference = pvt_dense.create_backbone("pvt_v2_b0", pretrained=ckpt)
+    reference.set_train(False)
+    pixels = np.random.default_rng(8).standard_normal((1, 3, 65, 97)).astype(np.float32)
+    exported = outputs_of(nn.GraphCell(ms.load(info["path"])), pixels)
+    assert [o.shape for o in exported] == [(1, 32, 17, 25), (1, 64, 9, 13), (1, 160, 5, 7), (1, 256, 3, 4)]
+    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
+    assert b"fast_ops-" not in open(info["path"], "rb").read()
+
+
+def test_v2_classifier_from_its_config_file_through_the_tool(tmp_path, pynative, capsys):
+    net = pvt_dense.create_model("pvt_v2_b0", num_classes=7)
+    randomise_norms(net, 4)
+    ckpt = str(tmp_path / "clf.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    output = tmp_path / "clf.mindir"
+    config = os.path.join(ROOT, "configs", "classification", "pvt_v2_b0.yaml")
+    status = export_tool.main(["--config", config, "--ckpt_path", ckpt, "--shape", "2x3x64x64", "--output",
+                               str(output), "--num_classes", "7", "--no-verify"])
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the tool switches to graph mode
+    assert status == 0 and "exported classifier pvt_v2_b0" in capsys.readouterr().out
+    reference = pvt_dense.create_model("pvt_v2_b0", num_classes=7, pretrained=ckpt)
+    reference.set_train(False)
+    pixels = np.random.default_rng(9).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    (logits,) = outputs_of(nn.GraphCell(ms.load(str(output))), pixels)
+    assert logits.shape == (2, 7)
+    np.testing.assert_allclose(logits, outputs_of(reference, pixels)[0], rtol=0, atol=1e-4)
+
+
+def test_v2_linear_attention_backbone_onnx_equals_eager_model_in_onnxruntime(tmp_path, pynative):
+    """b2_li: its 7x7 adaptive pooling (no ONNX operator in MindSpore 2.10) becomes constant matmuls for the
+    fixed grid; 64x96 gives 16x24 and 8x12 grids, bins of unequal size."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    net = pvt_dense.create_backbone("pvt_v2_b2_li", out_indices=(0, 1))
+    randomise_norms(net, 5)
+    ckpt = str(tmp_path / "b2_li.ckpt")
+    ms.save_checkpoint(net, ckpt)
+    info = export_model("pvt_v2_b2_li", tmp_path / "b2_li.onnx", shape=(1, 3, 64, 96), ckpt_path=ckpt,
+                        file_format="ONNX", overrides=["--out_indices", "0", "1"])
+    assert info["verified_max_abs_diff"] <= 1e-4
+    reference = pvt_dense.create_backbone("pvt_v2_b2_li", out_indices=(0, 1), pretrained=ckpt)
+    reference.set_train(False)
+    pixels = 3 * np.random.default_rng(10).standard_normal((1, 3, 64, 96)).astype(np.float32)
+    session = onnxruntime.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: pixels})
+    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels))):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
+
+
+@pytest.mark.parametrize("grid", [(16, 24), (9, 13), (7, 7), (2, 3)])
+def test_fixed_grid_pool_is_torchs_adaptive_average_pool(grid, pynative):
+    torch = pytest.importorskip("torch")
+    from pvt_dense.export import FixedGridAveragePool
+    x = np.random.default_rng(11).standard_normal((2, 3, *grid)).astype(np.float32)
+    expected = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x), 7).numpy()
+    np.testing.assert_allclose(FixedGridAveragePool(grid, 7)(ms.Tensor(x)).asnumpy(), expected, rtol=0, atol=1e-6)

@@ -6,11 +6,14 @@ import sys
 
 import mindspore as ms
 import numpy as np
+import pytest
 from mindspore import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DETECTION_CONFIG = os.path.join(ROOT, "configs", "detection", "retinanet_pvt_tiny_fpn_1x_coco.yaml")
-SEGMENTATION_CONFIG = os.path.join(ROOT, "configs", "segmentation", "semfpn_pvt_tiny_ade20k_40k.yaml")
+DETECTION_CONFIGS = [os.path.join(ROOT, "configs", "detection", f"retinanet_{model}_fpn_1x_coco.yaml")
+                     for model in ("pvt_tiny", "pvt_v2_b0")]
+SEGMENTATION_CONFIGS = [os.path.join(ROOT, "configs", "segmentation", f"semfpn_{model}_ade20k_40k.yaml")
+                        for model in ("pvt_tiny", "pvt_v2_b0")]
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import export as export_tool  # noqa: E402  (tools/ is not a package)
 
@@ -43,20 +46,21 @@ def run_tool(arguments, capsys):
     return out
 
 
-def test_detector_mindir_loads_back_and_equals_the_model(tmp_path, pynative, capsys):
+@pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda path: os.path.basename(path).split("_fpn")[0])
+def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynative, capsys):
     from pvt_dense.detection.recipe import build_retinanet, load_detection_config
     from pvt_dense.detection.train import load_detector
     overrides = ["--num_classes", "3", "--pretrained", "", "--mode", "1"]
-    cfg = load_detection_config(DETECTION_CONFIG, overrides)
+    cfg = load_detection_config(config, overrides)
     detector, _ = build_retinanet(cfg, load_pretrained=False)
     randomise(detector, 0)
     ckpt = str(tmp_path / "detector.ckpt")
     ms.save_checkpoint(detector, ckpt)
     output = tmp_path / "detector.mindir"
-    out = run_tool(["--config", DETECTION_CONFIG, "--ckpt_path", ckpt, "--shape", "1x3x64x96", "--output",
+    out = run_tool(["--config", config, "--ckpt_path", ckpt, "--shape", "1x3x64x96", "--output",
                     str(output), "--no-verify", *overrides], capsys)
     assert "detector" in out
-    reference = load_detector(load_detection_config(DETECTION_CONFIG, overrides), ckpt)
+    reference = load_detector(load_detection_config(config, overrides), ckpt)
     exported, expected = exported_and_reference(output, reference, (1, 3, 64, 96), 1)
     # P3..P7 class logits then box deltas: 9 anchors x 3 classes, 9 anchors x 4
     strides = (8, 16, 32, 64, 128)
@@ -68,20 +72,21 @@ def test_detector_mindir_loads_back_and_equals_the_model(tmp_path, pynative, cap
     assert b"fast_ops-" not in output.read_bytes()
 
 
-def test_segmentor_mindir_loads_back_and_equals_the_model(tmp_path, pynative, capsys):
+@pytest.mark.parametrize("config", SEGMENTATION_CONFIGS, ids=lambda path: os.path.basename(path).split("_ade")[0])
+def test_segmentor_mindir_loads_back_and_equals_the_model(config, tmp_path, pynative, capsys):
     from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config, load_trained_segmentor
     overrides = ["--num_classes", "5", "--pretrained", "", "--mode", "1"]
-    cfg = load_segmentation_config(SEGMENTATION_CONFIG, overrides)
+    cfg = load_segmentation_config(config, overrides)
     network = build_segmentor(cfg)
     randomise(network, 2)
     ckpt = str(tmp_path / "segmentor.ckpt")
     ms.save_checkpoint(network, ckpt)
     output = tmp_path / "segmentor.mindir"
-    out = run_tool(["--config", SEGMENTATION_CONFIG, "--ckpt_path", ckpt, "--shape", "1x3x64x96", "--output",
+    out = run_tool(["--config", config, "--ckpt_path", ckpt, "--shape", "1x3x64x96", "--output",
                     str(output), "--no-verify", *overrides], capsys)
     assert "segmentor" in out
     from pvt_dense.segmentation.segmentor import SegmentorInference
-    reference = SegmentorInference(load_trained_segmentor(load_segmentation_config(SEGMENTATION_CONFIG, overrides),
+    reference = SegmentorInference(load_trained_segmentor(load_segmentation_config(config, overrides),
                                                           ckpt))
     reference.set_train(False)
     exported, expected = exported_and_reference(output, reference, (1, 3, 64, 96), 3)
