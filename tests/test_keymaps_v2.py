@@ -132,3 +132,59 @@ def test_unknown_key_in_a_v2_checkpoint_is_named(timm_b0_state):
     converted, notes = to_native(state, strict=False)
     assert "stages.0.blocks.0.attn.rel_pos.weight" not in converted
     assert any("ignored 1 unrecognised keys" in note for note in notes)
+
+
+# --- writing: native -> each v2 format ------------------------------------------------------------------------------
+
+def native_state(net, seed):
+    rng = np.random.default_rng(seed)
+    return {p.name: rng.standard_normal(p.shape).astype(np.float32) for p in net.get_parameters()}
+
+
+@pytest.fixture(scope="module")
+def native_v2_states():
+    """A b0 classifier and a b2_li backbone (linear attention), random weights in native names."""
+    return [native_state(pvt_dense.create_model("pvt_v2_b0", num_classes=5), 0),
+            native_state(pvt_dense.create_backbone("pvt_v2_b2_li"), 1)]
+
+
+@pytest.mark.parametrize("fmt", ["official", "timm", "huggingface", "mmdetection", "mindcv"])
+def test_v2_native_round_trips_through_every_writable_format(fmt, native_v2_states):
+    from pvt_dense.checkpoint.keymaps import from_native, writable_formats
+    assert set(writable_formats("v2")) == {"official", "timm", "huggingface", "mmdetection", "mindcv"}
+    for state in native_v2_states:
+        if fmt == "mmdetection" and "head.weight" in state:  # a backbone-only layout: the head has no name there
+            with pytest.raises(CheckpointError, match="head.weight"):
+                from_native(state, fmt)
+            without_head = {k: v for k, v in state.items() if not k.startswith("head.")}
+            assert sorted(from_native(state, fmt, strict=False)) == sorted(from_native(without_head, fmt))
+            state = without_head
+        written = from_native(state, fmt)
+        assert (detect_format(written), detect_family(written)) == (fmt, "v2")
+        back, _ = to_native(written)
+        assert sorted(back) == sorted(state)
+        for key in state:
+            np.testing.assert_array_equal(back[key], state[key], err_msg=key)
+
+
+def test_v2_written_names_are_the_libraries_own(pynative):
+    """Key sets against the libraries' own models (timm, HF) and the official names, for the b0 classifier."""
+    from pvt_dense.checkpoint.keymaps import from_native
+    state = native_state(pvt_dense.create_model("pvt_v2_b0"), 1)
+    with torch.device("meta"):
+        assert sorted(from_native(state, "timm")) == sorted(timm.create_model("pvt_v2_b0").state_dict())
+    assert sorted(from_native(state, "official")) == sorted(official_b0_keys())
+    transformers = pytest.importorskip("transformers")
+    config = transformers.PvtV2Config(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_labels=1000)
+    with torch.device("meta"):
+        assert sorted(from_native(state, "huggingface")) == sorted(
+            transformers.PvtV2ForImageClassification(config).state_dict())
+
+
+@pytest.mark.bad_input("checkpoint writing", "a PVT v1 state dict to 'timm' (a v2-only format)",
+                       "CheckpointError naming the formats v1 can write")
+def test_v1_state_cannot_be_written_in_a_v2_only_format(pynative):
+    from pvt_dense.checkpoint.keymaps import from_native
+    state = {p.name: p.asnumpy() for p in pvt_dense.create_backbone("pvt_tiny", out_indices=(0,)).get_parameters()}
+    with pytest.raises(CheckpointError, match="'timm' for a PVT v1 state dict; choose one of official, huggingface"):
+        from_native(state, "timm")

@@ -312,3 +312,81 @@ def test_every_variant_is_inferred_from_its_weights():
             keys = timm.create_model(name, num_classes=1000).state_dict()
         state = {k: np.zeros(tuple(v.shape), np.float32) for k, v in keys.items()}
         assert infer_model_name(to_native(state)[0]) == name
+
+
+# ------------------------------------------------------------------------------- writing: ours -> their layouts
+
+
+@pytest.fixture(scope="module")
+def ours_b0_native():
+    """Our pvt_v2_b0 classifier with random weights (LayerNorm scales around 1, matrices by fan-in), as native
+    arrays."""
+    net = pvt_dense.create_model("pvt_v2_b0", num_classes=1000)
+    rng = np.random.default_rng(12)
+    state = {}
+    for param in net.get_parameters():
+        noise = rng.standard_normal(param.shape).astype(np.float32)
+        if param.name.endswith("gamma"):
+            state[param.name] = 1.0 + 0.2 * noise
+        elif len(param.shape) >= 2:
+            state[param.name] = noise / float(np.prod(param.shape[1:])) ** 0.5
+        else:
+            state[param.name] = 0.1 * noise
+    return state
+
+
+def written_and_reloaded(state, fmt, tmp_path):
+    """`from_native` into `fmt`, saved with torch.save and read back as the framework's users would."""
+    from pvt_dense.checkpoint.keymaps import from_native
+    path = tmp_path / f"pvt_v2_b0_{fmt}.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in from_native(state, fmt).items()}, path)
+    return torch.load(path, weights_only=True)
+
+
+def ours_from_native(state, x, backbone=False):
+    net = pvt_dense.create_backbone("pvt_v2_b0") if backbone else pvt_dense.create_model("pvt_v2_b0")
+    for param in net.get_parameters():
+        param.set_data(ms.Tensor(state[param.name]))
+    return run(net, x)
+
+
+@pytest.mark.parametrize("fmt", ["timm", "official", "huggingface"])
+def test_written_classifier_loads_into_timm_and_hf_with_the_same_logits(fmt, ours_b0_native, tmp_path, pynative):
+    x = images(64, 96, seed=13)
+    expected = ours_from_native(ours_b0_native, x)
+    written = written_and_reloaded(ours_b0_native, fmt, tmp_path)
+    if fmt == "huggingface":
+        model = hf_model("pvt_v2_b0", seed=14)  # random weights, all replaced below
+        model.load_state_dict(written, strict=True)
+        with torch.no_grad():
+            theirs = model(torch.from_numpy(x)).logits.numpy()
+    else:
+        from timm.models.pvt_v2 import checkpoint_filter_fn
+        model = timm.create_model("pvt_v2_b0", num_classes=1000).eval()
+        if fmt == "official":  # timm reads official checkpoints through its own filter
+            written = checkpoint_filter_fn(written, model)
+        model.load_state_dict(written, strict=True)
+        with torch.no_grad():
+            theirs = model(torch.from_numpy(x)).numpy()
+    assert_close(expected, theirs, f"{fmt} logits")
+
+
+def test_written_backbone_loads_into_mmdetection_with_the_same_stage_maps(ours_b0_native, tmp_path, pynative):
+    from mmlab_reference import require_mmdet
+    require_mmdet()
+    from mmdet.registry import MODELS
+    from mmengine.config import ConfigDict
+    without_head = {k: v for k, v in ours_b0_native.items() if not k.startswith("head.")}
+    backbone = MODELS.build(ConfigDict(type="PyramidVisionTransformerV2", embed_dims=32, num_layers=[2, 2, 2, 2],
+                                       num_heads=[1, 2, 5, 8], drop_path_rate=0.0)).eval()
+    for layer in backbone.layers:  # the official eps, as in test_mmdetection_detector_checkpoint_matches_mmdet...
+        layer[0].norm.eps = 1e-5
+        for block in layer[1]:
+            if hasattr(block.attn, "norm"):
+                block.attn.norm.eps = 1e-5
+    backbone.load_state_dict(written_and_reloaded(without_head, "mmdetection", tmp_path), strict=True)
+    x = images(*ODD_SIZE, seed=15)
+    with torch.no_grad():
+        theirs = backbone(torch.from_numpy(x))
+    for stage, (mine, other) in enumerate(zip(ours_from_native(without_head, x, backbone=True), theirs)):
+        assert_close(mine, other.numpy(), f"stage {stage}")

@@ -168,6 +168,10 @@ class _Format:
     # Applied to the whole source dict before matching: splits or reshapes tensors that are laid out differently
     # (mmdetection's fused q/k/v projection, 1x1 convs standing for Linear layers).
     prepare: Callable[[Mapping[str, object]], Mapping[str, object]] = _unchanged
+    # The inverses, for writing the format (`from_native`): a renamed key back to the format's own spelling, and
+    # the renamed dict back to the format's tensor layout.
+    denormalize: Callable[[str], str] = lambda key: key
+    unprepare: Callable[[Mapping[str, object]], Mapping[str, object]] = _unchanged
 
     @property
     def label(self):
@@ -376,35 +380,56 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
     return _as_float32(out, notes), notes
 
 
-def from_native(state: Mapping[str, object], fmt: str, *, strict: bool = True) -> dict[str, np.ndarray]:
-    """Rename a native state dict into ``fmt`` (``official``, ``huggingface`` or ``mindcv``); dtypes are kept.
+def _native_family(state: Mapping[str, object]) -> str:
+    """'v1' or 'v2' for a native state dict: the family whose native names explain more keys (v1 on a tie)."""
+    from .keymaps_v2 import V2_FORMATS
+    keys = list(state)
+    return "v2" if _score(V2_FORMATS[NATIVE], keys) > _score(_FORMATS[NATIVE], keys) else "v1"
 
-    The inverse of ``to_native`` for that format: ``kv`` is split back into HF key and value. Keys that are not
+
+def writable_formats(family: str) -> tuple[str, ...]:
+    """The formats ``from_native`` writes for PVT ``family`` ('v1' or 'v2')."""
+    from .keymaps_v2 import V2_FORMATS
+    return tuple(name for name in (_FORMATS if family == "v1" else V2_FORMATS) if name != NATIVE)
+
+
+def from_native(state: Mapping[str, object], fmt: str, *, strict: bool = True) -> dict[str, np.ndarray]:
+    """Rename a native state dict into ``fmt``; dtypes are kept. PVT v1 writes ``official``, ``huggingface``,
+    ``mindcv``; PVT v2 (told apart by its native names) also ``timm`` and ``mmdetection`` (a bare
+    ``PyramidVisionTransformerV2``, no ``backbone.`` prefix).
+
+    The inverse of ``to_native`` for that format: ``kv`` is split back into HF key and value, and for mmdetection
+    q and kv are fused back into ``in_proj`` and the MLP's Linear weights become 1x1 convs. Keys that are not
     native PVT parameters raise CheckpointError, or are dropped if not ``strict``.
     """
-    if fmt not in _FORMATS or fmt == NATIVE:
-        raise CheckpointError(f"cannot write format {fmt!r}; choose one of {', '.join(FORMATS[1:])}")
-    target = _FORMATS[fmt]
+    from .keymaps_v2 import V2_FORMATS
+    family = _native_family(state)
+    formats = _FORMATS if family == "v1" else V2_FORMATS
+    if fmt not in formats or fmt == NATIVE:
+        raise CheckpointError(f"cannot write format {fmt!r} for a PVT {family} state dict; choose one of "
+                              f"{', '.join(writable_formats(family))}")
+    target = formats[fmt]
     targets = {rule.native: rule.sources for rule in target.rules}
     last = _last_stage(state)
     out: dict[str, np.ndarray] = {}
     unknown = []
     for key, value in state.items():
-        rule = next((r for r in _FORMATS[NATIVE].rules if r.native_re.fullmatch(key)), None)
-        if rule is None:
+        rule = next((r for r in formats[NATIVE].rules if r.native_re.fullmatch(key)), None)
+        if rule is None or rule.native not in targets:
             unknown.append(key)
             continue
         index = _indices(rule.native_re.fullmatch(key).groupdict())
         index.update(i=index.get("s", 0) + 1, last=last)
-        names = [t.format(**index) for t in targets[rule.native]]
+        names = [target.denormalize(t.format(**index)) for t in targets[rule.native]]
         array = np.asarray(value)
         if len(names) > 1 and array.shape[0] % len(names):
             raise CheckpointError(f"{key!r} has {array.shape[0]} rows; cannot split it into {len(names)} equal parts")
         for name, piece in zip(names, np.split(array, len(names), axis=0) if len(names) > 1 else [array]):
             out[name] = np.ascontiguousarray(piece)
     if unknown and strict:
-        raise CheckpointError(f"{len(unknown)} keys are not native PVT v1 parameters: {_examples(unknown)}")
-    return out
+        raise CheckpointError(f"{len(unknown)} keys are not native PVT {family} parameters that the {fmt} format "
+                              f"has: {_examples(unknown)}")
+    return dict(target.unprepare(out))
 
 
 def native_to_mindcv(

@@ -137,6 +137,31 @@ def _mmdet_prepare(state: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
+_MM_SPLIT = re.compile(r"^(?P<block>layers\.\d+\.1\.\d+\.attn\.attn)\.in_proj_q\.(?P<leaf>weight|bias)$")
+
+
+def _mmdet_unprepare(state: Mapping[str, object]) -> dict[str, object]:
+    """The inverse of `_mmdet_prepare`: q and kv fused into mmdet's [q; k; v] ``in_proj``, the MLP's Linear
+    weights as 1x1 convs."""
+    out = {}
+    for key, value in state.items():
+        split = _MM_SPLIT.match(key)
+        if split:
+            kv = state[f"{split['block']}.in_proj_kv.{split['leaf']}"]
+            out[f"{split['block']}.in_proj_{split['leaf']}"] = np.concatenate([np.asarray(value), np.asarray(kv)])
+        elif ".attn.attn.in_proj_kv." in key:
+            continue  # fused with its q above
+        elif _MM_POINTWISE.match(key) and np.ndim(value) == 2:
+            out[key] = np.asarray(value)[:, :, None, None]
+        else:
+            out[key] = value
+    return out
+
+
+def _timm_denormalize(key: str) -> str:
+    return "patch_embed." + key[len("stages.0.downsample."):] if key.startswith("stages.0.downsample.") else key
+
+
 def _timm_normalize(key: str) -> str:
     # timm keeps stage 0's patch embedding outside `stages` (stages 1-3 call theirs `downsample`).
     return "stages.0.downsample." + key[len("patch_embed."):] if key.startswith("patch_embed.") else key
@@ -154,8 +179,9 @@ def _format(name, modules, norm_leaves, **kwargs):
 V2_FORMATS: dict[str, _Format] = {
     NATIVE: _format(NATIVE, {m: m for m in NATIVE_MODULES_V2}, ("gamma", "beta")),
     OFFICIAL: _format(OFFICIAL, _OFFICIAL_MODULES, ("weight", "bias")),
-    TIMM: _format(TIMM, _TIMM_MODULES, ("weight", "bias"), normalize=_timm_normalize),
+    TIMM: _format(TIMM, _TIMM_MODULES, ("weight", "bias"), normalize=_timm_normalize, denormalize=_timm_denormalize),
     HUGGINGFACE: _format(HUGGINGFACE, _HF_MODULES, ("weight", "bias"), normalize=_hf_normalize),
-    MMDETECTION: _format(MMDETECTION, _MMDET_MODULES, ("weight", "bias"), prepare=_mmdet_prepare),
+    MMDETECTION: _format(MMDETECTION, _MMDET_MODULES, ("weight", "bias"), prepare=_mmdet_prepare,
+                         unprepare=_mmdet_unprepare),
     MINDCV: _format(MINDCV, _MINDCV_MODULES, ("gamma", "beta")),
 }
