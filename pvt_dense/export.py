@@ -328,6 +328,37 @@ def _check_input_shape(net, task, shape):
         raise ExportError(f"cannot export at shape {'x'.join(map(str, shape))}: {err}") from None
 
 
+def check_protocol_shape(task, config, shape):
+    """Detector and segmentor graphs take the test protocol's network input: an image resized keeping its ratio
+    and padded (detector: `pad_divisor`) or resized (segmentor: `size_divisor`) to multiples of 32 by default. A
+    graph at another size could never be fed an image prepared the way the published numbers were measured, so
+    it is refused with the nearest sizes that work."""
+    divisor = {"detector": "pad_divisor", "segmentor": "size_divisor"}.get(task)
+    step = int(config.get(divisor) or 1) if divisor else 1
+    height, width = shape[2], shape[3]
+    if step > 1 and (height % step or width % step):
+        def nearest(size):
+            return ", ".join(str(v) for v in sorted({max(step, size // step * step), -(-size // step) * step}))
+        raise ExportError(f"cannot export the {task} at {'x'.join(map(str, shape))}: its test protocol feeds "
+                          f"inputs whose height and width are multiples of {divisor} {step} (height {nearest(height)}"
+                          f"; width {nearest(width)}); a graph has one fixed input size, so export one per size "
+                          f"you will feed (several --shape values), e.g. --for_image_sizes HxW for the detector")
+
+
+def detector_shapes_for_images(config, image_sizes, batch=1):
+    """The distinct (batch, 3, H, W) network inputs of images of `image_sizes` ((height, width) pairs) under the
+    detection test protocol (keep-ratio resize to `img_scale`, pad to `pad_divisor`), sorted: the shapes to export
+    so that every one of those images has a graph that reproduces the protocol exactly."""
+    from .detection.evaluation import padded_test_size
+    shapes = set()
+    for height, width in image_sizes:
+        if int(height) <= 0 or int(width) <= 0:
+            raise ExportError(f"image sizes must be positive HxW, got {height}x{width}")
+        shapes.add((batch, 3) + tuple(padded_test_size(int(height), int(width), tuple(config.img_scale),
+                                                       config.pad_divisor)))
+    return sorted(shapes)
+
+
 def _output_shapes(path, shape):
     """Output shapes of an exported graph, read by running it once on zeros."""
     import mindspore as ms
@@ -348,9 +379,10 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def export_model(config_or_model, output, shape=(1, 3, 800, 1344), task=None, ckpt_path=None, file_format="MINDIR",
+def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file_format="MINDIR",
                  overrides=(), verify=True, tolerance=1e-4):
-    """Export `task` (see EXPORT_TASKS) built from a config file or a model name at a fixed input `shape`.
+    """Export `task` (see EXPORT_TASKS) built from a config file or a model name at the fixed input `shape`
+    (NxCxHxW; detector and segmentor: H and W multiples of their divisor, see `check_protocol_shape`).
 
     Writes `output` atomically (the format's extension is added when missing) plus `output + '.json'` with the
     metadata. With `verify`, the written graph is loaded with mindspore.load + nn.GraphCell and must give the
@@ -364,8 +396,11 @@ def export_model(config_or_model, output, shape=(1, 3, 800, 1344), task=None, ck
     file_format = str(file_format).upper()
     if file_format not in FORMATS:
         raise ExportError(f"unknown format {file_format!r}; valid: {', '.join(FORMATS)}")
+    if shape is None:
+        raise ExportError("an exported graph has one fixed input shape: give it (e.g. 1x3x224x224)")
     shape = parse_shape("x".join(str(s) for s in shape)) if not isinstance(shape, str) else parse_shape(shape)
     task, config = resolve_task(config_or_model, task, overrides)
+    check_protocol_shape(task, config, shape)
     ckpt_path = ckpt_path or config.get("ckpt_path") or None
     if ckpt_path and not os.path.isfile(ckpt_path):
         raise ExportError(f"checkpoint not found: {ckpt_path}")
@@ -436,6 +471,10 @@ def export_model(config_or_model, output, shape=(1, 3, 800, 1344), task=None, ck
         "versions": {"pvt_dense": pvt_dense.__version__, "mindspore": ms.__version__,
                      "python": sys.version.split()[0]},
     }
+    if task == "detector":
+        metadata["protocol"] = (f"reproduces the test protocol for images whose keep-ratio resize to img_scale "
+                                f"{list(config.img_scale)}, padded to multiples of {config.pad_divisor}, is "
+                                f"{shape[2]}x{shape[3]} (detector_shapes_for_images)")
     if hasattr(net, "feature_info"):
         metadata["feature_info"] = [{"stage": f.stage, "channels": f.channels, "stride": f.stride}
                                     for f in net.feature_info]
@@ -453,5 +492,5 @@ def load_exported(path):
     return nn.GraphCell(ms.load(path))
 
 
-__all__ = ["EXPORT_TASKS", "ExportTask", "ExportError", "export_model", "load_exported", "parse_shape",
-           "resolve_task"]
+__all__ = ["EXPORT_TASKS", "ExportTask", "ExportError", "check_protocol_shape", "detector_shapes_for_images",
+           "export_model", "load_exported", "parse_shape", "resolve_task"]

@@ -93,3 +93,53 @@ def test_segmentor_mindir_loads_back_and_equals_the_model(config, tmp_path, pyna
     assert [o.shape for o in exported] == [o.shape for o in expected] == [(1, 5, 64, 96)]
     np.testing.assert_allclose(exported[0], expected[0], rtol=0, atol=1e-4 * max(1.0, np.abs(expected[0]).max()))
     assert b"fast_ops-" not in output.read_bytes()
+
+
+# --- input shapes: explicit, and the test protocol's for detectors and segmentors -----------------------------------
+
+@pytest.mark.bad_input("export --shape", "a detector at 1x3x800x1333 (width not a multiple of pad_divisor 32)",
+                       "exit status 2 naming pad_divisor and the nearest sizes (1312, 1344); no file")
+def test_detector_shape_off_the_padding_grid_is_refused(tmp_path, capsys):
+    from pvt_dense.cli import run_tool as run_with_errors
+    status = run_with_errors(export_tool.main, ["--config", DETECTION_CONFIGS[1], "--shape", "1x3x800x1333",
+                                                "--output", str(tmp_path / "det.mindir")])
+    error = capsys.readouterr().err
+    assert status == 2 and "pad_divisor 32" in error and "width 1312, 1344" in error
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.bad_input("export --shape", "no --shape (and no --for_image_sizes)",
+                       "exit status 2: a graph has one fixed input shape, give it")
+def test_shape_is_required(tmp_path, capsys):
+    from pvt_dense.cli import run_tool as run_with_errors
+    status = run_with_errors(export_tool.main, ["--config", "pvt_v2_b0", "--output", str(tmp_path / "b0")])
+    assert status == 2 and "--shape" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_detector_shapes_for_images_are_what_the_test_pipeline_feeds():
+    """Each shape is the padded network input `prepare_image` (the evaluation pipeline) makes of such an image."""
+    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.transforms import prepare_image
+    from pvt_dense.export import detector_shapes_for_images
+    cfg = load_detection_config(DETECTION_CONFIGS[1])
+    sizes = [(480, 640), (640, 480), (427, 640), (480, 640), (333, 500), (1, 900)]
+    expected = set()
+    for height, width in sizes:
+        chw, _, _ = prepare_image(np.zeros((height, width, 3), np.uint8), np.zeros((0, 4), np.float32),
+                                  tuple(cfg.img_scale), pad_divisor=cfg.pad_divisor)
+        expected.add((1, 3) + chw.shape[1:])
+    shapes = detector_shapes_for_images(cfg, sizes)
+    assert shapes == sorted(expected) and (1, 3, 800, 1088) in shapes and (1, 3, 1088, 800) in shapes
+
+
+def test_several_shapes_give_one_graph_each_named_after_its_shape(tmp_path, pynative, capsys):
+    out = run_tool(["--config", "pvt_v2_b0", "--shape", "1x3x64x64", "1x3x32x96", "--output",
+                    str(tmp_path / "b0.mindir"), "--no-verify", "--out_indices", "2", "3"], capsys)
+    assert out.count("exported backbone pvt_v2_b0") == 2
+    assert sorted(os.listdir(tmp_path)) == ["b0_1x3x32x96.mindir", "b0_1x3x32x96.mindir.json",
+                                            "b0_1x3x64x64.mindir", "b0_1x3x64x64.mindir.json"]
+    for shape, grid in (((1, 3, 64, 64), (2, 2)), ((1, 3, 32, 96), (1, 3))):
+        graph = nn.GraphCell(ms.load(str(tmp_path / f"b0_{'x'.join(map(str, shape))}.mindir")))
+        stage3, stage4 = graph(ms.Tensor(np.zeros(shape, np.float32)))
+        assert stage4.shape == (1, 256) + grid and stage3.shape == (1, 160, 2 * grid[0], 2 * grid[1])
