@@ -400,6 +400,10 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
         raise ExportError("an exported graph has one fixed input shape: give it (e.g. 1x3x224x224)")
     shape = parse_shape("x".join(str(s) for s in shape)) if not isinstance(shape, str) else parse_shape(shape)
     task, config = resolve_task(config_or_model, task, overrides)
+    if file_format == "ONNX" and task in ("detector", "segmentor"):
+        raise ExportError(f"the {task} cannot be exported as ONNX: its FPN resizes feature maps (nearest/bilinear), "
+                          "which MindSpore 2.10's ONNX exporter cannot write; export it as MINDIR (ONNX covers the "
+                          "backbone and the classifier)")
     check_protocol_shape(task, config, shape)
     ckpt_path = ckpt_path or config.get("ckpt_path") or None
     if ckpt_path and not os.path.isfile(ckpt_path):

@@ -1,6 +1,7 @@
 """MINDIR export of the detector and the segmentor through tools/export.py: the written graph, loaded back with
 mindspore.load + nn.GraphCell, gives the outputs of the model as users load it from the same checkpoint (built
 with the default fast-kernel path, while the export uses MindSpore's own operators). Tiny inputs, few classes."""
+import json
 import os
 import sys
 
@@ -70,6 +71,8 @@ def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynat
     for level, (a, b) in enumerate(zip(exported, expected)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, np.abs(b).max()), err_msg=f"output {level}")
     assert b"fast_ops-" not in output.read_bytes()
+    sidecar = json.loads((tmp_path / "detector.mindir.json").read_text())
+    assert "padded to multiples of 32, is 64x96" in sidecar["protocol"]
 
 
 @pytest.mark.parametrize("config", SEGMENTATION_CONFIGS, ids=lambda path: os.path.basename(path).split("_ade")[0])
@@ -143,3 +146,13 @@ def test_several_shapes_give_one_graph_each_named_after_its_shape(tmp_path, pyna
         graph = nn.GraphCell(ms.load(str(tmp_path / f"b0_{'x'.join(map(str, shape))}.mindir")))
         stage3, stage4 = graph(ms.Tensor(np.zeros(shape, np.float32)))
         assert stage4.shape == (1, 256) + grid and stage3.shape == (1, 160, 2 * grid[0], 2 * grid[1])
+
+
+@pytest.mark.bad_input("export --format", "ONNX for a detector or segmentor (their FPN resizes have no ONNX operator "
+                       "in MindSpore 2.10)", "ExportError naming MINDIR, before anything is built or written")
+def test_onnx_is_refused_for_detectors_and_segmentors(tmp_path):
+    from pvt_dense.export import ExportError, export_model
+    for config in (DETECTION_CONFIGS[1], SEGMENTATION_CONFIGS[1]):
+        with pytest.raises(ExportError, match="export it as MINDIR"):
+            export_model(config, tmp_path / "model", shape=(1, 3, 64, 64), file_format="ONNX")
+    assert os.listdir(tmp_path) == []
