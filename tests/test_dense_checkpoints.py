@@ -408,3 +408,86 @@ def test_segmentation_run_starts_from_load_from(files, tmp_path):
     for name, ours in run.net.parameters_and_names():
         np.testing.assert_array_equal(ours.asnumpy(), theirs[name].asnumpy(), err_msg=name)
     assert run.cfg.backbone_norm_eps == "official"
+
+
+# --- --load_from with another class count: mmdetection's behaviour (load what fits, skip the classifier, warn) -----
+
+CLASSIFIER_NAMES = {"detector": ("head.retina_cls.weight", "head.retina_cls.bias"),
+                    "segmentor": ("head.classifier.weight", "head.classifier.bias")}
+
+
+def _assert_loaded_all_but_the_classifier(model, reference, initial, task):
+    theirs = dict(reference.parameters_and_names())
+    for name, ours in model.parameters_and_names():
+        if name in CLASSIFIER_NAMES[task]:
+            if initial is not None:
+                np.testing.assert_array_equal(ours.asnumpy(), initial[name], err_msg=f"{name} was overwritten")
+        else:
+            np.testing.assert_array_equal(ours.asnumpy(), theirs[name].asnumpy(), err_msg=name)
+
+
+def test_load_from_with_another_class_count_skips_only_the_classifier_with_a_warning(files, capsys):
+    """The loader train_det.py --load_from uses, on an official PVT RetinaNet release (80 classes) into a 3-class model:
+    every other tensor loads, retina_cls keeps its initialisation, a warning names it; strict loading still
+    refuses the file."""
+    from pvt_dense.checkpoint.dense import print_report
+    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.train import load_detector
+    detector, _ = build_retinanet(_detection_cfg(num_classes=3), load_pretrained=False)
+    initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
+    with pytest.raises(CheckpointError, match="predicts 80 classes"):
+        load_dense_checkpoint(detector, files["det_official"])
+    report = load_dense_checkpoint(detector, files["det_official"], skip_mismatched_classifier=True)
+    print_report(report)
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and "head.retina_cls.weight (file (720, 64, 3, 3), model (27, 64, 3, 3))" in warning
+    assert "head.retina_cls.bias" in warning and "head.retina_reg" not in warning
+    _assert_loaded_all_but_the_classifier(detector, load_detector(_detection_cfg(), files["det_official"]), initial,
+                                          "detector")
+
+
+def test_load_from_native_file_of_another_class_count(tmp_path, capsys):
+    """A native (pvt_dense) detector checkpoint of 2 classes into a 3-class detector, as train_det.py --load_from
+    loads it."""
+    from pvt_dense.checkpoint.dense import print_report, save_dense_native
+    from pvt_dense.detection.recipe import build_retinanet
+    narrow = dict(out_indices=[1, 2], neck_channels=16, head_feat_channels=16, head_stacked_convs=1)
+    source, _ = build_retinanet(_detection_cfg(num_classes=2, **narrow), load_pretrained=False)
+    rng = np.random.default_rng(3)
+    for param in source.get_parameters():
+        param.set_data(ms.Tensor(rng.normal(size=param.shape).astype(np.float32)))
+    path = save_dense_native(source, str(tmp_path / "two_classes.ckpt"), {"task": "detector", "class_names": ["a", "b"]})
+    detector, _ = build_retinanet(_detection_cfg(num_classes=3, **narrow), load_pretrained=False)
+    initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
+    with pytest.raises(CheckpointError, match="retina_cls"):
+        load_dense_checkpoint(detector, path)
+    report = load_dense_checkpoint(detector, path, skip_mismatched_classifier=True)
+    assert report.class_names is None and report.mapped["head"] == len(
+        [n for n, _ in detector.parameters_and_names() if n.startswith("head.")]) - 2
+    print_report(report)
+    assert "head.retina_cls.weight (file (18, 16, 3, 3), model (27, 16, 3, 3))" in capsys.readouterr().err
+    _assert_loaded_all_but_the_classifier(detector, source, initial, "detector")
+
+
+def test_segmentation_run_load_from_another_class_count(files, tmp_path, capsys):
+    """train_seg.py --load_from with the official 150-class Semantic FPN into a 5-class run: conv_seg skipped with a
+    warning, everything else (BatchNorm statistics included) from the file."""
+    import cv2
+
+    from pvt_dense.segmentation.recipe import load_segmentation_config, load_trained_segmentor
+    from pvt_dense.segmentation.train import SegmentationRun
+    for split in ("training", "validation"):
+        for folder in ("images", "annotations"):
+            (tmp_path / folder / split).mkdir(parents=True)
+        for index in range(2):
+            cv2.imwrite(str(tmp_path / "images" / split / f"{index}.png"), np.full((64, 64, 3), 100, np.uint8))
+            cv2.imwrite(str(tmp_path / "annotations" / split / f"{index}.png"), np.ones((64, 64), np.uint8))
+    overrides = [("data_dir", str(tmp_path)), ("distribute", False), ("mode", 1), ("pretrained", ""),
+                 ("neck_channels", NECK_CHANNELS), ("head_channels", SEG_HEAD_CHANNELS), ("batch_size", 2),
+                 ("ckpt_save_dir", str(tmp_path / "run")), ("num_workers", 1), ("crop_size", [64, 64]),
+                 ("num_classes", 5), ("load_from", files["seg_official"])]
+    run = SegmentationRun(load_segmentation_config(None, overrides))
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and "head.classifier.weight (file (150, 32, 1, 1), model (5, 32, 1, 1))" in warning
+    _assert_loaded_all_but_the_classifier(run.net, load_trained_segmentor(_segmentation_cfg(), files["seg_official"]),
+                                          None, "segmentor")

@@ -29,6 +29,7 @@ Files are read with the restricted unpickler of `torch_reader`: nothing in them 
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -82,6 +83,7 @@ class DenseLoadReport:
     mapped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
     notes: List[str] = field(default_factory=list)
     norm_eps_style: str = "official"
+    warnings: List[str] = field(default_factory=list)  # what was not loaded on purpose (`load_dense_checkpoint`)
 
     @property
     def loaded(self):
@@ -415,10 +417,23 @@ def _default_class_names(task, num_classes):
     return list(defaults) if num_classes == len(defaults) else None
 
 
-def mmlab_to_model_state(model, path, state, info, strict=True):
+# The tensors whose shape follows the class count: what fine-tuning on another dataset re-initialises.
+CLASSIFIER_PARAMS = {DETECTOR: ("head.retina_cls.weight", "head.retina_cls.bias"),
+                     SEGMENTOR: ("head.classifier.weight", "head.classifier.bias")}
+
+
+def _classifier_skip_warning(path, task, mismatched, model):
+    return (f"{path} classifies into another number of classes than the model ({model.num_classes}): its "
+            f"classification head is not loaded and starts from its initialisation (mmdetection's load_from does "
+            f"the same): {', '.join(mismatched)}")
+
+
+def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_classifier=False):
     """(state keyed by the model's structural names, per-part counts, notes) for an OpenMMLab state dict.
 
     Raises CheckpointError naming every key that is unexpected, missing or of the wrong shape (with `strict`).
+    With `skip_mismatched_classifier`, classification-head tensors (`CLASSIFIER_PARAMS`) of another shape are left
+    out with a note starting 'warning:' instead (fine-tuning on another class count).
     """
     task = model_task(model)
     if info.task != task:
@@ -469,11 +484,20 @@ def mmlab_to_model_state(model, path, state, info, strict=True):
     if dropped:
         notes.append(f"ignored {len(dropped)} BatchNorm num_batches_tracked counters (MindSpore keeps none; "
                      "momentum is fixed)")
+    if skip_mismatched_classifier:
+        skipped = [name for name in CLASSIFIER_PARAMS[task]
+                   if name in out and name in expected and tuple(np.shape(out[name])) != expected[name]]
+        if skipped:
+            notes.append("warning: " + _classifier_skip_warning(
+                path, task, [f"{name} (file {tuple(np.shape(out[name]))}, model {expected[name]})"
+                             for name in skipped], model))
+            out = {k: v for k, v in out.items() if k not in skipped}
+            expected = {k: v for k, v in expected.items() if k not in skipped}
     missing = [name for name in expected if name not in out]
     unexpected += [f"{origin[name]} (as {name})" for name in out if name not in expected]
     mismatched = [f"{origin[name]} {tuple(np.shape(out[name]))} vs model {name} {expected[name]}"
                   for name in out if name in expected and tuple(np.shape(out[name])) != expected[name]]
-    if strict:
+    if strict and not skip_mismatched_classifier:
         _classifier_check(task, model, state, info)
     problems = []
     for label, keys in (("missing from the checkpoint", missing), ("not in the model", unexpected),
@@ -508,7 +532,7 @@ def _assign(params, state):
         param.set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32), param.dtype))
 
 
-def load_dense_checkpoint(model, path, strict=True):
+def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=False):
     """Load a whole detector/segmentor checkpoint into our `RetinaNet` or `EncoderDecoder`; returns a
     `DenseLoadReport` (class names, source format, tensors mapped per part).
 
@@ -516,6 +540,10 @@ def load_dense_checkpoint(model, path, strict=True):
     (official PVT releases, mmdetection 3.x / mmsegmentation 1.x) are mapped key by key. With `strict` (the
     default) any key that is missing, unexpected or of the wrong shape, a class count other than the model's, or a
     backbone built with the other LayerNorm eps convention raises CheckpointError before a weight changes.
+
+    `skip_mismatched_classifier` is fine-tuning from a model trained on another class count (mmdetection's
+    `load_from`): everything else loads as above, the classification head's tensors (`CLASSIFIER_PARAMS`) keep
+    their initialisation, and the report's `warnings` name them.
     """
     path = os.fspath(path)
     task = model_task(model)
@@ -530,19 +558,29 @@ def load_dense_checkpoint(model, path, strict=True):
         from ..engine.checkpoints import load_checkpoint_into
         if info.task not in (None, task):
             raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
-        meta = load_checkpoint_into(path, [model])
+        skipped = _native_mismatched_classifier(model, path, task) if skip_mismatched_classifier else {}
+        targets = [model] if not skipped else [p for name, p in model.parameters_and_names() if name not in skipped]
+        meta = load_checkpoint_into(path, targets)
         for name, _ in model.parameters_and_names():
-            report.mapped[_part(name)] = report.mapped.get(_part(name), 0) + 1
+            if name not in skipped:
+                report.mapped[_part(name)] = report.mapped.get(_part(name), 0) + 1
         names = _plain_names(meta.get("class_names"))
+        if skipped:
+            report.warnings.append(_classifier_skip_warning(path, task, list(skipped.values()), model))
+            names = None  # the file's classes are not the model's
         if names is not None and len(names) != model.num_classes:
             raise CheckpointError(f"{path} names {len(names)} classes but the model has {model.num_classes}")
         report.class_names = names
         return report
     state, _ = _read_mmlab(path)
-    kept, counts, notes = mmlab_to_model_state(model, path, state, info, strict=strict)
+    kept, counts, notes = mmlab_to_model_state(model, path, state, info, strict=strict,
+                                               skip_mismatched_classifier=skip_mismatched_classifier)
     _assign(_model_params(model), kept)
     report.mapped = counts
-    report.notes = notes
+    report.warnings = [note[len("warning: "):] for note in notes if note.startswith("warning: ")]
+    report.notes = [note for note in notes if not note.startswith("warning: ")]
+    if report.warnings and info.class_names is not None and len(info.class_names) != model.num_classes:
+        info.class_names = None  # the file's classes are not the model's
     if info.class_names is not None:
         report.class_names = info.class_names
     else:
@@ -552,6 +590,24 @@ def load_dense_checkpoint(model, path, strict=True):
     if info.framework:
         report.notes.insert(0, f"saved by {info.framework}")
     return report
+
+
+def _native_mismatched_classifier(model, path, task):
+    """{structural name: description} of the model's classification-head parameters whose shape in the native
+    file at `path` differs (read from the file without loading anything)."""
+    import mindspore as ms
+    params = dict(model.parameters_and_names())
+    wanted = {params[name].name: name for name in CLASSIFIER_PARAMS[task] if name in params}
+    try:
+        stored = ms.load_checkpoint(path, choice_func=lambda name: name in wanted)
+    except Exception:  # noqa: BLE001  (load_checkpoint_into reports an unreadable file properly)
+        return {}
+    out = {}
+    for file_name, value in stored.items():
+        name = wanted.get(file_name)
+        if name is not None and tuple(value.shape) != tuple(params[name].shape):
+            out[name] = f"{name} (file {tuple(value.shape)}, model {tuple(params[name].shape)})"
+    return out
 
 
 def save_dense_native(model, path, meta):
@@ -584,6 +640,8 @@ def config_for_checkpoint(cfg, path):
 def print_report(report):
     if report.source_format != NATIVE:
         print("[pvt_dense] " + "\n  ".join(report.lines()))
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def is_whole_model_checkpoint(path):

@@ -58,7 +58,7 @@ def train_detector(cfg):
     cfg, start = starting_weights(cfg)
     detector, train_net = build_retinanet(cfg, train_set.num_classes, load_pretrained=not start)
     if start:
-        print_report(load_dense_checkpoint(detector, start))
+        print_report(load_dense_checkpoint(detector, start, skip_mismatched_classifier=True))
     optimizer = build_adamw(train_net, cfg, schedule)
     train_step = TrainStep(train_net, optimizer, loss_scale=cfg.loss_scale,
                            dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)

@@ -42,7 +42,7 @@ class SegmentationRun:
         self.net = build_segmentor(type(cfg)(cfg, pretrained="") if cfg.load_from else cfg,
                                    synchronized_bn=cfg.sync_bn and self.world_size > 1)
         if cfg.load_from:
-            print_report(load_dense_checkpoint(self.net, cfg.load_from))
+            print_report(load_dense_checkpoint(self.net, cfg.load_from, skip_mismatched_classifier=True))
         self.inference = SegmentorInference(self.net)
         self.lr_schedule = warmup_poly_schedule(cfg.lr, cfg.total_iters, cfg.power, cfg.min_lr, cfg.warmup_iters,
                                                 cfg.warmup_ratio)
