@@ -390,3 +390,27 @@ def test_written_backbone_loads_into_mmdetection_with_the_same_stage_maps(ours_b
         theirs = backbone(torch.from_numpy(x))
     for stage, (mine, other) in enumerate(zip(ours_from_native(without_head, x, backbone=True), theirs)):
         assert_close(mine, other.numpy(), f"stage {stage}")
+
+
+def test_convert_weights_to_timm_safetensors_and_mmdetection_pth(ours_b0_native, tmp_path, pynative, capsys):
+    """tools/convert_weights.py --to: our native checkpoint as a timm .safetensors (read by safetensors' own
+    loader) and as an mmdetection backbone .pth (the head left out with a note); both load strictly."""
+    from safetensors.torch import load_file
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_weights
+    src = tmp_path / "ours.ckpt"
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in ours_b0_native.items()], str(src))
+    assert convert_weights.main([str(src), str(tmp_path / "b0.safetensors"), "--to", "timm"]) == 0
+    model = timm.create_model("pvt_v2_b0", num_classes=1000).eval()
+    model.load_state_dict(load_file(str(tmp_path / "b0.safetensors")), strict=True)
+    x = images(64, 64, seed=16)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(x)).numpy()
+    assert_close(ours_from_native(ours_b0_native, x), theirs, "logits")
+
+    assert convert_weights.main([str(src), str(tmp_path / "b0_mmdet.pth"), "--to", "mmdetection"]) == 0
+    assert "the classifier head is not written" in capsys.readouterr().out
+    written = torch.load(tmp_path / "b0_mmdet.pth", weights_only=True)
+    assert written["layers.0.1.0.attn.attn.in_proj_weight"].shape == (96, 32)
+    assert written["layers.0.1.0.ffn.layers.0.weight"].shape == (256, 32, 1, 1)
+    assert not any(k.startswith("head") for k in written)

@@ -7,6 +7,12 @@ Whole RetinaNet / Semantic FPN checkpoints (official PVT releases, mmdetection 3
 native detector / segmentor checkpoint that eval/infer/export and --load_from read:
 
     python tools/convert_weights.py retinanet_pvt_t_fpn_1x_coco.pth retinanet_pvt_tiny.ckpt [--config CFG.yaml]
+
+The other way, a backbone or classifier (any readable format, e.g. one trained here) into another library's names
+(v1: official, huggingface, mindcv; v2 also timm, mmdetection), as .safetensors (no torch needed), .pth (torch)
+or .ckpt (MindSpore, for MindCV):
+
+    python tools/convert_weights.py runs/pvt_v2_b2/best.ckpt pvt_v2_b2_timm.safetensors --to timm
 """
 import argparse
 import sys
@@ -17,18 +23,25 @@ from pvt_dense.cli import run_tool
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint to convert (.pth, .bin, .safetensors or .ckpt)")
-    parser.add_argument("dst", help="native MindSpore checkpoint to write (.ckpt)")
+    parser.add_argument("dst", help="checkpoint to write: native MindSpore .ckpt; with --to .safetensors, .pth "
+                        "or .ckpt")
     parser.add_argument("--model", default=None,
                         help="pvt_tiny|..|pvt_large|pvt_v2_b0..b5|pvt_v2_b2_li (default: inferred)")
     parser.add_argument("--config", default=None,
                         help="whole models: the detection/segmentation config to build (default: the recipe with "
                              "the checkpoint's PVT size and class count)")
+    parser.add_argument("--to", default=None, metavar="FORMAT",
+                        help="write in this library's names instead of pvt_dense's: official, huggingface, mindcv, "
+                             "timm (v2), mmdetection (v2 backbone)")
     parser.add_argument("--no-strict", dest="strict", action="store_false",
                         help="backbones: write the matching tensors even if some keys are missing or mismatched")
     args = parser.parse_args(argv)
     from pvt_dense.checkpoint import convert_checkpoint
     from pvt_dense.checkpoint.dense import convert_dense_checkpoint, is_whole_model_checkpoint
-    if is_whole_model_checkpoint(args.src):
+    if args.to is not None:
+        from pvt_dense.checkpoint.convert import write_checkpoint_as
+        report = write_checkpoint_as(args.src, args.dst, args.to, model_name=args.model, strict=args.strict)
+    elif is_whole_model_checkpoint(args.src):
         report = convert_dense_checkpoint(args.src, args.dst, config=args.config)
     else:
         report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)

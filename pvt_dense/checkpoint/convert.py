@@ -1,6 +1,12 @@
-"""Convert a checkpoint of any supported format into a native pvt_dense (MindSpore) checkpoint."""
+"""Convert a checkpoint of any supported format into a native pvt_dense (MindSpore) checkpoint, or into another
+library's layout (`write_checkpoint_as`)."""
+import json
+import os
+import struct
+
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import CheckpointError
 from .load import LoadReport, fit_to_model, infer_model_name, native_checkpoint, save_native
 
@@ -12,13 +18,9 @@ def expected_native_shapes(model_name, classifier, num_classes):
     return {p.name: tuple(p.shape) for p in net.get_parameters()}
 
 
-def convert_checkpoint(src, dst, model_name=None, strict=True):
-    """Read `src` (official .pth, HuggingFace .bin/.safetensors, MindCV or native .ckpt), check it against the
-    architecture it claims to be, and write it to `dst` in native names. Returns the `LoadReport`.
-
-    The size is inferred from the block counts unless `model_name` is given; a classifier checkpoint stays a
-    classifier (cls token, final norm and head kept).
-    """
+def checked_native_state(src, model_name=None, strict=True):
+    """(native float32 state of `src` checked against its architecture, `LoadReport`, model name, is classifier):
+    what `convert_checkpoint` writes."""
     state, source_format, notes = native_checkpoint(src)
     inferred = infer_model_name(state)
     model_name = model_name or inferred
@@ -41,7 +43,76 @@ def convert_checkpoint(src, dst, model_name=None, strict=True):
     if strict and not report.clean:
         raise CheckpointError(f"{src} does not fit {model_name}:\n  " + "\n  ".join(report.lines()[1:]))
     kept = {k: v.astype(np.float32) for k, v in state.items() if k in expected and tuple(v.shape) == expected[k]}
-    save_native(kept, dst)
     report.loaded = len(kept)
+    return kept, report, model_name, classifier
+
+
+def convert_checkpoint(src, dst, model_name=None, strict=True):
+    """Read `src` (official .pth, HuggingFace .bin/.safetensors, MindCV or native .ckpt), check it against the
+    architecture it claims to be, and write it to `dst` in native names. Returns the `LoadReport`.
+
+    The size is inferred from the block counts unless `model_name` is given; a classifier checkpoint stays a
+    classifier (cls token, final norm and head kept).
+    """
+    kept, report, model_name, classifier = checked_native_state(src, model_name, strict)
+    save_native(kept, dst)
     report.notes.insert(0, f"{model_name} {'classifier' if classifier else 'backbone'} -> {dst}")
     return report
+
+
+WRITTEN_FILE_TYPES = (".safetensors", ".pth", ".ckpt")
+
+
+def write_checkpoint_as(src, dst, fmt, model_name=None, strict=True):
+    """Read `src` like `convert_checkpoint` and write it to `dst` in another library's names (`fmt`, see
+    `keymaps.writable_formats`): `.safetensors` (plain tensors, no torch needed: timm, HF and
+    `safetensors.torch.load_file` read it), `.pth` (a torch state dict; needs torch) or `.ckpt` (MindSpore, for
+    MindCV). mmdetection's `PyramidVisionTransformerV2` is a backbone, so a classifier's head is left out with a
+    note. Returns the `LoadReport`."""
+    from .keymaps import MINDCV, from_native, native_to_mindcv
+    extension = os.path.splitext(os.fspath(dst))[1].lower()
+    if extension not in WRITTEN_FILE_TYPES:
+        raise CheckpointError(f"cannot write {dst}: the file must end in {', '.join(WRITTEN_FILE_TYPES)}")
+    kept, report, model_name, classifier = checked_native_state(src, model_name, strict)
+    if fmt == "mmdetection" and any(k.startswith("head.") for k in kept):
+        kept = {k: v for k, v in kept.items() if not k.startswith("head.")}
+        report.notes.append("mmdetection's PyramidVisionTransformerV2 is a backbone: the classifier head is not "
+                            "written")
+    is_v1 = any(k.endswith("pos_embed") for k in kept)
+    written = native_to_mindcv(kept) if fmt == MINDCV and is_v1 else from_native(kept, fmt)
+    if extension == ".safetensors":
+        write_atomic(dst, safetensors_bytes(written))
+    elif extension == ".pth":
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError("writing a .pth needs torch; write a .safetensors instead") from None
+        def writer(handle):
+            torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in written.items()}, handle)
+        write_atomic(dst, writer=writer)
+    else:
+        save_native(written, dst)
+    report.notes.insert(0, f"{model_name} {'classifier' if classifier else 'backbone'} -> {dst} in {fmt} names")
+    return report
+
+
+_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+                       np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+
+
+def safetensors_bytes(state):
+    """A `.safetensors` file's bytes: 8-byte little-endian header length, JSON header (names, dtypes, shapes, byte
+    ranges; padded with spaces to 8 bytes), then the little-endian tensors in header order."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, value in state.items():
+        array = np.ascontiguousarray(value)
+        if array.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"cannot write {name} ({array.dtype}) to a .safetensors file")
+        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
