@@ -464,7 +464,8 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
 
     import pvt_dense
     metadata = {
-        "task": task, "model": config.get("model") or config.get("backbone"), "format": file_format, "file": os.path.basename(output),
+        "task": task, "model": config.get("model") or config.get("backbone"), "format": file_format,
+        "file": os.path.basename(output),
         "sha256": sha256_of(output), "input": {"name": "x", "shape": list(shape), "dtype": "float32",
                                                "layout": "NCHW, RGB",
                                                "preprocessing": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD,

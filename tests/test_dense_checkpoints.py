@@ -456,7 +456,8 @@ def test_load_from_native_file_of_another_class_count(tmp_path, capsys):
     rng = np.random.default_rng(3)
     for param in source.get_parameters():
         param.set_data(ms.Tensor(rng.normal(size=param.shape).astype(np.float32)))
-    path = save_dense_native(source, str(tmp_path / "two_classes.ckpt"), {"task": "detector", "class_names": ["a", "b"]})
+    path = save_dense_native(source, str(tmp_path / "two_classes.ckpt"),
+                             {"task": "detector", "class_names": ["a", "b"]})
     detector, _ = build_retinanet(_detection_cfg(num_classes=3, **narrow), load_pretrained=False)
     initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
     with pytest.raises(CheckpointError, match="retina_cls"):

@@ -30,8 +30,8 @@ from pvt_dense.cli import run_tool
 def build_parser():
     from pvt_dense.export import EXPORT_TASKS, FORMATS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", "-c", required=True, help="config file or model name (pvt_tiny ... pvt_large, pvt_v2_b0 ... pvt_v2_b5, "
-                        "pvt_v2_b2_li)")
+    parser.add_argument("--config", "-c", required=True,
+                        help="config file or model name (pvt_tiny ... pvt_large, pvt_v2_b0 ... b5, pvt_v2_b2_li)")
     parser.add_argument("--task", choices=list(EXPORT_TASKS), default=None)
     parser.add_argument("--ckpt_path", "--ckpt-path", default=None,
                         help="weights in any supported format (default: the config's ckpt_path; none: random)")
