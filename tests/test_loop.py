@@ -85,6 +85,27 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(tmp_path, pynative):
     assert iterations == [2, 4, 6, 8]  # each logged once although iterations 5-6 ran twice
 
 
+def test_a_checkpoint_of_the_former_classification_trainer_resumes_where_it_stopped(tmp_path, pynative):
+    # Before classification ran on this loop, its checkpoints kept the training position at the top level of the
+    # meta (epoch, step_in_epoch, global_step...) and no loop_state.
+    from pvt_dense.engine.checkpoints import META_KEY, CheckpointManager
+    reference_loop, reference_net = make_loop(tmp_path / "whole", RandomRegression())
+    reference_loop.run()
+    crashing_loop, _ = make_loop(tmp_path / "old", RandomRegression(crash_at=7), save_interval=4)
+    with pytest.raises(Crash):
+        crashing_loop.run()
+    path, _ = crashing_loop.checkpoints.latest()
+    arrays = {name: value.asnumpy() for name, value in ms.load_checkpoint(path).items() if name != META_KEY}
+    old_meta = {"epoch": 1, "step_in_epoch": 1, "global_step": 4, "overflow_steps": 0, "best_top1": None,
+                "skipped_images": 0, "config": {}, "class_names": []}
+    CheckpointManager(tmp_path / "old", prefix="model").save(arrays, old_meta)
+    assert "loop_state" not in crashing_loop.checkpoints.latest()[1]
+    resumed_loop, resumed_net = make_loop(tmp_path / "old", RandomRegression(), save_interval=4)
+    assert resumed_loop.run()["iteration"] == 8
+    for name, value in weights(reference_net).items():
+        np.testing.assert_allclose(weights(resumed_net)[name], value, atol=1e-6, err_msg=name)
+
+
 def test_evaluation_picks_the_best_checkpoint(tmp_path, pynative):
     scores = {3: 0.2, 6: 0.9, 8: 0.5}
     loop, _ = make_loop(tmp_path, RandomRegression(), evaluate=lambda it: {"score": scores[it]},
@@ -103,6 +124,35 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, p
     with pytest.raises(NonFiniteLossError, match="iteration 6"):
         loop.run()
     assert loop.checkpoints.latest()[1]["loop_state"]["iteration"] == 4
+
+
+def test_train_step_matches_mindspore_loss_scale_cell_which_cannot_clip_gradients(pynative):
+    # MindSpore's TrainOneStepWithLossScaleCell with a DynamicLossScaleUpdateCell skips overflowing updates and
+    # halves/doubles the scale as TrainStep does; TrainStep is kept because it also clips the gradient norm (the
+    # recipes' clip_grad_norm, which that cell has no place for) and returns the global batch's loss under data
+    # parallel (test_distributed.py compares it with one process's).
+    import inspect
+    batches = [RandomRegression().batch(0, index) for index in range(5)]
+    batches.insert(2, (np.full((4, 5), np.inf, np.float32), batches[0][1]))  # an overflowing step
+    ours, theirs = Regressor(), Regressor()
+    np.testing.assert_array_equal(ours.fc.weight.asnumpy(), theirs.fc.weight.asnumpy())
+    our_step = TrainStep(ours, nn.SGD(ours.trainable_params(), learning_rate=0.01), loss_scale=1024.0,
+                         dynamic_loss_scale=True, scale_window=2)
+    their_step = nn.TrainOneStepWithLossScaleCell(
+        theirs, nn.SGD(theirs.trainable_params(), learning_rate=0.01),
+        scale_sense=nn.DynamicLossScaleUpdateCell(loss_scale_value=1024.0, scale_factor=2, scale_window=2))
+    scales = []
+    for x, y in batches:
+        our_loss, our_overflow, _ = our_step(ms.Tensor(x), ms.Tensor(y))
+        their_loss, their_overflow, _ = their_step(ms.Tensor(x), ms.Tensor(y))
+        assert bool(our_overflow.asnumpy()) == bool(their_overflow.asnumpy())
+        if not bool(our_overflow.asnumpy()):
+            np.testing.assert_allclose(our_loss.asnumpy(), their_loss.asnumpy(), rtol=1e-6)
+        assert float(our_step.scale.asnumpy()) == float(their_step.scale_sense.asnumpy())
+        scales.append(float(our_step.scale.asnumpy()))
+        np.testing.assert_allclose(ours.fc.weight.asnumpy(), theirs.fc.weight.asnumpy(), rtol=1e-6, atol=1e-7)
+    assert scales == [1024.0, 2048.0, 1024.0, 1024.0, 2048.0, 2048.0]
+    assert not any("clip" in name for name in inspect.signature(nn.TrainOneStepWithLossScaleCell).parameters)
 
 
 def test_schedules_follow_mmcv_semantics():
