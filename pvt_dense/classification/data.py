@@ -121,6 +121,14 @@ class ImageFolderSource:
 _AUGMENT_LOCK = threading.Lock()
 
 
+def set_seeds_between_augmentations(seed):
+    """`set_seeds` (the run's generators, MindSpore's op seeds among them) once no batch thread is augmenting: it
+    reseeds the process-wide generators the augmentation borrows."""
+    from ..engine.recipe import set_seeds
+    with _AUGMENT_LOCK:
+        set_seeds(seed)
+
+
 def _seeded_draws(seed, epoch, rank, position, kind):
     """A generator for one image's (kind 0) or one batch's (kind 1) random draws, fixed by where it is in the run."""
     return np.random.default_rng([int(seed), int(epoch), int(rank), int(position), kind])

@@ -11,7 +11,6 @@ import os
 import numpy as np
 
 from ..engine.loop import NonFiniteLossError  # noqa: F401  (the loop raises it; importable from here)
-from ..engine.recipe import set_seeds
 from ..errors import PVTDenseError
 from .recipe import effective_lr, official_recipe_overrides
 
@@ -149,7 +148,7 @@ class Trainer:
         """Train (or resume) to `epoch_size` epochs: evaluation every `val_interval` epochs, checkpoints every
         `ckpt_save_interval` epochs (and `save_every_steps` iterations), one metrics record and line per epoch."""
         from ..engine.loop import IterationLoop
-        from .data import worker_count
+        from .data import set_seeds_between_augmentations, worker_count
         cfg, epoch = self.cfg, self.steps_per_epoch
         self.net.set_train(True)
         loop = IterationLoop(
@@ -160,7 +159,7 @@ class Trainer:
             keep_last=cfg.keep_checkpoint_max, resume=cfg.resume, rank=self.rank, world_size=self.world_size,
             progress_bar=cfg.progress_bar, log_interval=epoch, index_key="epoch", line_interval=epoch,
             format_line=lambda record: format_epoch_line(record, cfg.epoch_size), prefix=cfg.model,
-            on_epoch_start=lambda number: set_seeds(cfg.seed * 1000 + number),
+            on_epoch_start=lambda number: set_seeds_between_augmentations(cfg.seed * 1000 + number),
             num_workers=worker_count(cfg.num_parallel_workers))
         self.state = loop.run()
         return self.state
