@@ -152,3 +152,21 @@ def test_schedules_follow_mmcv_semantics():
     np.testing.assert_allclose(steps[7:], [1.0, 0.1, 0.1, 0.1, 0.01])
     poly = warmup_poly_schedule(2.0, 4, power=0.5, min_lr=0.0)
     np.testing.assert_allclose(poly, [2.0, 2 * 0.75 ** 0.5, 2 * 0.5 ** 0.5, 2 * 0.25 ** 0.5])
+
+
+def test_mindcv_schedulers_cannot_express_the_dense_recipes_warmup_and_steps():
+    # RetinaNet 1x (mmdetection): a linear warmup of 500 iterations, a fraction of an epoch, and x0.1 at the starts
+    # of epochs 8 and 11. mindcv's create_scheduler warms up for whole epochs only and counts its milestones from
+    # the warmup's end, so the dense recipes keep warmup_step_schedule (mmcv's semantics, tested above).
+    from mindcv.scheduler import create_scheduler
+    recipe = dict(scheduler="multi_step_decay", lr=1.0, min_lr=0.0, warmup_factor=0.001, decay_rate=0.1,
+                  milestones=[8, 11], num_epochs=12, lr_epoch_stair=False)
+    with pytest.raises(TypeError):
+        create_scheduler(100, warmup_epochs=0.05, **recipe)
+
+    def decays(schedule):
+        values = np.asarray(schedule, dtype=np.float64)
+        return (np.flatnonzero(values[1:] < values[:-1] - 1e-12) + 1).tolist()
+
+    assert decays(warmup_step_schedule(1.0, 1200, [800, 1100], 0.1, warmup_iters=5, warmup_ratio=0.001)) == [800, 1100]
+    assert decays(create_scheduler(100, warmup_epochs=1, **recipe)) == [900]
