@@ -85,6 +85,27 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(tmp_path, pynative):
     assert iterations == [2, 4, 6, 8]  # each logged once although iterations 5-6 ran twice
 
 
+def test_a_checkpoint_of_the_former_classification_trainer_resumes_where_it_stopped(tmp_path, pynative):
+    # Before classification ran on this loop, its checkpoints kept the training position at the top level of the
+    # meta (epoch, step_in_epoch, global_step...) and no loop_state.
+    from pvt_dense.engine.checkpoints import META_KEY, CheckpointManager
+    reference_loop, reference_net = make_loop(tmp_path / "whole", RandomRegression())
+    reference_loop.run()
+    crashing_loop, _ = make_loop(tmp_path / "old", RandomRegression(crash_at=7), save_interval=4)
+    with pytest.raises(Crash):
+        crashing_loop.run()
+    path, _ = crashing_loop.checkpoints.latest()
+    arrays = {name: value.asnumpy() for name, value in ms.load_checkpoint(path).items() if name != META_KEY}
+    old_meta = {"epoch": 1, "step_in_epoch": 1, "global_step": 4, "overflow_steps": 0, "best_top1": None,
+                "skipped_images": 0, "config": {}, "class_names": []}
+    CheckpointManager(tmp_path / "old", prefix="model").save(arrays, old_meta)
+    assert "loop_state" not in crashing_loop.checkpoints.latest()[1]
+    resumed_loop, resumed_net = make_loop(tmp_path / "old", RandomRegression(), save_interval=4)
+    assert resumed_loop.run()["iteration"] == 8
+    for name, value in weights(reference_net).items():
+        np.testing.assert_allclose(weights(resumed_net)[name], value, atol=1e-6, err_msg=name)
+
+
 def test_evaluation_picks_the_best_checkpoint(tmp_path, pynative):
     scores = {3: 0.2, 6: 0.9, 8: 0.5}
     loop, _ = make_loop(tmp_path, RandomRegression(), evaluate=lambda it: {"score": scores[it]},
@@ -105,6 +126,25 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, p
     assert loop.checkpoints.latest()[1]["loop_state"]["iteration"] == 4
 
 
+def test_mindspore_loss_scale_cell_cannot_replace_train_step_on_the_cpu(pynative):
+    # MindSpore's TrainOneStepWithLossScaleCell (+ DynamicLossScaleUpdateCell) would skip overflowing updates and
+    # adjust the scale as TrainStep does, but anywhere but a GPU it checks overflow with the Ascend status kernel,
+    # which the CPU lacks; it also has no gradient-norm clipping, which the recipes use (clip_grad_norm).
+    import inspect
+    net = Regressor()
+    x, y = RandomRegression().batch(0, 0)
+    theirs = nn.TrainOneStepWithLossScaleCell(
+        net, nn.SGD(net.trainable_params(), learning_rate=0.01),
+        scale_sense=nn.DynamicLossScaleUpdateCell(loss_scale_value=1024.0, scale_factor=2, scale_window=2))
+    with pytest.raises(RuntimeError, match="NPUGetFloatStatusV2"):
+        theirs(ms.Tensor(x), ms.Tensor(y))
+    assert not any("clip" in name for name in inspect.signature(nn.TrainOneStepWithLossScaleCell).parameters)
+    ours = TrainStep(net, nn.SGD(net.trainable_params(), learning_rate=0.01), loss_scale=1024.0,
+                     dynamic_loss_scale=True, clip_grad_norm=1.0)
+    loss, overflow, _ = ours(ms.Tensor(x), ms.Tensor(y))
+    assert np.isfinite(loss.asnumpy()) and not bool(overflow.asnumpy())
+
+
 def test_schedules_follow_mmcv_semantics():
     steps = warmup_step_schedule(1.0, 12, milestones=[8, 11], warmup_iters=4, warmup_ratio=0.001)
     # Hand-computed: warmup factor 1 - (1 - i/4) * 0.999 for i < 4; then 1, x0.1 from 8, x0.01 from 11.
@@ -112,3 +152,21 @@ def test_schedules_follow_mmcv_semantics():
     np.testing.assert_allclose(steps[7:], [1.0, 0.1, 0.1, 0.1, 0.01])
     poly = warmup_poly_schedule(2.0, 4, power=0.5, min_lr=0.0)
     np.testing.assert_allclose(poly, [2.0, 2 * 0.75 ** 0.5, 2 * 0.5 ** 0.5, 2 * 0.25 ** 0.5])
+
+
+def test_mindcv_schedulers_cannot_express_the_dense_recipes_warmup_and_steps():
+    # RetinaNet 1x (mmdetection): a linear warmup of 500 iterations, a fraction of an epoch, and x0.1 at the starts
+    # of epochs 8 and 11. mindcv's create_scheduler warms up for whole epochs only and counts its milestones from
+    # the warmup's end, so the dense recipes keep warmup_step_schedule (mmcv's semantics, tested above).
+    from mindcv.scheduler import create_scheduler
+    recipe = dict(scheduler="multi_step_decay", lr=1.0, min_lr=0.0, warmup_factor=0.001, decay_rate=0.1,
+                  milestones=[8, 11], num_epochs=12, lr_epoch_stair=False)
+    with pytest.raises(TypeError):
+        create_scheduler(100, warmup_epochs=0.05, **recipe)
+
+    def decays(schedule):
+        values = np.asarray(schedule, dtype=np.float64)
+        return (np.flatnonzero(values[1:] < values[:-1] - 1e-12) + 1).tolist()
+
+    assert decays(warmup_step_schedule(1.0, 1200, [800, 1100], 0.1, warmup_iters=5, warmup_ratio=0.001)) == [800, 1100]
+    assert decays(create_scheduler(100, warmup_epochs=1, **recipe)) == [900]

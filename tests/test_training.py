@@ -182,10 +182,10 @@ def test_training_learns_the_digits(digits, tmp_path):
 
 
 def trainer_eval_loader(trainer, cfg, split):
-    from pvt_dense.classification.data import ImageFolderSource, build_loader, scan_image_folder
+    from pvt_dense.classification.data import ImageFolderSource, build_eval_loader, scan_image_folder
     paths, labels, _ = scan_image_folder(cfg.data_dir, split)
-    return build_loader(ImageFolderSource(paths, labels, shuffle=False, batch_size=cfg.batch_size), cfg,
-                        cfg.num_classes, training=False)
+    return build_eval_loader(ImageFolderSource(paths, labels, shuffle=False, batch_size=cfg.batch_size), cfg,
+                             cfg.num_classes)
 
 
 def weights_of(trainer):
@@ -200,18 +200,16 @@ FULL_AUGMENTATION = ("--auto_augment", "randaug-m9-mstd0.5-inc1", "--mixup", 0.8
 
 
 def test_augmented_batches_depend_only_on_their_place_in_the_epoch(digits, tmp_path):
-    # The loader under the resume test below: with the full recipe, batch k of an epoch is the same whether the
-    # epoch's iterator started at batch 0 or (a resumed run) at batch k, and differs from epoch to epoch.
-    from pvt_dense.classification.data import ImageFolderSource, build_loader, scan_image_folder
+    # The batches under the resume test below: with the full recipe, batch k of an epoch is the same whether it is
+    # made after batches 0..k-1 (an uninterrupted run) or first (a resumed run), and differs from epoch to epoch.
+    from pvt_dense.classification.data import ImageFolderSource, build_training_batches, scan_image_folder
     cfg = config_for(digits, tmp_path / "run", "--batch_size", 8, *FULL_AUGMENTATION)
     paths, labels, _ = scan_image_folder(cfg.data_dir, "train")
 
     def batches(shuffle, epoch, start_batch, count):
         source = ImageFolderSource(paths, labels, seed=3, shuffle=shuffle, batch_size=8)
-        loader = build_loader(source, cfg, cfg.num_classes, training=True)
-        source.set_epoch(epoch, start_batch)
-        iterator = loader.create_tuple_iterator(num_epochs=1, output_numpy=True)
-        return [next(iterator) for _ in range(count)]
+        training = build_training_batches(source, cfg, cfg.num_classes)
+        return [training.batch(epoch, index) for index in range(start_batch, start_batch + count)]
 
     whole, again, from_second = batches(True, 1, 0, 3), batches(True, 1, 0, 3), batches(True, 1, 1, 2)
     assert whole[0][1].shape == (8, 10) and not np.isin(whole[0][1], (0.0, 1.0)).all()  # mixed soft labels
@@ -262,7 +260,7 @@ def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path, a
         partial.fit()
     resumed = Trainer(config_for(digits, tmp_path / "resumed", "--epoch_size", 3, *common))
     resumed.fit()
-    assert resumed.state["global_step"] == straight.state["global_step"] == 9
+    assert resumed.state["iteration"] == straight.state["iteration"] == 9
     # Every resume keeps the records of the epochs its checkpoint finished: each epoch is listed once.
     for run in ("straight", "resumed"):
         logged = [json.loads(line)["epoch"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -297,7 +295,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_pa
 @pytest.mark.bad_input("training data",
                        "a truncated PNG in a class folder; a dataset without its val folder; num_classes=1000 for 10 "
                        "class folders",
-                       "the image is skipped and counted (skipped_images, its path recorded); PVTDenseError 'missing "
+                       "the image is skipped and counted (skipped_samples, its path recorded); PVTDenseError 'missing "
                        "split folder ... val' / 'num_classes is 1000 but ... has 10 class folders'")
 def test_corrupt_images_are_skipped_and_counted_and_missing_splits_are_clear(digits, tmp_path):
     import shutil
@@ -308,7 +306,7 @@ def test_corrupt_images_are_skipped_and_counted_and_missing_splits_are_clear(dig
     cfg = config_for(data, tmp_path / "run", "--batch_size", 16, "--epoch_size", 1, "--val_while_train", "False")
     trainer = Trainer(cfg)
     state = trainer.fit()
-    assert state["skipped_images"] == 1
+    assert state["skipped_samples"] == 1
     assert str(broken) in [trainer.train_source.paths[i] for i in trainer.train_source.bad_files]
     shutil.rmtree(data / "val")
     with pytest.raises(PVTDenseError, match="missing split folder .*val"):

@@ -6,14 +6,15 @@ Two things differ from mindcv's `create_dataset`, each for a stated reason:
 - The sample order of every epoch is a permutation seeded by (seed, epoch) dealt to the ranks by the sampler the
   three tasks share (`pvt_dense.data.sampler`), and every random draw of the training augmentation is seeded by the
   position it is made for: each image's (random resized crop, flip, RandAugment, random erasing) by (seed, epoch,
-  rank, its position in the epoch), each batch's mixup/cutmix by (seed, epoch, rank, batch index). So an epoch can be replayed exactly after a crash, from its first batch or from
-  any batch inside it, augmentation included (MindSpore's pipeline ops draw from generators that restart with the
-  pipeline, and mindcv's Python ops from the process-wide `random`/`numpy.random`, neither of which a checkpoint
-  can restore).
+  rank, its position in the epoch), each batch's mixup/cutmix by (seed, epoch, rank, batch index). So any batch of
+  any epoch can be replayed exactly after a crash, augmentation included (MindSpore's pipeline ops draw from
+  generators that restart with the pipeline, and mindcv's Python ops from the process-wide `random`/`numpy.random`,
+  neither of which a checkpoint can restore). Training batches are therefore built in Python (`TrainingBatches`,
+  on the shared loop's batch threads); evaluation uses mindcv's `create_loader`.
 mindcv's own transform lists (RandAugment, random erasing, bicubic resize, crop_pct) and mixup/cutmix (`Mixup`, as
 its `create_loader` configures it) are used as they are; only their first op, which decodes bytes, becomes its
-decoded-array equivalent, and the training ones run on the source's thread, one image at a time, under a lock
-(their random state is process-wide).
+decoded-array equivalent, and the training ones run one image at a time under a lock (their random state is
+process-wide).
 """
 import os
 import random
@@ -71,10 +72,11 @@ def epoch_order(num_samples, epoch, seed, shuffle, rank, world_size, batch_size=
 
 
 class ImageFolderSource:
-    """A random-access source for `mindspore.dataset.GeneratorDataset`: decoded RGB uint8 images and labels.
+    """Decoded RGB uint8 images and labels in this rank's order of an epoch.
 
-    `set_epoch(epoch, start_batch)` selects the epoch's order and where in it to begin; reading a bad file records
-    it in `bad_files` and returns the next readable image of the order instead.
+    `read(order, position)` is the image at `position` of `order` (`order_of(epoch)`); an unreadable file is recorded
+    in `bad_files` and the next readable image of the order takes its place. For `mindspore.dataset.GeneratorDataset`
+    it is also random-access: `set_epoch(epoch)` selects the order that `source[position]` reads.
     """
 
     def __init__(self, paths, labels, seed=0, shuffle=True, rank=0, world_size=1, batch_size=1):
@@ -82,6 +84,7 @@ class ImageFolderSource:
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.batch_size = batch_size
         self.unreadable = UnreadableSamples(errors=(ImageReadError,))
+        self._order = (None, None)
         self.set_epoch(0)
 
     @property
@@ -89,25 +92,41 @@ class ImageFolderSource:
         """{index of an unreadable image: the reason}."""
         return self.unreadable.bad
 
-    def set_epoch(self, epoch, start_batch=0):
-        order = epoch_order(len(self.paths), epoch, self.seed, self.shuffle, self.rank, self.world_size,
-                            self.batch_size)
+    def order_of(self, epoch):
+        """This rank's sample indices for `epoch` (the latest epoch's kept; replaced whole, safe across threads)."""
+        cached_epoch, order = self._order
+        if cached_epoch != epoch:
+            order = epoch_order(len(self.paths), epoch, self.seed, self.shuffle, self.rank, self.world_size,
+                                self.batch_size)
+            self._order = (epoch, order)
+        return order
+
+    def set_epoch(self, epoch):
         self.epoch = epoch
-        self.epoch_indices = order
-        self.start_position = start_batch * self.batch_size  # where `order` begins in the epoch
-        self.order = order[self.start_position:]
+        self.order = self.order_of(epoch)
+
+    def read(self, order, position):
+        _, sample = self.unreadable.read_first(
+            order, position, lambda index: (read_image(self.paths[index]), self.labels[index]),
+            "no readable image left in this shard of the dataset")
+        return sample
 
     def __len__(self):
         return len(self.order)
 
     def __getitem__(self, position):
-        _, sample = self.unreadable.read_first(
-            self.order, position, lambda index: (read_image(self.paths[index]), self.labels[index]),
-            "no readable image left in this shard of the dataset")
-        return sample
+        return self.read(self.order, position)
 
 
 _AUGMENT_LOCK = threading.Lock()
+
+
+def set_seeds_between_augmentations(seed):
+    """`set_seeds` (the run's generators, MindSpore's op seeds among them) once no batch thread is augmenting: it
+    reseeds the process-wide generators the augmentation borrows."""
+    from ..engine.recipe import set_seeds
+    with _AUGMENT_LOCK:
+        set_seeds(seed)
 
 
 def _seeded_draws(seed, epoch, rank, position, kind):
@@ -140,43 +159,48 @@ class _SeededGlobalRandom:
         return False
 
 
-class AugmentedSource:
-    """(augmented image, label, position in the epoch) for each item of an `ImageFolderSource`, the image's random
-    draws seeded by (seed, epoch, rank, position): the same image at the same place in a run is augmented the same
-    way whether or not the run was interrupted before it."""
+class TrainingBatches:
+    """Training batches for the shared `IterationLoop`: `batch(epoch, index)` -> (images (B, 3, H, W) float32,
+    labels (B,) int32, or (B, num_classes) float32 soft labels under mixup/cutmix), a function of its arguments only.
 
-    def __init__(self, source, transforms):
-        self.source, self.transforms = source, list(transforms)
+    Each image is augmented by mindcv's transforms with its draws seeded by (seed, epoch, rank, its position in the
+    epoch), each batch's mixup/cutmix by (seed, epoch, rank, batch index): the same batch at the same place in a
+    run is the same whether or not the run was interrupted before it.
+    """
 
-    def __len__(self):
-        return len(self.source)
+    def __init__(self, images, transforms, mixup, batch_size, max_steps_per_epoch=0):
+        self.images, self.transforms, self.mixup = images, list(transforms), mixup
+        self.batch_size = int(batch_size)
+        full_steps = len(images.order_of(0)) // self.batch_size
+        if full_steps == 0:
+            raise PVTDenseError(f"{len(images.order_of(0))} training images per process is less than one batch of "
+                                f"{self.batch_size}")
+        self.steps_per_epoch = min(full_steps, max_steps_per_epoch) if max_steps_per_epoch else full_steps
 
-    def __getitem__(self, position):
-        image, label = self.source[position]
-        source = self.source
-        epoch_position = source.start_position + position
-        with _AUGMENT_LOCK, _SeededGlobalRandom(_seeded_draws(source.seed, source.epoch, source.rank,
-                                                              epoch_position, 0)) as rng:
+    @property
+    def skipped(self):
+        return len(self.images.bad_files)
+
+    def _augmented(self, epoch, order, position):
+        image, label = self.images.read(order, position)
+        with _AUGMENT_LOCK, _SeededGlobalRandom(_seeded_draws(self.images.seed, epoch, self.images.rank, position,
+                                                              0)) as rng:
             for op in self.transforms:
                 rng.reseed_dataset_ops()
                 image = op(image)
-        return image, label, np.int64(epoch_position)
+        return image, label
 
-
-class SeededMixup:
-    """mindcv's Mixup (mixup/cutmix per batch) with its draws seeded by (seed, epoch, rank, batch index); drops the
-    position column. Without mixup, only drops it."""
-
-    def __init__(self, mixup, seed, source, batch_size):
-        self.mixup, self.seed, self.source, self.batch_size = mixup, seed, source, batch_size
-
-    def __call__(self, images, labels, positions):
-        if self.mixup is None:
-            return images, labels
-        batch = int(positions[0]) // self.batch_size
-        with _AUGMENT_LOCK, _SeededGlobalRandom(_seeded_draws(self.seed, self.source.epoch, self.source.rank, batch,
-                                                              1)):
-            return self.mixup(images, labels)
+    def batch(self, epoch, index):
+        order = self.images.order_of(epoch)
+        first = index * self.batch_size
+        images, labels = zip(*(self._augmented(epoch, order, position)
+                               for position in range(first, first + self.batch_size)))
+        images, labels = np.stack(images), np.asarray(labels, dtype=np.int32)
+        if self.mixup is not None:
+            with _AUGMENT_LOCK, _SeededGlobalRandom(_seeded_draws(self.images.seed, epoch, self.images.rank, index,
+                                                                  1)):
+                images, labels = self.mixup(images, labels)
+        return images, labels
 
 
 def decoded_train_transforms(cfg):
@@ -213,37 +237,23 @@ def worker_count(requested):
     return max(1, min(int(requested), os.cpu_count() or 1))
 
 
-def build_loader(source, cfg, num_classes, training):
-    """A batched MindSpore dataset over `source` with mindcv's transforms (and mixup/cutmix when training)."""
+def build_eval_loader(source, cfg, num_classes):
+    """A batched MindSpore dataset over `source` with mindcv's eval transforms."""
     import mindspore.dataset as ds
     from mindcv.data import create_loader
     workers = worker_count(cfg.num_parallel_workers)
-    if not training:
-        dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
-                                      num_parallel_workers=workers, python_multiprocessing=False)
-        return create_loader(dataset, batch_size=cfg.batch_size, drop_remainder=False, is_training=False,
-                             num_classes=num_classes, transform=decoded_eval_transforms(cfg),
-                             num_parallel_workers=workers)
-    return build_training_loader(source, cfg, num_classes, workers)
-
-
-def build_training_loader(source, cfg, num_classes, workers):
-    """mindcv's `create_loader` pipeline for training (label cast, transforms, batch, mixup/cutmix), with every random
-    draw seeded by its position in the epoch (`AugmentedSource`, `SeededMixup`)."""
-    import mindspore as ms
-    import mindspore.dataset as ds
-    from mindcv.data.mixup import Mixup
-    from mindspore.dataset import transforms
-    dataset = ds.GeneratorDataset(AugmentedSource(source, decoded_train_transforms(cfg)),
-                                  column_names=["image", "label", "position"], shuffle=False,
+    dataset = ds.GeneratorDataset(source, column_names=["image", "label"], shuffle=False,
                                   num_parallel_workers=workers, python_multiprocessing=False)
-    dataset = dataset.map(operations=transforms.TypeCast(ms.int32), input_columns="label",
-                          num_parallel_workers=workers)
-    dataset = dataset.batch(batch_size=cfg.batch_size, drop_remainder=cfg.drop_remainder)
+    return create_loader(dataset, batch_size=cfg.batch_size, drop_remainder=False, is_training=False,
+                         num_classes=num_classes, transform=decoded_eval_transforms(cfg), num_parallel_workers=workers)
+
+
+def build_training_batches(images, cfg, num_classes):
+    """mindcv's training pipeline as its `create_loader` configures it (transforms, batch, mixup/cutmix), as
+    `TrainingBatches` for the shared loop."""
     mixup = None
     if cfg.mixup + cfg.cutmix > 0.0 and cfg.batch_size > 1:  # as mindcv's create_loader configures it
+        from mindcv.data.mixup import Mixup
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=None, prob=cfg.cutmix_prob,
                       switch_prob=0.5, label_smoothing=0.0, num_classes=num_classes)
-    return dataset.map(operations=SeededMixup(mixup, source.seed, source, cfg.batch_size),
-                       input_columns=["image", "label", "position"], output_columns=["image", "label"],
-                       num_parallel_workers=workers)
+    return TrainingBatches(images, decoded_train_transforms(cfg), mixup, cfg.batch_size, cfg.max_steps_per_epoch)

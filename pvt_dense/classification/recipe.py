@@ -94,8 +94,8 @@ CLASSIFICATION_SCHEMA = {
     # pvt_dense: long runs
     "resume": Field("auto", str, "'auto': continue from the newest checkpoint in ckpt_save_dir if any; "
                     "'': start fresh; or a checkpoint path"),
-    "save_every_steps": Field(0, int, "also checkpoint every N steps inside an epoch (0: only at epoch ends)",
-                              low=0),
+    "save_every_steps": Field(0, int, "also checkpoint every N steps, counted from the start of the run (0: only "
+                              "at epoch ends)", low=0),
     "max_steps_per_epoch": Field(0, int, "cap steps per epoch (0: the whole epoch); for smoke runs", low=0),
     "progress_bar": Field(True, bool),
 }

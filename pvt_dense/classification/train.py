@@ -1,18 +1,16 @@
 """ImageNet pretraining of the PVT classifier with the reference recipe, on one process or many (msrun/mpirun).
 
-The loop is written for runs that last days: every checkpoint is atomic and carries the model, the optimizer
-moments, the lr step, the loss scale and the position in the data order, so `resume: auto` continues exactly where
-the last checkpoint left off (see `ImageFolderSource` for the data side). A non-finite loss stops the run and leaves
-the last good checkpoint in place; steps whose scaled gradients overflow are skipped and counted.
+What is particular to classification lives here: the model, loss, optimizer and lr schedule (mindcv's), the data
+(`TrainingBatches`) and top-1/top-5 evaluation. The training itself runs on the loop the three tasks share
+(`pvt_dense.engine.loop.IterationLoop`): atomic checkpoints with the optimizer, loss-scale and data position for an
+exact `resume: auto`, the stop on a non-finite loss that keeps the last good checkpoint, overflow counting,
+progress, metrics.jsonl/.csv and curves.
 """
-import math
 import os
-import time
 
 import numpy as np
 
-from ..engine.loop import NonFiniteLossError  # noqa: F401  (raised here, importable from here)
-from ..engine.recipe import set_seeds
+from ..engine.loop import NonFiniteLossError  # noqa: F401  (the loop raises it; importable from here)
 from ..errors import PVTDenseError
 from .recipe import effective_lr, official_recipe_overrides
 
@@ -90,23 +88,21 @@ def evaluate(net, loader):
 
 
 class Trainer:
-    """Everything one classification run needs, built from a checked config (`load_classification_config`)."""
+    """Everything one classification run needs, built from a checked config (`load_classification_config`); `fit`
+    runs it on the shared `IterationLoop`, an epoch being `steps_per_epoch` iterations."""
 
     def __init__(self, cfg):
         from mindcv.loss import create_loss
         from mindspore import nn
 
-        from ..engine.checkpoints import CheckpointManager
         from ..engine.recipe import init_run
         from ..engine.train_step import TrainStep
         from ..models import create_model
         from ..models.fast_ops import mixed_precision
-        from .data import ImageFolderSource, build_loader, scan_image_folder
+        from .data import ImageFolderSource, build_eval_loader, build_training_batches, scan_image_folder
 
         self.cfg = cfg
         self.rank, self.world_size = init_run(cfg)
-        self.is_main = self.rank == 0
-
         paths, labels, classes = scan_image_folder(cfg.data_dir, cfg.train_split)
         val_split = scan_image_folder(cfg.data_dir, cfg.val_split) if cfg.val_while_train else None
         if len(classes) != cfg.num_classes:
@@ -115,16 +111,12 @@ class Trainer:
         self.class_names = classes
         self.train_source = ImageFolderSource(paths, labels, seed=cfg.seed, shuffle=cfg.shuffle, rank=self.rank,
                                               world_size=self.world_size, batch_size=cfg.batch_size)
-        self.train_loader = build_loader(self.train_source, cfg, cfg.num_classes, training=True)
-        full_steps = len(self.train_source) // cfg.batch_size
-        if full_steps == 0:
-            raise PVTDenseError(f"{len(self.train_source)} training images per process is less than one batch of "
-                                f"{cfg.batch_size}")
-        self.steps_per_epoch = min(full_steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else full_steps
+        self.batches = build_training_batches(self.train_source, cfg, cfg.num_classes)
+        self.steps_per_epoch = self.batches.steps_per_epoch
         self.val_loader = None
-        if val_split is not None and self.is_main:
-            self.val_source = ImageFolderSource(*val_split[:2], shuffle=False, batch_size=cfg.batch_size)
-            self.val_loader = build_loader(self.val_source, cfg, cfg.num_classes, training=False)
+        if val_split is not None and self.rank == 0:
+            self.val_loader = build_eval_loader(ImageFolderSource(*val_split[:2], shuffle=False,
+                                                                  batch_size=cfg.batch_size), cfg, cfg.num_classes)
 
         self.net = create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path_rate,
                                 drop_rate=cfg.drop_rate, pretrained=cfg.ckpt_path or None, strict=False)
@@ -140,119 +132,36 @@ class Trainer:
             clip = official_value if official_clip else clip
         self.train_step = TrainStep(nn.WithLossCell(self.net, loss), self.optimizer, loss_scale=cfg.loss_scale,
                                     dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=clip)
-        self.checkpoints = CheckpointManager(cfg.ckpt_save_dir, keep_last=cfg.keep_checkpoint_max,
-                                             metric_name="top1", mode="max", prefix=cfg.model,
-                                             lock=self.is_main)
-        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "overflow_steps": 0, "best_top1": None,
-                      "skipped_images": 0}
-        self.metrics = None
+        self.state = None
 
-    # -- checkpoints ------------------------------------------------------------------------------------------
     def state_parameters(self):
         """What a checkpoint holds: model weights, optimizer state (moments, lr step), loss-scale state."""
         from ..engine.train_step import training_state_parameters
         return training_state_parameters(self.net, self.optimizer, self.train_step)
 
-    def resume_point(self):
-        resume = self.cfg.resume
-        if resume == "":
-            return None
-        if resume == "auto":
-            return self.checkpoints.latest()
-        if not os.path.isfile(resume):
-            raise PVTDenseError(f"resume checkpoint not found: {resume}")
-        return resume, None
+    def evaluate(self, iteration=None):
+        result = evaluate(self.net, self.val_loader)
+        self.net.set_train(True)
+        return {key: result[key] for key in ("top1", "top5", "loss")}
 
-    def restore(self, path):
-        meta = self.checkpoints.load_into(path, self.state_parameters())
-        for key in self.state:
-            if key in meta:
-                self.state[key] = meta[key]
-        return meta
-
-    def save(self, metric=None):
-        if not self.is_main:
-            return None
-        broken = [p.name for p in self.net.trainable_params() if not np.isfinite(p.asnumpy()).all()]
-        if broken:
-            raise NonFiniteLossError(
-                f"weights became non-finite ({', '.join(broken[:3])}...) at epoch {self.state['epoch']}, global "
-                f"step {self.state['global_step']}; stopping without saving. {self.checkpoints.kept_sentence()} "
-                "(lower lr or loss_scale, or check the data)")
-        meta = dict(self.state, config=dict(self.cfg), class_names=self.class_names)
-        return self.checkpoints.save(self.state_parameters(), meta, metric=metric)
-
-    # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self):
-        from tqdm import tqdm
-
-        from ..engine.metrics_log import MetricsLog
-        cfg = self.cfg
-        point = self.resume_point()
-        if point is not None:
-            self.restore(point[0])
-            if self.is_main:
-                print(f"resumed from {point[0]}: epoch {self.state['epoch']}, step {self.state['step_in_epoch']} "
-                      f"of {self.steps_per_epoch}, global step {self.state['global_step']}")
-        if self.is_main:
-            os.makedirs(cfg.ckpt_save_dir, exist_ok=True)
-            # state["epoch"] counts finished epochs, and records are numbered by it: keep records 1..epoch.
-            self.metrics = MetricsLog(cfg.ckpt_save_dir, resume_from_epoch=self.state["epoch"]
-                                      if point is not None else -1)
-        while self.state["epoch"] < cfg.epoch_size:
-            epoch = self.state["epoch"]
-            start_step = self.state["step_in_epoch"]
-            set_seeds(cfg.seed * 1000 + epoch)
-            self.train_source.set_epoch(epoch, start_batch=start_step)
-            self.net.set_train(True)
-            losses, started = [], time.perf_counter()
-            lr = self.lr_schedule[min(self.state["global_step"], len(self.lr_schedule) - 1)]
-            bar = tqdm(total=self.steps_per_epoch, initial=start_step, disable=not (self.is_main and cfg.progress_bar),
-                       desc=f"epoch {epoch + 1}/{cfg.epoch_size}", unit="step", leave=False)
-            iterator = self.train_loader.create_tuple_iterator(num_epochs=1)
-            for step in range(start_step, self.steps_per_epoch):
-                images, labels = next(iterator)
-                loss, overflow, _ = self.train_step(images, labels)
-                loss_value = float(loss.asnumpy())
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopping. "
-                        f"{self.checkpoints.kept_sentence()} (lower lr or loss_scale, or check the data)")
-                if bool(overflow.asnumpy()):
-                    self.state["overflow_steps"] += 1
-                else:
-                    losses.append(loss_value)
-                self.state["global_step"] += 1
-                self.state["step_in_epoch"] = step + 1
-                lr = self.lr_schedule[min(self.state["global_step"] - 1, len(self.lr_schedule) - 1)]
-                elapsed = time.perf_counter() - started
-                rate = (step + 1 - start_step) * cfg.batch_size * self.world_size / max(elapsed, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                bar.update(1)
-                if cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < self.steps_per_epoch:
-                    self.save()
-            bar.close()
-            epoch_time = time.perf_counter() - started
-            self.state["epoch"] = epoch + 1
-            self.state["step_in_epoch"] = 0
-            self.state["skipped_images"] = len(self.train_source.bad_files)
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                      "lr": float(lr), "epoch_time_s": round(epoch_time, 3),
-                      "overflow_steps": self.state["overflow_steps"],
-                      "skipped_images": self.state["skipped_images"]}
-            metric = None
-            if self.val_loader is not None and (epoch + 1) % cfg.val_interval == 0:
-                result = evaluate(self.net, self.val_loader)
-                record.update(val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"])
-                metric = result["top1"]
-                best = self.state["best_top1"]
-                self.state["best_top1"] = metric if best is None else max(best, metric)
-            if self.is_main:
-                self.metrics.append(record)
-                self.metrics.plot()
-                print(format_epoch_line(record, cfg.epoch_size))
-                if (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size:
-                    self.save(metric)
+        """Train (or resume) to `epoch_size` epochs: evaluation every `val_interval` epochs, checkpoints every
+        `ckpt_save_interval` epochs (and `save_every_steps` iterations), one metrics record and line per epoch."""
+        from ..engine.loop import IterationLoop
+        from .data import set_seeds_between_augmentations, worker_count
+        cfg, epoch = self.cfg, self.steps_per_epoch
+        self.net.set_train(True)
+        loop = IterationLoop(
+            self.train_step, self.batches, self.lr_schedule, cfg.epoch_size * epoch, cfg.ckpt_save_dir,
+            self.state_parameters(), meta={"config": dict(cfg), "class_names": self.class_names},
+            evaluate=self.evaluate if cfg.val_while_train else None, eval_interval=cfg.val_interval * epoch,
+            save_interval=(cfg.ckpt_save_interval * epoch, cfg.save_every_steps), metric_name="top1",
+            keep_last=cfg.keep_checkpoint_max, resume=cfg.resume, rank=self.rank, world_size=self.world_size,
+            progress_bar=cfg.progress_bar, log_interval=epoch, index_key="epoch", line_interval=epoch,
+            format_line=lambda record: format_epoch_line(record, cfg.epoch_size), prefix=cfg.model,
+            on_epoch_start=lambda number: set_seeds_between_augmentations(cfg.seed * 1000 + number),
+            num_workers=worker_count(cfg.num_parallel_workers))
+        self.state = loop.run()
         return self.state
 
 
@@ -261,11 +170,11 @@ def format_epoch_line(record, total_epochs):
     if "val_top1" in record:
         parts += [f"val top-1 {record['val_top1']:.2f}", f"top-5 {record['val_top5']:.2f}",
                   f"val loss {record['val_loss']:.4f}"]
-    parts += [f"lr {record['lr']:.3e}", f"{record['epoch_time_s']:.1f} s"]
+    parts += [f"lr {record['lr']:.3e}", f"{record['seconds']:.1f} s"]
     if record.get("overflow_steps"):
         parts.append(f"{record['overflow_steps']} overflow steps skipped")
-    if record.get("skipped_images"):
-        parts.append(f"{record['skipped_images']} unreadable images skipped")
+    if record.get("skipped_samples"):
+        parts.append(f"{record['skipped_samples']} unreadable images skipped")
     return " | ".join(parts)
 
 

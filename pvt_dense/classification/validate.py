@@ -7,7 +7,7 @@ def validate_classifier(cfg):
     import mindspore as ms
 
     from ..models import create_model
-    from .data import ImageFolderSource, build_loader, scan_image_folder
+    from .data import ImageFolderSource, build_eval_loader, scan_image_folder
     from .train import evaluate
 
     if not cfg.ckpt_path:
@@ -20,6 +20,6 @@ def validate_classifier(cfg):
         raise PVTDenseError(f"{cfg.ckpt_path} has {cfg.num_classes} classes but {cfg.data_dir}/{cfg.val_split} has "
                             f"{len(classes)} class folders; pass --num_classes {len(classes)} if the head matches")
     source = ImageFolderSource(paths, labels, shuffle=False, batch_size=cfg.batch_size)
-    result = evaluate(net, build_loader(source, cfg, cfg.num_classes, training=False))
+    result = evaluate(net, build_eval_loader(source, cfg, cfg.num_classes))
     result["skipped_images"] = len(source.bad_files)
     return result

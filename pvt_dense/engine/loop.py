@@ -1,4 +1,4 @@
-"""The iteration-based training loop shared by detection and segmentation.
+"""The iteration-based training loop shared by the three tasks (classification counts its epochs in iterations).
 
 Everything the loop does is a function of one counter, the global iteration: the epoch is `iteration //
 steps_per_epoch`, the batch is `source.batch(epoch, iteration % steps_per_epoch)` (a pure function of the seed,
@@ -48,14 +48,23 @@ class IterationLoop:
         meta: JSON-serialisable facts stored in every checkpoint (the config, class names...).
         evaluate: `evaluate(iteration) -> dict` of float metrics, run on rank 0 every `eval_interval` iterations and
             at the end; the dict must hold `metric_name`, which picks the best checkpoint.
-        save_interval: also checkpoint every N iterations (0: only at evaluations and the end).
+        save_interval: also checkpoint every N iterations (0: only at evaluations and the end); several Ns (a
+            tuple) checkpoint at the multiples of each (e.g. every epoch and every 1000 iterations).
         resume: 'auto' (the newest checkpoint in run_dir if any), '' (start fresh) or a checkpoint path.
+        log_interval: a metrics record (mean train loss since the last one, lr, seconds since the last one...)
+            every N iterations, at evaluations and at the end.
+        index_key: what numbers the records in metrics.jsonl/.csv: 'iteration', or 'epoch' when records come at
+            epoch ends only.
+        line_interval, format_line: print `format_line(record)` for every record at a multiple of line_interval
+            (0: at evaluations only); `format_record` by default.
+        on_epoch_start: called with the epoch's number before its first iteration (or the first after a resume).
     """
 
     def __init__(self, train_step, source, lr_schedule, total_iters, run_dir, state_params, *, meta=None,
                  evaluate=None, eval_interval=0, save_interval=0, metric_name="metric", metric_mode="max",
                  keep_last=5, resume="auto", rank=0, world_size=1, progress_bar=True, log_interval=50,
-                 prefix="model", num_workers=2, prefetch=4):
+                 prefix="model", num_workers=2, prefetch=4, index_key="iteration", line_interval=0,
+                 format_line=None, on_epoch_start=None):
         if total_iters < 1:
             raise PVTDenseError(f"total_iters must be at least 1, got {total_iters}")
         if source.steps_per_epoch < 1:
@@ -69,13 +78,18 @@ class IterationLoop:
         self.meta = dict(meta or {})
         self.evaluate = evaluate
         self.eval_interval = int(eval_interval)
-        self.save_interval = int(save_interval)
+        intervals = save_interval if isinstance(save_interval, (tuple, list)) else (save_interval,)
+        self.save_intervals = tuple(int(n) for n in intervals if n)
         self.metric_name = metric_name
         self.resume = resume
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.progress_bar = progress_bar
         self.log_interval = int(log_interval)
+        self.index_key = index_key
+        self.line_interval = int(line_interval)
+        self.format_line = format_line or (lambda record: format_record(record, self.total_iters))
+        self.on_epoch_start = on_epoch_start
         self.num_workers = max(1, int(num_workers))
         self.prefetch = max(1, int(prefetch))
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=keep_last, metric_name=metric_name,
@@ -95,10 +109,17 @@ class IterationLoop:
 
     def restore(self, path):
         meta = self.checkpoints.load_into(path, self.state_params)
-        loop_state = meta.get("loop_state", {})
+        loop_state = meta.get("loop_state")
+        if loop_state is None:
+            # Written before the classification trainer moved onto this loop: its state sits at the top level,
+            # where `global_step` (which every checkpoint records) counts the iterations done: epochs x steps per
+            # epoch + steps into the epoch.
+            loop_state = {"iteration": meta["global_step"], "best_metric": self.checkpoints.best_metric,
+                          **{key: meta[key] for key in ("overflow_steps",) if key in meta}}
         for key in self.state:
             if key in loop_state:
                 self.state[key] = loop_state[key]
+        self.state["epoch"] = self.state["iteration"] // self.source.steps_per_epoch
         return meta
 
     def save(self, metric=None):
@@ -156,15 +177,19 @@ class IterationLoop:
             if self.is_main:
                 print(f"resumed from {point[0]} at iteration {self.state['iteration']} of {self.total_iters}")
         if self.is_main:
-            self.metrics = MetricsLog(self.run_dir, index_key="iteration",
-                                      resume_from_epoch=self.state["iteration"] if point is not None else -1)
+            self.metrics = MetricsLog(self.run_dir, index_key=self.index_key,
+                                      resume_from_epoch=self.state[self.index_key] if point is not None else -1)
         start = self.state["iteration"]
         bar = tqdm(total=self.total_iters, initial=start, unit="it", leave=False,
                    disable=not (self.is_main and self.progress_bar))
         losses, started, last_save = [], time.perf_counter(), start
+        last_record_time = started
         with ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="batch") as pool:
             for arrays in self._batches(pool, start):
                 iteration = self.state["iteration"]
+                if self.on_epoch_start is not None and (iteration == start or
+                                                        iteration % self.source.steps_per_epoch == 0):
+                    self.on_epoch_start(iteration // self.source.steps_per_epoch)
                 loss, overflow, _ = self.train_step(*(ms.Tensor(a) for a in arrays))
                 loss_value = float(loss.asnumpy())
                 if not math.isfinite(loss_value):
@@ -189,26 +214,31 @@ class IterationLoop:
                 log_now = iteration % self.log_interval == 0 or finished
                 eval_now = self.evaluate is not None and (
                     finished or (self.eval_interval and iteration % self.eval_interval == 0))
-                save_now = eval_now or finished or (self.save_interval and iteration % self.save_interval == 0)
+                save_now = eval_now or finished or any(iteration % n == 0 for n in self.save_intervals)
                 if not (log_now or eval_now or save_now):
                     continue
-                record = {"iteration": iteration, "epoch": self.state["epoch"],
-                          "train_loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
-                          "overflow_steps": self.state["overflow_steps"],
-                          "skipped_samples": self.state["skipped_samples"]}
-                losses = []
+                record = None
+                if log_now or eval_now:
+                    record = {"iteration": iteration, "epoch": self.state["epoch"],
+                              "train_loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
+                              "seconds": round(time.perf_counter() - last_record_time, 3),  # training only
+                              "overflow_steps": self.state["overflow_steps"],
+                              "skipped_samples": self.state["skipped_samples"]}
+                    losses = []
                 if save_now and iteration != last_save:
                     # Saved before evaluating too, so a crash during a long evaluation loses no training.
                     self.save()
                     last_save = iteration
                 metric = self._evaluate_and_record(record) if eval_now else None
-                if self.is_main:
+                if self.is_main and record is not None:
                     self.metrics.append(record)
                     self.metrics.plot()
-                    if eval_now:
-                        bar.write(format_record(record, self.total_iters))
+                    if eval_now or (self.line_interval and iteration % self.line_interval == 0):
+                        bar.write(self.format_line(record))
                 if metric is not None:
                     self.save(metric)  # the same file again, now carrying the metric that picks the best
+                if record is not None:
+                    last_record_time = time.perf_counter()
         bar.close()
         return dict(self.state)
 

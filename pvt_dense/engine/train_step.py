@@ -3,7 +3,10 @@
 mindcv's `TrainStep` returns only the loss: with a fixed loss scale it applies the update even when the scaled
 gradients overflowed, and with a dynamic one it hides whether the step was skipped. Long runs need both facts
 (`tests/test_training.py` shows the first), so this cell returns (loss, overflow, scale) and never updates on an
-overflow, whichever kind of scale is used.
+overflow, whichever kind of scale is used. MindSpore's `nn.TrainOneStepWithLossScaleCell` (with a
+`DynamicLossScaleUpdateCell`) would do that, but off the GPU it checks overflow with an Ascend-only kernel, so it
+cannot run on the CPU (`tests/test_loop.py`); it also has no gradient-norm clipping, which the recipes use, and
+reports each rank's own loss instead of the global batch's.
 """
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
