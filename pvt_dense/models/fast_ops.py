@@ -63,7 +63,7 @@ ENV_NUM_THREADS = "PVT_DENSE_NUM_THREADS"
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fast_ops.cc")
 # What the Custom ops below name: every one must resolve in the loaded library before a Cell uses it.
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
-DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtAttention")
+DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtAttention", "PvtAttentionGrad")
 CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
@@ -378,6 +378,13 @@ def _attention_shape(q, k, v):
     return q
 
 
+def _attention_grad_shape(q, k, v, dout):
+    _attention_shape(q, k, v)
+    _require(not _known(q, dout) or list(dout) == list(q), "attention backward", "dout shaped like q",
+             (q, dout))
+    return q, k, v
+
+
 def _same_dtype(*dtypes):
     return dtypes[0]
 
@@ -416,17 +423,11 @@ class _Kernels:
             def dense_bprop(x, weight, bias, out, dout):
                 return dense_grad(x, weight, dout)
 
-            scores_of = ops.BatchMatMul(transpose_b=True)
-            transposed_times = ops.BatchMatMul(transpose_a=True)
-            times = ops.BatchMatMul()
-            softmax = ops.Softmax(axis=-1)
+            attention_grad = ops.Custom(f"{library}:PvtAttentionGrad", out_shape=_attention_grad_shape,
+                                        out_dtype=lambda q, k, v, dout: (q, k, v), func_type="aot")
 
             def attention_bprop(q, k, v, out, dout):
-                # Recomputes the probabilities (the forward never stored them), then the softmax backward.
-                probs = softmax(scores_of(q, k))
-                dprobs = scores_of(dout, v)
-                dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
-                return times(dscores, k), transposed_times(dscores, q), transposed_times(probs, dout)
+                return attention_grad(q, k, v, dout)
 
             self.attention = ops.Custom(f"{library}:PvtAttention", out_shape=_attention_shape,
                                         out_dtype=lambda q, k, v: q, func_type="aot", bprop=attention_bprop)

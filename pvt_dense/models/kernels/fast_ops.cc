@@ -3,6 +3,7 @@
 // symbols with ctypes, and describes the kernels' accuracy and speed.
 #include <sched.h>
 #include <unistd.h>
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -484,6 +485,24 @@ static int PvtDenseGradUnchecked(int nparam, void **params, int *ndims, int64_t 
   return status.load();
 }
 
+// Row-wise softmax of a (rows x m) block in place.
+inline void softmax_rows(float *s, int64_t rows, int64_t m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float *__restrict row = s + r * m;
+    float top = row[0];
+    for (int64_t j = 1; j < m; ++j) top = row[j] > top ? row[j] : top;
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < m; ++j) {
+      row[j] = exp_clamped(row[j] - top);
+      total += row[j];
+    }
+    const float inverse = 1.0f / total;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
+  }
+}
+
 // inputs: q (..., N, D), k (..., M, D), v (..., M, D), leading axes equal; output: softmax(q k^T) v (..., N, D).
 // Blocks of 64 query rows: scores (64 x M) in a per-thread buffer, softmax in place, then times v, so the
 // N x M score matrix is never stored (at 800x1344 it would be 67200 x 1050 per stage-1 block).
@@ -512,23 +531,105 @@ static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t 
       float *s = scores.data();
       if (dnnl_sgemm('N', 'T', rows, m, d, 1.0f, q + (g * n + r0) * d, d, k + g * m * d, d, 0.0f, s, m) != 0)
         status = 2;
-      for (int64_t r = 0; r < rows; ++r) {
-        float *__restrict row = s + r * m;
-        float top = row[0];
-        for (int64_t j = 1; j < m; ++j) top = row[j] > top ? row[j] : top;
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < m; ++j) {
-          row[j] = exp_clamped(row[j] - top);
-          total += row[j];
-        }
-        const float inverse = 1.0f / total;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
-      }
+      softmax_rows(s, rows, m);
       if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, v + g * m * d, d, 0.0f, o, d) != 0) status = 2;
     }
   });
+  return status.load();
+}
+
+// The backward of one group's rows [r0, r0 + rows): recomputes p = softmax(q k^T) for those rows (as the forward
+// did), then dq for the rows and adds the rows' share of dk and dv into dk_acc and dv_acc (m x d).
+// ds = p * (dp - rowsum(dp * p)) with dp = dout v^T. `scratch` holds 2 * rows * m floats.
+inline int attention_grad_rows(const float *q, const float *k, const float *v, const float *dout, float *dq,
+                               float *dk_acc, float *dv_acc, int64_t rows, int64_t m, int64_t d, float *scratch) {
+  int status = 0;
+  float *p = scratch, *ds = scratch + rows * m;
+  if (dnnl_sgemm('N', 'T', rows, m, d, 1.0f, q, d, k, d, 0.0f, p, m) != 0) status = 2;
+  softmax_rows(p, rows, m);
+  if (dnnl_sgemm('N', 'T', rows, m, d, 1.0f, dout, d, v, d, 0.0f, ds, m) != 0) status = 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *__restrict pr = p + r * m;
+    float *__restrict dr = ds + r * m;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < m; ++j) dot += dr[j] * pr[j];
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) dr[j] = pr[j] * (dr[j] - dot);
+  }
+  if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, ds, m, k, d, 0.0f, dq, d) != 0) status = 2;
+  if (dnnl_sgemm('T', 'N', m, d, rows, 1.0f, ds, m, q, d, 1.0f, dk_acc, d) != 0) status = 2;
+  if (dnnl_sgemm('T', 'N', m, d, rows, 1.0f, p, m, dout, d, 1.0f, dv_acc, d) != 0) status = 2;
+  return status;
+}
+
+// inputs: q (..., N, D), k (..., M, D), v (..., M, D), dout like q; outputs: dq, dk, dv, the gradients of
+// softmax(q k^T) v. Per (group, block of 64 query rows) the probabilities are recomputed in a per-thread buffer,
+// so no N x M matrix of the whole tensor is ever stored. dk and dv sum over every query row of their group: with
+// at least as many groups as threads each thread owns whole groups; otherwise (batch 1, one head) each thread
+// sums its rows into its own (M x D) partials, added up in slot order afterwards.
+static int PvtAttentionGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                     const char **dtypes, void *, void *) {
+  if (nparam != 7 || !all_float32(7, dtypes) || ndims[0] < 2) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *dout = static_cast<const float *>(params[3]);
+  float *dq = static_cast<float *>(params[4]);
+  float *dk = static_cast<float *>(params[5]);
+  float *dv = static_cast<float *>(params[6]);
+  const int64_t d = shapes[0][ndims[0] - 1], n = shapes[0][ndims[0] - 2], m = shapes[1][ndims[1] - 2];
+  const int64_t groups = d > 0 && n > 0 ? element_count(ndims[0], shapes[0]) / (n * d) : 0;
+  const int64_t kv_size = m * d;
+  if (kv_size > 0) {
+    std::memset(dk, 0, sizeof(float) * groups * kv_size);
+    std::memset(dv, 0, sizeof(float) * groups * kv_size);
+  }
+  if (n == 0 || d == 0) return 0;
+  if (m == 0) {
+    std::memset(dq, 0, sizeof(float) * groups * n * d);
+    return 0;
+  }
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  std::atomic<int> status{0};
+  const int threads = thread_count();
+  if (groups >= threads || blocks == 1) {
+    parallel_for(groups, 1, [&](int64_t g0, int64_t g1, int) {
+      std::vector<float> scratch(static_cast<size_t>(2 * kRows * m));
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t r0 = 0; r0 < n; r0 += kRows) {
+          const int64_t rows = n - r0 < kRows ? n - r0 : kRows, at = (g * n + r0) * d;
+          if (attention_grad_rows(q + at, k + g * kv_size, v + g * kv_size, dout + at, dq + at, dk + g * kv_size,
+                                  dv + g * kv_size, rows, m, d, scratch.data()) != 0)
+            status = 2;
+        }
+    });
+    return status.load();
+  }
+  std::vector<float> partial(static_cast<size_t>(threads) * 2 * kv_size);
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(partial.begin(), partial.end(), 0.0f);
+    parallel_for(blocks, 1, [&](int64_t b0, int64_t b1, int slot) {
+      std::vector<float> scratch(static_cast<size_t>(2 * kRows * m));
+      float *pk = partial.data() + static_cast<size_t>(slot) * 2 * kv_size, *pv = pk + kv_size;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kRows, rows = n - r0 < kRows ? n - r0 : kRows, at = (g * n + r0) * d;
+        if (attention_grad_rows(q + at, k + g * kv_size, v + g * kv_size, dout + at, dq + at, pk, pv, rows, m, d,
+                                scratch.data()) != 0)
+          status = 2;
+      }
+    });
+    float *__restrict gk = dk + g * kv_size, *__restrict gv = dv + g * kv_size;
+    for (int s = 0; s < threads; ++s) {
+      const float *__restrict pk = partial.data() + static_cast<size_t>(s) * 2 * kv_size, *pv = pk + kv_size;
+#pragma omp simd
+      for (int64_t i = 0; i < kv_size; ++i) {
+        gk[i] += pk[i];
+        gv[i] += pv[i];
+      }
+    }
+  }
   return status.load();
 }
 #endif  // PVT_HAVE_DNNL
@@ -576,6 +677,12 @@ PVT_ENTRY(PvtAttention, 4,
           ndims[0] >= 2 && same_leading(ndims, shapes, 0, 1, 2) && same_leading(ndims, shapes, 0, 2, 2) &&
               last(ndims, shapes, 1) == last(ndims, shapes, 0) && same_shape(ndims, shapes, 1, 2) &&
               same_shape(ndims, shapes, 0, 3))
+// q, k, v, dout like q -> dq like q, dk like k, dv like v
+PVT_ENTRY(PvtAttentionGrad, 7,
+          ndims[0] >= 2 && same_leading(ndims, shapes, 0, 1, 2) && same_leading(ndims, shapes, 0, 2, 2) &&
+              last(ndims, shapes, 1) == last(ndims, shapes, 0) && same_shape(ndims, shapes, 1, 2) &&
+              same_shape(ndims, shapes, 0, 3) && same_shape(ndims, shapes, 0, 4) &&
+              same_shape(ndims, shapes, 1, 5) && same_shape(ndims, shapes, 2, 6))
 #endif  // PVT_HAVE_DNNL
 
 // Threads the kernels use from now on (> 0), or 0 for the CPUs this process may use. Returns the count in effect.
