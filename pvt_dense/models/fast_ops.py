@@ -369,20 +369,18 @@ def _dense_grad_shape(x, w, dy):
     return x, w, [w[0]]
 
 
-def _attention_shape(q, k, v):
-    expected = "q (..., N, D), k and v (..., M, D) with the same leading axes"
-    _require(len(q) >= 2 and len(k) == len(q) and len(v) == len(q), "attention", expected, (q, k, v))
-    if _known(q, k, v):
-        _require(list(k) == list(v) and list(k[:-2]) == list(q[:-2]) and k[-1] == q[-1], "attention", expected,
-                 (q, k, v))
+def _attention_shape(q, kv, meta):
+    expected = "q (B, N, C), kv (B, M, 2C) and meta [heads, scale]"
+    _require(len(q) == 3 and len(kv) == 3 and len(meta) == 1, "attention", expected, (q, kv, meta))
+    if _known(q, kv, meta):
+        _require(kv[0] == q[0] and kv[2] == 2 * q[2] and meta[0] == 2, "attention", expected, (q, kv, meta))
     return q
 
 
-def _attention_grad_shape(q, k, v, dout):
-    _attention_shape(q, k, v)
-    _require(not _known(q, dout) or list(dout) == list(q), "attention backward", "dout shaped like q",
-             (q, dout))
-    return q, k, v
+def _attention_grad_shape(q, kv, meta, dout):
+    _attention_shape(q, kv, meta)
+    _require(not _known(q, dout) or list(dout) == list(q), "attention backward", "dout shaped like q", (q, dout))
+    return q, kv
 
 
 def _same_dtype(*dtypes):
@@ -424,13 +422,14 @@ class _Kernels:
                 return dense_grad(x, weight, dout)
 
             attention_grad = ops.Custom(f"{library}:PvtAttentionGrad", out_shape=_attention_grad_shape,
-                                        out_dtype=lambda q, k, v, dout: (q, k, v), func_type="aot")
+                                        out_dtype=lambda q, kv, meta, dout: (q, kv), func_type="aot")
 
-            def attention_bprop(q, k, v, out, dout):
-                return attention_grad(q, k, v, dout)
+            def attention_bprop(q, kv, meta, out, dout):
+                dq, dkv = attention_grad(q, kv, meta, dout)
+                return dq, dkv, ops.zeros_like(meta)
 
             self.attention = ops.Custom(f"{library}:PvtAttention", out_shape=_attention_shape,
-                                        out_dtype=lambda q, k, v: q, func_type="aot", bprop=attention_bprop)
+                                        out_dtype=lambda q, kv, meta: q, func_type="aot", bprop=attention_bprop)
             self.dense = ops.Custom(f"{library}:PvtDense", out_shape=_dense_shape,
                                     out_dtype=lambda x, w, b: x, func_type="aot", bprop=dense_bprop)
         self.gelu = ops.Custom(f"{library}:PvtGelu", out_shape=_gelu_shape, out_dtype=_same_dtype,
