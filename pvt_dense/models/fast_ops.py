@@ -10,10 +10,13 @@ a graph's forward; the LayerNorm kernel's gain is in the backward (~7 vs ~78 ms 
 Linear (`Dense`): oneDNN's sgemm from the libdnnl inside MindSpore's CPU wheel, with the bias fused and the rows
 split over this library's threads; backward gives dx, dW and db (summed in double) in one kernel. Single-threaded
 PVT-Tiny forward CPU time, MatMul + BiasAdd -> this kernel: 117 -> 107 ms at batch 1, 1192 -> 992 ms at batch 8
-(224x224). Attention (`PvtAttention`): softmax(q k^T) v in blocks of 64 query rows with the same sgemm, so the
-score matrix is never stored (800x1344 has 67200 x 1050 scores per stage-1 block); its backward recomputes the
-probabilities with MindSpore ops. Single-threaded CPU time vs BatchMatMul + Softmax: PVT-Tiny forward 758 -> 702 ms
-(224x224, batch 8), 3554 -> 3239 ms (800x1344). Without libdnnl only GELU and LayerNorm are compiled.
+(224x224). Attention (`PvtAttention`): per head softmax(scale q k^T) v in blocks of 64 query rows with the same
+sgemm, so the score matrix is never stored (800x1344 has 67200 x 1050 scores per stage-1 block). It reads q (B, N, C)
+and kv (B, M, 2C) as the q and kv Linear layers write them, so no head transpose, key/value split or scaling pass
+runs around it. Its backward (`PvtAttentionGrad`) recomputes each block's probabilities the same way and
+accumulates dq, dk and dv without an N x M tensor. Single-threaded CPU time vs BatchMatMul + Softmax (before the
+token layouts): PVT-Tiny forward 758 -> 702 ms (224x224, batch 8), 3554 -> 3239 ms (800x1344). Without libdnnl
+only GELU and LayerNorm are compiled.
 
 Accuracy (float32; measured against float64 references, see tests/test_fast_ops.py and tests/test_fast_dense.py):
 - GELU(x) = x/2 * erfc(-x/sqrt 2), with erfc(a) = t * exp(-a^2 + P(t)), t = 1/(1 + a/2) and P a degree-9
