@@ -66,7 +66,8 @@ ENV_NUM_THREADS = "PVT_DENSE_NUM_THREADS"
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fast_ops.cc")
 # What the Custom ops below name: every one must resolve in the loaded library before a Cell uses it.
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
-DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtAttention", "PvtAttentionGrad")
+DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad", "PvtAttention",
+                 "PvtAttentionGrad")
 CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
@@ -416,7 +417,7 @@ class _Kernels:
             return dx, dgamma, dbeta, ops.zeros_like(eps)
 
         self.library = library
-        self.dense = self.attention = None
+        self.dense = self.gelu_dense = self.attention = None
         if has_dense:
             dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=_dense_grad_shape,
                                     out_dtype=lambda x, w, dy: (x, w, w), func_type="aot")
@@ -424,6 +425,14 @@ class _Kernels:
             def dense_bprop(x, weight, bias, out, dout):
                 return dense_grad(x, weight, dout)
 
+            gelu_dense_grad = ops.Custom(f"{library}:PvtGeluDenseGrad", out_shape=_dense_grad_shape,
+                                         out_dtype=lambda h, w, dy: (h, w, w), func_type="aot")
+
+            def gelu_dense_bprop(h, weight, bias, out, dout):
+                return gelu_dense_grad(h, weight, dout)
+
+            self.gelu_dense = ops.Custom(f"{library}:PvtGeluDense", out_shape=_dense_shape,
+                                         out_dtype=lambda h, w, b: h, func_type="aot", bprop=gelu_dense_bprop)
             attention_grad = ops.Custom(f"{library}:PvtAttentionGrad", out_shape=_attention_grad_shape,
                                         out_dtype=lambda q, kv, meta, dout: (q, kv), func_type="aot")
 

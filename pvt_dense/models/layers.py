@@ -165,6 +165,16 @@ class SpatialReductionAttention(nn.Cell):
         return self.attn_matmul_v(attn, v)
 
 
+def gelu_then_dense_kernel(fc2, has_drop):
+    """The fused GELU + Linear kernel for `fc2` (a fast_ops.Dense), or None where it cannot be used: no kernels, or
+    a dropout between the two. The fused kernel never stores GELU's output (the MLP's largest activation besides
+    fc1's output); its backward recomputes it from fc1's output."""
+    compiled = fast_ops.kernels_for_new_cell()
+    if has_drop or not fc2.use_kernel or compiled is None:
+        return None
+    return compiled.gelu_dense
+
+
 class Mlp(nn.Cell):
     """fc1 -> exact GELU -> fc2, the transformer feed-forward layer."""
 
@@ -175,8 +185,12 @@ class Mlp(nn.Cell):
         self.fc2 = dense(hidden_dim, dim)
         self.has_drop = drop > 0.0
         self.drop = nn.Dropout(p=drop) if self.has_drop else nn.Identity()
+        self.gelu_dense = gelu_then_dense_kernel(self.fc2, self.has_drop)
+        self.use_gelu_dense = self.gelu_dense is not None
 
     def construct(self, x):
+        if self.use_gelu_dense and x.dtype == ms.float32:
+            return self.gelu_dense(self.fc1(x), self.fc2.weight, self.fc2.bias)
         x = self.act(self.fc1(x))
         if self.has_drop:
             x = self.drop(x)
