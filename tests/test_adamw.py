@@ -75,3 +75,20 @@ def test_fused_adamw_keeps_mindcv_state_names():
     params = [ms.Parameter(ms.Tensor(np.ones((2, 2), np.float32)), name="w")]
     ours, theirs = AdamW(params), MindcvAdamW(params)
     assert sorted(p.name for p in ours.get_parameters()) == sorted(p.name for p in theirs.get_parameters())
+
+
+def test_fused_adamw_with_a_learning_rate_per_group_matches_torch(pynative):
+    weights, grads = trajectories(seed=2)
+    params = [ms.Parameter(ms.Tensor(w), name=f"p{i}") for i, w in enumerate(weights)]
+    optimizer = AdamW([{"params": params[:-1], "weight_decay": 0.05, "lr": 1e-2},
+                       {"params": params[-1:], "weight_decay": 0.0, "lr": 3e-3}], eps=1e-8)
+    references = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
+    torch_optimizer = torch.optim.AdamW([{"params": references[:-1], "weight_decay": 0.05, "lr": 1e-2},
+                                         {"params": references[-1:], "weight_decay": 0.0, "lr": 3e-3}], eps=1e-8)
+    for step in grads:
+        optimizer(tuple(ms.Tensor(g) for g in step))
+        for p, g in zip(references, step):
+            p.grad = torch.from_numpy(g)
+        torch_optimizer.step()
+    for ours, theirs in zip(params, references):
+        np.testing.assert_allclose(ours.asnumpy(), theirs.detach().numpy(), rtol=0, atol=1e-6)
