@@ -198,8 +198,7 @@ def _mindspore_worker(task):
             outs = net(pixels)
             outs[-1].asnumpy()  # waits for the whole graph
     else:
-        from mindcv.optim.adamw import AdamW
-
+        from pvt_dense.engine.optim import AdamW
         from pvt_dense.engine.train_step import TrainStep
         net = create_model(task["model"], num_classes=NUM_CLASSES)
         labels = ms.Tensor(rng.integers(0, NUM_CLASSES, case.batch).astype(np.int32))

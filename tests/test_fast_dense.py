@@ -73,3 +73,64 @@ def test_dense_has_nn_dense_parameter_names_and_shapes():
     dense, reference = fast_ops.Dense(5, 3), nn.Dense(5, 3)
     assert [(p.name, p.shape) for p in dense.get_parameters()] == \
         [(p.name, p.shape) for p in reference.get_parameters()]
+
+
+class GeluDense(nn.Cell):
+    """sum(fc2(GELU(h)) * g) through the fused kernel (fused=True) or through nn.GELU and MatMul + BiasAdd."""
+
+    def __init__(self, dense, fused):
+        super().__init__()
+        self.dense, self.fused = dense, fused
+        self.kernel = fast_ops.kernels().gelu_dense
+        self.gelu = nn.GELU(approximate=False)
+
+    def construct(self, h, g):
+        if self.fused:
+            y = self.kernel(h, self.dense.weight, self.dense.bias)
+        else:
+            y = self.dense(self.gelu(h))
+        return (y * g).sum()
+
+
+def run_gelu_dense(dense, fused, h, g):
+    net = GeluDense(dense, fused)
+    _, (dh, (dw, db)) = ms.value_and_grad(net, grad_position=0, weights=dense.trainable_params())(ms.Tensor(h),
+                                                                                               ms.Tensor(g))
+    y = ms.grad(net, grad_position=1)(ms.Tensor(h), ms.Tensor(g)).asnumpy()  # d loss / d g is the forward
+    return y, dh.asnumpy(), dw.asnumpy(), db.asnumpy()
+
+
+# Many rows (several 256-row blocks per thread, the last one short), odd sizes, one row.
+GELU_DENSE_SHAPES = [((2, 700, 48), 24), ((3, 5, 7), 3), ((1, 1, 16), 5)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape,out_features", GELU_DENSE_SHAPES)
+def test_gelu_dense_kernel_matches_float64_and_the_mindspore_path(shape, out_features, threads, pynative):
+    import math
+    rng = np.random.default_rng(shape[1] + out_features)
+    with fast_ops.mindspore_ops_only():
+        plain = fast_ops.Dense(shape[-1], out_features)
+    plain.bias.set_data(ms.Tensor(rng.standard_normal(out_features).astype(np.float32)))
+    h = 2 * rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal(shape[:-1] + (out_features,)).astype(np.float32)
+    handle = fast_ops.kernels().handle
+    before = handle.PvtThreadCount()
+    handle.PvtSetThreadCount(threads)
+    try:
+        fused = run_gelu_dense(plain, True, h, g)
+    finally:
+        handle.PvtSetThreadCount(before)
+    ops_path = run_gelu_dense(plain, False, h, g)
+    # float64: a = GELU(h), y = a w^T + b, dh = (g w) GELU'(h), dw = g^T a, db = sum g
+    h64, g64 = h.reshape(-1, shape[-1]).astype(np.float64), g.reshape(-1, out_features).astype(np.float64)
+    w, b = plain.weight.asnumpy().astype(np.float64), plain.bias.asnumpy().astype(np.float64)
+    erf = np.vectorize(math.erf)
+    a = 0.5 * h64 * (1 + erf(h64 / math.sqrt(2)))
+    slope = 0.5 * (1 + erf(h64 / math.sqrt(2))) + h64 * np.exp(-h64 ** 2 / 2) / math.sqrt(2 * math.pi)
+    expected = [(a @ w.T + b).reshape(g.shape), ((g64 @ w) * slope).reshape(shape), g64.T @ a, g64.sum(0)]
+    for name, ours, theirs, exact in zip(("y", "dh", "dw", "db"), fused, ops_path, expected):
+        bound = 2e-6 * max(1.0, np.abs(exact).max())
+        np.testing.assert_allclose(ours, exact, rtol=0, atol=bound, err_msg=name)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2 * bound, err_msg=name)

@@ -28,11 +28,13 @@ def no_decay_names(net, filter_bias_and_norm, extra_patterns=()):
 
 
 def build_optimizer(net, cfg, lr_schedule):
-    """mindcv's AdamW (a real AdamW: bias-corrected moments, decoupled decay) or MindSpore's SGD/Adam, with
-    parameter groups for weight decay. mindcv's `create_optimizer` is not used: it drops its `eps` argument for
-    AdamW and cannot take extra no-decay names from a parameter list."""
-    from mindcv.optim.adamw import AdamW
+    """AdamW (mindcv's, a real AdamW: bias-corrected moments, decoupled decay; fused in place by
+    `pvt_dense.engine.optim`) or MindSpore's SGD/Adam, with parameter groups for weight decay. mindcv's
+    `create_optimizer` is not used: it drops its `eps` argument for AdamW and cannot take extra no-decay names from
+    a parameter list."""
     from mindspore import nn
+
+    from ..engine.optim import AdamW
     extra = official_recipe_overrides(cfg)[2] if cfg.official_recipe else ()
     skip = no_decay_names(net, cfg.filter_bias_and_bn or cfg.official_recipe, extra)
     params = net.trainable_params()

@@ -100,9 +100,10 @@ def resolve_backbone_norm_eps(cfg, checkpoint_style=None, checkpoint=""):
 
 
 def build_adamw(net, cfg, lr_schedule):
-    """mindcv's AdamW (bias-corrected, decoupled decay; matches torch.optim.AdamW) over the trainable parameters,
-    with the config's weight decay and eps, stepping through `lr_schedule` (one lr per iteration)."""
-    from mindcv.optim.adamw import AdamW
+    """AdamW (mindcv's: bias-corrected, decoupled decay; matches torch.optim.AdamW; as one fused in-place kernel per
+    parameter, see `pvt_dense.engine.optim`) over the trainable parameters, with the config's weight decay and eps,
+    stepping through `lr_schedule` (one lr per iteration)."""
+    from .optim import AdamW
     params = net.trainable_params()
     if not params:
         raise ConfigError("the network has no trainable parameters (is every stage frozen?)")

@@ -10,10 +10,13 @@ a graph's forward; the LayerNorm kernel's gain is in the backward (~7 vs ~78 ms 
 Linear (`Dense`): oneDNN's sgemm from the libdnnl inside MindSpore's CPU wheel, with the bias fused and the rows
 split over this library's threads; backward gives dx, dW and db (summed in double) in one kernel. Single-threaded
 PVT-Tiny forward CPU time, MatMul + BiasAdd -> this kernel: 117 -> 107 ms at batch 1, 1192 -> 992 ms at batch 8
-(224x224). Attention (`PvtAttention`): softmax(q k^T) v in blocks of 64 query rows with the same sgemm, so the
-score matrix is never stored (800x1344 has 67200 x 1050 scores per stage-1 block); its backward recomputes the
-probabilities with MindSpore ops. Single-threaded CPU time vs BatchMatMul + Softmax: PVT-Tiny forward 758 -> 702 ms
-(224x224, batch 8), 3554 -> 3239 ms (800x1344). Without libdnnl only GELU and LayerNorm are compiled.
+(224x224). Attention (`PvtAttention`): per head softmax(scale q k^T) v in blocks of 64 query rows with the same
+sgemm, so the score matrix is never stored (800x1344 has 67200 x 1050 scores per stage-1 block). It reads q (B, N, C)
+and kv (B, M, 2C) as the q and kv Linear layers write them, so no head transpose, key/value split or scaling pass
+runs around it. Its backward (`PvtAttentionGrad`) recomputes each block's probabilities the same way and
+accumulates dq, dk and dv without an N x M tensor. Single-threaded CPU time vs BatchMatMul + Softmax (before the
+token layouts): PVT-Tiny forward 758 -> 702 ms (224x224, batch 8), 3554 -> 3239 ms (800x1344). Without libdnnl
+only GELU and LayerNorm are compiled.
 
 Accuracy (float32; measured against float64 references, see tests/test_fast_ops.py and tests/test_fast_dense.py):
 - GELU(x) = x/2 * erfc(-x/sqrt 2), with erfc(a) = t * exp(-a^2 + P(t)), t = 1/(1 + a/2) and P a degree-9
@@ -63,7 +66,8 @@ ENV_NUM_THREADS = "PVT_DENSE_NUM_THREADS"
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fast_ops.cc")
 # What the Custom ops below name: every one must resolve in the loaded library before a Cell uses it.
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
-DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtAttention")
+DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad", "PvtAttention",
+                 "PvtAttentionGrad")
 CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
@@ -369,13 +373,18 @@ def _dense_grad_shape(x, w, dy):
     return x, w, [w[0]]
 
 
-def _attention_shape(q, k, v):
-    expected = "q (..., N, D), k and v (..., M, D) with the same leading axes"
-    _require(len(q) >= 2 and len(k) == len(q) and len(v) == len(q), "attention", expected, (q, k, v))
-    if _known(q, k, v):
-        _require(list(k) == list(v) and list(k[:-2]) == list(q[:-2]) and k[-1] == q[-1], "attention", expected,
-                 (q, k, v))
+def _attention_shape(q, kv, meta):
+    expected = "q (B, N, C), kv (B, M, 2C) and meta [heads, scale]"
+    _require(len(q) == 3 and len(kv) == 3 and len(meta) == 1, "attention", expected, (q, kv, meta))
+    if _known(q, kv, meta):
+        _require(kv[0] == q[0] and kv[2] == 2 * q[2] and meta[0] == 2, "attention", expected, (q, kv, meta))
     return q
+
+
+def _attention_grad_shape(q, kv, meta, dout):
+    _attention_shape(q, kv, meta)
+    _require(not _known(q, dout) or list(dout) == list(q), "attention backward", "dout shaped like q", (q, dout))
+    return q, kv
 
 
 def _same_dtype(*dtypes):
@@ -408,7 +417,7 @@ class _Kernels:
             return dx, dgamma, dbeta, ops.zeros_like(eps)
 
         self.library = library
-        self.dense = self.attention = None
+        self.dense = self.gelu_dense = self.attention = None
         if has_dense:
             dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=_dense_grad_shape,
                                     out_dtype=lambda x, w, dy: (x, w, w), func_type="aot")
@@ -416,20 +425,23 @@ class _Kernels:
             def dense_bprop(x, weight, bias, out, dout):
                 return dense_grad(x, weight, dout)
 
-            scores_of = ops.BatchMatMul(transpose_b=True)
-            transposed_times = ops.BatchMatMul(transpose_a=True)
-            times = ops.BatchMatMul()
-            softmax = ops.Softmax(axis=-1)
+            gelu_dense_grad = ops.Custom(f"{library}:PvtGeluDenseGrad", out_shape=_dense_grad_shape,
+                                         out_dtype=lambda h, w, dy: (h, w, w), func_type="aot")
 
-            def attention_bprop(q, k, v, out, dout):
-                # Recomputes the probabilities (the forward never stored them), then the softmax backward.
-                probs = softmax(scores_of(q, k))
-                dprobs = scores_of(dout, v)
-                dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
-                return times(dscores, k), transposed_times(dscores, q), transposed_times(probs, dout)
+            def gelu_dense_bprop(h, weight, bias, out, dout):
+                return gelu_dense_grad(h, weight, dout)
+
+            self.gelu_dense = ops.Custom(f"{library}:PvtGeluDense", out_shape=_dense_shape,
+                                         out_dtype=lambda h, w, b: h, func_type="aot", bprop=gelu_dense_bprop)
+            attention_grad = ops.Custom(f"{library}:PvtAttentionGrad", out_shape=_attention_grad_shape,
+                                        out_dtype=lambda q, kv, meta, dout: (q, kv), func_type="aot")
+
+            def attention_bprop(q, kv, meta, out, dout):
+                dq, dkv = attention_grad(q, kv, meta, dout)
+                return dq, dkv, ops.zeros_like(meta)
 
             self.attention = ops.Custom(f"{library}:PvtAttention", out_shape=_attention_shape,
-                                        out_dtype=lambda q, k, v: q, func_type="aot", bprop=attention_bprop)
+                                        out_dtype=lambda q, kv, meta: q, func_type="aot", bprop=attention_bprop)
             self.dense = ops.Custom(f"{library}:PvtDense", out_shape=_dense_shape,
                                     out_dtype=lambda x, w, b: x, func_type="aot", bprop=dense_bprop)
         self.gelu = ops.Custom(f"{library}:PvtGelu", out_shape=_gelu_shape, out_dtype=_same_dtype,

@@ -5,7 +5,7 @@ PyTorch-style Conv2d padding and bias, LayerNorm eps per norm, exact (erf) GELU,
 Tokens are (B, N, C) with N = H * W in row-major order, the layout the official code uses.
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal
 
 from . import fast_ops
@@ -114,19 +114,31 @@ class SpatialReductionAttention(nn.Cell):
         # The fused kernel never stores the score matrix; attention dropout needs it, so it takes the ops path.
         self.use_kernel = compiled is not None and compiled.attention is not None and not self.has_attn_drop
         self.attention_kernel = compiled.attention if self.use_kernel else None
+        self.attention_meta = Tensor([float(num_heads), float(self.scale)], ms.float32)
 
     def construct(self, x, height, width):
         batch, num_tokens, channels = x.shape
-        q = self.q(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         source = self.key_value_source(x, height, width)
-        kv = self.kv(source).reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        if self.use_kernel and x.dtype == ms.float32:
+            # The kernel reads the heads, keys and values where the q and kv layers put them, and applies the scale.
+            out = self.attention_kernel(self.q(x), self.kv(source), self.attention_meta)
+        else:
+            out = self.attention_heads(self.q(x), self.kv(source))
+        out = self.proj(out)
+        if self.has_proj_drop:
+            out = self.proj_drop(out)
+        return out
+
+    def attention_heads(self, q, kv):
+        """softmax(scale q k^T) v per head with MindSpore's operators: q (B, N, C) and kv (B, M, 2C) -> (B, N, C)."""
+        batch, num_tokens, channels = q.shape
+        q = q.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        kv = kv.reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         k, v = self.unstack_kv(kv)
         q = q * self.scale
         # Shapes are compile-time constants, so this branch and the loop below are resolved when compiling.
         num_scores = batch * self.num_heads * num_tokens * k.shape[2]
-        if self.use_kernel and q.dtype == ms.float32:
-            out = self.attention_kernel(q, k, v)
-        elif num_scores <= self.max_scores:
+        if num_scores <= self.max_scores:
             out = self.attend(q, k, v)
         else:
             step = -(-num_tokens // -(-num_scores // self.max_scores))
@@ -134,11 +146,7 @@ class SpatialReductionAttention(nn.Cell):
             for start in range(0, num_tokens, step):
                 parts = parts + (self.attend(q[:, :, start:start + step], k, v),)
             out = ops.concat(parts, 2)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, num_tokens, channels)
-        out = self.proj(out)
-        if self.has_proj_drop:
-            out = self.proj_drop(out)
-        return out
+        return out.transpose(0, 2, 1, 3).reshape(batch, num_tokens, channels)
 
     def key_value_source(self, x, height, width):
         """The (B, M, C) tokens keys and values are computed from: the grid shrunk by the strided conv, or x."""
@@ -157,6 +165,16 @@ class SpatialReductionAttention(nn.Cell):
         return self.attn_matmul_v(attn, v)
 
 
+def gelu_then_dense_kernel(fc2, has_drop):
+    """The fused GELU + Linear kernel for `fc2` (a fast_ops.Dense), or None where it cannot be used: no kernels, or
+    a dropout between the two. The fused kernel never stores GELU's output (the MLP's largest activation besides
+    fc1's output); its backward recomputes it from fc1's output."""
+    compiled = fast_ops.kernels_for_new_cell()
+    if has_drop or not fc2.use_kernel or compiled is None:
+        return None
+    return compiled.gelu_dense
+
+
 class Mlp(nn.Cell):
     """fc1 -> exact GELU -> fc2, the transformer feed-forward layer."""
 
@@ -167,8 +185,12 @@ class Mlp(nn.Cell):
         self.fc2 = dense(hidden_dim, dim)
         self.has_drop = drop > 0.0
         self.drop = nn.Dropout(p=drop) if self.has_drop else nn.Identity()
+        self.gelu_dense = gelu_then_dense_kernel(self.fc2, self.has_drop)
+        self.use_gelu_dense = self.gelu_dense is not None
 
     def construct(self, x):
+        if self.use_gelu_dense and x.dtype == ms.float32:
+            return self.gelu_dense(self.fc1(x), self.fc2.weight, self.fc2.bias)
         x = self.act(self.fc1(x))
         if self.has_drop:
             x = self.drop(x)

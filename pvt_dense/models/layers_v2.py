@@ -6,10 +6,12 @@ Semantics follow the official code (whai362/PVT, branch v2, classification/pvt_v
 and mmdetection's `PyramidVisionTransformerV2` reproduce: LayerNorm eps 1e-5 in the patch embedding and the
 attention's reduction, 1e-6 in the blocks; exact (erf) GELU; PyTorch Conv2d padding with bias everywhere.
 """
+import mindspore as ms
 from mindspore import nn
 
 from . import fast_ops
-from .layers import BLOCK_NORM_EPS, EMBED_NORM_EPS, DropPath, SpatialReductionAttention, dense, layer_norm
+from .layers import (BLOCK_NORM_EPS, EMBED_NORM_EPS, DropPath, SpatialReductionAttention, dense,
+                     gelu_then_dense_kernel, layer_norm)
 
 # The linear ("li") attention pools keys and values to this fixed grid whatever the input size.
 LINEAR_POOL_SIZE = 7
@@ -81,12 +83,17 @@ class ConvMlp(nn.Cell):
         self.fc2 = dense(hidden_dim, dim)
         self.has_drop = drop > 0.0
         self.drop = nn.Dropout(p=drop) if self.has_drop else nn.Identity()
+        self.gelu_dense = gelu_then_dense_kernel(self.fc2, self.has_drop)
+        self.use_gelu_dense = self.gelu_dense is not None
 
     def construct(self, x, height, width):
         x = self.fc1(x)
         if self.extra_relu:
             x = self.relu(x)
-        x = self.act(grid_to_tokens(self.dwconv(tokens_to_grid(x, height, width))))
+        x = grid_to_tokens(self.dwconv(tokens_to_grid(x, height, width)))
+        if self.use_gelu_dense and x.dtype == ms.float32:
+            return self.gelu_dense(x, self.fc2.weight, self.fc2.bias)
+        x = self.act(x)
         if self.has_drop:
             x = self.drop(x)
         x = self.fc2(x)

@@ -3,6 +3,7 @@
 // symbols with ctypes, and describes the kernels' accuracy and speed.
 #include <sched.h>
 #include <unistd.h>
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -484,51 +485,272 @@ static int PvtDenseGradUnchecked(int nparam, void **params, int *ndims, int64_t 
   return status.load();
 }
 
-// inputs: q (..., N, D), k (..., M, D), v (..., M, D), leading axes equal; output: softmax(q k^T) v (..., N, D).
-// Blocks of 64 query rows: scores (64 x M) in a per-thread buffer, softmax in place, then times v, so the
-// N x M score matrix is never stored (at 800x1344 it would be 67200 x 1050 per stage-1 block).
-static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
-                                 const char **dtypes, void *, void *) {
-  if (nparam != 4 || !all_float32(4, dtypes) || ndims[0] < 2) return 1;
-  const float *q = static_cast<const float *>(params[0]);
-  const float *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  float *out = static_cast<float *>(params[3]);
-  const int64_t d = shapes[0][ndims[0] - 1], n = shapes[0][ndims[0] - 2], m = shapes[1][ndims[1] - 2];
-  if (n == 0 || d == 0) return 0;
-  const int64_t groups = element_count(ndims[0], shapes[0]) / (n * d);
-  constexpr int64_t kRows = 64;
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  std::atomic<int> status{0};
-  parallel_for(groups * blocks, 1, [&](int64_t t0, int64_t t1, int) {
-    std::vector<float> scores(static_cast<size_t>(kRows * (m > 0 ? m : 1)));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / blocks, r0 = (t % blocks) * kRows, rows = n - r0 < kRows ? n - r0 : kRows;
-      float *o = out + (g * n + r0) * d;
-      if (m == 0) {
-        std::memset(o, 0, sizeof(float) * rows * d);
-        continue;
-      }
-      float *s = scores.data();
-      if (dnnl_sgemm('N', 'T', rows, m, d, 1.0f, q + (g * n + r0) * d, d, k + g * m * d, d, 0.0f, s, m) != 0)
-        status = 2;
-      for (int64_t r = 0; r < rows; ++r) {
-        float *__restrict row = s + r * m;
-        float top = row[0];
-        for (int64_t j = 1; j < m; ++j) top = row[j] > top ? row[j] : top;
-        float total = 0.0f;
+// Row-wise softmax of a (rows x m) block in place.
+inline void softmax_rows(float *s, int64_t rows, int64_t m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float *__restrict row = s + r * m;
+    float top = row[0];
+    for (int64_t j = 1; j < m; ++j) top = row[j] > top ? row[j] : top;
+    float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < m; ++j) {
-          row[j] = exp_clamped(row[j] - top);
-          total += row[j];
-        }
-        const float inverse = 1.0f / total;
+    for (int64_t j = 0; j < m; ++j) {
+      row[j] = exp_clamped(row[j] - top);
+      total += row[j];
+    }
+    const float inverse = 1.0f / total;
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
-      }
-      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, v + g * m * d, d, 0.0f, o, d) != 0) status = 2;
+    for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
+  }
+}
+
+// Rows per sgemm inside a thread's share of the fused GELU + Linear kernels: the GELU'd block (rows x K) stays in
+// a per-thread buffer of at most 256 x K floats.
+constexpr int64_t kGeluDenseRows = 256;
+
+// inputs: h (..., K), w (N, K), b (N); output: y (..., N) = GELU(h) w^T + b. GELU(h) is made per block of rows in a
+// per-thread buffer and never stored: the MLP keeps only fc1's output h, from which the backward recomputes it.
+static int PvtGeluDenseUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
+  if (nparam != 4 || !all_float32(4, dtypes)) return 1;
+  const float *h = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = k > 0 ? element_count(ndims[0], shapes[0]) / k : 0;
+  if (m == 0 || n == 0) return 0;
+  std::atomic<int> status{0};
+  parallel_for(m, kGemmRowGrain, [&](int64_t r0, int64_t r1, int) {
+    std::vector<float> act(static_cast<size_t>((r1 - r0 < kGeluDenseRows ? r1 - r0 : kGeluDenseRows) * k));
+    for (int64_t s0 = r0; s0 < r1; s0 += kGeluDenseRows) {
+      const int64_t rows = r1 - s0 < kGeluDenseRows ? r1 - s0 : kGeluDenseRows;
+      const float *__restrict hs = h + s0 * k;
+      float *__restrict a = act.data();
+#pragma omp simd
+      for (int64_t i = 0; i < rows * k; ++i) a[i] = gelu(hs[i]);
+      for (int64_t r = s0; r < s0 + rows; ++r) std::memcpy(y + r * n, b, sizeof(float) * n);
+      if (dnnl_sgemm('N', 'T', rows, n, k, 1.0f, a, k, w, k, 1.0f, y + s0 * n, n) != 0) status = 2;
     }
   });
+  return status.load();
+}
+
+// inputs: h (..., K), w (N, K), dy (..., N); outputs: dh = (dy w) * GELU'(h), dw = dy^T GELU(h), db = sum of dy.
+// Per block of rows: GELU(h) recomputed into a per-thread buffer, dh written in place of (dy w); dw summed per
+// thread (N x K partials, added in slot order), db in double.
+static int PvtGeluDenseGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                     const char **dtypes, void *, void *) {
+  if (nparam != 6 || !all_float32(6, dtypes)) return 1;
+  const float *h = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dh = static_cast<float *>(params[3]);
+  float *dw = static_cast<float *>(params[4]);
+  float *db = static_cast<float *>(params[5]);
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = k > 0 ? element_count(ndims[0], shapes[0]) / k : 0;
+  std::memset(dw, 0, sizeof(float) * n * k);
+  std::memset(db, 0, sizeof(float) * n);
+  if (m == 0) return 0;
+  if (n == 0) {
+    std::memset(dh, 0, sizeof(float) * m * k);
+    return 0;
+  }
+  const int slots = thread_count();
+  std::vector<float> dw_partial(static_cast<size_t>(slots) * n * k, 0.0f);
+  std::vector<double> db_partial(static_cast<size_t>(slots) * n, 0.0);
+  std::atomic<int> status{0};
+  parallel_for(m, kGemmRowGrain, [&](int64_t r0, int64_t r1, int slot) {
+    std::vector<float> act(static_cast<size_t>((r1 - r0 < kGeluDenseRows ? r1 - r0 : kGeluDenseRows) * k));
+    float *pw = dw_partial.data() + static_cast<size_t>(slot) * n * k;
+    double *__restrict pb = db_partial.data() + static_cast<size_t>(slot) * n;
+    for (int64_t s0 = r0; s0 < r1; s0 += kGeluDenseRows) {
+      const int64_t rows = r1 - s0 < kGeluDenseRows ? r1 - s0 : kGeluDenseRows;
+      const float *__restrict hs = h + s0 * k;
+      float *__restrict a = act.data();
+      float *__restrict dhs = dh + s0 * k;
+      if (dnnl_sgemm('N', 'N', rows, k, n, 1.0f, dy + s0 * n, n, w, k, 0.0f, dhs, k) != 0) status = 2;
+#pragma omp simd
+      for (int64_t i = 0; i < rows * k; ++i) {
+        a[i] = gelu(hs[i]);
+        dhs[i] *= gelu_grad(hs[i]);
+      }
+      if (dnnl_sgemm('T', 'N', n, k, rows, 1.0f, dy + s0 * n, n, a, k, 1.0f, pw, k) != 0) status = 2;
+      for (int64_t r = s0; r < s0 + rows; ++r) {
+        const float *__restrict row = dy + r * n;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) pb[j] += row[j];
+      }
+    }
+  });
+  for (int s = 0; s < slots; ++s) {
+    const float *__restrict pw = dw_partial.data() + static_cast<size_t>(s) * n * k;
+#pragma omp simd
+    for (int64_t i = 0; i < n * k; ++i) dw[i] += pw[i];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    double total = 0.0;
+    for (int s = 0; s < slots; ++s) total += db_partial[static_cast<size_t>(s) * n + j];
+    db[j] = static_cast<float>(total);
+  }
+  return status.load();
+}
+
+// Multi-head attention on token layouts, as the q and kv Linear layers produce them, so that no head transpose,
+// key/value split or scaling pass is needed around it:
+//   q (B, N, C) with C = heads * D (head h in columns [h D, (h + 1) D)),
+//   kv (B, M, 2 C) (keys in columns [0, C), values in [C, 2 C), heads as in q),
+//   meta (2) = [heads, scale];  out (B, N, C) = per head softmax(scale q k^T) v, heads side by side.
+struct HeadLayout {
+  int64_t batch, n, m, c, heads, d;
+  float scale;
+  int64_t groups() const { return batch * heads; }
+  // Offsets of group g = (b, h): its queries / outputs (leading dimension c), keys and values (leading 2 c).
+  int64_t q_at(int64_t g, int64_t row) const { return ((g / heads) * n + row) * c + (g % heads) * d; }
+  int64_t k_at(int64_t g) const { return (g / heads) * m * 2 * c + (g % heads) * d; }
+  int64_t v_at(int64_t g) const { return k_at(g) + c; }
+};
+
+// The layout of q, kv and meta, or false when they do not fit together (meta is read here: its values, not its
+// shape, give the head count).
+bool head_layout(int *ndims, int64_t **shapes, const float *meta, HeadLayout *out) {
+  const float heads = meta[0], scale = meta[1];
+  const int64_t c = shapes[0][2];
+  if (!(heads >= 1.0f && heads <= static_cast<float>(c > 0 ? c : 1)) || heads != std::floor(heads) ||
+      !std::isfinite(scale))
+    return false;
+  const int64_t h = static_cast<int64_t>(heads);
+  if (c % h != 0) return false;
+  *out = {shapes[0][0], shapes[0][1], shapes[1][1], c, h, c / h, scale};
+  return true;
+}
+
+// Blocks of 64 query rows: scores (64 x M) in a per-thread buffer, softmax in place, then times v, so the
+// N x M score matrix is never stored (at 800x1344 it would be 67200 x 1050 per stage-1 block).
+constexpr int64_t kAttentionRows = 64;
+
+// inputs: q, kv, meta; output: out (see HeadLayout).
+static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
+  if (nparam != 4 || !all_float32(4, dtypes)) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *kv = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[3]);
+  HeadLayout L;
+  if (!head_layout(ndims, shapes, static_cast<const float *>(params[2]), &L)) return 1;
+  if (L.n == 0 || L.c == 0 || L.batch == 0) return 0;
+  if (L.m == 0) {
+    std::memset(out, 0, sizeof(float) * L.batch * L.n * L.c);
+    return 0;
+  }
+  const int64_t blocks = (L.n + kAttentionRows - 1) / kAttentionRows, m = L.m, d = L.d, c = L.c;
+  std::atomic<int> status{0};
+  parallel_for(L.groups() * blocks, 1, [&](int64_t t0, int64_t t1, int) {
+    std::vector<float> scores(static_cast<size_t>(kAttentionRows * m));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / blocks, r0 = (t % blocks) * kAttentionRows;
+      const int64_t rows = L.n - r0 < kAttentionRows ? L.n - r0 : kAttentionRows;
+      float *s = scores.data();
+      if (dnnl_sgemm('N', 'T', rows, m, d, L.scale, q + L.q_at(g, r0), c, kv + L.k_at(g), 2 * c, 0.0f, s, m) != 0)
+        status = 2;
+      softmax_rows(s, rows, m);
+      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, kv + L.v_at(g), 2 * c, 0.0f, out + L.q_at(g, r0), c) != 0)
+        status = 2;
+    }
+  });
+  return status.load();
+}
+
+// The backward of group g's query rows [r0, r0 + rows): recomputes p = softmax(scale q k^T) for those rows (as the
+// forward did), writes their dq and adds their share of dk and dv into dk_acc and dv_acc (m x d, leading
+// dimension ld). ds = p * (dp - rowsum(dp * p)) with dp = dout v^T. `scratch` holds 2 * rows * m floats.
+int attention_grad_rows(const HeadLayout &L, const float *q, const float *kv, const float *dout, float *dq,
+                        int64_t g, int64_t r0, int64_t rows, float *dk_acc, float *dv_acc, int64_t ld,
+                        float *scratch) {
+  const int64_t m = L.m, d = L.d, c = L.c;
+  const float *qg = q + L.q_at(g, r0), *k = kv + L.k_at(g), *v = kv + L.v_at(g), *dog = dout + L.q_at(g, r0);
+  int status = 0;
+  float *p = scratch, *ds = scratch + rows * m;
+  if (dnnl_sgemm('N', 'T', rows, m, d, L.scale, qg, c, k, 2 * c, 0.0f, p, m) != 0) status = 2;
+  softmax_rows(p, rows, m);
+  if (dnnl_sgemm('N', 'T', rows, m, d, 1.0f, dog, c, v, 2 * c, 0.0f, ds, m) != 0) status = 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *__restrict pr = p + r * m;
+    float *__restrict dr = ds + r * m;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < m; ++j) dot += dr[j] * pr[j];
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) dr[j] = pr[j] * (dr[j] - dot);
+  }
+  if (dnnl_sgemm('N', 'N', rows, d, m, L.scale, ds, m, k, 2 * c, 0.0f, dq + L.q_at(g, r0), c) != 0) status = 2;
+  if (dnnl_sgemm('T', 'N', m, d, rows, L.scale, ds, m, qg, c, 1.0f, dk_acc, ld) != 0) status = 2;
+  if (dnnl_sgemm('T', 'N', m, d, rows, 1.0f, p, m, dog, c, 1.0f, dv_acc, ld) != 0) status = 2;
+  return status;
+}
+
+// inputs: q, kv, meta, dout like q; outputs: dq like q, dkv like kv. The probabilities are recomputed per (group,
+// block of 64 query rows) in a per-thread buffer, so no N x M matrix of the whole tensor is ever stored. dk and dv
+// sum over every query row of their group: with at least as many groups as threads each thread owns whole groups;
+// otherwise (batch 1, one head) each thread sums its rows into its own (M x D) partials, added up in slot order.
+static int PvtAttentionGradUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                     const char **dtypes, void *, void *) {
+  if (nparam != 6 || !all_float32(6, dtypes)) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *kv = static_cast<const float *>(params[1]);
+  const float *dout = static_cast<const float *>(params[3]);
+  float *dq = static_cast<float *>(params[4]);
+  float *dkv = static_cast<float *>(params[5]);
+  HeadLayout L;
+  if (!head_layout(ndims, shapes, static_cast<const float *>(params[2]), &L)) return 1;
+  std::memset(dkv, 0, sizeof(float) * L.batch * L.m * 2 * L.c);
+  if (L.n == 0 || L.c == 0 || L.batch == 0) return 0;
+  if (L.m == 0) {
+    std::memset(dq, 0, sizeof(float) * L.batch * L.n * L.c);
+    return 0;
+  }
+  const int64_t blocks = (L.n + kAttentionRows - 1) / kAttentionRows, m = L.m, d = L.d, c = L.c;
+  const int64_t groups = L.groups();
+  std::atomic<int> status{0};
+  const int threads = thread_count();
+  if (groups >= threads || blocks == 1) {
+    // Heads of one sample write disjoint columns of the same dkv rows: no two threads write one element.
+    parallel_for(groups, 1, [&](int64_t g0, int64_t g1, int) {
+      std::vector<float> scratch(static_cast<size_t>(2 * kAttentionRows * m));
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t r0 = 0; r0 < L.n; r0 += kAttentionRows) {
+          const int64_t rows = L.n - r0 < kAttentionRows ? L.n - r0 : kAttentionRows;
+          if (attention_grad_rows(L, q, kv, dout, dq, g, r0, rows, dkv + L.k_at(g), dkv + L.v_at(g), 2 * c,
+                                  scratch.data()) != 0)
+            status = 2;
+        }
+    });
+    return status.load();
+  }
+  const int64_t part = m * d;
+  std::vector<float> partial(static_cast<size_t>(threads) * 2 * part);
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(partial.begin(), partial.end(), 0.0f);
+    parallel_for(blocks, 1, [&](int64_t b0, int64_t b1, int slot) {
+      std::vector<float> scratch(static_cast<size_t>(2 * kAttentionRows * m));
+      float *pk = partial.data() + static_cast<size_t>(slot) * 2 * part, *pv = pk + part;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kAttentionRows, rows = L.n - r0 < kAttentionRows ? L.n - r0 : kAttentionRows;
+        if (attention_grad_rows(L, q, kv, dout, dq, g, r0, rows, pk, pv, d, scratch.data()) != 0) status = 2;
+      }
+    });
+    for (int s = 0; s < threads; ++s) {
+      const float *pk = partial.data() + static_cast<size_t>(s) * 2 * part, *pv = pk + part;
+      for (int64_t j = 0; j < m; ++j) {
+        float *__restrict gk = dkv + L.k_at(g) + j * 2 * c, *__restrict gv = dkv + L.v_at(g) + j * 2 * c;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) {
+          gk[i] += pk[j * d + i];
+          gv[i] += pv[j * d + i];
+        }
+      }
+    }
+  }
   return status.load();
 }
 #endif  // PVT_HAVE_DNNL
@@ -571,11 +793,26 @@ PVT_ENTRY(PvtDenseGrad, 6,
               same_leading(ndims, shapes, 0, 2, 1) && last(ndims, shapes, 2) == shapes[1][0] &&
               same_shape(ndims, shapes, 0, 3) && same_shape(ndims, shapes, 1, 4) &&
               is_vector(ndims, shapes, 5, shapes[1][0]))
-// q (..., N, D), k (..., M, D), v (..., M, D) -> out like q
+// h (..., K), w (N, K), b (N) -> y (..., N) = GELU(h) w^T + b
+PVT_ENTRY(PvtGeluDense, 4,
+          ndims[0] >= 1 && ndims[1] == 2 && shapes[1][1] == last(ndims, shapes, 0) &&
+              is_vector(ndims, shapes, 2, shapes[1][0]) && same_leading(ndims, shapes, 0, 3, 1) &&
+              last(ndims, shapes, 3) == shapes[1][0])
+// h (..., K), w (N, K), dy (..., N) -> dh like h, dw like w, db (N)
+PVT_ENTRY(PvtGeluDenseGrad, 6,
+          ndims[0] >= 1 && ndims[1] == 2 && shapes[1][1] == last(ndims, shapes, 0) &&
+              same_leading(ndims, shapes, 0, 2, 1) && last(ndims, shapes, 2) == shapes[1][0] &&
+              same_shape(ndims, shapes, 0, 3) && same_shape(ndims, shapes, 1, 4) &&
+              is_vector(ndims, shapes, 5, shapes[1][0]))
+// q (B, N, C), kv (B, M, 2C), meta [heads, scale] -> out like q
 PVT_ENTRY(PvtAttention, 4,
-          ndims[0] >= 2 && same_leading(ndims, shapes, 0, 1, 2) && same_leading(ndims, shapes, 0, 2, 2) &&
-              last(ndims, shapes, 1) == last(ndims, shapes, 0) && same_shape(ndims, shapes, 1, 2) &&
-              same_shape(ndims, shapes, 0, 3))
+          ndims[0] == 3 && ndims[1] == 3 && shapes[1][0] == shapes[0][0] && shapes[1][2] == 2 * shapes[0][2] &&
+              element_count(ndims[2], shapes[2]) == 2 && same_shape(ndims, shapes, 0, 3))
+// q, kv, meta, dout like q -> dq like q, dkv like kv
+PVT_ENTRY(PvtAttentionGrad, 6,
+          ndims[0] == 3 && ndims[1] == 3 && shapes[1][0] == shapes[0][0] && shapes[1][2] == 2 * shapes[0][2] &&
+              element_count(ndims[2], shapes[2]) == 2 && same_shape(ndims, shapes, 0, 3) &&
+              same_shape(ndims, shapes, 0, 4) && same_shape(ndims, shapes, 1, 5))
 #endif  // PVT_HAVE_DNNL
 
 // Threads the kernels use from now on (> 0), or 0 for the CPUs this process may use. Returns the count in effect.
