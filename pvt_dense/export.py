@@ -113,7 +113,7 @@ def load_detector_config(path, overrides, model_name):
 def build_detector(config, ckpt_path):
     """RetinaNet with the weights of a training checkpoint (or the config's backbone weights and a fresh head)."""
     if ckpt_path:
-        from .detection.train import load_detector
+        from .detection.loading import load_detector
         return load_detector(config, ckpt_path)
     from .detection.recipe import build_retinanet
     detector, _ = build_retinanet(config)

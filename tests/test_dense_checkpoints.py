@@ -218,7 +218,7 @@ def _run_detector(detector, x):
 
 @pytest.mark.parametrize("layout", ["det_mmdet3", "det_official"])
 def test_retinanet_checkpoint_matches_mmdet(files, layout):
-    from pvt_dense.detection.train import load_detector_with_report
+    from pvt_dense.detection.loading import load_detector_with_report
     official = layout == "det_official"
     detector, report = load_detector_with_report(_detection_cfg(), files[layout])
     assert report.source_format == (MMLAB_OFFICIAL_PVT if official else MMLAB_MMDET_PVT)
@@ -315,7 +315,7 @@ def test_unexpected_key_is_named(files, tmp_path):
 @pytest.mark.bad_input("dense checkpoint", "an 80-class RetinaNet file with num_classes: 3 in the config",
                        "CheckpointError: the file predicts 80 classes, set num_classes: 80")
 def test_wrong_class_count_is_an_error(files):
-    from pvt_dense.detection.train import load_detector
+    from pvt_dense.detection.loading import load_detector
     with pytest.raises(CheckpointError, match=r"predicts 80 classes .*bbox_head\.retina_cls\.weight.*num_classes: 80"):
         load_detector(_detection_cfg(num_classes=3), files["det_mmdet3"])
 
@@ -323,7 +323,7 @@ def test_wrong_class_count_is_an_error(files):
 @pytest.mark.bad_input("dense checkpoint", "an mmdetection-PVT file with backbone_norm_eps: official",
                        "ConfigError: the file needs backbone_norm_eps: mmdet")
 def test_conflicting_norm_eps_is_an_error(files):
-    from pvt_dense.detection.train import load_detector
+    from pvt_dense.detection.loading import load_detector
     with pytest.raises(ConfigError, match="set backbone_norm_eps: mmdet"):
         load_detector(_detection_cfg(backbone_norm_eps="official"), files["det_mmdet3"])
 
@@ -340,7 +340,7 @@ def test_model_built_with_the_other_eps_is_refused(files):
 @pytest.mark.bad_input("dense checkpoint", "a segmentor file given to the detector loader",
                        "CheckpointError: a segmentor checkpoint, the model is a detector")
 def test_task_mismatch_is_an_error(files):
-    from pvt_dense.detection.train import load_detector
+    from pvt_dense.detection.loading import load_detector
     with pytest.raises(CheckpointError, match="is a segmentor checkpoint; the model is a detector"):
         load_detector(_detection_cfg(), files["seg_official"])
 
@@ -354,7 +354,8 @@ def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
     from pvt_dense.checkpoint.dense import save_dense_native
     from pvt_dense.data.digits_detection import make_digits_detection
     from pvt_dense.detection.recipe import build_retinanet, load_detection_config
-    from pvt_dense.detection.train import load_detector, train_detector
+    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.detection.train import train_detector
 
     data = make_digits_detection(tmp_path / "digits", train_images=4, val_images=1, canvas_size=64,
                                  digit_sizes=(22, 30), min_digits=1, max_digits=2, classes=2, seed=1)
@@ -432,7 +433,7 @@ def test_load_from_with_another_class_count_skips_only_the_classifier_with_a_war
     refuses the file."""
     from pvt_dense.checkpoint.dense import print_report
     from pvt_dense.detection.recipe import build_retinanet
-    from pvt_dense.detection.train import load_detector
+    from pvt_dense.detection.loading import load_detector
     detector, _ = build_retinanet(_detection_cfg(num_classes=3), load_pretrained=False)
     initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
     with pytest.raises(CheckpointError, match="predicts 80 classes"):

@@ -127,7 +127,7 @@ def test_mmdet_pvt_v2_file_is_recognised(v2_file):
 @pytest.mark.parametrize("layout", ["path", "official"])
 def test_retinanet_pvt_v2_checkpoint_matches_mmdet(v2_file, layout):
     from pvt_dense.detection.recipe import load_detection_config
-    from pvt_dense.detection.train import load_detector_with_report
+    from pvt_dense.detection.loading import load_detector_with_report
     official = layout == "official"
     cfg = load_detection_config(CONFIG, [("mode", 1), ("num_classes", 3)] + NARROW)
     detector, report = load_detector_with_report(cfg, v2_file[layout])
@@ -160,7 +160,7 @@ def test_integer_weights_in_a_dense_file_are_refused(v2_file, tmp_path):
                        "CheckpointError listing the misfit keys and naming the file's size (set backbone: ...)")
 def test_a_file_of_another_size_names_its_size(v2_file):
     from pvt_dense.detection.recipe import load_detection_config
-    from pvt_dense.detection.train import load_detector_with_report
+    from pvt_dense.detection.loading import load_detector_with_report
     cfg = load_detection_config(None, [("mode", 1), ("num_classes", 3), ("backbone", "pvt_tiny")] + NARROW)
     with pytest.raises(CheckpointError, match="set backbone: pvt_v2_b0"):
         load_detector_with_report(cfg, v2_file["path"])
@@ -170,7 +170,7 @@ def test_convert_tool_writes_a_native_v2_detector(v2_file, tmp_path):
     """tools/convert_weights.py on the mmdetection file (size and class count from the weights, the narrow widths
     from a config), then the detection loader on its output: mmdetection's outputs again."""
     from pvt_dense.detection.recipe import load_detection_config
-    from pvt_dense.detection.train import load_detector_with_report
+    from pvt_dense.detection.loading import load_detector_with_report
     dst = tmp_path / "retinanet_pvt_v2_b0.ckpt"
     config = tmp_path / "narrow.yaml"
     config.write_text("".join(f"{key}: {value!r}\n" for key, value in NARROW) + "num_classes: 3\nbackbone: pvt_v2_b0\n")

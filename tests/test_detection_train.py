@@ -30,7 +30,8 @@ def tiny_config(data, run_dir, *extra):
 @pytest.mark.slow
 def test_training_on_a_tiny_set_lowers_the_loss_and_reaches_ap50(tmp_path, capsys):
     from pvt_dense.detection.infer import infer_images
-    from pvt_dense.detection.train import load_detector_with_names, train_detector
+    from pvt_dense.detection.loading import load_detector_with_names
+    from pvt_dense.detection.train import train_detector
 
     data = make_digits_detection(tmp_path / "digits", train_images=8, val_images=1, canvas_size=64,
                                  digit_sizes=(22, 30), min_digits=1, max_digits=2, classes=2, seed=1)

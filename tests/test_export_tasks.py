@@ -50,7 +50,7 @@ def run_tool(arguments, capsys):
 @pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda path: os.path.basename(path).split("_fpn")[0])
 def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynative, capsys):
     from pvt_dense.detection.recipe import build_retinanet, load_detection_config
-    from pvt_dense.detection.train import load_detector
+    from pvt_dense.detection.loading import load_detector
     # Narrow neck and head (the graph compile dominates; every key family is still exported)
     overrides = ["--num_classes", "3", "--pretrained", "", "--mode", "1", "--neck_channels", "32",
                  "--head_feat_channels", "32", "--head_stacked_convs", "2"]

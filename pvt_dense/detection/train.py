@@ -1,4 +1,5 @@
-"""Train RetinaNet on a COCO-layout dataset with the shared iteration loop; evaluate a checkpoint.
+"""Train RetinaNet on a COCO-layout dataset with the shared iteration loop (loading a checkpoint to evaluate or
+infer: `loading.py`).
 
 Epochs become iterations once the training set is read: `epochs * steps_per_epoch` iterations, lr steps at
 `lr_steps` epochs, evaluation every `eval_interval` epochs. One process or data parallel under msrun/mpirun
@@ -9,9 +10,9 @@ import os
 from ..config import dump_config
 from ..checkpoint.dense import load_dense_checkpoint, print_report
 from ..engine.loop import IterationLoop
-from ..engine.recipe import build_adamw, init_run, warmup_step_schedule
+from ..engine.recipe import build_adamw, init_run, starting_weights, warmup_step_schedule
 from ..engine.train_step import TrainStep, training_state_parameters
-from ..errors import ConfigError, PVTDenseError
+from ..errors import ConfigError
 from .coco import CocoDetection
 from .data import DetectionBatchSource
 from .evaluation import evaluate_detector
@@ -31,16 +32,6 @@ def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
     return evaluate_detector(detector, dataset, inference_settings(cfg), tuple(cfg.img_scale), cfg.pad_divisor,
                              tuple(cfg.mean), tuple(cfg.std), cfg.max_eval_images, results_json=results_json,
                              verbose=verbose, progress=cfg.progress_bar)
-
-
-def starting_weights(cfg):
-    """(cfg with its backbone eps style resolved, the `load_from` checkpoint or ''): fine-tuning starts from a
-    whole-model checkpoint's weights only; a resumable run in ckpt_save_dir still takes precedence (`resume`)."""
-    from ..checkpoint.dense import config_for_checkpoint
-    from ..engine.recipe import resolve_backbone_norm_eps
-    if cfg.load_from:
-        return config_for_checkpoint(cfg, cfg.load_from)[0], cfg.load_from
-    return type(cfg)(cfg, backbone_norm_eps=resolve_backbone_norm_eps(cfg)), ""
 
 
 def train_detector(cfg):
@@ -91,56 +82,3 @@ def train_detector(cfg):
         print(f"training batches came in {len(source.shapes)} distinct shapes (one graph compilation each): "
               f"{sorted(source.shapes)}")
     return dict(state, metrics=dict(last), detector=detector, run_dir=cfg.ckpt_save_dir)
-
-
-def load_detector(cfg, ckpt_path, num_classes=None):
-    """A RetinaNet built from the config with the weights of a whole-detector checkpoint: a training checkpoint
-    of ours, an official PVT RetinaNet release or an mmdetection 3.x file (strict: every detector weight must be
-    in the file with its shape). See `load_detector_with_report`."""
-    return load_detector_with_report(cfg, ckpt_path, num_classes)[0]
-
-
-def load_detector_with_report(cfg, ckpt_path, num_classes=None):
-    """(detector, `DenseLoadReport`); the backbone's LayerNorm eps follows the checkpoint (config 'auto')."""
-    import mindspore as ms
-
-    from ..checkpoint.dense import config_for_checkpoint
-    ms.set_device(cfg.device_target)
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
-    if not ckpt_path or not os.path.isfile(ckpt_path):
-        raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
-    cfg, _ = config_for_checkpoint(cfg, ckpt_path)
-    detector, _ = build_retinanet(cfg, num_classes, load_pretrained=False)
-    report = load_dense_checkpoint(detector, ckpt_path)
-    print_report(report)
-    detector.set_train(False)
-    return detector, report
-
-
-def evaluate_checkpoint(cfg, ckpt_path, results_json=None):
-    """The 12 COCO metrics of a checkpoint on the config's val set (printed by pycocotools' summary)."""
-    val_set = open_dataset(cfg, "val")
-    detector = load_detector(cfg, ckpt_path, val_set.num_classes)
-    return evaluate_on(detector, val_set, cfg, results_json=results_json)
-
-
-def load_detector_with_names(cfg, ckpt_path):
-    """(detector, class names, COCO category ids). A training checkpoint of ours records its names (and is built
-    with that many classes); an OpenMMLab file gives its meta's names, or COCO's for 80 classes, and must have
-    the config's num_classes. Falls back to "0".."K-1"."""
-    from ..checkpoint.dense import NATIVE, read_dense_checkpoint_meta
-    if not ckpt_path or not os.path.isfile(ckpt_path):
-        raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
-    info = read_dense_checkpoint_meta(ckpt_path)
-    if info.source_format == NATIVE:
-        from ..engine.checkpoints import read_checkpoint_meta
-        try:
-            meta = read_checkpoint_meta(ckpt_path)
-        except PVTDenseError:
-            meta = {}
-        names = meta.get("class_names") or [str(i) for i in range(cfg.num_classes)]
-        detector = load_detector(cfg, ckpt_path, len(names))
-        return detector, list(names), meta.get("category_ids")
-    detector, report = load_detector_with_report(cfg, ckpt_path)
-    names = report.class_names or [str(i) for i in range(detector.num_classes)]
-    return detector, list(names), None

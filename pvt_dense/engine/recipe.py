@@ -167,3 +167,12 @@ def init_run(cfg):
     rank, world_size = init_distributed(cfg.distribute)
     set_seeds(cfg.seed)
     return rank, world_size
+
+
+def starting_weights(cfg):
+    """(cfg with its backbone eps style resolved, the `load_from` checkpoint or ''): fine-tuning starts from a
+    whole-model checkpoint's weights only; a resumable run in ckpt_save_dir still takes precedence (`resume`)."""
+    from ..checkpoint.dense import config_for_checkpoint
+    if cfg.load_from:
+        return config_for_checkpoint(cfg, cfg.load_from)[0], cfg.load_from
+    return type(cfg)(cfg, backbone_norm_eps=resolve_backbone_norm_eps(cfg)), ""

@@ -18,13 +18,9 @@ class SegmentationRun:
         from .segmentor import SegmentorInference, SegmentorWithLoss
         from .transforms import TrainTransform
 
-        from ..checkpoint.dense import config_for_checkpoint, load_dense_checkpoint, print_report
-        from ..engine.recipe import resolve_backbone_norm_eps
-        if cfg.load_from:
-            cfg = config_for_checkpoint(cfg, cfg.load_from)[0]
-        else:
-            cfg = type(cfg)(cfg, backbone_norm_eps=resolve_backbone_norm_eps(cfg))
-        self.cfg = cfg
+        from ..checkpoint.dense import load_dense_checkpoint, print_report
+        from ..engine.recipe import starting_weights
+        self.cfg = cfg = starting_weights(cfg)[0]
         self.rank, self.world_size = init_run(cfg)
         self.class_names = class_names_of(cfg)
         train_samples = list_samples(cfg.data_dir, cfg.train_split)
