@@ -138,3 +138,67 @@ def test_rows_ratios_and_reports(tmp_path):
 def test_unknown_case_is_refused(tmp_path):
     with pytest.raises(benchmark.BenchmarkError, match="fwd224_b1"):
         benchmark.run_benchmark(cases=("fwd999",), output=str(tmp_path), progress=False)
+
+
+def test_photo_folder_is_deterministic_with_both_orientations_codecs_and_ten_sizes(tmp_path):
+    pytest.importorskip("skimage")
+    import cv2
+
+    from devtools.pipeline_bench import write_photo_folder
+    paths = write_photo_folder(str(tmp_path / "a"), 30)
+    again = write_photo_folder(str(tmp_path / "b"), 30)
+    sizes = [cv2.imread(p).shape[:2] for p in paths]
+    assert len(set(sizes)) >= 10
+    assert any(h > w for h, w in sizes) and any(w > h for h, w in sizes)
+    assert {os.path.splitext(p)[1] for p in paths} == {".jpg", ".png"}
+    for first, second in zip(paths, again):
+        assert open(first, "rb").read() == open(second, "rb").read()
+
+
+# The pipeline cases once each at a tiny size, through the real workers (subprocesses, mmdet/mmseg/HF on the torch
+# side, the converted checkpoint on ours), into the report.
+TINY_PIPELINE_CASES = (
+    benchmark.BenchCase("det_folder", "det_folder", 1, 96, 160, images=2),
+    benchmark.BenchCase("seg_folder", "seg_folder", 1, 64, 256, images=2),
+    benchmark.BenchCase("export_folder", "export_folder", 1, 64, 128, images=2),
+    benchmark.BenchCase("det_train", "det_train", 2, 96, 160),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_run(tmp_path_factory):
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmseg")
+    pytest.importorskip("mmcv")
+    pytest.importorskip("skimage")
+    output = tmp_path_factory.mktemp("bench")
+    rows = benchmark.run_benchmark(models=("pvt_tiny",), cases=TINY_PIPELINE_CASES, output=str(output), repeats=1,
+                                   warmup=1, threads=1, profile_cases=(), progress=False)
+    return rows, (output / "results.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", TINY_PIPELINE_CASES, ids=lambda c: c.name)
+def test_pipeline_case_runs_on_both_sides_into_the_report(tiny_pipeline_run, case):
+    rows, report = tiny_pipeline_run
+    mine = {r["framework"]: r for r in rows if r["case"] == case.name}
+    assert set(mine) == {benchmark.OURS, benchmark.THEIRS}
+    for row in mine.values():
+        assert "error" not in row, row.get("error")
+        assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 100 and row["spread"] >= 0
+    ratio = mine[benchmark.OURS]["images_per_s"] / mine[benchmark.THEIRS]["images_per_s"]
+    line = next(line for line in report.splitlines() if line.startswith(f"| pvt_tiny | {case.label} |"))
+    assert f"| {ratio:.2f}x |" in line
+    if case.is_folder:
+        for row in mine.values():
+            assert row["images"] == case.images
+            assert row["images_per_s"] == pytest.approx(case.images / row["total_s"])
+        assert f"pvt_tiny {case.name}, {benchmark.FRAMEWORK_LABELS[benchmark.OURS]}: {case.images} images" in report
+        assert "of which compilation" in report
+
+
+@pytest.mark.bad_input("benchmark arguments", "a pipeline case with a PVT v2 model first",
+                       "BenchmarkError: the pipeline cases compare with mmdetection's PVT v1")
+def test_pipeline_cases_refuse_a_v2_model_first(tmp_path):
+    with pytest.raises(benchmark.BenchmarkError, match="v1"):
+        benchmark.run_benchmark(models=("pvt_v2_b0",), cases=("det_folder",), output=str(tmp_path), progress=False)
