@@ -35,13 +35,15 @@ def iou_one_to_many(box, boxes):
     return inter / np.maximum(union, 1e-12)
 
 
-def nms(boxes, scores, iou_thr):
+def nms(boxes, scores, iou_thr, max_num=None):
     """Indices of the boxes greedy NMS keeps, best score first: a box is dropped when its IoU with a kept,
-    higher-scoring box is above `iou_thr`. Ties in score keep the earlier box first."""
+    higher-scoring box is above `iou_thr`. Ties in score keep the earlier box first. With `max_num`, stops once
+    that many are kept: greedy NMS keeps boxes in score order, so these are exactly the first `max_num` of the full
+    result (what `max_per_img` keeps), without the thousands of iterations for the boxes that would be cut."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")
     keep = []
-    while order.size:
+    while order.size and (max_num is None or len(keep) < max_num):
         best = order[0]
         keep.append(best)
         if order.size == 1:
@@ -51,13 +53,13 @@ def nms(boxes, scores, iou_thr):
     return np.asarray(keep, dtype=np.int64)
 
 
-def batched_nms(boxes, scores, labels, iou_thr):
+def batched_nms(boxes, scores, labels, iou_thr, max_num=None):
     """NMS within each class only: boxes of different classes are shifted apart so that they never overlap."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if boxes.shape[0] == 0:
         return np.zeros((0,), np.int64)
     offsets = np.asarray(labels, dtype=np.float32)[:, None] * (float(boxes.max()) + 1.0)
-    return nms(boxes + offsets, scores, iou_thr)
+    return nms(boxes + offsets, scores, iou_thr, max_num)
 
 
 def sigmoid(x):
@@ -103,7 +105,7 @@ def detect_image(outputs, image_index, anchor_generator, num_classes, meta, sett
         sized = ((boxes[:, 2] - boxes[:, 0]) > settings.min_bbox_size) & (
             (boxes[:, 3] - boxes[:, 1]) > settings.min_bbox_size)
         boxes, scores, labels = boxes[sized], scores[sized], labels[sized]
-    keep = batched_nms(boxes, scores, labels, settings.nms_iou)[: settings.max_per_img]
+    keep = batched_nms(boxes, scores, labels, settings.nms_iou, max_num=settings.max_per_img)
     return boxes[keep], scores[keep], labels[keep]
 
 
