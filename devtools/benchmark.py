@@ -46,7 +46,8 @@ REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESULT_MARK = "PVT_BENCH_RESULT "
 OURS, THEIRS = "mindspore", "torch_hf"
-FRAMEWORK_LABELS = {OURS: "pvt_dense (MindSpore)", THEIRS: "torch (HF transformers; mmdet / mmseg in the pipeline cases)"}
+FRAMEWORK_LABELS = {OURS: "pvt_dense (MindSpore)",
+                    THEIRS: "torch (HF transformers; mmdet / mmseg in the pipeline cases)"}
 
 
 class BenchmarkError(PVTDenseError):
