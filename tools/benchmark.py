@@ -1,4 +1,5 @@
-"""Benchmark pvt_dense (MindSpore, graph mode) against the torch implementations a user would otherwise run, on this CPU.
+"""Benchmark pvt_dense (MindSpore, graph mode) against the torch implementations users would otherwise run, on this
+CPU.
 
     python tools/benchmark.py                                   # pvt_tiny and pvt_small, every case
     python tools/benchmark.py --models pvt_tiny --cases fwd224_b8 train224_b8 --repeats 5 --output outputs/bench
