@@ -19,6 +19,7 @@ thread counts and load average), results.png (bar chart), profile_<model>_<case>
 every finished case, so an interrupted run keeps what it measured.
 """
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -35,13 +36,18 @@ import numpy as np
 from pvt_dense.atomic import write_atomic
 from pvt_dense.errors import PVTDenseError
 
-from .hf_reference import NUM_CLASSES, hf_pvt_config, official_dense_hf_model
+from pvt_dense.models.factory import MODEL_SPECS
+from pvt_dense.models.layers_v2 import LINEAR_POOL_SIZE
+from pvt_dense.models.pvt_v2 import PVTv2Spec
+
+from .hf_reference import NUM_CLASSES, hf_classifier, official_dense_hf_backbone
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESULT_MARK = "PVT_BENCH_RESULT "
 OURS, THEIRS = "mindspore", "torch_hf"
-FRAMEWORK_LABELS = {OURS: "pvt_dense (MindSpore)", THEIRS: "HF transformers (torch)"}
+FRAMEWORK_LABELS = {OURS: "pvt_dense (MindSpore)",
+                    THEIRS: "torch (HF transformers; mmdet / mmseg in the pipeline cases)"}
 
 
 class BenchmarkError(PVTDenseError):
@@ -50,19 +56,44 @@ class BenchmarkError(PVTDenseError):
 
 @dataclass(frozen=True)
 class BenchCase:
-    """One measured workload: a backbone forward or a classifier training step at a fixed batch and size."""
+    """One measured workload at a fixed size.
+
+    kind: "forward" (dense backbone, eval), "train" (classifier, forward + backward + AdamW), or one of the whole
+    pipelines of `devtools.pipeline_bench`: "det_train" (RetinaNet training step on a synthetic batch padded to
+    height x width), "det_folder" / "seg_folder" / "export_folder" (a folder of `images` photos, each resized with
+    height x width as (short side, long side limit), from model loading to the last result).
+    """
 
     name: str
-    kind: str  # "forward" (dense backbone, eval) or "train" (classifier, forward + backward + AdamW)
+    kind: str
     batch: int
     height: int
     width: int
+    images: int = 0  # folder cases: photos in the folder
+
+    @property
+    def is_pipeline(self):
+        return self.kind in PIPELINE_KINDS
+
+    @property
+    def is_folder(self):
+        return self.kind in FOLDER_KINDS
 
     @property
     def label(self):
-        what = "train step" if self.kind == "train" else "forward"
-        return f"{what} {self.height}x{self.width} b{self.batch}"
+        if self.kind == "train":
+            return f"train step {self.height}x{self.width} b{self.batch}"
+        if self.kind == "det_train":
+            return f"RetinaNet train step {self.height}x{self.width} b{self.batch}"
+        if self.is_folder:
+            what = FOLDER_KINDS[self.kind]
+            return f"{what}, {self.images} photos at {self.height}/{self.width} (incl. load + compile)"
+        return f"forward {self.height}x{self.width} b{self.batch}"
 
+
+FOLDER_KINDS = {"det_folder": "RetinaNet folder inference", "seg_folder": "Semantic FPN folder inference",
+                "export_folder": "feature export of a folder"}
+PIPELINE_KINDS = ("det_train",) + tuple(FOLDER_KINDS)
 
 CASES = {case.name: case for case in (
     BenchCase("fwd224_b1", "forward", 1, 224, 224),
@@ -70,6 +101,12 @@ CASES = {case.name: case for case in (
     BenchCase("fwd512_b1", "forward", 1, 512, 512),
     BenchCase("fwd800x1344_b1", "forward", 1, 800, 1344),
     BenchCase("train224_b8", "train", 8, 224, 224),
+    # The 1x recipe's training batch: 2 images padded to 800 x 1216 (the second one narrower inside it).
+    BenchCase("det_train", "det_train", 2, 800, 1216),
+    # The test scales of the recipes: RetinaNet (1333, 800), Semantic FPN (2048, 512), feature export 800 / 1333.
+    BenchCase("det_folder", "det_folder", 1, 800, 1333, images=20),
+    BenchCase("seg_folder", "seg_folder", 1, 512, 2048, images=20),
+    BenchCase("export_folder", "export_folder", 1, 800, 1333, images=30),
 )}
 DEFAULT_MODELS = ("pvt_tiny", "pvt_small")
 
@@ -78,13 +115,17 @@ DEFAULT_MODELS = ("pvt_tiny", "pvt_small")
 # FLOP count from the model spec
 
 def forward_flops(spec, batch, height, width, classifier=False, num_classes=NUM_CLASSES):
-    """Floating-point operations (2 per multiply-add) of one forward pass.
+    """Floating-point operations (2 per multiply-add) of one forward pass of PVT (v1) or PVT v2.
 
     Counts the patch-embedding and spatial-reduction convolutions, the q/kv/proj/fc1/fc2 linear layers, the two
-    attention products (q k^T and attn v) and, for the classifier, the head. Biases, norms, softmax, GELU and
-    additions are not counted (the convention of `torch.utils.flop_counter` and of published FLOP figures).
-    `classifier=True` counts the classifier's extra cls token in the last stage.
+    attention products (q k^T and attn v) and, for the classifier, the head; for v2 also the MLP's depth-wise 3x3
+    conv and, for the linear "-li" sizes, the 1x1 reduction conv on the 7x7 pooled grid (keys and values then come
+    from 49 tokens at any input size). Biases, norms, pooling, softmax, GELU and additions are not counted (the
+    convention of `torch.utils.flop_counter` and of published FLOP figures). `classifier=True` counts v1's extra
+    cls token in the last stage (v2 has none; it mean-pools).
     """
+    if isinstance(spec, PVTv2Spec):
+        return _v2_forward_flops(spec, batch, height, width, classifier, num_classes)
     macs = 0
     grid_h, grid_w, in_channels = height, width, 3
     last = len(spec.depths) - 1
@@ -102,6 +143,36 @@ def forward_flops(spec, batch, height, width, classifier=False, num_classes=NUM_
                      + 2 * tokens * kv_tokens * dim  # q k^T and attn v over all heads
                      + tokens * dim * dim         # proj
                      + 2 * tokens * dim * hidden)  # fc1, fc2
+        macs += depth * per_block
+        in_channels = dim
+    if classifier:
+        macs += spec.embed_dims[-1] * num_classes
+    return 2 * macs * batch
+
+
+def _v2_forward_flops(spec, batch, height, width, classifier, num_classes):
+    macs, in_channels = 0, 3
+    for stage, ((grid_h, grid_w), depth) in enumerate(zip(spec.stage_grids(height, width), spec.depths)):
+        kernel, dim = spec.patch_sizes[stage], spec.embed_dims[stage]
+        tokens = grid_h * grid_w
+        macs += tokens * dim * in_channels * kernel * kernel  # overlapping patch embedding
+        ratio = spec.sr_ratios[stage]
+        if spec.linear:
+            kv_tokens = LINEAR_POOL_SIZE * LINEAR_POOL_SIZE
+            reduction = kv_tokens * dim * dim  # 1x1 conv on the pooled grid
+        elif ratio > 1:
+            kv_tokens = (grid_h // ratio) * (grid_w // ratio)
+            reduction = kv_tokens * dim * dim * ratio * ratio
+        else:
+            kv_tokens, reduction = tokens, 0
+        hidden = int(dim * spec.mlp_ratios[stage])
+        per_block = (reduction
+                     + tokens * dim * dim  # q
+                     + kv_tokens * dim * 2 * dim  # kv
+                     + 2 * tokens * kv_tokens * dim  # q k^T and attn v
+                     + tokens * dim * dim  # proj
+                     + 2 * tokens * dim * hidden  # fc1, fc2
+                     + tokens * hidden * 9)  # depth-wise 3x3 conv
         macs += depth * per_block
         in_channels = dim
     if classifier:
@@ -168,6 +239,11 @@ def current_rss_mb():
 # ---------------------------------------------------------------------------------------------------------------
 # Workers: each runs in its own process
 
+def task_case(task):
+    """The `BenchCase` a worker task carries (sent whole, so a test can run a case at a tiny size)."""
+    return BenchCase(**task["case_spec"])
+
+
 def _set_mindspore_threads(threads):
     import mindspore as ms
     try:
@@ -186,7 +262,7 @@ def _mindspore_worker(task):
     _set_mindspore_threads(task["threads"])
     from pvt_dense.models import create_backbone, create_model
     from pvt_dense.models.fast_ops import fast_ops_status
-    case = CASES[task["case"]]
+    case = task_case(task)
     rss_after_import = current_rss_mb()
     rng = np.random.default_rng(0)
     pixels = ms.Tensor(rng.standard_normal((case.batch, 3, case.height, case.width)).astype(np.float32))
@@ -216,23 +292,21 @@ def _mindspore_worker(task):
 
 def _torch_worker(task):
     import torch
-    import transformers
 
-    from pvt_dense.models.pvt import PVT_SPECS
     torch.set_num_threads(task["threads"])
     torch.manual_seed(0)
-    case = CASES[task["case"]]
-    spec = PVT_SPECS[task["model"]]
+    case = task_case(task)
+    spec = MODEL_SPECS[task["model"]]
     rss_after_import = current_rss_mb()
     pixels = torch.randn(case.batch, 3, case.height, case.width)
     if case.kind == "forward":
-        model = official_dense_hf_model(spec)
+        model = official_dense_hf_backbone(spec)
 
         def call():
             with torch.inference_mode():
                 model(pixel_values=pixels)
     else:
-        model = transformers.PvtForImageClassification(hf_pvt_config(spec)).train()
+        model = hf_classifier(spec)
         labels = torch.randint(0, NUM_CLASSES, (case.batch,))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
@@ -256,7 +330,7 @@ def _mindspore_profile_worker(task):
     ms.set_context(mode=ms.GRAPH_MODE)
     _set_mindspore_threads(task["threads"])
     from pvt_dense.models import create_backbone
-    case = CASES[task["case"]]
+    case = task_case(task)
     net = create_backbone(task["model"])
     net.set_train(False)
     pixels = ms.Tensor(np.random.default_rng(0).standard_normal(
@@ -296,10 +370,9 @@ def _mindspore_profile_worker(task):
 def _torch_profile_worker(task):
     import torch
 
-    from pvt_dense.models.pvt import PVT_SPECS
     torch.set_num_threads(task["threads"])
-    case = CASES[task["case"]]
-    model = official_dense_hf_model(PVT_SPECS[task["model"]])
+    case = task_case(task)
+    model = official_dense_hf_backbone(MODEL_SPECS[task["model"]])
     pixels = torch.randn(case.batch, 3, case.height, case.width)
     with torch.inference_mode():
         for _ in range(3):  # torch reaches its steady speed after 2-3 calls
@@ -327,7 +400,16 @@ WORKERS = {
 def worker_main(task_json):
     """Entry of a worker subprocess: run one task, print one result line with the peak RSS."""
     task = json.loads(task_json)
-    result = WORKERS[(task["framework"], task["job"])](task)
+    if task["job"] == "prepare":
+        from .pipeline_bench import write_reference_checkpoints
+        result = {"checkpoints": write_reference_checkpoints(MODEL_SPECS[task["model"]], task["folder"],
+                                                             task["which"])}
+    elif task["job"] == "time" and task_case(task).is_pipeline:
+        from .pipeline_bench import PIPELINE_WORKERS
+        case = task_case(task)
+        result = PIPELINE_WORKERS[(task["framework"], case.kind)](task, task["case_spec"])
+    else:
+        result = WORKERS[(task["framework"], task["job"])](task)
     result["peak_rss_mb"] = peak_rss_mb()
     sys.stdout.flush()
     print(RESULT_MARK + json.dumps(result), flush=True)
@@ -397,20 +479,27 @@ def load_average():
 # Running and reporting
 
 def result_row(model, case, framework, raw):
-    """One table row: throughput, spread, memory and GFLOP/s of one framework on one case."""
-    from pvt_dense.models.pvt import PVT_SPECS
+    """One table row: throughput, spread, memory and GFLOP/s of one framework on one case.
+
+    A folder case's throughput is its images over its total wall time (model loading and compilations included);
+    its median, min, max and spread are those of the seconds per image (which vary with each image's size and with
+    whether its shape was compiled, run eagerly or found compiled). Pipeline cases have no FLOP count."""
     row = {"model": model, "case": case.name, "label": case.label, "framework": framework,
            "batch": case.batch, "height": case.height, "width": case.width,
-           "gflops_per_call": case_flops(PVT_SPECS[model], case) / 1e9}
+           "gflops_per_call": None if case.is_pipeline else case_flops(MODEL_SPECS[model], case) / 1e9}
     if "error" in raw:
         row["error"] = raw["error"]
         return row
     stats = summarize_times(raw["times_s"])
     row.update(stats)
-    row["images_per_s"] = case.batch / stats["median_s"]
-    row["achieved_gflops"] = row["gflops_per_call"] / stats["median_s"]
+    if case.is_folder:
+        row["images_per_s"] = raw["images"] / raw["total_s"]
+    else:
+        row["images_per_s"] = case.batch / stats["median_s"]
+    if row["gflops_per_call"] is not None:
+        row["achieved_gflops"] = row["gflops_per_call"] / stats["median_s"]
     for key in ("first_call_s", "peak_rss_mb", "rss_after_import_mb", "fast_ops", "fast_ops_note",
-                "torch_threads"):
+                "torch_threads", "total_s", "images", "parts_s", "note"):
         if key in raw:
             row[key] = raw[key]
     row["times_s"] = raw["times_s"]
@@ -459,7 +548,7 @@ def markdown_table(rows):
         ratio = rate.get((model, case), {})
         ok = lambda r, k: r is not None and "error" not in r and k in r  # noqa: E731
         lines.append(
-            f"| {model} | {CASES[case].label} | {cell(ours)} | {cell(theirs)} | "
+            f"| {model} | {(ours or theirs)['label']} | {cell(ours)} | {cell(theirs)} | "
             f"{_fmt(ratio.get('speed'), 2)}x | {_fmt(ours['peak_rss_mb'], 0) if ok(ours, 'peak_rss_mb') else '-'} | "
             f"{_fmt(theirs['peak_rss_mb'], 0) if ok(theirs, 'peak_rss_mb') else '-'} | "
             f"{_fmt(ratio.get('memory'), 2)}x | "
@@ -492,7 +581,7 @@ def write_reports(folder, info, rows, profiles):
     write_atomic(os.path.join(folder, "results.json"), json.dumps(payload, indent=1).encode())
     columns = ["model", "case", "framework", "batch", "height", "width", "images_per_s", "median_s", "min_s",
                "max_s", "p25_s", "p75_s", "spread", "repeats", "first_call_s", "peak_rss_mb", "rss_after_import_mb",
-               "gflops_per_call", "achieved_gflops", "error"]
+               "gflops_per_call", "achieved_gflops", "total_s", "images", "error"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -501,6 +590,9 @@ def write_reports(folder, info, rows, profiles):
     write_atomic(os.path.join(folder, "results.csv"), text.getvalue().encode())
     markdown = ["# PVT CPU benchmark: pvt_dense (MindSpore) vs HuggingFace transformers (torch)", "",
                 *machine_lines(info), "", markdown_table(rows), ""]
+    breakdown = pipeline_breakdown(rows)
+    if breakdown:
+        markdown += ["## Pipeline cases: where the time went", "", *breakdown, ""]
     for name in sorted(profiles):
         markdown.append(f"See `profile_{name}.md` for where the time of one forward goes.")
     write_atomic(os.path.join(folder, "results.md"), ("\n".join(markdown) + "\n").encode())
@@ -527,7 +619,8 @@ def plot_throughput(rows, path):
                   for m, c in pairs]
         ax.bar(x + offset, values, width=0.4, label=FRAMEWORK_LABELS[framework])
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{m}\n{CASES[c].label}" for m, c in pairs], fontsize=7)
+    labels = {(r["model"], r["case"]): r["label"] for r in rows}
+    ax.set_xticklabels([f"{m}\n{labels[(m, c)]}" for m, c in pairs], fontsize=6)
     ax.set_ylabel("images / s (median)")
     ax.set_yscale("log")
     ax.legend()
@@ -542,7 +635,7 @@ def plot_throughput(rows, path):
 
 def profile_markdown(model, case, results, top=15):
     """Per-operator-type tables of one forward for both frameworks, largest first."""
-    lines = [f"# Where the time of one forward goes: {model}, {CASES[case].label}", ""]
+    lines = [f"# Where the time of one forward goes: {model}, {case.label}", ""]
     for framework in (OURS, THEIRS):
         result = results.get(framework)
         lines.append(f"## {FRAMEWORK_LABELS[framework]}")
@@ -567,52 +660,127 @@ def profile_markdown(model, case, results, top=15):
     return "\n".join(lines) + "\n"
 
 
+def pipeline_breakdown(rows):
+    """Markdown lines: for each pipeline case, total time, per-image time and where our time went (and theirs)."""
+    lines = []
+    for row in rows:
+        if row.get("total_s") is None and not row.get("parts_s"):
+            continue
+        side = FRAMEWORK_LABELS[row["framework"]]
+        lines.append(f"- {row['model']} {row['case']}, {side}: {row['images']} images in {row['total_s']:.1f} s "
+                     f"({row['total_s'] / max(row['images'], 1):.2f} s per image overall; per image after loading: "
+                     f"median {row['median_s']:.2f} s, first {row['first_call_s']:.2f} s)"
+                     + (f"; {row['note']}" if row.get("note") else ""))
+        parts = row.get("parts_s") or {}
+        if parts:
+            lines.append("  - " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items()))
+    return lines
+
+
+def resolve_cases(cases):
+    """BenchCase objects for case names (or cases given whole, as tests do at tiny sizes)."""
+    resolved, bad = [], []
+    for case in cases:
+        if isinstance(case, BenchCase):
+            resolved.append(case)
+        elif case in CASES:
+            resolved.append(CASES[case])
+        else:
+            bad.append(case)
+    if bad:
+        raise BenchmarkError(f"unknown case(s) {bad}; valid: {', '.join(CASES)}")
+    return resolved
+
+
+def prepare_pipeline_inputs(workdir, model, cases, threads, frameworks):
+    """The photo folders and reference checkpoints the pipeline cases read, made once per run in `workdir`:
+    {"folders": {count: path}, "checkpoints": {"det"/"seg": path}}."""
+    from .pipeline_bench import write_photo_folder
+    folders = {}
+    for case in cases:
+        if case.is_folder and case.images not in folders:
+            folders[case.images] = os.path.join(workdir, f"photos_{case.images}")
+            write_photo_folder(folders[case.images], case.images)
+    which = [kind for kind, case_kind in (("det", "det_folder"), ("seg", "seg_folder"))
+             if any(c.kind == case_kind for c in cases)]
+    checkpoints = {}
+    if which:
+        raw = run_worker({"job": "prepare", "framework": THEIRS, "model": model, "folder": workdir,
+                          "which": which, "threads": threads})
+        if "error" in raw:
+            raise BenchmarkError(f"could not write the reference checkpoints: {raw['error']}")
+        checkpoints = raw["checkpoints"]
+    return {"folders": folders, "checkpoints": checkpoints}
+
+
 def run_benchmark(models=DEFAULT_MODELS, cases=tuple(CASES), output="outputs/benchmark", repeats=10, warmup=3,
                   threads=None, frameworks=(OURS, THEIRS), profile_cases=("fwd224_b8",), max_seconds=60.0,
                   progress=True):
-    """Measure every (model, case, framework) in a fresh subprocess and write the reports; returns the rows."""
-    from pvt_dense.models.pvt import PVT_SPECS
-    # The HuggingFace side and the FLOP count are PVT v1's; PVT v2 is not benchmarked yet.
-    unknown = [m for m in models if m not in PVT_SPECS]
+    """Measure every (model, case, framework) in a fresh subprocess and write the reports; returns the rows.
+
+    The pipeline cases (RetinaNet, Semantic FPN, feature export) run for the first model of `models` only, which
+    must be a PVT v1 size (mmdetection's PVT is v1's)."""
+    import shutil
+    import tempfile
+    unknown = [m for m in models if m not in MODEL_SPECS]
     if unknown:
-        raise BenchmarkError(f"unknown or unbenchmarked model(s) {unknown}; valid: {', '.join(PVT_SPECS)}")
-    bad_cases = [c for c in tuple(cases) + tuple(profile_cases) if c not in CASES]
-    if bad_cases:
-        raise BenchmarkError(f"unknown case(s) {bad_cases}; valid: {', '.join(CASES)}")
+        raise BenchmarkError(f"unknown model(s) {unknown}; valid: {', '.join(MODEL_SPECS)}")
+    cases = resolve_cases(cases)
+    profile_cases = resolve_cases(profile_cases)
+    bad_profiles = [c.name for c in profile_cases if c.kind != "forward"]
+    if bad_profiles:
+        raise BenchmarkError(f"only forward cases can be profiled, got {bad_profiles}")
     bad_frameworks = [f for f in frameworks if f not in (OURS, THEIRS)]
     if bad_frameworks:
         raise BenchmarkError(f"unknown framework(s) {bad_frameworks}; valid: {OURS}, {THEIRS}")
     if repeats < 1 or warmup < 1:
         raise BenchmarkError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
+    pipeline_cases = [c for c in cases if c.is_pipeline]
+    if pipeline_cases and isinstance(MODEL_SPECS[models[0]], PVTv2Spec):
+        raise BenchmarkError(f"the pipeline cases ({', '.join(c.name for c in pipeline_cases)}) compare with "
+                             f"mmdetection's PVT v1: put a v1 model (pvt_tiny ...) first in models, not "
+                             f"{models[0]}")
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = machine_info(threads)
     info["load_start"] = load_average()
     info["repeats"], info["warmup"], info["max_seconds_per_case"] = repeats, warmup, max_seconds
-    jobs = [(m, c, f, "time") for m in models for c in cases for f in frameworks]
+    jobs = [(m, c, f, "time") for m in models for c in cases for f in frameworks
+            if not c.is_pipeline or m == models[0]]
     jobs += [(m, c, f, "profile") for m in models for c in profile_cases for f in frameworks]
     rows, profiles = [], {}
+    workdir = tempfile.mkdtemp(prefix="pvt_dense_bench_") if pipeline_cases else None
     bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="benchmark", unit="case")
-    for model, case, framework, job in jobs:
+    try:
+        inputs = prepare_pipeline_inputs(workdir, models[0], pipeline_cases, threads, frameworks) if workdir \
+            else None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(jobs), desc="benchmark", unit="case")
+        for model, case, framework, job in jobs:
+            if bar is not None:
+                bar.set_postfix_str(f"{model} {case.name} {framework} {job}")
+            task = {"model": model, "case": case.name, "case_spec": dataclasses.asdict(case), "framework": framework,
+                    "job": job, "threads": threads, "repeats": repeats, "warmup": warmup, "max_seconds": max_seconds}
+            if case.is_pipeline:
+                scratch = tempfile.mkdtemp(prefix=f"{case.name}_{framework}_", dir=workdir)
+                task.update(folder=inputs["folders"].get(case.images), checkpoints=inputs["checkpoints"],
+                            scratch=scratch)
+            raw = run_worker(task)
+            if job == "time":
+                rows.append(result_row(model, case, framework, raw))
+            else:
+                profiles.setdefault(f"{model}_{case.name}", {})[framework] = raw
+                os.makedirs(output, exist_ok=True)
+                write_atomic(os.path.join(output, f"profile_{model}_{case.name}.md"),
+                             profile_markdown(model, case, profiles[f"{model}_{case.name}"]).encode())
+            info["load_end"] = load_average()
+            write_reports(output, info, rows, profiles)
+            if bar is not None:
+                bar.update(1)
+    finally:
         if bar is not None:
-            bar.set_postfix_str(f"{model} {case} {framework} {job}")
-        task = {"model": model, "case": case, "framework": framework, "job": job, "threads": threads,
-                "repeats": repeats, "warmup": warmup, "max_seconds": max_seconds}
-        raw = run_worker(task)
-        if job == "time":
-            rows.append(result_row(model, CASES[case], framework, raw))
-        else:
-            profiles.setdefault(f"{model}_{case}", {})[framework] = raw
-            os.makedirs(output, exist_ok=True)
-            write_atomic(os.path.join(output, f"profile_{model}_{case}.md"),
-                         profile_markdown(model, case, profiles[f"{model}_{case}"]).encode())
-        info["load_end"] = load_average()
-        write_reports(output, info, rows, profiles)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     return rows

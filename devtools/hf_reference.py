@@ -1,4 +1,5 @@
-"""HuggingFace transformers' PVT (torch) made to compute the official PVT, for the benchmark and the parity tests.
+"""HuggingFace transformers' PVT and PVT v2 (torch) made to compute the official PVT, for the benchmark and the
+parity tests.
 
 Two adjustments, both on the torch side where they are visible:
 - HF uses one LayerNorm eps (1e-6) everywhere; the official code (whai362/PVT) uses 1e-5 in the patch-embedding and
@@ -7,8 +8,11 @@ Two adjustments, both on the torch side where they are visible:
   by reshaping the learned table to the target grid, which only works at the pretraining size. The official dense
   backbone has no cls token and resizes the learned grid bilinearly, align_corners=False
   (`as_official_dense_backbone`).
+- PVT v2 (`PvtV2Model`) has neither, so only its eps differs (`official_dense_hf_v2_model`).
 """
 import types
+
+from pvt_dense.models.pvt_v2 import PVTv2Spec
 
 NUM_CLASSES = 1000
 
@@ -66,3 +70,45 @@ def official_dense_hf_model(spec):
     import transformers
     model = transformers.PvtModel(hf_pvt_config(spec))
     return as_official_dense_backbone(set_official_norm_eps(model)).eval()
+
+
+def hf_pvt_v2_config(spec, num_labels=NUM_CLASSES):
+    """transformers.PvtV2Config for a pvt_dense `PVTv2Spec` (HF's one eps; `set_official_v2_norm_eps` fixes it)."""
+    import transformers
+    return transformers.PvtV2Config(
+        hidden_sizes=list(spec.embed_dims), depths=list(spec.depths), num_attention_heads=list(spec.num_heads),
+        mlp_ratios=list(spec.mlp_ratios), sr_ratios=list(spec.sr_ratios), patch_sizes=list(spec.patch_sizes),
+        strides=list(spec.patch_strides), linear_attention=spec.linear, qkv_bias=True, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, drop_path_rate=0.0, layer_norm_eps=1e-6, num_labels=num_labels)
+
+
+def set_official_v2_norm_eps(pvt_v2_model):
+    """The official eps (1e-5) in the patch-embedding and spatial-reduction norms of an HF `PvtV2Model`."""
+    for layer in pvt_v2_model.encoder.layers:
+        layer.patch_embedding.layer_norm.eps = 1e-5
+        for block in layer.blocks:
+            if hasattr(block.attention, "layer_norm"):
+                block.attention.layer_norm.eps = 1e-5
+    return pvt_v2_model
+
+
+def official_dense_hf_v2_model(spec):
+    """A fresh HF `PvtV2Model` (random weights) computing the official PVT v2 backbone of `spec`, in eval mode; its
+    forward computes all four stages (ask for `output_hidden_states` to get them)."""
+    import transformers
+    return set_official_v2_norm_eps(transformers.PvtV2Model(hf_pvt_v2_config(spec))).eval()
+
+
+def hf_classifier(spec):
+    """A fresh HF image classifier (PVT or PVT v2, by the spec's type) with random weights, in train mode."""
+    import transformers
+    if isinstance(spec, PVTv2Spec):
+        return transformers.PvtV2ForImageClassification(hf_pvt_v2_config(spec)).train()
+    return transformers.PvtForImageClassification(hf_pvt_config(spec)).train()
+
+
+def official_dense_hf_backbone(spec):
+    """The HF model computing the official dense backbone of `spec` (PVT or PVT v2), in eval mode."""
+    if isinstance(spec, PVTv2Spec):
+        return official_dense_hf_v2_model(spec)
+    return official_dense_hf_model(spec)

@@ -146,6 +146,8 @@ def test_nms_matches_brute_force(seed):
     expected = sorted((i for c in range(3) for i in np.flatnonzero(labels == c)[
         nms_reference(boxes[labels == c], scores[labels == c], 0.5)]), key=lambda i: (-scores[i], i))
     assert list(batched_nms(boxes, scores, labels, 0.5)) == expected
+    for max_num in (1, 7, len(expected), 1000):  # stopping early keeps exactly the first max_num
+        assert list(batched_nms(boxes, scores, labels, 0.5, max_num=max_num)) == expected[:max_num]
 
 
 def test_detect_image_decodes_thresholds_and_maps_boxes_to_the_original_image():

@@ -1,13 +1,32 @@
-"""Benchmark pvt_dense's PVT (MindSpore, graph mode) against HuggingFace transformers' PVT (torch) on this CPU.
+"""Benchmark pvt_dense (MindSpore, graph mode) against the torch implementations users would otherwise run, on this
+CPU.
 
     python tools/benchmark.py                                   # pvt_tiny and pvt_small, every case
     python tools/benchmark.py --models pvt_tiny --cases fwd224_b8 train224_b8 --repeats 5 --output outputs/bench
-    python tools/benchmark.py --quick                           # 3 repeats: a rough look
+    python tools/benchmark.py --models pvt_v2_b0 pvt_v2_b2_li --cases fwd224_b8 fwd512_b1 train224_b8
+    python tools/benchmark.py --cases det_folder seg_folder --quick       # a rough look at two pipeline cases
 
-Cases: fwd224_b1, fwd224_b8, fwd512_b1, fwd800x1344_b1 (dense backbone forward) and train224_b8 (classifier
-forward + backward + AdamW). Every case runs in a fresh subprocess, so the peak memory is that case's own. Writes
-results.md / .csv / .json / .png and profile_<model>_<case>.md to --output (default outputs/benchmark).
-Needs the [bench] extra (torch, transformers): pip install -e .[bench]
+Backbone and classifier cases, against HuggingFace transformers' PVT / PVT v2 (PvtModel, PvtV2Model):
+fwd224_b1, fwd224_b8, fwd512_b1, fwd800x1344_b1 (dense backbone forward) and train224_b8 (classifier forward +
+backward + AdamW); PVT v1 and v2 sizes (--models), with achieved GFLOP/s from a FLOP count of the spec.
+
+Pipeline cases, for the first model of --models (a v1 size; RetinaNet-PVT-Tiny / Semantic FPN-PVT-Tiny by default),
+against OpenMMLab on torch (mmcv's compiled NMS replaced by torchvision's, as mmcv-lite ships none):
+- det_train: one RetinaNet training step (batch 2, padded 800x1216, synthetic boxes; loss, backward, AdamW) against
+  mmdetection 3.3's RetinaNet with mmdet's PyramidVisionTransformer.
+- det_folder: RetinaNet inference on a folder of 20 photos of varied sizes (portrait and landscape, JPEG and PNG)
+  made from scikit-image's samples: read, resize to (1333, 800), pad, forward, decode, NMS (and, ours, drawing and
+  the JSON), against mmdet's init_detector + inference_detector with the same checkpoint file.
+- seg_folder: Semantic FPN inference on the same kind of folder (test scale (2048, 512)) against mmseg 1.2's
+  init_model + inference_model with the same checkpoint file.
+- export_folder: pvt_dense.features.export_features over 30 photos (short side 800, long side <= 1333) against
+  the official dense backbone (HF's PVT adapted) over the same files.
+The folder cases count everything from building the model and loading its weights to the last result, graph
+compilations included; the report gives images/s over that total, the per-image times and where the time went.
+
+Every case runs in a fresh subprocess, so the peak memory is that case's own. Writes results.md / .csv / .json /
+.png and profile_<model>_<case>.md to --output (default outputs/benchmark). Needs the [bench] extra (torch,
+torchvision, transformers, mmdet, mmsegmentation, scikit-image): pip install -e .[bench]
 """
 import argparse
 import os
@@ -19,10 +38,11 @@ from pvt_dense.cli import run_tool  # noqa: E402
 
 def build_parser():
     from devtools.benchmark import CASES, DEFAULT_MODELS, OURS, THEIRS
-    from pvt_dense.models.pvt import PVT_SPECS
+    from pvt_dense.models.factory import MODEL_SPECS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(PVT_SPECS),
-                        help="PVT v1 sizes (v2 is not benchmarked yet)")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODEL_SPECS),
+                        help="PVT v1 and v2 sizes; the pipeline cases (det_train, det_folder, seg_folder, "
+                        "export_folder) run for the first one only, which must be v1")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--frameworks", nargs="+", default=[OURS, THEIRS], choices=[OURS, THEIRS])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case (median reported)")
@@ -32,7 +52,8 @@ def build_parser():
                         help="stop repeating a case after this many timed seconds (at least 3 calls)")
     parser.add_argument("--threads", type=int, default=None, help="threads for both frameworks (default: all "
                         "CPUs this process may use)")
-    parser.add_argument("--profile", nargs="*", default=["fwd224_b8"], choices=list(CASES), metavar="CASE",
+    parser.add_argument("--profile", nargs="*", default=["fwd224_b8"],
+                        choices=[name for name, case in CASES.items() if case.kind == "forward"], metavar="CASE",
                         help="forward cases to profile per operator (default fwd224_b8; none: --profile)")
     parser.add_argument("--output", default="outputs/benchmark")
     parser.add_argument("--quick", action="store_true", help="3 repeats, 20 s per case at most")

@@ -12,14 +12,19 @@ from mindspore import nn, ops
 from mindspore.common.initializer import XavierUniform, Zero, initializer
 
 from ..errors import ConfigError
+from .conv import MatmulConv2d
 
 EXTRA_CONV_SOURCES = ("on_input", "on_lateral", "on_output")
 
 
 def conv2d(in_channels, out_channels, kernel_size, stride=1):
-    """A PyTorch-equivalent conv (explicit symmetric padding, bias) with mmdet's FPN init (Xavier uniform, zero bias)."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
-                     padding=kernel_size // 2, has_bias=True)
+    """A PyTorch-equivalent conv (explicit symmetric padding, bias) with mmdet's FPN init (Xavier uniform, zero bias);
+    3x3 ones through `MatmulConv2d` (MindSpore's CPU 3x3 kernel is the slow one)."""
+    if kernel_size > 1:
+        conv = MatmulConv2d(in_channels, out_channels, kernel_size, stride=stride, has_bias=True)
+    else:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad", padding=0,
+                         has_bias=True)
     conv.weight.set_data(initializer(XavierUniform(), conv.weight.shape, conv.weight.dtype))
     conv.bias.set_data(initializer(Zero(), conv.bias.shape, conv.bias.dtype))
     return conv

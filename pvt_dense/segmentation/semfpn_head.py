@@ -11,6 +11,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal, Zero, initializer
 
 from ..errors import ConfigError
+from ..models.conv import MatmulConv2d
 from .sync_batchnorm import batch_norm
 
 
@@ -19,7 +20,7 @@ class ConvBNReLU(nn.Cell):
 
     def __init__(self, in_channels, out_channels, synchronized_bn=False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=False)
+        self.conv = MatmulConv2d(in_channels, out_channels, 3, has_bias=False)  # see models/conv.py: speed
         self.conv.weight.set_data(initializer(HeNormal(mode="fan_out", nonlinearity="relu"), self.conv.weight.shape))
         self.bn = batch_norm(out_channels, synchronized_bn)
         self.relu = nn.ReLU()

@@ -1,0 +1,63 @@
+"""`MatmulConv2d` (im2col + matmul, used for the necks' and heads' 3x3 convs) against torch's conv2d: outputs and
+gradients, stride 1 and 2, odd sizes, graph and PyNative; and that it is a drop-in `nn.Conv2d` for checkpoints."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn, ops
+
+from pvt_dense.models.conv import MatmulConv2d
+
+torch = pytest.importorskip("torch")
+
+
+def torch_conv(x, weight, bias, stride, padding):
+    x_t = torch.tensor(x, requires_grad=True)
+    w_t = torch.tensor(weight, requires_grad=True)
+    b_t = torch.tensor(bias, requires_grad=True) if bias is not None else None
+    out = torch.nn.functional.conv2d(x_t, w_t, b_t, stride=stride, padding=padding)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach().numpy(), x_t.grad.numpy(), w_t.grad.numpy()
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("stride, has_bias, shape", [(1, True, (2, 6, 13, 17)), (2, True, (1, 6, 13, 16)),
+                                                     (1, False, (1, 6, 7, 5))])
+def test_output_and_gradients_equal_torch_conv2d(mode, stride, has_bias, shape):
+    ms.set_context(mode=mode)
+    try:
+        rng = np.random.default_rng(0)
+        conv = MatmulConv2d(6, 5, 3, stride=stride, has_bias=has_bias)
+        conv.weight.set_data(ms.Tensor(rng.normal(size=(5, 6, 3, 3)).astype(np.float32)))
+        bias = rng.normal(size=5).astype(np.float32) if has_bias else None
+        if has_bias:
+            conv.bias.set_data(ms.Tensor(bias))
+        x = rng.normal(size=shape).astype(np.float32)
+        expected, grad_x, grad_w = torch_conv(x, conv.weight.asnumpy(), bias, stride, 1)
+        out = conv(ms.Tensor(x)).asnumpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        scale = ms.Tensor(np.linspace(-1, 1, out.size, dtype=np.float32).reshape(out.shape))
+
+        class Loss(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.conv = conv
+
+            def construct(self, inputs):
+                return (self.conv(inputs) * scale).sum()
+
+        grads = ms.value_and_grad(Loss(), 0, [conv.weight])(ms.Tensor(x))[1]
+        np.testing.assert_allclose(grads[0].asnumpy(), grad_x, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(grads[1][0].asnumpy(), grad_w, rtol=1e-4, atol=1e-4)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_same_parameters_as_nn_conv2d():
+    mine, theirs = MatmulConv2d(4, 8, 3), nn.Conv2d(4, 8, 3, pad_mode="pad", padding=1, has_bias=True)
+    assert isinstance(mine, nn.Conv2d)
+    assert [(p.name, p.shape) for p in mine.get_parameters()] == [(p.name, p.shape) for p in theirs.get_parameters()]
+    x = ms.Tensor(np.random.default_rng(1).normal(size=(1, 4, 9, 11)).astype(np.float32))
+    theirs.weight.set_data(mine.weight.value())
+    theirs.bias.set_data(ops.ones(8, ms.float32))
+    mine.bias.set_data(ops.ones(8, ms.float32))
+    np.testing.assert_allclose(mine(x).asnumpy(), theirs(x).asnumpy(), rtol=1e-5, atol=1e-5)
