@@ -612,6 +612,8 @@ def plot_throughput(rows, path):
         if (r["model"], r["case"]) not in pairs:
             pairs.append((r["model"], r["case"]))
     by_key = {(r["model"], r["case"], r["framework"]): r for r in rows if "error" not in r}
+    if not by_key:  # every case failed: the errors are in the tables, there is nothing to plot
+        return None
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(pairs)), 4))
     x = np.arange(len(pairs))
     for offset, framework in ((-0.2, OURS), (0.2, THEIRS)):

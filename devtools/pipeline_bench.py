@@ -228,7 +228,7 @@ def ours_det_folder(task, case):
     _ours_context(task["threads"])
     from pvt_dense.detection import infer as infer_module
     from pvt_dense.detection.recipe import inference_settings
-    from pvt_dense.detection.train import load_detector_with_names
+    from pvt_dense.detection.loading import load_detector_with_names
     watch = Stopwatch()
     stamps = []
     for name, part in (("read_image", "read"), ("prepare_image", "resize, normalise, pad"),

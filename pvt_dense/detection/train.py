@@ -8,9 +8,8 @@ Epochs become iterations once the training set is read: `epochs * steps_per_epoc
 import os
 
 from ..config import dump_config
-from ..checkpoint.dense import load_dense_checkpoint, print_report
 from ..engine.loop import IterationLoop
-from ..engine.recipe import build_adamw, init_run, starting_weights, warmup_step_schedule
+from ..engine.recipe import build_adamw, init_run, load_starting_weights, starting_weights, warmup_step_schedule
 from ..engine.train_step import TrainStep, training_state_parameters
 from ..errors import ConfigError
 from .coco import CocoDetection
@@ -48,8 +47,7 @@ def train_detector(cfg):
                                     cfg.warmup_iters, cfg.warmup_ratio)
     cfg, start = starting_weights(cfg)
     detector, train_net = build_retinanet(cfg, train_set.num_classes, load_pretrained=not start)
-    if start:
-        print_report(load_dense_checkpoint(detector, start, skip_mismatched_classifier=True))
+    load_starting_weights(detector, start)
     optimizer = build_adamw(train_net, cfg, schedule)
     train_step = TrainStep(train_net, optimizer, loss_scale=cfg.loss_scale,
                            dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)

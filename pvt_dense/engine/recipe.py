@@ -176,3 +176,11 @@ def starting_weights(cfg):
     if cfg.load_from:
         return config_for_checkpoint(cfg, cfg.load_from)[0], cfg.load_from
     return type(cfg)(cfg, backbone_norm_eps=resolve_backbone_norm_eps(cfg)), ""
+
+
+def load_starting_weights(model, checkpoint):
+    """Fine-tuning: a whole-model checkpoint's weights into `model` (nothing when `checkpoint` is ''), the
+    classification head skipped, with a warning, where the class count differs (mmdetection's `load_from`)."""
+    if checkpoint:
+        from ..checkpoint.dense import load_dense_checkpoint, print_report
+        print_report(load_dense_checkpoint(model, checkpoint, skip_mismatched_classifier=True))

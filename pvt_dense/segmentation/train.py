@@ -3,23 +3,22 @@
 import os
 
 from ..config import dump_config
+from ..engine.loop import IterationLoop
+from ..engine.recipe import build_adamw, init_run, load_starting_weights, starting_weights, warmup_poly_schedule
+from ..engine.train_step import TrainStep, training_state_parameters
 from ..errors import PVTDenseError
 from .ade20k import list_samples
+from .data import SegmentationBatchSource
+from .evaluation import evaluate_segmentor
 from .recipe import build_segmentor, class_names_of, predictor_options
+from .segmentor import SegmentorInference, SegmentorWithLoss
+from .transforms import TrainTransform
 
 
 class SegmentationRun:
     """Everything one run needs, built from a checked config (`load_segmentation_config`)."""
 
     def __init__(self, cfg):
-        from ..engine.recipe import build_adamw, init_run, warmup_poly_schedule
-        from ..engine.train_step import TrainStep
-        from .data import SegmentationBatchSource
-        from .segmentor import SegmentorInference, SegmentorWithLoss
-        from .transforms import TrainTransform
-
-        from ..checkpoint.dense import load_dense_checkpoint, print_report
-        from ..engine.recipe import starting_weights
         self.cfg = cfg = starting_weights(cfg)[0]
         self.rank, self.world_size = init_run(cfg)
         self.class_names = class_names_of(cfg)
@@ -37,8 +36,7 @@ class SegmentationRun:
         # Fine-tuning from a whole model: its weights replace the pretrained backbone's, so that is not read.
         self.net = build_segmentor(type(cfg)(cfg, pretrained="") if cfg.load_from else cfg,
                                    synchronized_bn=cfg.sync_bn and self.world_size > 1)
-        if cfg.load_from:
-            print_report(load_dense_checkpoint(self.net, cfg.load_from, skip_mismatched_classifier=True))
+        load_starting_weights(self.net, cfg.load_from)
         self.inference = SegmentorInference(self.net)
         self.lr_schedule = warmup_poly_schedule(cfg.lr, cfg.total_iters, cfg.power, cfg.min_lr, cfg.warmup_iters,
                                                 cfg.warmup_ratio)
@@ -49,7 +47,6 @@ class SegmentationRun:
         self.train_step.set_train(True)
 
     def evaluate(self, iteration=None):
-        from .evaluation import evaluate_segmentor
         result = evaluate_segmentor(self.inference, self.val_samples, self.cfg.num_classes,
                                     self.cfg.reduce_zero_label, predictor_options(self.cfg),
                                     progress=self.cfg.progress_bar, desc=f"eval @{iteration}")
@@ -58,8 +55,6 @@ class SegmentationRun:
         return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"]}
 
     def fit(self):
-        from ..engine.loop import IterationLoop
-        from ..engine.train_step import training_state_parameters
         cfg = self.cfg
         if self.rank == 0:
             os.makedirs(cfg.ckpt_save_dir, exist_ok=True)
