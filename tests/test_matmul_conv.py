@@ -1,11 +1,12 @@
-"""`MatmulConv2d` (im2col + matmul, used for the necks' and heads' 3x3 convs) against torch's conv2d: outputs and
-gradients, stride 1 and 2, odd sizes, graph and PyNative; and that it is a drop-in `nn.Conv2d` for checkpoints."""
+"""`MatmulConv2d` (im2col + matmul, used for the necks' and heads' 3x3 convs) and `PatchConv2d` (kernel == stride,
+PVT's patch embeddings and spatial reductions) against torch's conv2d: outputs and gradients, odd sizes, graph and
+PyNative; and that both are drop-in `nn.Conv2d`s for checkpoints."""
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from pvt_dense.models.conv import MatmulConv2d
+from pvt_dense.models.conv import MatmulConv2d, PatchConv2d
 
 torch = pytest.importorskip("torch")
 
@@ -61,3 +62,55 @@ def test_same_parameters_as_nn_conv2d():
     theirs.bias.set_data(ops.ones(8, ms.float32))
     mine.bias.set_data(ops.ones(8, ms.float32))
     np.testing.assert_allclose(mine(x).asnumpy(), theirs(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("layout", ["image", "tokens", "conv"])
+@pytest.mark.parametrize("patch, shape", [(4, (2, 3, 16, 12)), (2, (1, 6, 13, 9)), (3, (1, 6, 8, 7))])
+def test_patch_conv_equals_torch_conv2d(mode, layout, patch, shape):
+    """Odd sizes leave rows and columns past the last whole patch, which the convolution drops."""
+    ms.set_context(mode=mode)
+    try:
+        rng = np.random.default_rng(patch)
+        channels = shape[1]
+        conv = PatchConv2d(channels, 5, patch)
+        conv.weight.set_data(ms.Tensor(rng.normal(size=(5, channels, patch, patch)).astype(np.float32)))
+        bias = rng.normal(size=5).astype(np.float32)
+        conv.bias.set_data(ms.Tensor(bias))
+        x = rng.normal(size=shape).astype(np.float32)
+        expected, grad_x, grad_w = torch_conv(x, conv.weight.asnumpy(), bias, patch, 0)
+        batch, _, height, width = shape
+        scale = ms.Tensor(np.linspace(-1, 1, expected.size, dtype=np.float32).reshape(expected.shape))
+
+        class Loss(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.conv = conv
+
+            def construct(self, inputs):
+                return (self.output_as_image(inputs) * scale).sum()
+
+            def output_as_image(self, inputs):
+                if layout == "conv":
+                    return self.conv(inputs)
+                if layout == "image":
+                    tokens, rows, cols = self.conv.image_to_tokens(inputs)
+                else:
+                    tokens = self.conv.tokens_to_tokens(
+                        inputs.reshape(batch, channels, height * width).transpose(0, 2, 1), height, width)
+                    rows, cols = height // patch, width // patch
+                return tokens.transpose(0, 2, 1).reshape(batch, 5, rows, cols)
+
+        loss = Loss()
+        np.testing.assert_allclose(loss.output_as_image(ms.Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+        grads = ms.value_and_grad(loss, 0, [conv.weight])(ms.Tensor(x))[1]
+        np.testing.assert_allclose(grads[0].asnumpy(), grad_x, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(grads[1][0].asnumpy(), grad_w, rtol=1e-4, atol=1e-4)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_patch_conv_has_the_parameters_of_nn_conv2d():
+    mine, theirs = PatchConv2d(4, 8, 2), nn.Conv2d(4, 8, 2, stride=2, pad_mode="valid", has_bias=True)
+    assert isinstance(mine, nn.Conv2d)
+    assert [(p.name, p.shape) for p in mine.get_parameters()] == [(p.name, p.shape) for p in theirs.get_parameters()]

@@ -1,4 +1,12 @@
-"""A k x k convolution computed as one matrix product over the k*k shifted views of the padded input (im2col).
+"""Convolutions computed as matrix products, because MindSpore 2.10's CPU convolutions are slow.
+
+`PatchConv2d`: kernel size == stride, no padding (PVT's patch embeddings and spatial reductions). Each output
+pixel is one linear map of one k x k patch, so the whole convolution is a reshape and one matrix product.
+Measured on a 2-core AMD EPYC: oneDNN's convolution (implementation "jit_uni_ncsp:conv+ref:any") spent 420 of the
+470 ms of a PVT-Tiny 224x224 forward in these 10 convolutions.
+
+`MatmulConv2d`: a k x k convolution computed as one matrix product over the k*k shifted views of the padded input
+(im2col).
 
 MindSpore 2.10's CPU kernel for 3x3 convolutions is 20-30x slower than PyTorch's on the same machine (measured:
 256 -> 256 channels on a 16x24 map, 1.2-1.7 s against 0.07 s; 79 s on RetinaNet's 100x168 P3 map), while its matrix
@@ -9,7 +17,70 @@ strided views of the zero-padded input along the channels and multiplies by the 
 (out, k*k*in): the same sums in another order (float32 rounding differs at ~1e-6 relative). It costs k*k times the
 input's memory for the stacked views while it runs. Inference only: in training mode it is MindSpore's convolution.
 """
+import mindspore as ms
 from mindspore import nn, ops
+
+from . import fast_ops
+
+
+class PatchConv2d(nn.Conv2d):
+    """nn.Conv2d(in, out, kernel_size=patch, stride=patch, pad_mode="valid", has_bias=True) computed as one matrix
+    product over the patches. Same Parameters (`weight` (out, in, k, k), `bias`) as the convolution, so
+    checkpoints load unchanged; like PyTorch's convolution, rows and columns past the last whole patch are dropped.
+
+    `construct` maps (B, C, H, W) -> (B, out, H//k, W//k) as the convolution does. `image_to_tokens` and
+    `tokens_to_tokens` give the output as tokens (B, h*w, out) straight away, which is the layout PVT wants next,
+    so neither side pays a transpose to and from channels-first."""
+
+    def __init__(self, in_channels, out_channels, patch_size, **kwargs):
+        if not isinstance(patch_size, int):
+            raise ValueError(f"PatchConv2d takes a square int patch_size, got {patch_size!r}")
+        super().__init__(in_channels, out_channels, kernel_size=patch_size, stride=patch_size, pad_mode="valid",
+                         has_bias=True, **kwargs)
+        self.patch = patch_size
+        compiled = fast_ops.kernels_for_new_cell()
+        self.use_kernel = compiled is not None and compiled.dense is not None
+        self.dense_kernel = compiled.dense if self.use_kernel else None
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x):
+        tokens, height, width = self.image_to_tokens(x)
+        batch = tokens.shape[0]
+        return tokens.transpose(0, 2, 1).reshape(batch, self.out_channels, height, width)
+
+    def image_to_tokens(self, x):
+        """(B, C, H, W) -> tokens (B, h*w, out), h, w."""
+        batch, channels, height, width = x.shape
+        k = self.patch
+        rows, cols = height // k, width // k
+        if rows * k != height or cols * k != width:
+            x = x[:, :, :rows * k, :cols * k]
+        patches = x.reshape(batch, channels, rows, k, cols, k).transpose(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch, rows * cols, channels * k * k)
+        weight = self.weight.reshape(self.out_channels, channels * k * k)
+        return self.project(patches, weight), rows, cols
+
+    def tokens_to_tokens(self, tokens, height, width):
+        """Tokens (B, height*width, C) of a row-major grid -> tokens (B, h*w, out) of the reduced grid."""
+        batch, _, channels = tokens.shape
+        k = self.patch
+        rows, cols = height // k, width // k
+        grid = tokens.reshape(batch, height, width, channels)
+        if rows * k != height or cols * k != width:
+            grid = grid[:, :rows * k, :cols * k]
+        patches = grid.reshape(batch, rows, k, cols, k, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, rows * cols, k * k * channels)
+        # weight (out, in, ky, kx) -> (out, ky, kx, in): the order of a patch's channels-last values
+        weight = self.weight.transpose(0, 2, 3, 1).reshape(self.out_channels, k * k * channels)
+        return self.project(patches, weight)
+
+    def project(self, patches, weight):
+        if self.use_kernel and patches.dtype == ms.float32:
+            return self.dense_kernel(patches, weight, self.bias)
+        batch, count, size = patches.shape
+        out = self.matmul(patches.reshape(batch * count, size), weight.astype(patches.dtype))
+        return self.bias_add(out, self.bias.astype(patches.dtype)).reshape(batch, count, self.out_channels)
 
 
 class MatmulConv2d(nn.Conv2d):

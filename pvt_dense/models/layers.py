@@ -9,6 +9,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal
 
 from . import fast_ops
+from .conv import PatchConv2d
 
 
 # The official code uses 1e-6 for the block norms and the final norm, and PyTorch's default 1e-5 for the
@@ -66,14 +67,11 @@ class PatchEmbed(nn.Cell):
 
     def __init__(self, in_channels, embed_dim, patch_size, norm_eps=EMBED_NORM_EPS):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, pad_mode="valid",
-                              has_bias=True)
+        self.proj = PatchConv2d(in_channels, embed_dim, patch_size)
         self.norm = layer_norm(embed_dim, norm_eps)
 
     def construct(self, x):
-        x = self.proj(x)
-        batch, channels, height, width = x.shape
-        tokens = x.reshape(batch, channels, height * width).transpose(0, 2, 1)
+        tokens, height, width = self.proj.image_to_tokens(x)
         return self.norm(tokens), height, width
 
 
@@ -98,7 +96,7 @@ class SpatialReductionAttention(nn.Cell):
         self.sr_ratio = sr_ratio
         self.reduces = sr_ratio > 1
         if self.reduces:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, pad_mode="valid", has_bias=True)
+            self.sr = PatchConv2d(dim, dim, sr_ratio)
             self.norm = layer_norm(dim, norm_eps)
         self.has_attn_drop = attn_drop > 0.0
         self.attn_drop = nn.Dropout(p=attn_drop) if self.has_attn_drop else nn.Identity()
@@ -152,9 +150,7 @@ class SpatialReductionAttention(nn.Cell):
         """The (B, M, C) tokens keys and values are computed from: the grid shrunk by the strided conv, or x."""
         if not self.reduces:
             return x
-        batch, _, channels = x.shape
-        reduced = self.sr(x.transpose(0, 2, 1).reshape(batch, channels, height, width))
-        return self.norm(reduced.reshape(batch, channels, -1).transpose(0, 2, 1))
+        return self.norm(self.sr.tokens_to_tokens(x, height, width))
 
     def attend(self, q, k, v):
         """softmax(q k^T) v for (B, heads, n, head_dim) queries; softmax is per query row, so query chunks are
