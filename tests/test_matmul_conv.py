@@ -114,3 +114,36 @@ def test_patch_conv_has_the_parameters_of_nn_conv2d():
     mine, theirs = PatchConv2d(4, 8, 2), nn.Conv2d(4, 8, 2, stride=2, pad_mode="valid", has_bias=True)
     assert isinstance(mine, nn.Conv2d)
     assert [(p.name, p.shape) for p in mine.get_parameters()] == [(p.name, p.shape) for p in theirs.get_parameters()]
+
+
+HANG_SCRIPT = """
+import numpy as np, mindspore as ms
+from mindspore import nn
+from pvt_dense.models.conv import MatmulConv2d
+ms.set_context(mode=ms.GRAPH_MODE)
+conv = MatmulConv2d(4, 3, 3, stride={stride})
+class Loss(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv = conv
+    def construct(self, x):
+        return (self.conv(x) ** 2).sum()
+step = ms.value_and_grad(Loss(), 0, conv.trainable_params())
+x = ms.Tensor(np.ones((2, 4, 1, 1), np.float32))
+for _ in range(3):
+    step(x)[0].asnumpy()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_training_calls_on_a_one_pixel_map_return(stride, tmp_path):
+    """RetinaNet's P7 is 1x1 for small inputs; with ops.pad the second training call on such a map never
+    returned (MindSpore 2.10, CPU). A subprocess, so that a hang fails this test instead of the suite."""
+    import subprocess
+    import sys
+    script = tmp_path / "train_on_one_pixel.py"  # graph mode compiles from source files only
+    script.write_text(HANG_SCRIPT.format(stride=stride))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("done")

@@ -15,7 +15,7 @@ FPN head are all 3x3 convolutions, so they dominated detection and segmentation 
 `nn.Conv2d` (same parameters, names, shapes and init, so checkpoints load unchanged) whose forward stacks the k*k
 strided views of the zero-padded input along the channels and multiplies by the weight reshaped to
 (out, k*k*in): the same sums in another order (float32 rounding differs at ~1e-6 relative). It costs k*k times the
-input's memory for the stacked views while it runs. Inference only: in training mode it is MindSpore's convolution.
+input's memory for the stacked views while it runs (and, in training, keeps them for the weight gradient).
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -83,6 +83,33 @@ class PatchConv2d(nn.Conv2d):
         return self.bias_add(out, self.bias.astype(patches.dtype)).reshape(batch, count, self.out_channels)
 
 
+def pad_with_zeros(x, top, bottom, left, right):
+    """Zero-pad the last two axes of (B, C, H, W) by concatenating zero blocks.
+
+    `ops.pad`'s gradient hangs in MindSpore 2.10 on the CPU when the map is 1x1 (the second training call of a
+    graph never returns; RetinaNet's P7 is 1x1 for inputs up to 128 px), so the padding is built from concats,
+    whose gradient is a split."""
+    batch, channels, height, width = x.shape
+    if top or bottom:
+        parts = ()
+        if top:
+            parts = parts + (ops.zeros((batch, channels, top, width), x.dtype),)
+        parts = parts + (x,)
+        if bottom:
+            parts = parts + (ops.zeros((batch, channels, bottom, width), x.dtype),)
+        x = ops.concat(parts, 2)
+        height = height + top + bottom
+    if left or right:
+        parts = ()
+        if left:
+            parts = parts + (ops.zeros((batch, channels, height, left), x.dtype),)
+        parts = parts + (x,)
+        if right:
+            parts = parts + (ops.zeros((batch, channels, height, right), x.dtype),)
+        x = ops.concat(parts, 3)
+    return x
+
+
 class MatmulConv2d(nn.Conv2d):
     """nn.Conv2d(in, out, kernel_size, stride, pad_mode="pad", padding=kernel_size // 2 or given, has_bias) with
     PyTorch's semantics (symmetric zero padding, floor output size), computed by im2col + matmul. Groups and
@@ -102,17 +129,13 @@ class MatmulConv2d(nn.Conv2d):
         self.with_bias = has_bias
 
     def construct(self, x):
-        if self.training:
-            # Training keeps MindSpore's convolution: with the im2col form in its graph, a 64x64 RetinaNet training
-            # run (50 steps, 23 s with nn.Conv2d) did not finish its first steps in 100 s.
-            return super().construct(x)
         batch, channels, height, width = x.shape
         kernel, step, pad = self.kernel, self.step, self.pad_size
         out_h = (height + 2 * pad - kernel) // step + 1
         out_w = (width + 2 * pad - kernel) // step + 1
         if step == 1:
             if pad > 0:
-                x = ops.pad(x, (pad, pad, pad, pad))
+                x = pad_with_zeros(x, pad, pad, pad, pad)
             views = ()
             for dy in range(kernel):
                 for dx in range(kernel):
@@ -122,7 +145,7 @@ class MatmulConv2d(nn.Conv2d):
             # split each axis into (position, phase) instead, so every tap is a phase and a step-1 window.
             rows = -(-(kernel + step * (out_h - 1)) // step) * step
             cols = -(-(kernel + step * (out_w - 1)) // step) * step
-            x = ops.pad(x, (pad, cols - width - pad, pad, rows - height - pad))
+            x = pad_with_zeros(x, pad, rows - height - pad, pad, cols - width - pad)
             x = x.reshape(batch, channels, rows // step, step, cols // step, step)
             views = ()
             for dy in range(kernel):
