@@ -1,12 +1,13 @@
-"""`MatmulConv2d` (im2col + matmul, used for the necks' and heads' 3x3 convs) and `PatchConv2d` (kernel == stride,
-PVT's patch embeddings and spatial reductions) against torch's conv2d: outputs and gradients, odd sizes, graph and
-PyNative; and that both are drop-in `nn.Conv2d`s for checkpoints."""
+"""The convolutions computed as matrix products against torch's conv2d: outputs and gradients, odd sizes, graph and
+PyNative; and that each is a drop-in `nn.Conv2d` for checkpoints. `MatmulConv2d` (the necks' and heads' 3x3 convs,
+PVT v2's patch embeddings), `DepthwiseConv2d` (v2's MLP), `PatchConv2d` (kernel == stride: PVT's patch embeddings
+and spatial reductions)."""
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from pvt_dense.models.conv import MatmulConv2d, PatchConv2d
+from pvt_dense.models.conv import DepthwiseConv2d, MatmulConv2d, PatchConv2d
 
 torch = pytest.importorskip("torch")
 
@@ -147,3 +148,53 @@ def test_training_calls_on_a_one_pixel_map_return(stride, tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("done")
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("layout", ["conv", "tokens"])
+@pytest.mark.parametrize("shape", [(2, 6, 7, 5), (1, 4, 1, 1)])
+def test_depthwise_conv_equals_torch_grouped_conv2d(mode, layout, shape):
+    ms.set_context(mode=mode)
+    try:
+        rng = np.random.default_rng(3)
+        batch, channels, height, width = shape
+        conv = DepthwiseConv2d(channels, 3)
+        conv.weight.set_data(ms.Tensor(rng.normal(size=(channels, 1, 3, 3)).astype(np.float32)))
+        bias = rng.normal(size=channels).astype(np.float32)
+        conv.bias.set_data(ms.Tensor(bias))
+        x = rng.normal(size=shape).astype(np.float32)
+        x_t = torch.tensor(x, requires_grad=True)
+        w_t = torch.tensor(conv.weight.asnumpy(), requires_grad=True)
+        expected = torch.nn.functional.conv2d(x_t, w_t, torch.tensor(bias), padding=1, groups=channels)
+        (expected * torch.linspace(-1, 1, expected.numel()).reshape(expected.shape)).sum().backward()
+        scale = ms.Tensor(np.linspace(-1, 1, expected.numel(), dtype=np.float32).reshape(expected.shape))
+
+        class Loss(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.conv = conv
+
+            def construct(self, inputs):
+                return (self.output_as_image(inputs) * scale).sum()
+
+            def output_as_image(self, inputs):
+                if layout == "conv":
+                    return self.conv(inputs)
+                tokens = inputs.reshape(batch, channels, height * width).transpose(0, 2, 1)
+                out = self.conv.tokens_to_tokens(tokens, height, width)
+                return out.transpose(0, 2, 1).reshape(batch, channels, height, width)
+
+        loss = Loss()
+        np.testing.assert_allclose(loss.output_as_image(ms.Tensor(x)).asnumpy(), expected.detach().numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        grads = ms.value_and_grad(loss, 0, [conv.weight])(ms.Tensor(x))[1]
+        np.testing.assert_allclose(grads[0].asnumpy(), x_t.grad.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(grads[1][0].asnumpy(), w_t.grad.numpy(), rtol=1e-4, atol=1e-4)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_depthwise_conv_has_the_parameters_of_nn_conv2d():
+    mine = DepthwiseConv2d(8, 3)
+    theirs = nn.Conv2d(8, 8, 3, pad_mode="pad", padding=1, group=8, has_bias=True)
+    assert [(p.name, p.shape) for p in mine.get_parameters()] == [(p.name, p.shape) for p in theirs.get_parameters()]

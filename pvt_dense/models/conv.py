@@ -5,17 +5,22 @@ pixel is one linear map of one k x k patch, so the whole convolution is a reshap
 Measured on a 2-core AMD EPYC: oneDNN's convolution (implementation "jit_uni_ncsp:conv+ref:any") spent 420 of the
 470 ms of a PVT-Tiny 224x224 forward in these 10 convolutions.
 
-`MatmulConv2d`: a k x k convolution computed as one matrix product over the k*k shifted views of the padded input
-(im2col).
+`MatmulConv2d`: a k x k convolution computed as MindSpore's Im2Col (`ops.unfold`) and one matrix product.
+`DepthwiseConv2d`: PVT v2's depth-wise 3x3 convolution, the same way with one product per channel.
 
 MindSpore 2.10's CPU kernel for 3x3 convolutions is 20-30x slower than PyTorch's on the same machine (measured:
 256 -> 256 channels on a 16x24 map, 1.2-1.7 s against 0.07 s; 79 s on RetinaNet's 100x168 P3 map), while its matrix
 products and 1x1 convolutions run at full speed. The FPN's output and extra convs, RetinaNet's head and the Semantic
 FPN head are all 3x3 convolutions, so they dominated detection and segmentation time. `MatmulConv2d` is an
-`nn.Conv2d` (same parameters, names, shapes and init, so checkpoints load unchanged) whose forward stacks the k*k
-strided views of the zero-padded input along the channels and multiplies by the weight reshaped to
-(out, k*k*in): the same sums in another order (float32 rounding differs at ~1e-6 relative). It costs k*k times the
-input's memory for the stacked views while it runs (and, in training, keeps them for the weight gradient).
+`nn.Conv2d` (same parameters, names, shapes and init, so checkpoints load unchanged) whose forward multiplies
+the weight reshaped to (out, in*k*k) by the Im2Col columns of the input: the same sums in another order (float32
+rounding differs at ~1e-6 relative). It costs k*k times the input's memory for the columns while it runs (and,
+in training, keeps them for the weight gradient).
+
+Two other ways were measured and dropped: stacking k*k shifted slices (MindSpore's StridedSlice copies ~60M
+elements/s, 0.7 s of PVT v2-B0's forward in its 7x7 patch embedding), and padding with `ops.pad`, whose gradient
+hangs in MindSpore 2.10 on 1x1 maps (RetinaNet's P7 for inputs up to 128 px: the second training call never
+returns). Im2Col pads by itself.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -83,31 +88,36 @@ class PatchConv2d(nn.Conv2d):
         return self.bias_add(out, self.bias.astype(patches.dtype)).reshape(batch, count, self.out_channels)
 
 
-def pad_with_zeros(x, top, bottom, left, right):
-    """Zero-pad the last two axes of (B, C, H, W) by concatenating zero blocks.
+class DepthwiseConv2d(nn.Conv2d):
+    """nn.Conv2d(channels, channels, k, stride 1, padding k // 2, group=channels, has_bias=True) computed as
+    MindSpore's Im2Col (`ops.unfold`) and one batched (1, k*k) x (k*k, H*W) product per channel. oneDNN's grouped
+    convolution took ~100 ms for PVT v2-B0's 256-channel 56x56 map; shifted slices instead were ~14 ms each
+    (MindSpore's StridedSlice copies ~60M elements/s). Same Parameters as the convolution, so checkpoints load
+    unchanged.
 
-    `ops.pad`'s gradient hangs in MindSpore 2.10 on the CPU when the map is 1x1 (the second training call of a
-    graph never returns; RetinaNet's P7 is 1x1 for inputs up to 128 px), so the padding is built from concats,
-    whose gradient is a split."""
-    batch, channels, height, width = x.shape
-    if top or bottom:
-        parts = ()
-        if top:
-            parts = parts + (ops.zeros((batch, channels, top, width), x.dtype),)
-        parts = parts + (x,)
-        if bottom:
-            parts = parts + (ops.zeros((batch, channels, bottom, width), x.dtype),)
-        x = ops.concat(parts, 2)
-        height = height + top + bottom
-    if left or right:
-        parts = ()
-        if left:
-            parts = parts + (ops.zeros((batch, channels, height, left), x.dtype),)
-        parts = parts + (x,)
-        if right:
-            parts = parts + (ops.zeros((batch, channels, height, right), x.dtype),)
-        x = ops.concat(parts, 3)
-    return x
+    `construct` maps (B, C, H, W) -> (B, C, H, W); `tokens_to_tokens(tokens, height, width)` does the same for
+    the tokens (B, H*W, C) of a row-major grid, the layout PVT v2's MLP holds."""
+
+    def __init__(self, channels, kernel_size=3, **kwargs):
+        if not isinstance(kernel_size, int) or kernel_size % 2 != 1:
+            raise ValueError(f"DepthwiseConv2d takes an odd int kernel_size, got {kernel_size!r}")
+        super().__init__(channels, channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
+                         group=channels, has_bias=True, **kwargs)
+        self.kernel = kernel_size
+
+    def tokens_to_tokens(self, tokens, height, width):
+        batch, _, channels = tokens.shape
+        grid = tokens.transpose(0, 2, 1).reshape(batch, channels, height, width)
+        return self.construct(grid).reshape(batch, channels, height * width).transpose(0, 2, 1)
+
+    def construct(self, x):
+        batch, channels, height, width = x.shape
+        taps = self.kernel * self.kernel
+        # (B, C, k*k, H*W): each channel's k*k shifted copies, times that channel's k*k weights
+        columns = ops.unfold(x, self.kernel, 1, self.kernel // 2, 1).reshape(batch, channels, taps, height * width)
+        out = ops.matmul(self.weight.reshape(channels, 1, taps), columns)
+        out = out.reshape(batch, channels, height, width)
+        return out + self.bias.reshape(1, channels, 1, 1)
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -133,28 +143,9 @@ class MatmulConv2d(nn.Conv2d):
         kernel, step, pad = self.kernel, self.step, self.pad_size
         out_h = (height + 2 * pad - kernel) // step + 1
         out_w = (width + 2 * pad - kernel) // step + 1
-        if step == 1:
-            if pad > 0:
-                x = pad_with_zeros(x, pad, pad, pad, pad)
-            views = ()
-            for dy in range(kernel):
-                for dx in range(kernel):
-                    views = views + (x[:, :, dy:dy + out_h, dx:dx + out_w],)
-        else:
-            # Strided slices have a broken gradient in graph mode (StridedSliceGrad "input memory out of bounds"):
-            # split each axis into (position, phase) instead, so every tap is a phase and a step-1 window.
-            rows = -(-(kernel + step * (out_h - 1)) // step) * step
-            cols = -(-(kernel + step * (out_w - 1)) // step) * step
-            x = pad_with_zeros(x, pad, rows - height - pad, pad, cols - width - pad)
-            x = x.reshape(batch, channels, rows // step, step, cols // step, step)
-            views = ()
-            for dy in range(kernel):
-                for dx in range(kernel):
-                    views = views + (x[:, :, dy // step:dy // step + out_h, dy % step,
-                                       dx // step:dx // step + out_w, dx % step],)
-        columns = ops.concat(views, 1).reshape(batch, kernel * kernel * channels, out_h * out_w)
-        # weight (out, in, ky, kx) -> (out, ky, kx, in): the order of the stacked views
-        weight = self.weight.transpose(0, 2, 3, 1).reshape(self.out_channels, kernel * kernel * channels)
+        # (B, C*k*k, out_h*out_w), each column in the weight's (in, ky, kx) order
+        columns = ops.unfold(x, kernel, 1, pad, step)
+        weight = self.weight.reshape(self.out_channels, channels * kernel * kernel)
         out = ops.matmul(weight, columns)
         if self.with_bias:
             out = out + self.bias.reshape(1, self.out_channels, 1)

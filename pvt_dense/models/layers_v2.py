@@ -10,6 +10,7 @@ import mindspore as ms
 from mindspore import nn
 
 from . import fast_ops
+from .conv import DepthwiseConv2d, MatmulConv2d
 from .layers import (BLOCK_NORM_EPS, EMBED_NORM_EPS, DropPath, SpatialReductionAttention, dense,
                      gelu_then_dense_kernel, layer_norm)
 
@@ -40,8 +41,7 @@ class OverlapPatchEmbed(nn.Cell):
         super().__init__()
         if kernel_size <= stride:
             raise ValueError(f"an overlapping patch embedding needs kernel_size > stride, got {kernel_size}, {stride}")
-        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=kernel_size, stride=stride, pad_mode="pad",
-                              padding=kernel_size // 2, has_bias=True)
+        self.proj = MatmulConv2d(in_channels, embed_dim, kernel_size, stride=stride, padding=kernel_size // 2)
         self.norm = layer_norm(embed_dim, norm_eps)
 
     def construct(self, x):
@@ -77,8 +77,7 @@ class ConvMlp(nn.Cell):
         self.fc1 = dense(dim, hidden_dim)
         self.extra_relu = extra_relu
         self.relu = nn.ReLU() if extra_relu else nn.Identity()
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, stride=1, pad_mode="pad", padding=1,
-                                group=hidden_dim, has_bias=True)
+        self.dwconv = DepthwiseConv2d(hidden_dim, 3)
         self.act = fast_ops.GELU()
         self.fc2 = dense(hidden_dim, dim)
         self.has_drop = drop > 0.0
@@ -90,7 +89,7 @@ class ConvMlp(nn.Cell):
         x = self.fc1(x)
         if self.extra_relu:
             x = self.relu(x)
-        x = grid_to_tokens(self.dwconv(tokens_to_grid(x, height, width)))
+        x = self.dwconv.tokens_to_tokens(x, height, width)
         if self.use_gelu_dense and x.dtype == ms.float32:
             return self.gelu_dense(x, self.fc2.weight, self.fc2.bias)
         x = self.act(x)
