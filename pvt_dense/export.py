@@ -248,14 +248,18 @@ def fix_linear_attention_pools(net, shape):
 
 def make_onnx_exportable(net, shape):
     """The same model from operators MindSpore can write to ONNX: polynomial exact GELU, Gather instead of
-    Unstack, position embeddings resized (v1) and linear attention's adaptive pooling fixed (v2 "-li") for
-    `shape` ahead of time. Build `net` with MindSpore's own operators (`fast_ops.mindspore_ops_only`)."""
+    Unstack, convolutions instead of Im2Col + matmul, position embeddings resized (v1) and linear attention's
+    adaptive pooling fixed (v2 "-li") for `shape` ahead of time. Build `net` with MindSpore's own operators
+    (`fast_ops.mindspore_ops_only`)."""
+    from .models.conv import DepthwiseConv2d, MatmulConv2d
     from .models.fast_ops import GELU
     from .models.layers import SpatialReductionAttention
     _replace_cells(net, lambda cell: isinstance(cell, GELU), PolynomialGELU)
     for _, cell in net.cells_and_names():
         if isinstance(cell, SpatialReductionAttention):
             cell.unstack_kv = SplitPair()
+        if isinstance(cell, (MatmulConv2d, DepthwiseConv2d)):
+            cell.framework_conv = True
     for _, cell in list(net.cells_and_names()):
         if hasattr(cell, "stages") and hasattr(cell, "spec"):  # the PVT itself, or a detector's backbone
             bake_position_embeddings(cell, shape)

@@ -104,6 +104,8 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(channels, channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
                          group=channels, has_bias=True, **kwargs)
         self.kernel = kernel_size
+        # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
+        self.framework_conv = False
 
     def tokens_to_tokens(self, tokens, height, width):
         batch, _, channels = tokens.shape
@@ -111,6 +113,8 @@ class DepthwiseConv2d(nn.Conv2d):
         return self.construct(grid).reshape(batch, channels, height * width).transpose(0, 2, 1)
 
     def construct(self, x):
+        if self.framework_conv:
+            return super().construct(x)
         batch, channels, height, width = x.shape
         taps = self.kernel * self.kernel
         # (B, C, k*k, H*W): each channel's k*k shifted copies, times that channel's k*k weights
@@ -137,8 +141,12 @@ class MatmulConv2d(nn.Conv2d):
         self.step = stride
         self.pad_size = padding
         self.with_bias = has_bias
+        # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
+        self.framework_conv = False
 
     def construct(self, x):
+        if self.framework_conv:
+            return super().construct(x)
         batch, channels, height, width = x.shape
         kernel, step, pad = self.kernel, self.step, self.pad_size
         out_h = (height + 2 * pad - kernel) // step + 1
