@@ -10,7 +10,7 @@ from pvt_dense.detection.anchors import AnchorGenerator, base_anchors, graph_lev
 from pvt_dense.detection.assigner import MaxIoUAssigner, pairwise_iou
 from pvt_dense.detection.box_coder import decode_deltas, encode_deltas
 from pvt_dense.detection.losses import sigmoid_focal_loss
-from pvt_dense.detection.postprocess import InferenceSettings, batched_nms, detect_image, nms
+from pvt_dense.detection.postprocess import InferenceSettings, batched_nms, best_first, detect_image, nms
 from pvt_dense.detection.retinanet_head import prior_bias
 
 
@@ -184,3 +184,14 @@ def test_nms_matches_torchvision_on_many_boxes():
     assert nms(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), 0.5).shape == (0,)
     shifted = scores - 0.5  # scores of 0 and below keep their order and ties
     assert list(nms(boxes, shifted, 0.6)) == list(nms(boxes, scores, 0.6))
+
+
+@pytest.mark.parametrize("count", [1, 7, 300, 5000])
+def test_best_first_is_the_head_of_a_stable_sort(count):
+    """Scores rounded to two decimals, so many ties fall on the cut: the kept candidates and their order must be
+    exactly those of a full stable sort (the decoding's nms_pre)."""
+    rng = np.random.default_rng(count)
+    scores = np.round(rng.uniform(0, 1, 20000), 2).astype(np.float32)
+    candidates = np.flatnonzero(scores > 0.05)
+    expected = candidates[np.argsort(-scores[candidates], kind="stable")[:count]]
+    np.testing.assert_array_equal(best_first(scores, candidates, count), expected)

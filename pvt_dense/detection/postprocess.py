@@ -61,6 +61,20 @@ def flatten_level(cls_map, reg_map, num_classes):
     return scores, deltas
 
 
+def best_first(scores, candidates, count):
+    """The first `count` of `candidates` (indices into `scores`) ordered by score, best first, ties in index order:
+    `candidates[np.argsort(-scores[candidates], kind="stable")[:count]]`, without sorting them all (a COCO-size P3
+    level has up to 12M candidates: 2.4 s to sort, ~0.1 s this way)."""
+    values = scores[candidates]
+    if values.size > count:
+        kth = np.partition(values, values.size - count)[values.size - count]  # the count-th largest score
+        above = np.flatnonzero(values > kth)
+        ties = np.flatnonzero(values == kth)[: count - above.size]
+        chosen = np.sort(np.concatenate([above, ties]))
+        candidates, values = candidates[chosen], values[chosen]
+    return candidates[np.argsort(-values, kind="stable")]
+
+
 def detect_image(outputs, image_index, anchor_generator, num_classes, meta, settings=InferenceSettings(),
                  target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0)):
     """Detections of image `image_index` of a batch of head outputs (numpy arrays, L class maps then L box maps).
@@ -78,7 +92,7 @@ def detect_image(outputs, image_index, anchor_generator, num_classes, meta, sett
         scores, deltas = flatten_level(cls_map, reg_map, num_classes)
         flat = scores.reshape(-1)
         candidates = np.flatnonzero(flat > settings.score_thr)
-        candidates = candidates[np.argsort(-flat[candidates], kind="stable")[: settings.nms_pre]]
+        candidates = best_first(flat, candidates, settings.nms_pre)
         anchor_index, labels = np.divmod(candidates, num_classes)
         all_anchors.append(anchors[anchor_index])
         all_deltas.append(deltas[anchor_index])
