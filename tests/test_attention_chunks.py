@@ -65,5 +65,7 @@ def test_fused_attention_kernel_equals_mindspore_attention(mode, pynative):
     ms.set_context(mode=mode)
     fused = run(1 << 30, x, g, HEIGHT, WIDTH, kernel=True)
     assert np.abs(whole[0]).max() > 0.1
+    # float32 rounding only (sums in another order): the largest difference, in one element of a 64x64 weight
+    # gradient, is 2.04e-6 of that gradient's largest value since the spatial reduction became a matrix product
     for a, b in zip(fused, whole):
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-6 * np.abs(b).max())

@@ -22,10 +22,7 @@ elements/s, 0.7 s of PVT v2-B0's forward in its 7x7 patch embedding), and paddin
 hangs in MindSpore 2.10 on 1x1 maps (RetinaNet's P7 for inputs up to 128 px: the second training call never
 returns). Im2Col pads by itself.
 """
-import mindspore as ms
 from mindspore import nn, ops
-
-from . import fast_ops
 
 
 class PatchConv2d(nn.Conv2d):
@@ -43,9 +40,8 @@ class PatchConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=patch_size, stride=patch_size, pad_mode="valid",
                          has_bias=True, **kwargs)
         self.patch = patch_size
-        compiled = fast_ops.kernels_for_new_cell()
-        self.use_kernel = compiled is not None and compiled.dense is not None
-        self.dense_kernel = compiled.dense if self.use_kernel else None
+        # MindSpore's MatMul (oneDNN's sgemm): as fast here as the fused Dense kernel of fast_ops, and it follows
+        # O2 mixed precision, which casts every operator input inside a float16 Cell in PyNative mode.
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()
 
@@ -81,8 +77,6 @@ class PatchConv2d(nn.Conv2d):
         return self.project(patches, weight)
 
     def project(self, patches, weight):
-        if self.use_kernel and patches.dtype == ms.float32:
-            return self.dense_kernel(patches, weight, self.bias)
         batch, count, size = patches.shape
         out = self.matmul(patches.reshape(batch * count, size), weight.astype(patches.dtype))
         return self.bias_add(out, self.bias.astype(patches.dtype)).reshape(batch, count, self.out_channels)
