@@ -31,11 +31,12 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
     from .data.digits import make_digits_imagenet
 
     data_dir = os.path.join(output_dir, "digits")
-    summary = make_digits_imagenet(data_dir, image_size=32)
-    print(f"[1/4] digits as ImageNet folders in {data_dir}: {summary['train']} train / {summary['val']} val "
-          f"images, {summary['num_classes']} classes")
     cfg = load_classification_config(config_path, ["--data_dir", data_dir, "--ckpt_save_dir",
                                                    os.path.join(output_dir, "pretrain")])
+    # Written at the size the config trains at, so no resize blurs them a second time.
+    summary = make_digits_imagenet(data_dir, image_size=cfg.image_resize)
+    print(f"[1/4] digits as {cfg.image_resize}x{cfg.image_resize} ImageNet folders in {data_dir}: "
+          f"{summary['train']} train / {summary['val']} val images, {summary['num_classes']} classes")
     print(f"[2/4] pretraining {cfg.model} for {cfg.epoch_size} epochs ({config_path})")
     train_classifier(cfg)
     best = os.path.join(cfg.ckpt_save_dir, f"{cfg.model}_best.ckpt")
@@ -49,9 +50,9 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 DENSE_TASKS = ("detection", "segmentation")
 
 # Wall seconds of each part on an idle 2-core CPU, graph compilations included: the CPU seconds (user + sys) of a
-# full run on a busy machine (pretraining 164, features 17, detection 417, segmentation 327) over 1.6, the
+# full run on a busy machine (load 3-5; pretraining 116, features 6, detection 277, segmentation 151) over 1.6, the
 # parallelism MindSpore's two threads reach besides the single-threaded Python parts. Estimates, not idle timings.
-PART_ESTIMATES = (("pretraining", 105), ("features", 15), ("detection", 260), ("segmentation", 205))
+PART_ESTIMATES = (("pretraining", 75), ("features", 5), ("detection", 175), ("segmentation", 95))
 
 
 def print_plan(output_dir, tasks):
