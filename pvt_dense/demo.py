@@ -49,10 +49,9 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 
 DENSE_TASKS = ("detection", "segmentation")
 
-# Wall seconds of each part on an idle 2-core CPU, graph compilations included: the CPU seconds (user + sys) of a
-# full run on a busy machine (load 3-5; pretraining 116, features 6, detection 277, segmentation 151) over 1.6, the
-# parallelism MindSpore's two threads reach besides the single-threaded Python parts. Estimates, not idle timings.
-PART_ESTIMATES = (("pretraining", 75), ("features", 5), ("detection", 175), ("segmentation", 95))
+# Wall seconds of each part on an idle 2-core CPU, graph compilations included, measured on a whole run (2026-12-06,
+# AMD EPYC, nothing else running: 4 min 15 s in all).
+PART_ESTIMATES = (("pretraining", 88), ("features", 7), ("detection", 104), ("segmentation", 52))
 
 
 def print_plan(output_dir, tasks):
