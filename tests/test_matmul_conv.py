@@ -12,13 +12,36 @@ from pvt_dense.models.conv import DepthwiseConv2d, MatmulConv2d, PatchConv2d
 torch = pytest.importorskip("torch")
 
 
-def torch_conv(x, weight, bias, stride, padding):
+def torch_conv(x, weight, bias, stride, padding, groups=1):
+    """torch's conv2d output, and the gradients of sum(output * linspace(-1, 1)) for the input and the weight."""
     x_t = torch.tensor(x, requires_grad=True)
     w_t = torch.tensor(weight, requires_grad=True)
     b_t = torch.tensor(bias, requires_grad=True) if bias is not None else None
-    out = torch.nn.functional.conv2d(x_t, w_t, b_t, stride=stride, padding=padding)
+    out = torch.nn.functional.conv2d(x_t, w_t, b_t, stride=stride, padding=padding, groups=groups)
     (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
     return out.detach().numpy(), x_t.grad.numpy(), w_t.grad.numpy()
+
+
+class WeightedSum(nn.Cell):
+    """sum(model(x) * scale), the scalar whose gradients `torch_conv` takes."""
+
+    def __init__(self, model, scale):
+        super().__init__()
+        self.model = model
+        self.scale = scale
+
+    def construct(self, inputs):
+        return (self.model(inputs) * self.scale).sum()
+
+
+def assert_equals_torch(model, weight, x, torch_result):
+    """`model` (input image -> output map) against `torch_conv`'s output and input and weight gradients."""
+    expected, grad_x, grad_w = torch_result
+    np.testing.assert_allclose(model(ms.Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    scale = ms.Tensor(np.linspace(-1, 1, expected.size, dtype=np.float32).reshape(expected.shape))
+    grads = ms.value_and_grad(WeightedSum(model, scale), 0, [weight])(ms.Tensor(x))[1]
+    np.testing.assert_allclose(grads[0].asnumpy(), grad_x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1][0].asnumpy(), grad_w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
@@ -34,22 +57,7 @@ def test_output_and_gradients_equal_torch_conv2d(mode, stride, has_bias, shape):
         if has_bias:
             conv.bias.set_data(ms.Tensor(bias))
         x = rng.normal(size=shape).astype(np.float32)
-        expected, grad_x, grad_w = torch_conv(x, conv.weight.asnumpy(), bias, stride, 1)
-        out = conv(ms.Tensor(x)).asnumpy()
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-        scale = ms.Tensor(np.linspace(-1, 1, out.size, dtype=np.float32).reshape(out.shape))
-
-        class Loss(nn.Cell):
-            def __init__(self):
-                super().__init__()
-                self.conv = conv
-
-            def construct(self, inputs):
-                return (self.conv(inputs) * scale).sum()
-
-        grads = ms.value_and_grad(Loss(), 0, [conv.weight])(ms.Tensor(x))[1]
-        np.testing.assert_allclose(grads[0].asnumpy(), grad_x, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(grads[1][0].asnumpy(), grad_w, rtol=1e-4, atol=1e-4)
+        assert_equals_torch(conv, conv.weight, x, torch_conv(x, conv.weight.asnumpy(), bias, stride, 1))
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
@@ -63,6 +71,26 @@ def test_same_parameters_as_nn_conv2d():
     theirs.bias.set_data(ops.ones(8, ms.float32))
     mine.bias.set_data(ops.ones(8, ms.float32))
     np.testing.assert_allclose(mine(x).asnumpy(), theirs(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+class PatchTokensAsImage(nn.Cell):
+    """A PatchConv2d's token output (from the image, or from the image's tokens) laid out as the conv's map."""
+
+    def __init__(self, conv, layout, shape):
+        super().__init__()
+        self.conv = conv
+        self.from_image = layout == "image"
+        self.batch, self.channels, self.height, self.width = shape
+
+    def construct(self, inputs):
+        batch, height, width, patch = self.batch, self.height, self.width, self.conv.patch
+        if self.from_image:
+            tokens, rows, cols = self.conv.image_to_tokens(inputs)
+        else:
+            tokens = self.conv.tokens_to_tokens(
+                inputs.reshape(batch, self.channels, height * width).transpose(0, 2, 1), height, width)
+            rows, cols = height // patch, width // patch
+        return tokens.transpose(0, 2, 1).reshape(batch, self.conv.out_channels, rows, cols)
 
 
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
@@ -79,34 +107,8 @@ def test_patch_conv_equals_torch_conv2d(mode, layout, patch, shape):
         bias = rng.normal(size=5).astype(np.float32)
         conv.bias.set_data(ms.Tensor(bias))
         x = rng.normal(size=shape).astype(np.float32)
-        expected, grad_x, grad_w = torch_conv(x, conv.weight.asnumpy(), bias, patch, 0)
-        batch, _, height, width = shape
-        scale = ms.Tensor(np.linspace(-1, 1, expected.size, dtype=np.float32).reshape(expected.shape))
-
-        class Loss(nn.Cell):
-            def __init__(self):
-                super().__init__()
-                self.conv = conv
-
-            def construct(self, inputs):
-                return (self.output_as_image(inputs) * scale).sum()
-
-            def output_as_image(self, inputs):
-                if layout == "conv":
-                    return self.conv(inputs)
-                if layout == "image":
-                    tokens, rows, cols = self.conv.image_to_tokens(inputs)
-                else:
-                    tokens = self.conv.tokens_to_tokens(
-                        inputs.reshape(batch, channels, height * width).transpose(0, 2, 1), height, width)
-                    rows, cols = height // patch, width // patch
-                return tokens.transpose(0, 2, 1).reshape(batch, 5, rows, cols)
-
-        loss = Loss()
-        np.testing.assert_allclose(loss.output_as_image(ms.Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
-        grads = ms.value_and_grad(loss, 0, [conv.weight])(ms.Tensor(x))[1]
-        np.testing.assert_allclose(grads[0].asnumpy(), grad_x, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(grads[1][0].asnumpy(), grad_w, rtol=1e-4, atol=1e-4)
+        model = conv if layout == "conv" else PatchTokensAsImage(conv, layout, shape)
+        assert_equals_torch(model, conv.weight, x, torch_conv(x, conv.weight.asnumpy(), bias, patch, 0))
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
@@ -151,45 +153,18 @@ def test_training_calls_on_a_one_pixel_map_return(stride, tmp_path):
 
 
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
-@pytest.mark.parametrize("layout", ["conv", "tokens"])
 @pytest.mark.parametrize("shape", [(2, 6, 7, 5), (1, 4, 1, 1)])
-def test_depthwise_conv_equals_torch_grouped_conv2d(mode, layout, shape):
+def test_depthwise_conv_equals_torch_grouped_conv2d(mode, shape):
     ms.set_context(mode=mode)
     try:
         rng = np.random.default_rng(3)
-        batch, channels, height, width = shape
+        channels = shape[1]
         conv = DepthwiseConv2d(channels, 3)
         conv.weight.set_data(ms.Tensor(rng.normal(size=(channels, 1, 3, 3)).astype(np.float32)))
         bias = rng.normal(size=channels).astype(np.float32)
         conv.bias.set_data(ms.Tensor(bias))
         x = rng.normal(size=shape).astype(np.float32)
-        x_t = torch.tensor(x, requires_grad=True)
-        w_t = torch.tensor(conv.weight.asnumpy(), requires_grad=True)
-        expected = torch.nn.functional.conv2d(x_t, w_t, torch.tensor(bias), padding=1, groups=channels)
-        (expected * torch.linspace(-1, 1, expected.numel()).reshape(expected.shape)).sum().backward()
-        scale = ms.Tensor(np.linspace(-1, 1, expected.numel(), dtype=np.float32).reshape(expected.shape))
-
-        class Loss(nn.Cell):
-            def __init__(self):
-                super().__init__()
-                self.conv = conv
-
-            def construct(self, inputs):
-                return (self.output_as_image(inputs) * scale).sum()
-
-            def output_as_image(self, inputs):
-                if layout == "conv":
-                    return self.conv(inputs)
-                tokens = inputs.reshape(batch, channels, height * width).transpose(0, 2, 1)
-                out = self.conv.tokens_to_tokens(tokens, height, width)
-                return out.transpose(0, 2, 1).reshape(batch, channels, height, width)
-
-        loss = Loss()
-        np.testing.assert_allclose(loss.output_as_image(ms.Tensor(x)).asnumpy(), expected.detach().numpy(),
-                                   rtol=1e-5, atol=1e-5)
-        grads = ms.value_and_grad(loss, 0, [conv.weight])(ms.Tensor(x))[1]
-        np.testing.assert_allclose(grads[0].asnumpy(), x_t.grad.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(grads[1][0].asnumpy(), w_t.grad.numpy(), rtol=1e-4, atol=1e-4)
+        assert_equals_torch(conv, conv.weight, x, torch_conv(x, conv.weight.asnumpy(), bias, 1, 1, groups=channels))
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
 

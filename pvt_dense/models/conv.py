@@ -87,10 +87,7 @@ class DepthwiseConv2d(nn.Conv2d):
     MindSpore's Im2Col (`ops.unfold`) and one batched (1, k*k) x (k*k, H*W) product per channel. oneDNN's grouped
     convolution took ~100 ms for PVT v2-B0's 256-channel 56x56 map; shifted slices instead were ~14 ms each
     (MindSpore's StridedSlice copies ~60M elements/s). Same Parameters as the convolution, so checkpoints load
-    unchanged.
-
-    `construct` maps (B, C, H, W) -> (B, C, H, W); `tokens_to_tokens(tokens, height, width)` does the same for
-    the tokens (B, H*W, C) of a row-major grid, the layout PVT v2's MLP holds."""
+    unchanged."""
 
     def __init__(self, channels, kernel_size=3, **kwargs):
         if not isinstance(kernel_size, int) or kernel_size % 2 != 1:
@@ -100,11 +97,6 @@ class DepthwiseConv2d(nn.Conv2d):
         self.kernel = kernel_size
         # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
         self.framework_conv = False
-
-    def tokens_to_tokens(self, tokens, height, width):
-        batch, _, channels = tokens.shape
-        grid = tokens.transpose(0, 2, 1).reshape(batch, channels, height, width)
-        return self.construct(grid).reshape(batch, channels, height * width).transpose(0, 2, 1)
 
     def construct(self, x):
         if self.framework_conv:

@@ -89,7 +89,7 @@ class ConvMlp(nn.Cell):
         x = self.fc1(x)
         if self.extra_relu:
             x = self.relu(x)
-        x = self.dwconv.tokens_to_tokens(x, height, width)
+        x = grid_to_tokens(self.dwconv(tokens_to_grid(x, height, width)))
         if self.use_gelu_dense and x.dtype == ms.float32:
             return self.gelu_dense(x, self.fc2.weight, self.fc2.bias)
         x = self.act(x)
