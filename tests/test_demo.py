@@ -161,7 +161,7 @@ def test_demo_detection_config_fits_the_demo_data(demo_detection_set):
     best = bbox_overlaps(boxes, anchors).max(dim=1).values
     assert len(boxes) > 300
     # All but the odd narrow '1' are positives of some anchor; hardly any is left to low-quality matching below 0.4
-    # (one of the ~790 boxes: a '1' drawn 24 px high is a few pixels wide).
+    # (one of the ~1,390 boxes: a '1' drawn 24 px high is a few pixels wide).
     assert (best >= cfg.pos_iou_thr).float().mean().item() >= 0.99, f"{(best < cfg.pos_iou_thr).sum()} boxes"
     assert (best < cfg.neg_iou_thr).float().mean().item() <= 0.002, f"{(best < cfg.neg_iou_thr).sum()} boxes"
 
