@@ -10,21 +10,18 @@ from .ade20k import AnnotationError, read_sample
 from .metrics import ConfusionMatrix
 from .transforms import aligned_test_size, prepare_test_image, sliding_windows
 
-# OpenCV resizes at most this many channels at once (CV_CN_MAX).
-_CV_MAX_CHANNELS = 512
-
 
 def resize_logits(logits, size):
     """(K, h, w) float32 -> (K, H, W), bilinear with half-pixel centres (PyTorch's align_corners=False)."""
     height, width = size
     if logits.shape[1:] == (height, width):
         return logits
-    chunks = []
-    for start in range(0, logits.shape[0], _CV_MAX_CHANNELS):
-        part = np.ascontiguousarray(logits[start:start + _CV_MAX_CHANNELS].transpose(1, 2, 0))
-        resized = cv2.resize(part, (width, height), interpolation=cv2.INTER_LINEAR)
-        chunks.append(resized.reshape(height, width, -1).transpose(2, 0, 1))
-    return np.concatenate(chunks, axis=0)
+    # One channel at a time, straight into the output: resizing channels-last instead costs two transposed copies of
+    # all K maps (150 for ADE20K); measured for 150 x 512x704 -> 512x683: 0.8-1.1 s that way, 0.13 s this way.
+    resized = np.empty((logits.shape[0], height, width), np.float32)
+    for channel, plane in enumerate(logits):
+        cv2.resize(plane, (width, height), dst=resized[channel], interpolation=cv2.INTER_LINEAR)
+    return resized
 
 
 class Predictor:
