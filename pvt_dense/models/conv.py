@@ -129,6 +129,7 @@ class MatmulConv2d(nn.Conv2d):
         self.with_bias = has_bias
         # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
         self.framework_conv = False
+        self.batch_matmul = ops.BatchMatMul()
 
     def construct(self, x):
         if self.framework_conv:
@@ -140,7 +141,11 @@ class MatmulConv2d(nn.Conv2d):
         # (B, C*k*k, out_h*out_w), each column in the weight's (in, ky, kx) order
         columns = ops.unfold(x, kernel, 1, pad, step)
         weight = self.weight.reshape(self.out_channels, channels * kernel * kernel)
-        out = ops.matmul(weight, columns)
+        # One BatchMatMul against the weight broadcast over the batch, not ops.matmul(weight, columns): the latter's
+        # gradient transposes the columns, and every Transpose kernel keeps a table of 8 bytes per element from
+        # graph compilation on (twice the columns, per convolution, for the graph's life). BatchMatMul's gradient
+        # reads its operands transposed in place instead.
+        out = self.batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
         if self.with_bias:
             out = out + self.bias.reshape(1, self.out_channels, 1)
         return out.reshape(batch, self.out_channels, out_h, out_w)
