@@ -97,6 +97,7 @@ class DepthwiseConv2d(nn.Conv2d):
         self.kernel = kernel_size
         # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
         self.framework_conv = False
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         if self.framework_conv:
@@ -107,7 +108,7 @@ class DepthwiseConv2d(nn.Conv2d):
         columns = ops.unfold(x, self.kernel, 1, self.kernel // 2, 1).reshape(batch, channels, taps, height * width)
         out = ops.matmul(self.weight.reshape(channels, 1, taps), columns)
         out = out.reshape(batch, channels, height, width)
-        return out + self.bias.reshape(1, channels, 1, 1)
+        return self.bias_add(out, self.bias)
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -130,6 +131,7 @@ class MatmulConv2d(nn.Conv2d):
         # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
         self.framework_conv = False
         self.batch_matmul = ops.BatchMatMul()
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         if self.framework_conv:
@@ -144,8 +146,11 @@ class MatmulConv2d(nn.Conv2d):
         # One BatchMatMul against the weight broadcast over the batch, not ops.matmul(weight, columns): the latter's
         # gradient transposes the columns, and every Transpose kernel keeps a table of 8 bytes per element from
         # graph compilation on (twice the columns, per convolution, for the graph's life). BatchMatMul's gradient
-        # reads its operands transposed in place instead.
+        # reads its operands transposed in place instead. Likewise BiasAdd, not `out + bias.reshape(1, C, 1)`: a
+        # broadcasting Add keeps 8 bytes per output element for each broadcast input (MindSpore 2.10, CPU).
         out = self.batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
+        out = out.reshape(batch, self.out_channels, out_h, out_w)
         if self.with_bias:
-            out = out + self.bias.reshape(1, self.out_channels, 1)
-        return out.reshape(batch, self.out_channels, out_h, out_w)
+            # on the 4-D map: BiasAddGrad refuses a 3-D (B, C, 1) input, the 1x1 maps of RetinaNet's P7
+            out = self.bias_add(out, self.bias)
+        return out
