@@ -149,8 +149,10 @@ class MatmulConv2d(nn.Conv2d):
         # reads its operands transposed in place instead. Likewise BiasAdd, not `out + bias.reshape(1, C, 1)`: a
         # broadcasting Add keeps 8 bytes per output element for each broadcast input (MindSpore 2.10, CPU).
         out = self.batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
-        out = out.reshape(batch, self.out_channels, out_h, out_w)
         if self.with_bias:
-            # on the 4-D map: BiasAddGrad refuses a 3-D (B, C, 1) input, the 1x1 maps of RetinaNet's P7
-            out = self.bias_add(out, self.bias)
-        return out
+            if out_h * out_w > 1:
+                out = self.bias_add(out, self.bias)
+            else:
+                # BiasAddGrad refuses a 3-D (B, C, 1) input (RetinaNet's P7 on small images); a tiny broadcast
+                out = out + self.bias.reshape(1, self.out_channels, 1)
+        return out.reshape(batch, self.out_channels, out_h, out_w)
