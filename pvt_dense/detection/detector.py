@@ -4,7 +4,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .anchors import graph_level_anchors, graph_level_valid
-from .assigner import MaxIoUAssigner
+from .assigner import MaxIoUAssigner, spread
 from .box_coder import encode_deltas
 from .losses import l1_loss, sigmoid_focal_loss
 
@@ -97,7 +97,8 @@ class RetinaNetLoss(nn.Cell):
         positive_f = ops.cast(positive, ms.float32)
         labels = ops.gather_elements(gt_labels, 1, matched)
         class_targets = ops.one_hot(labels, self.num_classes, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        class_targets = ops.stop_gradient(class_targets * ops.expand_dims(positive_f, -1))
+        # broadcast explicitly: a broadcasting Mul would keep 8 bytes per (B, N, K) element (see assigner.spread)
+        class_targets = ops.stop_gradient(class_targets * spread(ops.expand_dims(positive_f, -1), class_targets.shape))
         label_weights = ops.cast(ops.logical_or(positive, negative), ms.float32)
         avg_factor = ops.stop_gradient(ops.maximum(positive_f.sum(axis=1), 1.0).sum())
         index = ops.tile(ops.expand_dims(matched, -1), (1, 1, 4))

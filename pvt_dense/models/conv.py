@@ -97,6 +97,7 @@ class DepthwiseConv2d(nn.Conv2d):
         self.kernel = kernel_size
         # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
         self.framework_conv = False
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         if self.framework_conv:
@@ -107,7 +108,7 @@ class DepthwiseConv2d(nn.Conv2d):
         columns = ops.unfold(x, self.kernel, 1, self.kernel // 2, 1).reshape(batch, channels, taps, height * width)
         out = ops.matmul(self.weight.reshape(channels, 1, taps), columns)
         out = out.reshape(batch, channels, height, width)
-        return out + self.bias.reshape(1, channels, 1, 1)
+        return self.bias_add(out, self.bias)
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -129,6 +130,8 @@ class MatmulConv2d(nn.Conv2d):
         self.with_bias = has_bias
         # True: MindSpore's convolution itself (ONNX has no Im2Col; `pvt_dense.export.make_onnx_exportable`)
         self.framework_conv = False
+        self.batch_matmul = ops.BatchMatMul()
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         if self.framework_conv:
@@ -140,7 +143,16 @@ class MatmulConv2d(nn.Conv2d):
         # (B, C*k*k, out_h*out_w), each column in the weight's (in, ky, kx) order
         columns = ops.unfold(x, kernel, 1, pad, step)
         weight = self.weight.reshape(self.out_channels, channels * kernel * kernel)
-        out = ops.matmul(weight, columns)
+        # One BatchMatMul against the weight broadcast over the batch, not ops.matmul(weight, columns): the latter's
+        # gradient transposes the columns, and every Transpose kernel keeps a table of 8 bytes per element from
+        # graph compilation on (twice the columns, per convolution, for the graph's life). BatchMatMul's gradient
+        # reads its operands transposed in place instead. Likewise BiasAdd, not `out + bias.reshape(1, C, 1)`: a
+        # broadcasting Add keeps 8 bytes per output element for each broadcast input (MindSpore 2.10, CPU).
+        out = self.batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
         if self.with_bias:
-            out = out + self.bias.reshape(1, self.out_channels, 1)
+            if out_h * out_w > 1:
+                out = self.bias_add(out, self.bias)
+            else:
+                # BiasAddGrad refuses a 3-D (B, C, 1) input (RetinaNet's P7 on small images); a tiny broadcast
+                out = out + self.bias.reshape(1, self.out_channels, 1)
         return out.reshape(batch, self.out_channels, out_h, out_w)
