@@ -50,8 +50,8 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 DENSE_TASKS = ("detection", "segmentation")
 
 # Wall seconds of each part on an idle 2-core CPU, graph compilations included, measured on a whole run (2026-12-06,
-# AMD EPYC, nothing else running: 4 min 15 s in all).
-PART_ESTIMATES = (("pretraining", 88), ("features", 7), ("detection", 104), ("segmentation", 52))
+# AMD EPYC, nothing else running: 5 min 20 s in all).
+PART_ESTIMATES = (("pretraining", 76), ("features", 6), ("detection", 179), ("segmentation", 53))
 
 
 def print_plan(output_dir, tasks):
