@@ -25,7 +25,8 @@ returns). Im2Col pads by itself.
 Memory: MindSpore 2.10's CPU Transpose kernel keeps a table of ~8 bytes per element from graph compilation on, and
 an element-wise kernel that broadcasts an input (Add, Mul, ...) ~8 bytes per output element per broadcast input. So
 the product is one BatchMatMul against the weight broadcast over the batch (ops.matmul's gradient would transpose
-the columns) and the bias goes in with BiasAdd: RetinaNet's training step at 400x608 peaked at 8.6 GB before, 5.4 GB
+the columns, twice their size in tables per convolution; BatchMatMul's reads its operands transposed in place) and
+the bias goes in with BiasAdd: RetinaNet's training step at 400x608 peaked at 8.6 GB before, 5.4 GB
 after (`tests/test_matmul_conv.py` bounds both).
 """
 from mindspore import nn, ops
@@ -149,11 +150,7 @@ class MatmulConv2d(nn.Conv2d):
         # (B, C*k*k, out_h*out_w), each column in the weight's (in, ky, kx) order
         columns = ops.unfold(x, kernel, 1, pad, step)
         weight = self.weight.reshape(self.out_channels, channels * kernel * kernel)
-        # One BatchMatMul against the weight broadcast over the batch, not ops.matmul(weight, columns): the latter's
-        # gradient transposes the columns, and every Transpose kernel keeps a table of 8 bytes per element from
-        # graph compilation on (twice the columns, per convolution, for the graph's life). BatchMatMul's gradient
-        # reads its operands transposed in place instead. Likewise BiasAdd, not `out + bias.reshape(1, C, 1)`: a
-        # broadcasting Add keeps 8 bytes per output element for each broadcast input (MindSpore 2.10, CPU).
+        # BatchMatMul and BiasAdd rather than ops.matmul and a broadcasting Add: see "Memory" in the module docstring
         out = self.batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
         if self.with_bias:
             if out_h * out_w > 1:
