@@ -67,7 +67,7 @@ KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel
 # What the Custom ops below name: every one must resolve in the loaded library before a Cell uses it.
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
 DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad", "PvtAttention",
-                 "PvtAttentionGrad")
+                 "PvtAttentionGrad", "PvtAttentionBias")
 CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
@@ -381,6 +381,14 @@ def _attention_shape(q, kv, meta):
     return q
 
 
+def _attention_bias_shape(q, kv, meta, bias):
+    _attention_shape(q, kv, meta)
+    _require(len(bias) == 2, "attention", "a key bias (B, M)", (kv, bias))
+    if _known(kv, bias):
+        _require(list(bias) == [kv[0], kv[1]], "attention", "a key bias (B, M) for kv (B, M, 2C)", (kv, bias))
+    return q
+
+
 def _attention_grad_shape(q, kv, meta, dout):
     _attention_shape(q, kv, meta)
     _require(not _known(q, dout) or list(dout) == list(q), "attention backward", "dout shaped like q", (q, dout))
@@ -417,7 +425,7 @@ class _Kernels:
             return dx, dgamma, dbeta, ops.zeros_like(eps)
 
         self.library = library
-        self.dense = self.gelu_dense = self.attention = None
+        self.dense = self.gelu_dense = self.attention = self.attention_bias = None
         if has_dense:
             dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=_dense_grad_shape,
                                     out_dtype=lambda x, w, dy: (x, w, w), func_type="aot")
@@ -442,6 +450,9 @@ class _Kernels:
 
             self.attention = ops.Custom(f"{library}:PvtAttention", out_shape=_attention_shape,
                                         out_dtype=lambda q, kv, meta: q, func_type="aot", bprop=attention_bprop)
+            # inference only (size buckets mask padded keys with it): no bprop
+            self.attention_bias = ops.Custom(f"{library}:PvtAttentionBias", out_shape=_attention_bias_shape,
+                                             out_dtype=lambda q, kv, meta, bias: q, func_type="aot")
             self.dense = ops.Custom(f"{library}:PvtDense", out_shape=_dense_shape,
                                     out_dtype=lambda x, w, b: x, func_type="aot", bprop=dense_bprop)
         self.gelu = ops.Custom(f"{library}:PvtGelu", out_shape=_gelu_shape, out_dtype=_same_dtype,
