@@ -104,6 +104,12 @@ def level_masks(valid_size, bucket_size, strides):
                  zip(level_grids(valid_size, strides), level_grids(bucket_size, strides)))
 
 
+def level_edges(valid_size, bucket_size, strides):
+    """One (rows, columns) pair of `edge_index` gather indices per pyramid level."""
+    return tuple((edge_index(valid[0], bucket[0]), edge_index(valid[1], bucket[1])) for valid, bucket in
+                 zip(level_grids(valid_size, strides), level_grids(bucket_size, strides)))
+
+
 def padded_to(size, divisor=ALIGN):
     return tuple(-(-int(n) // divisor) * divisor for n in size)
 
