@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 
 from ..data.images import ImageReadError, header_image_size
+from ..engine.shapes import BucketedForward, ShapeFlexibleForward, tensor_signature
+from ..models.buckets import ALIGN
 from .ade20k import AnnotationError, read_sample
 from .metrics import ConfusionMatrix
 from .transforms import aligned_test_size, prepare_test_image, sliding_windows
@@ -22,6 +24,11 @@ def resize_logits(logits, size):
     for channel, plane in enumerate(logits):
         cv2.resize(plane, (width, height), dst=resized[channel], interpolation=cv2.INTER_LINEAR)
     return resized
+
+
+def crop_logits(outputs, size):
+    """The logits of a size bucket (`BucketedForward`) cropped to the valid region `size`."""
+    return [output[:, :, :size[0], :size[1]] for output in outputs]
 
 
 class Predictor:
@@ -55,10 +62,13 @@ class Predictor:
         self.mode = mode
         self.crop_size = tuple(crop_size)
         self.stride = tuple(stride)
-        self.flexible = None
+        self.flexible = self.bucketed = None
         if forward is None and mode == "whole":
-            from ..engine.shapes import ShapeFlexibleForward
-            self.flexible = ShapeFlexibleForward(network)
+            if getattr(network, "supports_buckets", False) and size_divisor % ALIGN == 0:
+                self.bucketed = BucketedForward(network, crop_logits, compile_pixels=2.0e6)
+                self.flexible = self.bucketed.flexible
+            else:
+                self.flexible = ShapeFlexibleForward(network)
         self.forward = forward if forward is not None else self.network_forward
 
     @property
@@ -70,10 +80,13 @@ class Predictor:
         otherwise nothing to announce)."""
         if self.flexible is None:
             return
-        from ..engine.shapes import tensor_signature
-        for height, width in image_sizes:
-            aligned, _ = aligned_test_size(height, width, self.scale, self.size_divisor)
-            self.flexible.expect(tensor_signature((1, 3) + aligned))
+        aligned_sizes = [aligned_test_size(height, width, self.scale, self.size_divisor)[0]
+                         for height, width in image_sizes]
+        if self.bucketed is not None:
+            self.bucketed.expect_sizes(aligned_sizes)
+            return
+        for aligned in aligned_sizes:
+            self.flexible.expect(tensor_signature((1, 3) + tuple(aligned)))
 
     def expect_files(self, paths):
         """`expect_images` with the sizes read from the files' headers (unreadable headers are left out)."""
@@ -82,6 +95,8 @@ class Predictor:
 
     def network_forward(self, array):
         import mindspore as ms
+        if self.bucketed is not None:
+            return self.bucketed(array[None])[0][0]
         run = self.flexible if self.flexible is not None else self.network
         return run(ms.Tensor(np.ascontiguousarray(array[None])))[0].asnumpy()[0]
 

@@ -79,6 +79,13 @@ class SegmentorInference(nn.Cell):
         super().__init__(auto_prefix=False)
         self.segmentor = segmentor
 
+    @property
+    def supports_buckets(self):
+        return getattr(self.segmentor, "supports_buckets", False)
+
+    def bucket_inputs(self, valid_size, bucket_size):
+        return self.segmentor.bucket_inputs(valid_size, bucket_size)
+
     def construct(self, images, valid=None):
         """With `valid` (`EncoderDecoder.bucket_inputs`) the logits on the valid region (top-left; the host crops)
         equal those of the region run alone: the finest level's edge is replicated before the upsampling."""
