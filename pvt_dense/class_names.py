@@ -29,7 +29,7 @@ def checked_class_names(value, label, key="class_names"):
     if value is None:
         return None
     if not isinstance(value, (list, tuple)):
-        raise CheckpointError(f"{label}: its metadata's {key} is a {type(value).__name__}, not a list of names")
+        raise CheckpointError(f"{label}: its metadata's {key} is of type {type(value).__name__}, not a list of names")
     if not value:
         raise CheckpointError(f"{label}: its metadata's {key} is an empty list")
     if len(value) > MAX_CLASSES:
@@ -37,8 +37,8 @@ def checked_class_names(value, label, key="class_names"):
                               f"{MAX_CLASSES} any dense-prediction dataset has")
     for index, name in enumerate(value):
         if not isinstance(name, str):
-            raise CheckpointError(f"{label}: its metadata's {key}[{index}] is a {type(name).__name__}, not a "
-                                  "string")
+            raise CheckpointError(f"{label}: its metadata's {key}[{index}] is of type {type(name).__name__}, "
+                                  "not a string")
         if not 1 <= len(name) <= MAX_NAME_LENGTH:
             raise CheckpointError(f"{label}: its metadata's {key}[{index}] is {len(name)} characters long (a class "
                                   f"name has 1 to {MAX_NAME_LENGTH})")
@@ -51,7 +51,8 @@ def checked_category_ids(value, count, label, key="category_ids"):
     if value is None:
         return None
     if not isinstance(value, (list, tuple)):
-        raise CheckpointError(f"{label}: its metadata's {key} is a {type(value).__name__}, not a list of integers")
+        raise CheckpointError(f"{label}: its metadata's {key} is of type {type(value).__name__}, not a list of "
+                              "integers")
     if len(value) != count:
         raise CheckpointError(f"{label}: its metadata's {key} has {len(value)} entries but it names {count} "
                               "classes")

@@ -5,9 +5,9 @@ import contextlib
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -160,7 +160,7 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys):
             assert [p.name for p in out.rglob("*.npz")] == ["ok.png.npz"]
 
 
-# --- 2, 11: class names in a whole-model file's meta -------------------------------------------------------------------
+# --- 2, 11: class names in a whole-model file's meta ------------------------------------------------------------------
 
 @pytest.mark.bad_input("dense checkpoint", "tools/infer_det.py with an OpenMMLab RetinaNet .pth whose meta CLASSES "
                        "holds a 1 MB name",
@@ -220,19 +220,19 @@ def test_control_characters_in_class_names_are_escaped_when_printed(detector_sta
     assert [c["name"] for c in results["classes"]] == list(names)
 
 
-# --- 4, 5, 9: native metadata checked before the model is built --------------------------------------------------------
+# --- 4, 5, 9: native metadata checked before the model is built -------------------------------------------------------
 
 NATIVE_META_CASES = [
     pytest.param({"class_names": ["a", "b", "c"], "category_ids": ["1", "2", "3"]}, "category_ids[0] is '1'",
-                 marks=pytest.mark.bad_input("dense checkpoint", "tools/infer_det.py with a native detector .ckpt whose "
-                                             "meta category_ids are strings, or fewer than its classes",
+                 marks=pytest.mark.bad_input("dense checkpoint", "tools/infer_det.py with a native detector .ckpt "
+                                             "whose meta category_ids are strings, or fewer than its classes",
                                              "one 'error:' line naming the file and category_ids, exit 2, before "
                                              "any image is read"), id="string-ids"),
-    pytest.param({"class_names": ["a", "b", "c"], "category_ids": [1, 2]}, "category_ids has 2 entries but it names 3",
-                 id="short-ids"),
-    pytest.param({"class_names": 5}, "class_names is a int, not a list of names",
-                 marks=pytest.mark.bad_input("dense checkpoint", "tools/infer_det.py with a native detector .ckpt whose "
-                                             "meta class_names is the number 5",
+    pytest.param({"class_names": ["a", "b", "c"], "category_ids": [1, 2]},
+                 "category_ids has 2 entries but it names 3", id="short-ids"),
+    pytest.param({"class_names": 5}, "class_names is of type int, not a list of names",
+                 marks=pytest.mark.bad_input("dense checkpoint", "tools/infer_det.py with a native detector .ckpt "
+                                             "whose meta class_names is the number 5",
                                              "one 'error:' line naming the file and class_names, exit 2"),
                  id="int-names"),
     pytest.param({"class_names": [f"c{i}" for i in range(100_000)]},
@@ -291,7 +291,7 @@ def test_detections_of_earlier_images_survive_a_later_failure(tmp_path, images, 
     assert results["failed"] == {"b.png": "stopped here: RuntimeError"}
 
 
-# --- 6: two copies of one weight under different prefixes --------------------------------------------------------------
+# --- 6: two copies of one weight under different prefixes -------------------------------------------------------------
 
 @pytest.mark.bad_input("checkpoint (.pth/.bin pickle)", "tools/convert_weights.py on an OpenMMLab RetinaNet .pth "
                        "holding backbone.patch_embed1.proj.weight and module.backbone.patch_embed1.proj.weight; a "
@@ -324,7 +324,7 @@ def test_two_copies_of_a_weight_under_stripped_prefixes_are_refused(detector_sta
     assert not (tmp_path / "out.ckpt").exists()
 
 
-# --- 7: non-finite weights in whole-model files ------------------------------------------------------------------------
+# --- 7: non-finite weights in whole-model files -----------------------------------------------------------------------
 
 @pytest.mark.bad_input("dense checkpoint", "NaN / inf in the classification head and the patch embedding of a "
                        "whole-model file (tools/infer_det.py on an OpenMMLab .pth; a native .ckpt)",
@@ -420,11 +420,9 @@ def test_infer_seg_fails_when_an_output_subfolder_leads_elsewhere(segmentor_ckpt
     assert (out / "masks" / "a.png.png").is_file() and os.listdir(elsewhere) == []
 
 
-# --- 3: the kernel library ---------------------------------------------------------------------------------------------
+# --- 3: the kernel library --------------------------------------------------------------------------------------------
 
-needs_compiler = pytest.mark.skipif(not (subprocess.run(["sh", "-c", "command -v g++ || command -v c++"],
-                                                        capture_output=True).returncode == 0),
-                                    reason="no C++ compiler")
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler")
 
 
 def compile_stub(tmp_path):
