@@ -124,23 +124,27 @@ def save_mmlab(path, state, meta):
 
 
 def detect_tool(ckpt, images, out, capsys, extra=()):
-    return run("infer_det", ["--ckpt_path", ckpt, "--input", images, "--output", out, *DET_TOOL_ARGS, *extra], capsys)
+    with no_hang():
+        return run("infer_det", ["--ckpt_path", ckpt, "--input", images, "--output", out, *DET_TOOL_ARGS, *extra],
+                   capsys)
 
 
 @pytest.fixture
 def images(tmp_path):
+    """Two images and a FIFO named like one (which infer_det's header pre-pass and reader must skip, not wait on)."""
     folder = tmp_path / "images"
     write_image(folder / "a.png", 40)
     write_image(folder / "b.png", 200)
+    os.mkfifo(folder / "pipe.jpg")
     return folder
 
 
 # --- 1: FIFOs among the images ----------------------------------------------------------------------------------------
 
 @pytest.mark.bad_input("image", "a FIFO named pipe.jpg in the input folder and in a .txt list, beside an ordinary "
-                       "image (tools/export_features.py; infer_det and infer_seg below)",
+                       "image (tools/export_features.py; infer_det and infer_seg below); a FIFO as the list file",
                        "no hang: the header pre-pass skips it and it is reported 'not a regular file'; the ordinary "
-                       "image is exported, exit 0")
+                       "image is exported, exit 0; the FIFO list: one 'error:' line naming it, exit 2")
 def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys):
     from pvt_dense.data.images import header_image_size, read_image
     folder = tmp_path / "images"
@@ -158,6 +162,10 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys):
             assert status == 0, stderr
             assert "not a regular file" in stdout and "pipe.jpg" in stdout
             assert [p.name for p in out.rglob("*.npz")] == ["ok.png.npz"]
+        os.mkfifo(tmp_path / "fifo.txt")  # the list file itself
+        status, _, stderr = run("export_features", ["--backbone", "pvt_tiny", "--input", tmp_path / "fifo.txt",
+                                                    "--output", tmp_path / "feats_fifo"], capsys)
+        assert status == 2 and "fifo.txt': not a regular file" in assert_one_error_line(stderr)
 
 
 # --- 2, 11: class names in a whole-model file's meta ------------------------------------------------------------------
@@ -184,7 +192,7 @@ def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_sta
 
 
 @pytest.mark.bad_input("dense checkpoint", "tools/infer_det.py with an OpenMMLab RetinaNet .pth whose classification "
-                       "bias makes every anchor fire (2 images)",
+                       "bias makes every anchor fire (2 images and a FIFO named pipe.jpg)",
                        "at most max_per_img detections per image; detections.json names each class once (top-level "
                        "'classes'), each detection gives its label: the file stays small")
 def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detector_state, images, tmp_path, capsys):
@@ -197,6 +205,8 @@ def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detecto
     text = (tmp_path / "out" / "detections.json").read_text()
     results = json.loads(text)
     assert results["classes"] == [{"label": i, "name": name} for i, name in enumerate(names)]
+    assert sorted(results["images"]) == ["a.png", "b.png"]
+    assert results["failed"] == {"pipe.jpg": "not a regular file (a FIFO, device or socket)"}
     for image in results["images"].values():
         assert len(image["detections"]) == 50
         assert all(set(d) == {"bbox_xyxy", "score", "label"} for d in image["detections"])

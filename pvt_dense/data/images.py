@@ -245,10 +245,12 @@ def read_list_file(list_path):
     base = os.path.dirname(os.path.abspath(list_path))
     try:
         # utf-8-sig: Windows editors start UTF-8 files with a BOM that would otherwise stick to the first path.
-        with open(list_path, encoding="utf-8-sig") as handle:
-            lines = handle.read().splitlines()
+        with open_regular_file(list_path) as handle:  # a FIFO named list.txt must not block
+            lines = handle.read().decode("utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise ImageReadError(f"list file {list_path!r} is not UTF-8 text") from None
+    except ImageReadError as err:
+        raise ImageReadError(f"list file {list_path!r}: {err.reason}") from None
     entries = []
     for line in lines:
         name = line.strip()
