@@ -33,9 +33,9 @@ in it, belongs to another user or is writable by others. The file name is keyed 
 MindSpore's version, the compiler, the flags and the machine; a build that fails leaves a `.failed` marker so other
 processes do not retry it until one of those changes. A build records the library's size and SHA-256 beside it
 (`<name>.record`, written before the library is published); a library that no longer matches its record
-(truncated, replaced, damaged) is removed and built again, and one without a record must at least have every
-segment its ELF headers name inside the file: mapping a truncated library would kill the process with SIGBUS,
-which no fallback can catch. Before any Cell uses it, the library is loaded with ctypes and
+(truncated, replaced, damaged) is removed and built again, and any library, recorded or not, must have every
+segment its ELF headers name inside the file before it is loaded: mapping a truncated library would kill the
+process with SIGBUS, which no fallback can catch. Before any Cell uses it, the library is loaded with ctypes and
 every kernel symbol is resolved, so that a library that cannot load (noexec mount, unresolved symbol, a file that is
 not a library) costs speed, never the model. When the kernels are unavailable for any reason (that, no compiler, a
 device target other than CPU, a non-float32 input, or `PVT_DENSE_FAST_OPS=0`), the Cells fall back to MindSpore's
