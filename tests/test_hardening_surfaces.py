@@ -141,8 +141,9 @@ def images(tmp_path):
 
 # --- 1: FIFOs among the images ----------------------------------------------------------------------------------------
 
-@pytest.mark.bad_input("image", "a FIFO named pipe.jpg in the input folder and in a .txt list, beside an ordinary "
-                       "image (tools/export_features.py; infer_det and infer_seg below); a FIFO as the list file",
+@pytest.mark.bad_input("image", "a FIFO named pipe.jpg in a .txt list beside an ordinary image "
+                       "(tools/export_features.py; infer_det and infer_seg meet one in their input folder below); a "
+                       "FIFO as the list file",
                        "no hang: the header pre-pass skips it and it is reported 'not a regular file'; the ordinary "
                        "image is exported, exit 0; the FIFO list: one 'error:' line naming it, exit 2")
 def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys):
@@ -156,12 +157,13 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys):
         assert header_image_size(folder / "pipe.jpg") is None
         with pytest.raises(PVTDenseError, match="pipe.jpg.*not a regular file"):
             read_image(folder / "pipe.jpg")
-        for source, out in ((folder, tmp_path / "feats"), (listing, tmp_path / "feats_list")):
-            status, stdout, stderr = run("export_features", ["--backbone", "pvt_tiny", "--input", source, "--output",
-                                                             out, "--short-side", "32", "--no-progress"], capsys)
-            assert status == 0, stderr
-            assert "not a regular file" in stdout and "pipe.jpg" in stdout
-            assert [p.name for p in out.rglob("*.npz")] == ["ok.png.npz"]
+        # (infer_det and infer_seg meet the FIFO in an input folder below.)
+        out = tmp_path / "feats"
+        status, stdout, stderr = run("export_features", ["--backbone", "pvt_tiny", "--input", listing, "--output", out,
+                                                         "--short-side", "32", "--no-progress"], capsys)
+        assert status == 0, stderr
+        assert "not a regular file" in stdout and "pipe.jpg" in stdout
+        assert [p.name for p in out.rglob("*.npz")] == ["ok.png.npz"]
         os.mkfifo(tmp_path / "fifo.txt")  # the list file itself
         status, _, stderr = run("export_features", ["--backbone", "pvt_tiny", "--input", tmp_path / "fifo.txt",
                                                     "--output", tmp_path / "feats_fifo"], capsys)
@@ -459,7 +461,7 @@ def test_a_truncated_library_in_the_cache_never_crashes_a_tool(tmp_path):
     Path(target).write_bytes(whole[:len(whole) // 2])
     os.chmod(target, 0o700)
     probe = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({target!r})"], capture_output=True)
-    assert probe.returncode == -signal.SIGBUS  # what loading it unchecked does
+    assert probe.returncode < 0  # loading it unchecked kills the process (SIGBUS on Linux with glibc)
     write_image(tmp_path / "ok.png")
     env = dict(os.environ, PVT_DENSE_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
     env.pop(fast_ops.ENV_SWITCH, None)
