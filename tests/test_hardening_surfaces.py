@@ -432,6 +432,33 @@ def test_infer_seg_fails_when_an_output_subfolder_leads_elsewhere(segmentor_ckpt
     assert (out / "masks" / "a.png.png").is_file() and os.listdir(elsewhere) == []
 
 
+@pytest.mark.bad_input("output path", "tools/infer_det.py with OUT/sub a symlink out of OUT, for input sub/a.png",
+                       "exit 2 with one 'error:' line naming sub/a.png; the other image drawn and detections.json "
+                       "written; nothing written through the symlink")
+def test_infer_det_fails_when_a_drawn_image_cannot_be_written(tmp_path, capsys, monkeypatch):
+    from pvt_dense.detection import infer, loading
+
+    class Detector:
+        def set_train(self, mode):
+            pass
+
+    monkeypatch.setattr(loading, "load_detector_with_names", lambda cfg, path: (Detector(), ["x"], None))
+    monkeypatch.setattr(infer, "detect_file", lambda *args: (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                                                             np.zeros(0, np.int64)))
+    images, out, elsewhere = tmp_path / "images", tmp_path / "out", tmp_path / "elsewhere"
+    write_image(images / "sub" / "a.png")
+    write_image(images / "b.png")
+    elsewhere.mkdir()
+    out.mkdir()
+    os.symlink(elsewhere, out / "sub")
+    status, stdout, err = detect_tool(tmp_path / "any.ckpt", images, out, capsys)
+    assert status == 2
+    line = assert_one_error_line(err)
+    assert "sub/a.png" in line and "outside the output folder" in line
+    assert (out / "b.png").is_file() and os.listdir(elsewhere) == []
+    assert list(json.loads((out / "detections.json").read_text())["images"]) == ["b.png"]
+
+
 # --- 3: the kernel library --------------------------------------------------------------------------------------------
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler")
