@@ -5,6 +5,7 @@ import math
 import cv2
 import numpy as np
 
+from ..class_names import printable
 from ..data.images import ImageReadError, header_image_size
 from ..engine.shapes import BucketedForward, ShapeFlexibleForward, tensor_signature
 from ..models.buckets import ALIGN
@@ -151,7 +152,9 @@ def evaluate_segmentor(network, samples, num_classes, reduce_zero_label=True, pr
 
 
 def format_results(result, class_names):
-    """The per-class IoU / Acc table and the summary line, as mmseg prints them (percentages)."""
+    """The per-class IoU / Acc table and the summary line, as mmseg prints them (percentages). Names (which may
+    come from a checkpoint) are escaped and cut to 40 characters."""
+    class_names = [printable(name, 40) for name in class_names]
     width = max([len("class")] + [len(name) for name in class_names])
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
 
