@@ -42,7 +42,7 @@ from typing import Dict, List
 
 import mindspore as ms
 import numpy as np
-from mindspore.common.api import _cell_graph_executor
+from mindspore.graph.api import _cell_graph_executor  # releases compiled graphs (Cell.__del__ does the same)
 
 from ..models.buckets import plan_buckets
 
