@@ -3,7 +3,9 @@ within 20% of the same over 3 sizes (the extremes of the 15), because a few size
 at most `max_graphs` compiled graphs live at a time. Each run is a fresh process (peak RSS is the process's own).
 
 Before buckets, each size kept its own compiled graph (and its CPU kernels' tables) for the rest of the process:
-the 15-size runs below then peaked 35-60% above the 3-size runs (`--per-size` of the worker shows it)."""
+run per size (the worker's last argument "1"), the 15-size runs below peaked 1.8-2.0x the 3-size runs (measured
+2026-12-07: detection 1109 -> 2118 MB, segmentation 1115 -> 2183 MB, features 959 -> 1749 MB); in buckets
+1.02-1.03x."""
 import json
 import os
 import subprocess
@@ -36,7 +38,7 @@ if task == "det":
                               policy="graph" if per_size else "auto")
     summary = infer_images(detector, folder, output, ["a", "b", "c"], InferenceSettings(), scale, 32,
                            progress=False, forward=forward)
-    shapes, stats = summary["input_shapes"], summary["forward_stats"]
+    stats, graphs = summary["forward_stats"], len(detector.compile_cache)
 elif task == "seg":
     from pvt_dense.engine.shapes import ShapeFlexibleForward
     from pvt_dense.segmentation.evaluation import Predictor
@@ -54,18 +56,16 @@ elif task == "seg":
                               forward=lambda x: flexible(ms.Tensor(x[None]))[0].asnumpy()[0])
         predictor.flexible = flexible
     infer_images(predictor, folder, output, 5, progress=False)
-    stats = predictor.flexible.stats
-    shapes = None
+    stats, graphs = predictor.flexible.stats, len(network.compile_cache)
 else:
     from pvt_dense.features import export_features
     import pvt_dense.features as features
     if per_size:
         features.backbone_forward = lambda net, strides: features.SizedForward(net, "graph", max_graphs=None)
     summary = export_features("pvt_tiny", folder, output, short_side=192, max_long_side=320, progress=False)
-    stats = summary.forward_stats
-    shapes = None
+    stats, graphs = summary.forward_stats, None  # the backbone is built inside export_features
 print("RESULT " + json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                              "compilations": stats.compilations}))
+                              "compilations": stats.compilations, "graphs": graphs}))
 """
 
 
@@ -96,4 +96,4 @@ def test_peak_memory_does_not_grow_with_the_number_of_sizes(task, tmp_path):
     few = peak(task, tmp_path, SIZES[:3])
     many = peak(task, tmp_path, SIZES)
     assert many["peak_mb"] <= 1.2 * few["peak_mb"], (few, many)
-    assert many["compilations"] <= 4
+    assert many["compilations"] <= 4 and (many["graphs"] is None or many["graphs"] <= 4)
