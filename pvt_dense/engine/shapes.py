@@ -14,7 +14,11 @@ What else was tried (MindSpore 2.10, CPU):
   (MindSpore's own operators, no chunking, always resizing the embedding, which is exact at the same size) the
   dynamic graph compiled once, matched the static graph exactly and ran the forward about 1.1-3x slower than a
   static graph of the same operators (PVT-Tiny, 96x128 to 224x320), itself slower than the fused kernels.
-- Padding to a few bucket sizes: PVT attention is global, so padding changes every output. Not allowed.
+- Padding to a few bucket sizes: PVT attention is global, so plain padding changes every output. With every
+  layer told where the padding is (masked keys, resized position embeddings, zeroed conv inputs, replicated
+  edges: `pvt_dense.models.buckets`) it does not, and `BucketedForward` below runs PVT detectors, segmentors and
+  backbones that way: a few bucket graphs for all sizes. This class remains the engine below it, and the path of
+  models that cannot be bucketed (v2 "-li").
 - PyNative (eager) gives exactly the graph's outputs (max difference 0.0 measured) with no compilation, but each
   forward costs ~1.4-5x a graph forward here: at 97x131 an eager forward (~1.9 s) beats compile + graph forward
   (~3.1 s), at 224x320 and above they are about even or the graph wins.
