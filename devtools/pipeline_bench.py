@@ -19,11 +19,12 @@ import time
 
 import numpy as np
 
+from pvt_dense.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 # Sizes (height, width) of the photo folder: portrait, landscape and square, COCO-like (<= 640 a side) and larger.
 PHOTO_SIZES = ((480, 640), (640, 480), (427, 640), (640, 427), (375, 500), (500, 333), (360, 640), (612, 612),
                (300, 700), (720, 540), (333, 500), (512, 384), (240, 320), (800, 600))
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left")
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 COCO_CLASSES = 80
 ADE_CLASSES = 150
 
@@ -89,8 +90,8 @@ def mmdet_retinanet_config(spec, img_scale=(1333, 800), num_classes=COCO_CLASSES
     from mmengine.config import Config
     model = dict(
         type="RetinaNet",
-        data_preprocessor=dict(type="DetDataPreprocessor", mean=list(MEAN), std=list(STD), bgr_to_rgb=True,
-                               pad_size_divisor=32),
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                               bgr_to_rgb=True, pad_size_divisor=32),
         backbone=mmdet_pvt_backbone(spec),
         neck=dict(type="FPN", in_channels=list(spec.embed_dims), out_channels=256, start_level=1,
                   add_extra_convs="on_input", num_outs=5),
@@ -120,8 +121,8 @@ def mmseg_semantic_fpn_config(spec, scale=(2048, 512), num_classes=ADE_CLASSES):
     backbone = dict(mmdet_pvt_backbone(spec), type="mmdet.PyramidVisionTransformer")
     model = dict(
         type="EncoderDecoder",
-        data_preprocessor=dict(type="SegDataPreProcessor", mean=list(MEAN), std=list(STD), bgr_to_rgb=True,
-                               size_divisor=32, pad_val=0, seg_pad_val=255),
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                               bgr_to_rgb=True, size_divisor=32, pad_val=0, seg_pad_val=255),
         backbone=backbone,
         neck=dict(type="FPN", in_channels=list(spec.embed_dims), out_channels=256, num_outs=4),
         decode_head=dict(type="FPNHead", in_channels=[256] * 4, in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
@@ -213,8 +214,8 @@ def _ours_context(threads):
     import mindspore as ms
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    from .benchmark import _set_mindspore_threads
-    _set_mindspore_threads(threads)
+    from .timing import set_mindspore_threads
+    set_mindspore_threads(threads)
 
 
 def _detection_cfg(model, case, config=None):
@@ -360,7 +361,7 @@ def ours_det_train(task, case):
     from pvt_dense.engine.recipe import build_adamw
     from pvt_dense.engine.train_step import TrainStep
 
-    from .benchmark import time_calls
+    from .timing import time_calls
     cfg = _detection_cfg(task["model"], case)
     _, train_net = build_retinanet(cfg, COCO_CLASSES, load_pretrained=False)
     optimizer = build_adamw(train_net, cfg, [cfg.lr] * 1000)
@@ -464,7 +465,7 @@ def theirs_det_train(task, case):
     _torch_context(task["threads"])
     import torch
 
-    from .benchmark import time_calls
+    from .timing import time_calls
     from .mmlab_stand_in import import_mmdet
     import_mmdet()
     from mmdet.registry import MODELS

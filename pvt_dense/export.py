@@ -34,11 +34,11 @@ from mindspore import nn, ops
 
 from .atomic import fsync_directory, fsync_file, write_atomic
 from .config import Field, load_config
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError, PVTDenseError
+from .version import __version__
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 class ExportError(PVTDenseError):
@@ -353,12 +353,12 @@ def detector_shapes_for_images(config, image_sizes, batch=1):
     """The distinct (batch, 3, H, W) network inputs of images of `image_sizes` ((height, width) pairs) under the
     detection test protocol (keep-ratio resize to `img_scale`, pad to `pad_divisor`), sorted: the shapes to export
     so that every one of those images has a graph that reproduces the protocol exactly."""
-    from .detection.evaluation import padded_test_size
+    from .data.transforms import test_input_size
     shapes = set()
     for height, width in image_sizes:
         if int(height) <= 0 or int(width) <= 0:
             raise ExportError(f"image sizes must be positive HxW, got {height}x{width}")
-        shapes.add((batch, 3) + tuple(padded_test_size(int(height), int(width), tuple(config.img_scale),
+        shapes.add((batch, 3) + tuple(test_input_size(int(height), int(width), tuple(config.img_scale),
                                                        config.pad_divisor)))
     return sorted(shapes)
 
@@ -466,7 +466,6 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    import pvt_dense
     metadata = {
         "task": task, "model": config.get("model") or config.get("backbone"), "format": file_format,
         "file": os.path.basename(output),
@@ -477,7 +476,7 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
         "outputs": [{"shape": o, "dtype": "float32"} for o in output_shapes] if output_shapes else None,
         "outputs_meaning": EXPORT_TASKS[task].outputs, "checkpoint": os.path.abspath(ckpt_path) if ckpt_path else None,
         "checkpoint_sha256": sha256_of(ckpt_path) if ckpt_path else None, "verified_max_abs_diff": max_diff,
-        "versions": {"pvt_dense": pvt_dense.__version__, "mindspore": ms.__version__,
+        "versions": {"pvt_dense": __version__, "mindspore": ms.__version__,
                      "python": sys.version.split()[0]},
     }
     if task == "detector":

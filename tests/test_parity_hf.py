@@ -16,7 +16,7 @@ import pytest
 
 import pvt_dense
 from devtools.hf_reference import as_official_dense_backbone, hf_pvt_config, set_official_norm_eps
-from pvt_dense.checkpoint import convert_checkpoint
+from pvt_dense.conversion import convert_checkpoint
 from pvt_dense.models.pvt import PVT_SPECS
 
 torch = pytest.importorskip("torch")

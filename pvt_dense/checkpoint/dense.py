@@ -31,13 +31,17 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..atomic import temp_path_for
 from ..errors import CheckpointError
 from .keymaps import to_native
-from .load import check_raw_state, check_weight_dtypes, fit_to_model, infer_model_name, sniff_format
+from .keymaps_v2 import MMDETECTION
+from .load import check_raw_state, check_weight_dtypes, fit_to_model, sniff_format
+from .native_file import META_KEY, load_checkpoint_into, publish, save_entries
+from .sizes import infer_model_name
 from .torch_reader import read_torch_checkpoint
 
 NATIVE = "native"
@@ -182,7 +186,6 @@ def _backbone_layout(backbone_keys):
 def _read_native_meta(path):
     import mindspore as ms
 
-    from ..engine.checkpoints import META_KEY
     try:
         stored = ms.load_checkpoint(path, choice_func=lambda name: name == META_KEY)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with C++ traces
@@ -313,7 +316,6 @@ def _backbone_to_native(backbone_state, layout, label):
     """(native backbone state, notes). mmdet's v1 names go through `mmdet_pvt_to_official`; official v1/v2 names
     and mmdet's v2 names are `to_native` formats (`keymaps_v2`'s ``mmdetection`` table for the latter), and the
     format it finds must be the one the layout promised."""
-    from .keymaps_v2 import MMDETECTION
     if layout == MMLAB_MMDET_PVT:
         backbone_state = mmdet_pvt_to_official(backbone_state, label)
     try:
@@ -327,15 +329,9 @@ def _backbone_to_native(backbone_state, layout, label):
     return native, notes
 
 
-# ------------------------------------------------------------------------------------------- neck and head maps
+# ---------------------------------------------------------------------------------------------------- neck map
 
 _NECK = re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$")
-_RETINA_CONVS = re.compile(r"^bbox_head\.(cls_convs|reg_convs)\.(\d+)\.conv\.(weight|bias)$")
-_RETINA_OUT = re.compile(r"^bbox_head\.(retina_cls|retina_reg)\.(weight|bias)$")
-_SCALE_HEAD = re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(conv\.weight|bn\.\w+)$")
-_CONV_SEG = re.compile(r"^decode_head\.conv_seg\.(weight|bias)$")
-_BN_LEAVES = {"bn.weight": "bn.gamma", "bn.bias": "bn.beta", "bn.running_mean": "bn.moving_mean",
-              "bn.running_var": "bn.moving_variance"}
 
 
 def _neck_name(key, used_levels):
@@ -348,39 +344,31 @@ def _neck_name(key, used_levels):
     return f"neck.{kind}.{index}.{leaf}"
 
 
-def _head_name(key, task, stacked_layers):
-    """Our head's name for an OpenMMLab head key; '' to drop it knowingly; None if it has no place."""
-    if task == DETECTOR:
-        match = _RETINA_CONVS.match(key)
-        if match:
-            # Our branches interleave ReLUs in one SequentialCell: conv k sits at index 2k.
-            return f"head.{match.group(1)}.{stacked_layers * int(match.group(2))}.{match.group(3)}"
-        match = _RETINA_OUT.match(key)
-        return f"head.{match.group(1)}.{match.group(2)}" if match else None
-    match = _SCALE_HEAD.match(key)
-    if match:
-        level, index, leaf = match.groups()
-        if leaf == "bn.num_batches_tracked":
-            return ""
-        if leaf == "conv.weight":
-            return f"head.scale_heads.{level}.{index}.conv.weight"
-        return f"head.scale_heads.{level}.{index}.{_BN_LEAVES[leaf]}" if leaf in _BN_LEAVES else None
-    match = _CONV_SEG.match(key)
-    return f"head.classifier.{match.group(1)}" if match else None
-
-
 # --------------------------------------------------------------------------------------------------- the loader
 
 
-def model_task(model):
-    """DETECTOR or SEGMENTOR for our RetinaNet / EncoderDecoder (anything with a backbone, neck and head)."""
-    from ..detection.detector import RetinaNet
-    from ..segmentation.segmentor import EncoderDecoder
-    if isinstance(model, RetinaNet):
-        return DETECTOR
-    if isinstance(model, EncoderDecoder):
-        return SEGMENTOR
-    raise CheckpointError(f"load_dense_checkpoint needs a RetinaNet or an EncoderDecoder, got {type(model).__name__}")
+@dataclass(frozen=True)
+class HeadLayout:
+    """What a task hands this generic whole-model loader: its head's key map, classifier parameters and default
+    class names (`pvt_dense.detection.checkpoint`, `pvt_dense.segmentation.checkpoint`). A model class carries its
+    task's layout as `checkpoint_layout`."""
+
+    task: str  # DETECTOR or SEGMENTOR
+    # An OpenMMLab head key ('bbox_head.' / 'decode_head.') -> our head's name; '' drops it knowingly; None: no place.
+    head_name: Callable[[str], Optional[str]]
+    # The tensors whose shape follows the class count: what fine-tuning on another dataset re-initialises.
+    classifier_params: Tuple[str, ...]
+    default_class_names: Tuple[str, ...]  # used for a file without names whose class count is theirs
+    default_names_label: str  # e.g. "COCO", for the note saying so
+
+
+def head_layout(model):
+    """The `HeadLayout` of our RetinaNet / EncoderDecoder (anything with a backbone, neck, head and a layout)."""
+    layout = getattr(model, "checkpoint_layout", None)
+    if not isinstance(layout, HeadLayout):
+        raise CheckpointError(f"load_dense_checkpoint needs a RetinaNet or an EncoderDecoder, got "
+                              f"{type(model).__name__}")
+    return layout
 
 
 def _model_params(model):
@@ -410,16 +398,9 @@ def _classifier_check(task, model, state, info):
                               f"{model.num_classes}; set num_classes: {len(info.class_names)}")
 
 
-def _default_class_names(task, num_classes):
-    from ..detection.coco import COCO_CLASSES
-    from ..segmentation.ade20k import ADE20K_CLASSES
-    defaults = COCO_CLASSES if task == DETECTOR else ADE20K_CLASSES
+def _default_class_names(layout, num_classes):
+    defaults = layout.default_class_names
     return list(defaults) if num_classes == len(defaults) else None
-
-
-# The tensors whose shape follows the class count: what fine-tuning on another dataset re-initialises.
-CLASSIFIER_PARAMS = {DETECTOR: ("head.retina_cls.weight", "head.retina_cls.bias"),
-                     SEGMENTOR: ("head.classifier.weight", "head.classifier.bias")}
 
 
 def _classifier_skip_warning(path, task, mismatched, model):
@@ -432,10 +413,11 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
     """(state keyed by the model's structural names, per-part counts, notes) for an OpenMMLab state dict.
 
     Raises CheckpointError naming every key that is unexpected, missing or of the wrong shape (with `strict`).
-    With `skip_mismatched_classifier`, classification-head tensors (`CLASSIFIER_PARAMS`) of another shape are left
-    out with a note starting 'warning:' instead (fine-tuning on another class count).
+    With `skip_mismatched_classifier`, classification-head tensors (the layout's `classifier_params`) of another
+    shape are left out with a note starting 'warning:' instead (fine-tuning on another class count).
     """
-    task = model_task(model)
+    layout = head_layout(model)
+    task = layout.task
     if info.task != task:
         raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
     params = _model_params(model)
@@ -470,7 +452,7 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
         if key.startswith("neck."):
             name = _neck_name(key, used_levels)
         elif key.startswith(("bbox_head.", "decode_head.")):
-            name = _head_name(key, task, 2)
+            name = layout.head_name(key)
         else:
             name = None
         if name == "":
@@ -485,7 +467,7 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
         notes.append(f"ignored {len(dropped)} BatchNorm num_batches_tracked counters (MindSpore keeps none; "
                      "momentum is fixed)")
     if skip_mismatched_classifier:
-        skipped = [name for name in CLASSIFIER_PARAMS[task]
+        skipped = [name for name in layout.classifier_params
                    if name in out and name in expected and tuple(np.shape(out[name])) != expected[name]]
         if skipped:
             notes.append("warning: " + _classifier_skip_warning(
@@ -542,11 +524,13 @@ def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=F
     backbone built with the other LayerNorm eps convention raises CheckpointError before a weight changes.
 
     `skip_mismatched_classifier` is fine-tuning from a model trained on another class count (mmdetection's
-    `load_from`): everything else loads as above, the classification head's tensors (`CLASSIFIER_PARAMS`) keep
-    their initialisation, and the report's `warnings` name them.
+    `load_from`): everything else loads as above, the classification head's tensors (its `classifier_params`) keep
+    their initialisation, and the report's `warnings` name them. The model's `checkpoint_layout` (its task's
+    `HeadLayout`) says how its head's keys are named.
     """
     path = os.fspath(path)
-    task = model_task(model)
+    layout = head_layout(model)
+    task = layout.task
     info = read_dense_checkpoint_meta(path)
     built_style = _model_norm_eps_style(model)
     if info.norm_eps_style != built_style:
@@ -555,10 +539,9 @@ def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=F
                               "(or auto) in the config")
     report = DenseLoadReport(source_format=info.source_format, path=path, norm_eps_style=info.norm_eps_style)
     if info.source_format == NATIVE:
-        from ..engine.checkpoints import load_checkpoint_into
         if info.task not in (None, task):
             raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
-        skipped = _native_mismatched_classifier(model, path, task) if skip_mismatched_classifier else {}
+        skipped = _native_mismatched_classifier(model, path, layout) if skip_mismatched_classifier else {}
         targets = [model] if not skipped else [p for name, p in model.parameters_and_names() if name not in skipped]
         meta = load_checkpoint_into(path, targets)
         for name, _ in model.parameters_and_names():
@@ -584,20 +567,20 @@ def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=F
     if info.class_names is not None:
         report.class_names = info.class_names
     else:
-        report.class_names = _default_class_names(task, model.num_classes)
+        report.class_names = _default_class_names(layout, model.num_classes)
         if report.class_names is not None:
-            report.notes.append(f"no class names in the file: using {'COCO' if task == DETECTOR else 'ADE20K'}'s")
+            report.notes.append(f"no class names in the file: using {layout.default_names_label}'s")
     if info.framework:
         report.notes.insert(0, f"saved by {info.framework}")
     return report
 
 
-def _native_mismatched_classifier(model, path, task):
+def _native_mismatched_classifier(model, path, layout):
     """{structural name: description} of the model's classification-head parameters whose shape in the native
     file at `path` differs (read from the file without loading anything)."""
     import mindspore as ms
     params = dict(model.parameters_and_names())
-    wanted = {params[name].name: name for name in CLASSIFIER_PARAMS[task] if name in params}
+    wanted = {params[name].name: name for name in layout.classifier_params if name in params}
     try:
         stored = ms.load_checkpoint(path, choice_func=lambda name: name in wanted)
     except Exception:  # noqa: BLE001  (load_checkpoint_into reports an unreadable file properly)
@@ -614,27 +597,13 @@ def save_dense_native(model, path, meta):
     """Write `model`'s parameters and `meta` as a native checkpoint (atomically, with a CRC) that the training
     tools' loaders and `load_dense_checkpoint` read back."""
     import mindspore as ms
-
-    from ..atomic import temp_path_for
-    from ..engine.checkpoints import META_KEY, _publish, _save_entries
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    entries = _save_entries([model])
+    entries = save_entries([model])
     temp = temp_path_for(path)
     ms.save_checkpoint(entries, temp, append_dict={META_KEY: json.dumps(meta, sort_keys=True)}, crc_check=True)
-    _publish(temp, path)
+    publish(temp, path)
     return path
-
-
-def config_for_checkpoint(cfg, path):
-    """(cfg with `backbone_norm_eps` resolved for the checkpoint at `path`, its `DenseCheckpointInfo`).
-
-    'auto' takes the checkpoint's style; a config that names the other style is a ConfigError.
-    """
-    from ..engine.recipe import resolve_backbone_norm_eps
-    info = read_dense_checkpoint_meta(path)
-    style = resolve_backbone_norm_eps(cfg, info.norm_eps_style, path)
-    return type(cfg)(cfg, backbone_norm_eps=style), info
 
 
 def print_report(report):
@@ -651,32 +620,3 @@ def is_whole_model_checkpoint(path):
         return read_dense_checkpoint_meta(path).task is not None
     except CheckpointError:
         return False
-
-
-def convert_dense_checkpoint(src, dst, config=None, overrides=()):
-    """Convert a whole detector/segmentor checkpoint into a native .ckpt; returns the `DenseLoadReport`.
-
-    The model is built from `config` (a detection or segmentation YAML) or, without one, from the recipe's
-    defaults with the checkpoint's PVT size, class count and LayerNorm eps style; every weight must fit it. The
-    native file records the task, class names and the config, so the tools rebuild the same model from it.
-    """
-    info = read_dense_checkpoint_meta(src)
-    if info.task is None:
-        raise CheckpointError(f"{src} is not a whole detector or segmentor checkpoint")
-    inferred = [("backbone", info.model_name)] if info.model_name and config is None else []
-    if info.num_classes and config is None:
-        inferred.append(("num_classes", info.num_classes))
-    if info.task == DETECTOR:
-        from ..detection.recipe import build_retinanet, load_detection_config
-        cfg = load_detection_config(config, inferred + list(overrides))
-    else:
-        from ..segmentation.recipe import build_segmentor, load_segmentation_config
-        cfg = load_segmentation_config(config, inferred + list(overrides))
-    cfg, _ = config_for_checkpoint(type(cfg)(cfg, pretrained=""), src)
-    model = build_retinanet(cfg, load_pretrained=False)[0] if info.task == DETECTOR else build_segmentor(cfg)
-    report = load_dense_checkpoint(model, src)
-    meta = {"task": info.task, "class_names": report.class_names, "config": dict(cfg), "converted_from":
-            os.path.basename(os.fspath(src)), "source_format": info.source_format}
-    save_dense_native(model, dst, meta)
-    report.notes.append(f"wrote {dst} ({info.task}, {cfg.backbone}, {model.num_classes} classes)")
-    return report

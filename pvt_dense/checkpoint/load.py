@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from ..atomic import fsync_directory, fsync_file, temp_path_for
 from ..errors import CheckpointError
 from .keymaps import to_native
 from .safetensors_reader import read_safetensors
+from .sizes import SIZE_TABLE, infer_model_name  # noqa: F401  (part of this module's API)
 from .torch_reader import read_torch_state_dict
 
 
@@ -334,38 +335,11 @@ def save_native(state_or_net, path):
 
 
 def _other_size_hint(state, model_name):
-    from ..models.factory import MODEL_SPECS
     inferred = infer_model_name(state)
     if inferred is None:
         return " (is it a checkpoint of another PVT size?)"
-    if model_name not in MODEL_SPECS:  # a model built from its class, without a name
+    if model_name not in SIZE_TABLE:  # a model built from its class, without a name
         return f" (the checkpoint's block counts and widths are {inferred}'s)"
     if inferred != model_name:
         return f" (it is a checkpoint of another PVT size: {inferred}, by its block counts and widths)"
     return ""
-
-
-def infer_model_name(state: Dict[str, np.ndarray]):
-    """The PVT size (v1 or v2) whose depths, widths and attention kind match a native state dict (None if none
-    does). v2 is told from v1 by its depth-wise MLP convs; b0 from b1 by the stage-0 width; b2_li from b2 by its
-    1x1 reduction conv in stage 0; b5 from the others by its depths."""
-    from ..models.factory import MODEL_SPECS
-    from ..models.pvt_v2 import PVTv2Spec
-    depths = []
-    for stage in range(4):
-        blocks = {int(m.group(1)) for k in state for m in [re.match(rf"^stages\.{stage}\.blocks\.(\d+)\.", k)] if m}
-        depths.append(max(blocks) + 1 if blocks else 0)
-    is_v2 = any(k.endswith("mlp.dwconv.weight") for k in state)
-    embed = state.get("stages.0.patch_embed.proj.weight")
-    width = int(np.shape(embed)[0]) if embed is not None and np.ndim(embed) else None  # a 0-d tensor: no size
-    sr = state.get("stages.0.blocks.0.attn.sr.weight")
-    linear = sr is not None and tuple(np.shape(sr)[2:]) == (1, 1)
-    for name, spec in MODEL_SPECS.items():
-        if tuple(depths) != spec.depths or isinstance(spec, PVTv2Spec) != is_v2:
-            continue
-        if width is not None and width != spec.embed_dims[0]:
-            continue
-        if is_v2 and sr is not None and linear != spec.linear:
-            continue
-        return name
-    return None

@@ -19,7 +19,7 @@ def load_detector_with_report(cfg, ckpt_path, num_classes=None):
     """(detector, `DenseLoadReport`); the backbone's LayerNorm eps follows the checkpoint (config 'auto')."""
     import mindspore as ms
 
-    from ..checkpoint.dense import config_for_checkpoint
+    from ..engine.recipe import config_for_checkpoint
     ms.set_device(cfg.device_target)
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
     if not ckpt_path or not os.path.isfile(ckpt_path):

@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 
+from ..checkpoint.dense import load_dense_checkpoint, print_report, read_dense_checkpoint_meta
 from ..config import Field
 from ..errors import ConfigError
 from ..models import create_backbone, list_models
@@ -99,6 +100,16 @@ def resolve_backbone_norm_eps(cfg, checkpoint_style=None, checkpoint=""):
     return checkpoint_style
 
 
+def config_for_checkpoint(cfg, path):
+    """(cfg with `backbone_norm_eps` resolved for the checkpoint at `path`, its `DenseCheckpointInfo`).
+
+    'auto' takes the checkpoint's style; a config that names the other style is a ConfigError.
+    """
+    info = read_dense_checkpoint_meta(path)
+    style = resolve_backbone_norm_eps(cfg, info.norm_eps_style, path)
+    return type(cfg)(cfg, backbone_norm_eps=style), info
+
+
 def build_adamw(net, cfg, lr_schedule):
     """AdamW (mindcv's: bias-corrected, decoupled decay; matches torch.optim.AdamW; as one fused in-place kernel per
     parameter, see `pvt_dense.engine.optim`) over the trainable parameters, with the config's weight decay and eps,
@@ -172,7 +183,6 @@ def init_run(cfg):
 def starting_weights(cfg):
     """(cfg with its backbone eps style resolved, the `load_from` checkpoint or ''): fine-tuning starts from a
     whole-model checkpoint's weights only; a resumable run in ckpt_save_dir still takes precedence (`resume`)."""
-    from ..checkpoint.dense import config_for_checkpoint
     if cfg.load_from:
         return config_for_checkpoint(cfg, cfg.load_from)[0], cfg.load_from
     return type(cfg)(cfg, backbone_norm_eps=resolve_backbone_norm_eps(cfg)), ""
@@ -182,5 +192,4 @@ def load_starting_weights(model, checkpoint):
     """Fine-tuning: a whole-model checkpoint's weights into `model` (nothing when `checkpoint` is ''), the
     classification head skipped, with a warning, where the class count differs (mmdetection's `load_from`)."""
     if checkpoint:
-        from ..checkpoint.dense import load_dense_checkpoint, print_report
         print_report(load_dense_checkpoint(model, checkpoint, skip_mismatched_classifier=True))

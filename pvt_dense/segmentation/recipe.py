@@ -126,7 +126,8 @@ def load_trained_segmentor_with_report(cfg, ckpt_path):
     """(segmentor, `DenseLoadReport`); `report.class_names` are the checkpoint's (None if it has none)."""
     import mindspore as ms
 
-    from ..checkpoint.dense import config_for_checkpoint, load_dense_checkpoint, print_report
+    from ..checkpoint.dense import load_dense_checkpoint, print_report
+    from ..engine.recipe import config_for_checkpoint
     ms.set_device(cfg.device_target)
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
     cfg, _ = config_for_checkpoint(cfg, ckpt_path)

@@ -7,11 +7,14 @@ makes them from a config.
 import mindspore as ms
 from mindspore import nn, ops
 
+from .checkpoint import SEGMENTATION_LAYOUT
 from .metrics import IGNORE_INDEX
 
 
 class EncoderDecoder(nn.Cell):
     """images (N, 3, H, W) -> logits (N, num_classes, H_s, W_s) at the head's stride (4 for Semantic FPN)."""
+
+    checkpoint_layout = SEGMENTATION_LAYOUT  # how whole-model checkpoints name its head (`pvt_dense.checkpoint.dense`)
 
     def __init__(self, backbone, neck, head):
         super().__init__()
