@@ -8,23 +8,19 @@ must exist in the schema, every value must have the field's type and lie in its 
 import difflib
 import math
 import os
-import reprlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import yaml
 
+from .atomic import write_atomic
 from .errors import ConfigError
+from .messages import short_repr
 
 # Every int a config holds ends up in numpy, MindSpore or a C library: nothing beyond int64 is meaningful.
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 # A config has tens of values; YAML aliases can make a few hundred bytes stand for billions ("billion laughs").
 MAX_YAML_VALUES = 100_000
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
-_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = 8
-_SHORT_REPR.maxlevel = 3
-
 TRUE_WORDS = {"true", "yes", "y", "on", "1"}
 FALSE_WORDS = {"false", "no", "n", "off", "0"}
 
@@ -61,12 +57,6 @@ class Field:
         elif self.high is not None:
             bounds = f" <= {self.high}"
         return name + bounds + (" or null" if self.optional else "")
-
-
-def short_repr(value, limit=200):
-    """repr of an untrusted value, bounded in length whatever its size or nesting (shared YAML aliases included)."""
-    text = _SHORT_REPR.repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -314,8 +304,4 @@ def load_config(schema, path=None, overrides=(), defaults=None):
 
 def dump_config(config, path):
     """Write the resolved config next to the run's outputs, atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(dict(config), handle, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, yaml.safe_dump(dict(config), sort_keys=False).encode("utf-8"))

@@ -101,7 +101,7 @@ def output_folders(output_dir, tasks):
 def run_demo(output_dir="outputs/demo", short_side=320, max_long_side=512, tasks=DENSE_TASKS):
     import mindspore as ms
 
-    from .data.samples import sample_images
+    from .data.sample_photos import sample_images
     from .demo_summary import build_summary
     from .features import export_features
     from .models import create_backbone

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 from mindspore import nn, ops
 
-from .atomic import fsync_directory, fsync_file, write_atomic
+from .atomic import publish, write_atomic
 from .config import Field, load_config
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError, PVTDenseError
@@ -353,12 +353,12 @@ def detector_shapes_for_images(config, image_sizes, batch=1):
     """The distinct (batch, 3, H, W) network inputs of images of `image_sizes` ((height, width) pairs) under the
     detection test protocol (keep-ratio resize to `img_scale`, pad to `pad_divisor`), sorted: the shapes to export
     so that every one of those images has a graph that reproduces the protocol exactly."""
-    from .data.transforms import test_input_size
+    from .data.transforms import network_input_size
     shapes = set()
     for height, width in image_sizes:
         if int(height) <= 0 or int(width) <= 0:
             raise ExportError(f"image sizes must be positive HxW, got {height}x{width}")
-        shapes.add((batch, 3) + tuple(test_input_size(int(height), int(width), tuple(config.img_scale),
+        shapes.add((batch, 3) + tuple(network_input_size(int(height), int(width), tuple(config.img_scale),
                                                        config.pad_divisor)))
     return sorted(shapes)
 
@@ -460,9 +460,7 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
             output_shapes = None  # read them from the file with onnx / onnxruntime
         else:
             output_shapes = _output_shapes(written, shape)
-        fsync_file(written)
-        os.replace(written, output)
-        fsync_directory(folder)
+        publish(written, output)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pvt_dense.data.images import ImageEntry, list_image_entries, list_images, read_image
-from pvt_dense.data.samples import sample_images
+from pvt_dense.data.sample_photos import sample_images
 from pvt_dense.data.transforms import normalize, pad_to_multiple, preprocess_dense, rescaled_size, resize_keep_ratio
 from pvt_dense.errors import ImageReadError
 from pvt_dense.features import SameShapeBatcher, export_features, output_names, write_npz_atomic

@@ -35,12 +35,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..atomic import temp_path_for
+from ..atomic import publish, temp_path_for
 from ..errors import CheckpointError
+from ..messages import examples
 from .keymaps import to_native
 from .keymaps_v2 import MMDETECTION
 from .load import check_raw_state, check_weight_dtypes, fit_to_model, sniff_format
-from .native_file import META_KEY, load_checkpoint_into, publish, save_entries
+from .native_file import META_KEY, load_checkpoint_into, save_entries
 from .sizes import infer_model_name
 from .torch_reader import read_torch_checkpoint
 
@@ -111,11 +112,6 @@ class DenseLoadReport:
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def _examples(keys, n=6):
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def _plain_names(value):
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and value:
         return [str(v) for v in value]
@@ -153,7 +149,7 @@ def _read_mmlab(path):
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
         raise CheckpointError(f"{path} has no 'state_dict' of name -> tensor; its top-level keys are "
-                              f"{_examples(sorted(map(str, top)))}")
+                              f"{examples(sorted(map(str, top)), 6)}")
     # The checks every backbone file gets (names, numeric data, floating-point weights; BatchNorm
     # num_batches_tracked counters are integers).
     check_raw_state(state, path)
@@ -169,7 +165,7 @@ def _mmlab_task(state, path):
     if any(k.startswith("decode_head.") for k in state):
         return SEGMENTOR
     raise CheckpointError(f"{path} is neither a detector (no 'bbox_head.' keys) nor a segmentor (no "
-                          f"'decode_head.' keys); its keys begin {_examples(list(state)[:6])}")
+                          f"'decode_head.' keys); its keys begin {examples(list(state)[:6], 6)}")
 
 
 _MMDET_V2_DWCONV = re.compile(r"^layers\.\d+\.1\.\d+\.ffn\.layers\.1\.weight$")
@@ -308,7 +304,7 @@ def mmdet_pvt_to_official(state, label="the checkpoint"):
         raise CheckpointError(f"{label}: {len(unknown)} backbone keys are not parameters of mmdetection's PVT v1 "
                               f"(use_abs_pos_embed, no conv FFN, no norm after stages) nor of its PVT v2 "
                               f"(MixFFN with ffn.layers.1 a depth-wise conv, layers.{{s}}.2 norms): "
-                              f"{_examples('backbone.' + k for k in unknown)}")
+                              f"{examples(('backbone.' + k for k in unknown), 6)}")
     return out
 
 
@@ -485,7 +481,7 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
     for label, keys in (("missing from the checkpoint", missing), ("not in the model", unexpected),
                         ("of the wrong shape", mismatched)):
         if keys:
-            problems.append(f"{len(keys)} {label}: {_examples(keys)}")
+            problems.append(f"{len(keys)} {label}: {examples(keys, 6)}")
     if problems and strict:
         hint = (f"\n  its backbone weights are {info.model_name}'s: set backbone: {info.model_name}"
                 if info.model_name and any(k.startswith("backbone") for k in missing + unexpected + mismatched)

@@ -30,6 +30,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from pvt_dense.errors import CheckpointError
+from pvt_dense.messages import examples
 
 from .keymap_rules import AFFINE, HUGGINGFACE, MINDCV, NATIVE, NORM, OFFICIAL, PARAM, Format, indices, rules
 from .keymaps_v2 import V2_FORMATS
@@ -122,12 +123,6 @@ _FORMATS: dict[str, Format] = {
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def _examples(keys: Iterable[str], n: int = 4) -> str:
-    keys = list(keys)
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def _score(fmt: Format, keys: Iterable[str]) -> int:
     return sum(fmt.parse(k) is not None for k in keys)
 
@@ -143,7 +138,7 @@ def _locate(state: Mapping[str, object]) -> tuple[Format, str]:
     nested = [k for k, v in state.items() if isinstance(v, Mapping)]
     if nested:
         raise CheckpointError(
-            f"the checkpoint is a wrapper, not a state dict: {_examples(nested)} hold dicts; "
+            f"the checkpoint is a wrapper, not a state dict: {examples(nested, quote=True)} hold dicts; "
             "unwrap the one with the weights (often 'model' or 'state_dict') first"
         )
     keys = list(state)
@@ -157,13 +152,13 @@ def _locate(state: Mapping[str, object]) -> tuple[Format, str]:
             if score:
                 candidates.append((score, prefix, fmt))
     if not candidates:
-        raise CheckpointError(f"not a PVT v1 or v2 checkpoint in any known format; its keys begin {_examples(keys)}")
+        raise CheckpointError(f"not a PVT v1 or v2 checkpoint in any known format; its keys begin {examples(keys, quote=True)}")
     best = max(c[0] for c in candidates)
     top = [c for c in candidates if c[0] == best]
     if len(top) > 1:
         which = ", ".join(f"{f.label} (prefix {p!r})" if p else f.label for _, p, f in top)
         raise CheckpointError(
-            f"cannot tell the checkpoint's format: its keys fit {which} equally well; keys begin {_examples(keys)}"
+            f"cannot tell the checkpoint's format: its keys fit {which} equally well; keys begin {examples(keys, quote=True)}"
         )
     _, prefix, fmt = top[0]
     return fmt, prefix
@@ -196,7 +191,7 @@ def _as_float32(state: dict[str, object], notes: list[str]) -> dict[str, np.ndar
         if all(k.endswith("pos_embed") for k in keys):
             notes.append(f"cast {len(keys)} {dtype} pos embeds to float32")
         else:
-            notes.append(f"cast {len(keys)} {dtype} tensors to float32: {_examples(keys)}")
+            notes.append(f"cast {len(keys)} {dtype} tensors to float32: {examples(keys, quote=True)}")
     return out
 
 
@@ -233,13 +228,13 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
     if name == NATIVE and not prefix:
         training = [k for k in state if _TRAINING_STATE.search(k)]
         if training:
-            notes.append(f"ignored {len(training)} training-state entries: {_examples(training)}")
+            notes.append(f"ignored {len(training)} training-state entries: {examples(training, quote=True)}")
         weights = {k: v for k, v in state.items() if k not in set(training)}
         return _as_float32(weights, notes), notes
 
     if prefix:
         outside = [k for k in state if not k.startswith(prefix)]
-        dropped = f"; ignored {len(outside)} keys outside it: {_examples(outside)}" if outside else ""
+        dropped = f"; ignored {len(outside)} keys outside it: {examples(outside, quote=True)}" if outside else ""
         notes.append(f"stripped prefix {prefix!r}{dropped}")
     inside = fmt.prepare({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
@@ -260,14 +255,14 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
         counts[native] = count
 
     if training:
-        notes.append(f"ignored {len(training)} training-state entries: {_examples(training)}")
+        notes.append(f"ignored {len(training)} training-state entries: {examples(training, quote=True)}")
     if unknown:
         if strict:
             raise CheckpointError(
                 f"{len(unknown)} keys of this {fmt.label} checkpoint are not PVT {fmt.family} parameters: "
-                f"{_examples(unknown)}"
+                f"{examples(unknown, quote=True)}"
             )
-        notes.append(f"ignored {len(unknown)} unrecognised keys: {_examples(unknown)}")
+        notes.append(f"ignored {len(unknown)} unrecognised keys: {examples(unknown, quote=True)}")
 
     out = {}
     for native, slot in parts.items():
@@ -329,7 +324,7 @@ def from_native(state: Mapping[str, object], fmt: str, *, strict: bool = True) -
             out[name] = np.ascontiguousarray(piece)
     if unknown and strict:
         raise CheckpointError(f"{len(unknown)} keys are not native PVT {family} parameters that the {fmt} format "
-                              f"has: {_examples(unknown)}")
+                              f"has: {examples(unknown, quote=True)}")
     return dict(target.unprepare(out))
 
 

@@ -13,8 +13,9 @@ from typing import List
 
 import numpy as np
 
-from ..atomic import fsync_directory, fsync_file, temp_path_for
+from ..atomic import publish, temp_path_for
 from ..errors import CheckpointError
+from ..messages import first_line, shorten
 from .keymaps import to_native
 from .safetensors_reader import read_safetensors
 from .sizes import SIZE_TABLE, infer_model_name  # noqa: F401  (part of this module's API)
@@ -85,8 +86,7 @@ def read_mindspore_checkpoint(path):
                 os.symlink(os.path.abspath(path), link)
                 params = ms.load_checkpoint(link)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {shorten(first_line)}") from None
+        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {shorten(first_line(err))}") from None
     state = {}
     for name, value in params.items():
         if isinstance(value, str):
@@ -100,12 +100,6 @@ def read_mindspore_checkpoint(path):
     if not state:
         raise CheckpointError(f"MindSpore checkpoint {path} holds no parameters")
     return state
-
-
-def shorten(text, limit=120):
-    """`text` cut to `limit` characters: untrusted names and values never flood an error message."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 # Longer names or longer runs of digits (layer indices) than any real checkpoint has; checking them here keeps
@@ -227,7 +221,7 @@ def fit_to_model(state, expected_shapes, has_cls_token):
                 state[last_pos] = pos[:, 1:]
                 dropped.append(f"{last_pos}[cls slot]")
         if dropped:
-            notes.append(f"classifier checkpoint: dropped {', '.join(_summarise(dropped))} (a backbone has no cls "
+            notes.append(f"classifier checkpoint: dropped {', '.join(_modules_of(dropped))} (a backbone has no cls "
                          "token, final norm or head)")
         built = _built_stage_prefixes(expected_shapes)
         unbuilt = sorted({_stage_prefix(k) for k in state if k.startswith("stages.") and _stage_prefix(k) not in built})
@@ -255,7 +249,7 @@ def _last_stage_pos_key(state):
     return f"stages.{stages[-1]}.pos_embed" if stages else ""
 
 
-def _summarise(keys):
+def _modules_of(keys):
     return sorted({k if k.startswith("stages.") else k.split(".")[0] for k in keys})
 
 
@@ -323,14 +317,12 @@ def save_native(state_or_net, path):
         raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
     try:
         ms.save_checkpoint(entries, tmp_path)
-        fsync_file(tmp_path)
-        os.replace(tmp_path, path)
+        publish(tmp_path, path)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-    fsync_directory(directory)
     return path
 
 

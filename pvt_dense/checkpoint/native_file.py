@@ -1,14 +1,13 @@
 """The native .ckpt file as pvt_dense writes it: parameters plus one JSON metadata entry, a CRC trailer, published
 under its final name only through `os.replace` of a fsynced temporary. Training checkpoints
 (`pvt_dense.engine.checkpoints`) and whole-model checkpoints (`pvt_dense.checkpoint.dense`) are both such files."""
-import glob
 import json
 import os
 
 import numpy as np
 
-from ..atomic import fsync_directory, fsync_file
 from ..errors import CheckpointError
+from ..messages import examples, first_line
 
 # Nested dicts are refused by save_checkpoint's append_dict, strings are stored verbatim, so the metadata travels
 # as one JSON string under a name no MindSpore parameter has.
@@ -18,32 +17,6 @@ META_KEY = "pvt_dense_meta_json"
 # save_checkpoint(crc_check=True) ends the file with b"crc_num" and a 10-byte CRC32; a file cut anywhere lacks it.
 _CRC_MARK = b"crc_num"
 _CRC_TRAILER_SIZE = len(_CRC_MARK) + 10
-
-
-def remove_temporaries(temp_path):
-    """Remove a temporary and whatever MindSpore derived from its name (it writes `<stem>.tmp`, then renames)."""
-    stem = os.path.splitext(temp_path)[0]
-    for leftover in glob.glob(glob.escape(stem) + ".*"):
-        try:
-            os.remove(leftover)
-        except OSError:
-            pass
-
-
-def publish(temp_path, final_path):
-    """The single step that makes a file visible under its final name."""
-    try:
-        fsync_file(temp_path)
-        os.replace(temp_path, final_path)
-    except BaseException:
-        remove_temporaries(temp_path)
-        raise
-    fsync_directory(os.path.dirname(final_path))
-
-
-def first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def has_crc_trailer(path):
@@ -155,12 +128,6 @@ def _load_targets(cells_or_params):
     return cells
 
 
-def _summarise(names, limit=8):
-    names = sorted(set(names))
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def load_checkpoint_into(path, cells_or_params):
     """Load a checkpoint into Cells/optimizers/Parameters, all or nothing; return its metadata ({} if none).
 
@@ -196,9 +163,9 @@ def load_checkpoint_into(path, cells_or_params):
     # Checked before anything is assigned, so a refused checkpoint leaves the model exactly as it was.
     problems = []
     if missing:
-        problems.append(f"{len(set(missing))} parameters are not in it: {_summarise(missing)}")
+        problems.append(f"{len(set(missing))} parameters are not in it: {examples(sorted(set(missing)), 8)}")
     if mismatched:
-        problems.append(f"{len(set(mismatched))} do not fit: {_summarise(mismatched, limit=4)}")
+        problems.append(f"{len(set(mismatched))} do not fit: {examples(sorted(set(mismatched)), 4)}")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit: " + "; ".join(problems))
 
@@ -211,5 +178,5 @@ def load_checkpoint_into(path, cells_or_params):
             raise CheckpointError(f"checkpoint {path} could not be loaded: {first_line(err)}") from None
         if not_loaded:
             raise CheckpointError(f"checkpoint {path}: {len(not_loaded)} parameters were not loaded: "
-                                  f"{_summarise(not_loaded)}")
+                                  f"{examples(sorted(set(not_loaded)), 8)}")
     return meta

@@ -4,16 +4,14 @@ from ..errors import PVTDenseError
 
 def validate_classifier(cfg):
     """top-1 / top-5 / loss of cfg.ckpt_path on data_dir/val_split; returns the result dict."""
-    import mindspore as ms
-
+    from ..engine.recipe import set_device_and_mode
     from ..models import create_model
     from .data import ImageFolderSource, build_eval_loader, scan_image_folder
     from .train import evaluate
 
     if not cfg.ckpt_path:
         raise PVTDenseError("validation needs --ckpt_path (a checkpoint to validate)")
-    ms.set_device(cfg.device_target)
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
+    set_device_and_mode(cfg)
     paths, labels, classes = scan_image_folder(cfg.data_dir, cfg.val_split)
     net = create_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.ckpt_path)
     if len(classes) != cfg.num_classes:

@@ -8,10 +8,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..atomic import write_atomic
+from ..data.transforms import network_input_size
 from ..errors import PVTDenseError
 from .data import evaluation_batches
 from .postprocess import InferenceSettings, detect_image
-from .transforms import padded_shape, rescale_size
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 METRIC_TITLES = (
@@ -109,15 +109,10 @@ class DetectorForward:
         return [output.asnumpy() for output in self.flexible(ms.Tensor(image_batch))]
 
 
-def padded_test_size(height, width, img_scale=(1333, 800), pad_divisor=32):
-    """The (height, width) network input of an image of this size under the test protocol (`prepare_image`)."""
-    return padded_shape(*rescale_size(height, width, img_scale), pad_divisor)
-
-
 def announce_sizes(forward, image_sizes, img_scale, pad_divisor):
     """Tell `forward` (when it takes announcements) the input sizes of the images (height, width) to come."""
     if hasattr(forward, "expect_sizes"):
-        forward.expect_sizes(padded_test_size(h, w, img_scale, pad_divisor) for h, w in image_sizes)
+        forward.expect_sizes(network_input_size(h, w, img_scale, pad_divisor) for h, w in image_sizes)
 
 
 def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,

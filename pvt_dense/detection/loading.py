@@ -17,11 +17,8 @@ def load_detector(cfg, ckpt_path, num_classes=None):
 
 def load_detector_with_report(cfg, ckpt_path, num_classes=None):
     """(detector, `DenseLoadReport`); the backbone's LayerNorm eps follows the checkpoint (config 'auto')."""
-    import mindspore as ms
-
-    from ..engine.recipe import config_for_checkpoint
-    ms.set_device(cfg.device_target)
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
+    from ..engine.recipe import config_for_checkpoint, set_device_and_mode
+    set_device_and_mode(cfg)
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
     cfg, _ = config_for_checkpoint(cfg, ckpt_path)

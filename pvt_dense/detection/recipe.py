@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 from ..config import Field, load_config
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..engine.recipe import (BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone,
                              check_backbone_options)
 from ..errors import ConfigError
@@ -74,8 +75,8 @@ DETECTION_SCHEMA = {
     "pad_grid": Field(128, int, "training batches pad to their largest image, sides rounded up to a multiple of "
                       "this (a multiple of pad_divisor; bounds the compiled batch shapes)", low=1),
     "flip_ratio": Field(0.5, float, low=0.0, high=1.0),
-    "mean": Field([123.675, 116.28, 103.53], list, item=float, length=3),
-    "std": Field([58.395, 57.12, 57.375], list, item=float, length=3, low=1e-6),
+    "mean": Field(list(IMAGENET_MEAN), list, item=float, length=3),
+    "std": Field(list(IMAGENET_STD), list, item=float, length=3, low=1e-6),
     "max_gt": Field(100, int, "ground truth boxes per image (padded for graph mode; more are capped)", low=1),
     # model
     "neck": Field("fpn", str, choices=tuple(NECKS)),

@@ -21,9 +21,8 @@ import re
 import shutil
 import warnings
 
-from ..atomic import TEMP_PREFIX, temp_path_for
-from ..checkpoint.native_file import (META_KEY, load_checkpoint_into, publish, read_checkpoint_meta,  # noqa: F401
-                                      remove_temporaries, save_entries)
+from ..atomic import TEMP_PREFIX, publish, remove_temporaries, temp_path_for, write_atomic
+from ..checkpoint.native_file import META_KEY, load_checkpoint_into, read_checkpoint_meta, save_entries
 from ..errors import CheckpointError, ConfigError
 from .run_lock import RunLock
 
@@ -31,15 +30,7 @@ POINTER_NAME = "latest.json"
 
 
 def _write_json_atomic(path, value):
-    temp = temp_path_for(path)
-    try:
-        with open(temp, "x", encoding="utf-8") as handle:
-            json.dump(value, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-    except BaseException:
-        remove_temporaries(temp)
-        raise
-    publish(temp, path)
+    write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 class CheckpointManager:

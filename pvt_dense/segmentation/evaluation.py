@@ -8,7 +8,8 @@ import numpy as np
 from ..data.images import ImageReadError, header_image_size
 from .ade20k import AnnotationError, read_sample
 from .metrics import ConfusionMatrix
-from .transforms import aligned_test_size, prepare_test_image, sliding_windows
+from ..data.transforms import network_input_size
+from .transforms import prepare_test_image, sliding_windows
 
 
 def resize_logits(logits, size):
@@ -72,7 +73,7 @@ class Predictor:
             return
         from ..engine.shapes import tensor_signature
         for height, width in image_sizes:
-            aligned, _ = aligned_test_size(height, width, self.scale, self.size_divisor)
+            aligned = network_input_size(height, width, self.scale, self.size_divisor)
             self.flexible.expect(tensor_signature((1, 3) + aligned))
 
     def expect_files(self, paths):

@@ -124,12 +124,9 @@ def load_trained_segmentor(cfg, ckpt_path):
 
 def load_trained_segmentor_with_report(cfg, ckpt_path):
     """(segmentor, `DenseLoadReport`); `report.class_names` are the checkpoint's (None if it has none)."""
-    import mindspore as ms
-
     from ..checkpoint.dense import load_dense_checkpoint, print_report
-    from ..engine.recipe import config_for_checkpoint
-    ms.set_device(cfg.device_target)
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
+    from ..engine.recipe import config_for_checkpoint, set_device_and_mode
+    set_device_and_mode(cfg)
     cfg, _ = config_for_checkpoint(cfg, ckpt_path)
     net = build_segmentor(type(cfg)(cfg, pretrained=""))
     report = load_dense_checkpoint(net, ckpt_path)
