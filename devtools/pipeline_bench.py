@@ -7,7 +7,7 @@ The folder cases time what a user waits for: from building the model and loading
 result (graph compilations included), in a fresh process whose imports are not counted. Both sides read the same
 files and the same checkpoint: an mmdetection (mmsegmentation) model is built with random weights, saved as an
 mmengine checkpoint, loaded by mmdet's `init_detector` (mmseg's `init_model`) and by our whole-model loader
-(`pvt_dense.checkpoint.dense`), so both detect (segment) the same things. The photos are made from scikit-image's
+(`pvt_dense.checkpoint.whole_model`), so both detect (segment) the same things. The photos are made from scikit-image's
 sample photos, cropped and resized to sizes of both orientations, written as JPEG and PNG.
 
 mmcv-lite has no compiled operators: the mmlab side runs with the torchvision-based NMS stand-in of
@@ -219,7 +219,7 @@ def _ours_context(threads):
 
 
 def _detection_cfg(model, case, config=None):
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
     path = config or os.path.join(REPOSITORY_ROOT, "configs", "detection", f"retinanet_{model}_fpn_1x_coco.yaml")
     return load_detection_config(path, [("mode", 0), ("distribute", False), ("pretrained", ""),
                                         ("progress_bar", False), ("img_scale", [case["width"], case["height"]])])
@@ -228,8 +228,8 @@ def _detection_cfg(model, case, config=None):
 def ours_det_folder(task, case):
     _ours_context(task["threads"])
     from pvt_dense.detection import infer as infer_module
-    from pvt_dense.detection.recipe import inference_settings
-    from pvt_dense.detection.loading import load_detector_with_names
+    from pvt_dense.detection.config import inference_settings
+    from pvt_dense.detection.build import load_detector_with_names
     watch = Stopwatch()
     stamps = []
     for name, part in (("read_image", "read"), ("prepare_image", "resize, normalise, pad"),
@@ -269,8 +269,8 @@ def ours_seg_folder(task, case):
     _ours_context(task["threads"])
     from pvt_dense.segmentation import evaluation as seg_evaluation
     from pvt_dense.segmentation import infer as infer_module
-    from pvt_dense.segmentation.recipe import (load_segmentation_config, load_trained_segmentor_with_report,
-                                               predictor_options)
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.config import load_segmentation_config, predictor_options
     from pvt_dense.segmentation.segmentor import SegmentorInference
     watch = Stopwatch()
     stamps = []
@@ -356,9 +356,9 @@ def ours_det_train(task, case):
     _ours_context(task["threads"])
     import mindspore as ms
 
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.build import build_retinanet
     from pvt_dense.detection.transforms import pad_targets
-    from pvt_dense.engine.recipe import build_adamw
+    from pvt_dense.engine.optim import build_adamw
     from pvt_dense.engine.train_step import TrainStep
 
     from .timing import time_calls

@@ -1,21 +1,23 @@
 """Conversion, an application of the layers below: a checkpoint of any supported format into a native pvt_dense
 (MindSpore) checkpoint (`convert_checkpoint`), into another library's layout (`write_checkpoint_as`), and a whole
-detector/segmentor checkpoint into a native one (`convert_dense_checkpoint`). Each builds the model the weights
+detector/segmentor checkpoint into a native one (`convert_whole_model`). Each builds the model the weights
 must fit, which is why it sits above the models and the tasks rather than in `pvt_dense.checkpoint`."""
 import os
 
 import numpy as np
 
 from .atomic import write_atomic
-from .checkpoint.dense import DETECTOR, load_dense_checkpoint, read_dense_checkpoint_meta, save_dense_native
+from .checkpoint.whole_model import DETECTOR, load_whole_model, read_whole_model_info, save_whole_model
 from .checkpoint.keymaps import MINDCV, from_native, native_to_mindcv
 from .checkpoint.load import LoadReport, fit_to_model, infer_model_name, native_checkpoint, save_native
 from .checkpoint.safetensors_writer import safetensors_bytes
-from .detection.recipe import build_retinanet, load_detection_config
-from .engine.recipe import config_for_checkpoint
+from .detection.build import build_retinanet
+from .detection.config import load_detection_config
+from .engine.config_fields import config_for_checkpoint
 from .errors import CheckpointError
 from .models import create_backbone, create_model
-from .segmentation.recipe import build_segmentor, load_segmentation_config
+from .segmentation.build import build_segmentor
+from .segmentation.config import load_segmentation_config
 
 
 def expected_native_shapes(model_name, classifier, num_classes):
@@ -101,14 +103,14 @@ def write_checkpoint_as(src, dst, fmt, model_name=None, strict=True):
     return report
 
 
-def convert_dense_checkpoint(src, dst, config=None, overrides=()):
-    """Convert a whole detector/segmentor checkpoint into a native .ckpt; returns the `DenseLoadReport`.
+def convert_whole_model(src, dst, config=None, overrides=()):
+    """Convert a whole detector/segmentor checkpoint into a native .ckpt; returns the `WholeModelLoadReport`.
 
     The model is built from `config` (a detection or segmentation YAML) or, without one, from the recipe's
     defaults with the checkpoint's PVT size, class count and LayerNorm eps style; every weight must fit it. The
     native file records the task, class names and the config, so the tools rebuild the same model from it.
     """
-    info = read_dense_checkpoint_meta(src)
+    info = read_whole_model_info(src)
     if info.task is None:
         raise CheckpointError(f"{src} is not a whole detector or segmentor checkpoint")
     inferred = [("backbone", info.model_name)] if info.model_name and config is None else []
@@ -120,9 +122,9 @@ def convert_dense_checkpoint(src, dst, config=None, overrides=()):
         cfg = load_segmentation_config(config, inferred + list(overrides))
     cfg, _ = config_for_checkpoint(type(cfg)(cfg, pretrained=""), src)
     model = build_retinanet(cfg, load_pretrained=False)[0] if info.task == DETECTOR else build_segmentor(cfg)
-    report = load_dense_checkpoint(model, src)
+    report = load_whole_model(model, src)
     meta = {"task": info.task, "class_names": report.class_names, "config": dict(cfg), "converted_from":
             os.path.basename(os.fspath(src)), "source_format": info.source_format}
-    save_dense_native(model, dst, meta)
+    save_whole_model(model, dst, meta)
     report.notes.append(f"wrote {dst} ({info.task}, {cfg.backbone}, {model.num_classes} classes)")
     return report

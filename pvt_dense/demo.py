@@ -25,9 +25,9 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
     """Steps 1-2: the digits dataset, training (resumable), validation. Returns (model, best checkpoint, result)."""
-    from .classification.recipe import load_classification_config
+    from .classification.config import load_classification_config
     from .classification.train import train_classifier
-    from .classification.validate import validate_classifier
+    from .classification.evaluation import validate_classifier
     from .data.digits import make_digits_imagenet
 
     data_dir = os.path.join(output_dir, "digits")

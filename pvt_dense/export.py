@@ -88,7 +88,7 @@ def build_backbone(config, ckpt_path):
 # --- classifier ---------------------------------------------------------------------------------------------------
 
 def load_classifier_config(path, overrides, model_name):
-    from .classification.recipe import load_classification_config
+    from .classification.config import load_classification_config
     return load_classification_config(path, overrides, defaults={"model": model_name} if model_name else None)
 
 
@@ -106,16 +106,16 @@ def _config_file_needed(task, path, folder):
 
 def load_detector_config(path, overrides, model_name):
     _config_file_needed("detector", path, "detection")
-    from .detection.recipe import load_detection_config
+    from .detection.config import load_detection_config
     return load_detection_config(path, overrides)
 
 
 def build_detector(config, ckpt_path):
     """RetinaNet with the weights of a training checkpoint (or the config's backbone weights and a fresh head)."""
     if ckpt_path:
-        from .detection.loading import load_detector
+        from .detection.build import load_detector
         return load_detector(config, ckpt_path)
-    from .detection.recipe import build_retinanet
+    from .detection.build import build_retinanet
     detector, _ = build_retinanet(config)
     detector.set_train(False)
     return detector
@@ -123,13 +123,13 @@ def build_detector(config, ckpt_path):
 
 def load_segmentor_config(path, overrides, model_name):
     _config_file_needed("segmentor", path, "segmentation")
-    from .segmentation.recipe import load_segmentation_config
+    from .segmentation.config import load_segmentation_config
     return load_segmentation_config(path, overrides)
 
 
 def build_segmentor(config, ckpt_path):
     """Semantic FPN (BatchNorm statistics included) returning logits upsampled to the input size."""
-    from .segmentation.recipe import build_segmentor as build_network, load_trained_segmentor
+    from .segmentation.build import build_segmentor as build_network, load_trained_segmentor
     from .segmentation.segmentor import SegmentorInference
     network = load_trained_segmentor(config, ckpt_path) if ckpt_path else build_network(config)
     network.set_train(False)

@@ -2,7 +2,8 @@
 import pytest
 
 from pvt_dense.config import load_config
-from pvt_dense.engine.recipe import BACKBONE_FIELDS, RUN_FIELDS, build_backbone
+from pvt_dense.engine.config_fields import BACKBONE_FIELDS, RUN_FIELDS
+from pvt_dense.engine.weights import build_backbone
 from pvt_dense.errors import ConfigError
 
 SCHEMA = {**RUN_FIELDS, **BACKBONE_FIELDS}

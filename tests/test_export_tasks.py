@@ -49,8 +49,9 @@ def run_tool(arguments, capsys):
 
 @pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda path: os.path.basename(path).split("_fpn")[0])
 def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynative, capsys):
-    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
-    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.detection.build import load_detector
     # Narrow neck and head (the graph compile dominates; every key family is still exported)
     overrides = ["--num_classes", "3", "--pretrained", "", "--mode", "1", "--neck_channels", "32",
                  "--head_feat_channels", "32", "--head_stacked_convs", "2"]
@@ -70,7 +71,7 @@ def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynat
     shapes = [(1, 27, -(-64 // s), -(-96 // s)) for s in strides] + [(1, 36, -(-64 // s), -(-96 // s))
                                                                      for s in strides]
     assert [o.shape for o in exported] == [o.shape for o in expected] == shapes
-    for level, (a, b) in enumerate(zip(exported, expected)):
+    for level, (a, b) in enumerate(zip(exported, expected, strict=True)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, np.abs(b).max()), err_msg=f"output {level}")
     assert b"fast_ops-" not in output.read_bytes()
     sidecar = json.loads((tmp_path / "detector.mindir.json").read_text())
@@ -79,7 +80,8 @@ def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynat
 
 @pytest.mark.parametrize("config", SEGMENTATION_CONFIGS, ids=lambda path: os.path.basename(path).split("_ade")[0])
 def test_segmentor_mindir_loads_back_and_equals_the_model(config, tmp_path, pynative, capsys):
-    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config, load_trained_segmentor
+    from pvt_dense.segmentation.build import build_segmentor, load_trained_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     overrides = ["--num_classes", "5", "--pretrained", "", "--mode", "1", "--neck_channels", "32",
                  "--head_channels", "32"]
     cfg = load_segmentation_config(config, overrides)
@@ -125,7 +127,7 @@ def test_shape_is_required(tmp_path, capsys):
 
 def test_detector_shapes_for_images_are_what_the_test_pipeline_feeds():
     """Each shape is the padded network input `prepare_image` (the evaluation pipeline) makes of such an image."""
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
     from pvt_dense.detection.transforms import prepare_image
     from pvt_dense.export import detector_shapes_for_images
     cfg = load_detection_config(DETECTION_CONFIGS[1])

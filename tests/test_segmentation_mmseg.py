@@ -8,7 +8,7 @@ References, none of them written here:
   composed in that order, then mmseg's `SegDataPreProcessor` (BGR -> RGB, mean/std);
 - logits, losses, gradients and masks: mmseg 1.2's `EncoderDecoder` (backbone mmdet 3.3's PyramidVisionTransformer,
   mmseg's FPN neck and FPNHead), BatchNorm in eval mode with random running statistics, saved as an mmseg 1.x
-  checkpoint file and loaded into ours with `load_dense_checkpoint` (tools/infer_seg.py reads the same file);
+  checkpoint file and loaded into ours with `load_whole_model` (tools/infer_seg.py reads the same file);
 - metrics: mmseg 1.2's `IoUMetric`.
 """
 import math
@@ -103,13 +103,13 @@ def save_as_mmseg(reference, path):
 def build_pair(tmp_dir, avg_non_ignore=False):
     """(mmseg EncoderDecoder, our EncoderDecoder with its weights, loaded from the file mmseg saved), eval mode.
     mmdet's PVT uses LayerNorm eps 1e-6 everywhere, so ours is built with that convention."""
-    from pvt_dense.checkpoint import load_dense_checkpoint
+    from pvt_dense.checkpoint import load_whole_model
     reference = build_reference(reference_config(avg_non_ignore))
     backbone = PVTBackbone(TINY_SPEC.with_norm_eps_style("mmdet"))
     neck = build_neck(backbone, out_channels=NECK_CHANNELS, num_outs=4)
     ours = EncoderDecoder(backbone, neck, SemanticFPNHead(neck.out_channels, neck.strides, NUM_CLASSES,
                                                           channels=HEAD_CHANNELS))
-    report = load_dense_checkpoint(ours, save_as_mmseg(reference, tmp_dir / "semfpn_mmseg.pth"))
+    report = load_whole_model(ours, save_as_mmseg(reference, tmp_dir / "semfpn_mmseg.pth"))
     assert sum(report.mapped.values()) == len(list(ours.get_parameters()))
     ours.set_train(False)
     return reference, ours
@@ -185,7 +185,7 @@ def test_neck_and_head_logits_match_mmseg_on_the_same_backbone_features(models, 
     reference, ours = models
     rng = np.random.default_rng(len(sizes[0]))
     features = [rng.normal(size=(2, channels) + size).astype(np.float32)
-                for channels, size in zip(TINY_SPEC.embed_dims, sizes)]
+                for channels, size in zip(TINY_SPEC.embed_dims, sizes, strict=True)]
     with torch.no_grad():
         expected = reference.decode_head(reference.neck([torch.from_numpy(f) for f in features])).numpy()
     got = ours.head(ours.neck(tuple(ms.Tensor(f) for f in features))).asnumpy()
@@ -297,7 +297,7 @@ def test_metrics_match_mmseg_iou_metric(mmseg):
     metric.dataset_meta = dict(classes=[f"c{i}" for i in range(num_classes)])
     metric.process({}, [dict(pred_sem_seg=dict(data=torch.from_numpy(p[None].astype(np.int64))),
                              gt_sem_seg=dict(data=torch.from_numpy(lab[None].astype(np.int64))))
-                        for p, lab in zip(predictions, labels)])
+                        for p, lab in zip(predictions, labels, strict=True)])
     areas = [sum(result[i] for result in metric.results) for i in range(4)]
     per_class = IoUMetric.total_area_to_metrics(*areas, metrics=["mIoU"])
     summary = metric.compute_metrics(metric.results)  # mmseg rounds these to 2 decimals of a percent

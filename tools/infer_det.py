@@ -15,8 +15,8 @@ from pvt_dense.cli import ensure_output_dir, run_tool, tool_config
 
 def main(argv=None):
     from pvt_dense.detection.infer import infer_images
-    from pvt_dense.detection.recipe import INFER_FIELDS, load_detection_config, inference_settings
-    from pvt_dense.detection.loading import load_detector_with_names
+    from pvt_dense.detection.config import INFER_FIELDS, inference_settings, load_detection_config
+    from pvt_dense.detection.build import load_detector_with_names
     required = "--input (image, directory or .txt list) and --output (folder) are required"
     cfg = tool_config(argv, __doc__, load_detection_config, INFER_FIELDS, {"input": required, "output": required})
     if cfg is None:

@@ -16,8 +16,9 @@ from pvt_dense.cli import ensure_output_dir, run_tool, tool_config
 def main(argv=None):
     from pvt_dense.segmentation.evaluation import Predictor
     from pvt_dense.segmentation.infer import infer_images
-    from pvt_dense.segmentation.recipe import (INFER_FIELDS, checkpoint_class_names, load_segmentation_config,
-                                               load_trained_segmentor_with_report, predictor_options)
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.config import (INFER_FIELDS, checkpoint_class_names, load_segmentation_config,
+                                               predictor_options)
     from pvt_dense.segmentation.segmentor import SegmentorInference
     cfg = tool_config(argv, __doc__, load_segmentation_config, INFER_FIELDS,
                       {key: f"--{key} is required" for key in ("ckpt_path", "input", "output")},

@@ -1,6 +1,6 @@
 """The native .ckpt file as pvt_dense writes it: parameters plus one JSON metadata entry, a CRC trailer, published
 under its final name only through `os.replace` of a fsynced temporary. Training checkpoints
-(`pvt_dense.engine.checkpoints`) and whole-model checkpoints (`pvt_dense.checkpoint.dense`) are both such files."""
+(`pvt_dense.engine.checkpoints`) and whole-model checkpoints (`pvt_dense.checkpoint.whole_model`) are both such files."""
 import json
 import os
 

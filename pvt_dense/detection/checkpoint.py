@@ -1,9 +1,9 @@
-"""What detection hands the generic whole-model loader (`pvt_dense.checkpoint.dense`): how mmdetection's RetinaNet
+"""What detection hands the generic whole-model loader (`pvt_dense.checkpoint.whole_model`): how mmdetection's RetinaNet
 head keys map onto our head's, which tensors classify (re-initialised when fine-tuning on another class count) and
 the class names a file without names gets when it has COCO's 80."""
 import re
 
-from ..checkpoint.dense import DETECTOR, HeadLayout
+from ..checkpoint.whole_model import DETECTOR, HeadLayout
 from .coco import COCO_CLASSES
 
 _RETINA_CONVS = re.compile(r"^bbox_head\.(cls_convs|reg_convs)\.(\d+)\.conv\.(weight|bias)$")

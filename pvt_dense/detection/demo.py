@@ -36,8 +36,10 @@ def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEM
 
     from ..data.digits_detection import make_digits_detection
     from .infer import infer_images
-    from .recipe import load_detection_config, inference_settings
-    from .train import evaluate_on, open_dataset, train_detector
+    from .config import inference_settings, load_detection_config
+    from .data import open_dataset
+    from .evaluation import evaluate_on
+    from .train import train_detector
 
     started = time.perf_counter()
     data_dir = os.path.join(output_dir, "digits_detection")

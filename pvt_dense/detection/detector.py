@@ -16,7 +16,7 @@ class RetinaNet(nn.Cell):
     The neck's declared strides must be the anchor strides; `anchor_generator` carries them to post-processing.
     """
 
-    checkpoint_layout = DETECTION_LAYOUT  # how whole-model checkpoints name its head (`pvt_dense.checkpoint.dense`)
+    checkpoint_layout = DETECTION_LAYOUT  # how whole-model checkpoints name its head (`pvt_dense.checkpoint.whole_model`)
 
     def __init__(self, backbone, neck, head, anchor_generator):
         super().__init__()

@@ -10,7 +10,9 @@ from tqdm import tqdm
 from ..atomic import write_atomic
 from ..data.transforms import network_input_size
 from ..errors import PVTDenseError
-from .data import evaluation_batches
+from .build import load_detector
+from .config import inference_settings
+from .data import evaluation_batches, open_dataset
 from .postprocess import InferenceSettings, detect_image
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -167,3 +169,16 @@ def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale
     metrics = {key: (value if math.isfinite(value) else -1.0) for key, value in metrics.items()}
     metrics.update(images=len(image_ids), unreadable=len(unreadable), input_shapes=num_shapes)
     return metrics
+
+
+def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
+    return evaluate_detector(detector, dataset, inference_settings(cfg), tuple(cfg.img_scale), cfg.pad_divisor,
+                             tuple(cfg.mean), tuple(cfg.std), cfg.max_eval_images, results_json=results_json,
+                             verbose=verbose, progress=cfg.progress_bar)
+
+
+def evaluate_checkpoint(cfg, ckpt_path, results_json=None):
+    """The 12 COCO metrics of a checkpoint on the config's val set (printed by pycocotools' summary)."""
+    val_set = open_dataset(cfg, "val")
+    detector = load_detector(cfg, ckpt_path, val_set.num_classes)
+    return evaluate_on(detector, val_set, cfg, results_json=results_json)

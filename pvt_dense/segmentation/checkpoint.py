@@ -1,9 +1,9 @@
-"""What segmentation hands the generic whole-model loader (`pvt_dense.checkpoint.dense`): how mmsegmentation's
+"""What segmentation hands the generic whole-model loader (`pvt_dense.checkpoint.whole_model`): how mmsegmentation's
 Semantic FPN head keys map onto our head's, which tensors classify (re-initialised when fine-tuning on another
 class count) and the class names a file without names gets when it has ADE20K's 150."""
 import re
 
-from ..checkpoint.dense import SEGMENTOR, HeadLayout
+from ..checkpoint.whole_model import SEGMENTOR, HeadLayout
 from .ade20k import ADE20K_CLASSES
 
 _SCALE_HEAD = re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(conv\.weight|bn\.\w+)$")

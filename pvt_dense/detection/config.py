@@ -1,47 +1,19 @@
-"""The detection config (RetinaNet + FPN on PVT) and the one table from component names to builders.
+"""The detection config (RetinaNet + FPN on PVT): its schema, checks and the values derived from it.
 
 `DETECTION_SCHEMA` = the shared run keys + the backbone keys + the keys below. Defaults are the official RetinaNet
 1x recipe (configs/detection/retinanet_pvt_*_fpn_1x_coco.yaml spell it out). `neck:` and `head:` name components
-of `models.fpn.NECKS` / `HEAD_BUILDERS`; an unknown name is a ConfigError listing the valid ones.
+of `models.fpn.NECKS` / `build.HEAD_BUILDERS`; an unknown name is a ConfigError listing the valid ones.
 """
 import dataclasses
 import os
 
 from ..config import Field, load_config
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..engine.recipe import (BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone,
-                             check_backbone_options)
+from ..engine.config_fields import BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, check_backbone_options
 from ..errors import ConfigError
-from ..models.fpn import NECKS, build_neck
-from .anchors import AnchorGenerator
-from .assigner import MaxIoUAssigner
-from .detector import RetinaNet, RetinaNetWithLoss
+from ..models.fpn import NECKS
+from .build import HEAD_BUILDERS
 from .postprocess import InferenceSettings
-from .retinanet_head import RetinaNetHead
-
-
-def build_detection_neck(backbone, cfg):
-    """mmdetection's RetinaNet FPN: backbone stages from `neck_first_stage` on, `neck_num_outs` levels, the
-    extra levels by stride-2 convs on the last backbone map ("on_input")."""
-    stages = list(cfg.out_indices)
-    if cfg.neck_first_stage not in stages:
-        raise ConfigError(f"neck_first_stage {cfg.neck_first_stage} is not among the backbone's out_indices "
-                          f"{stages}")
-    return build_neck(backbone, cfg.neck, out_channels=cfg.neck_channels,
-                      start_level=stages.index(cfg.neck_first_stage), num_outs=cfg.neck_num_outs,
-                      add_extra_convs=cfg.neck_extra_convs)
-
-
-def build_retinanet_head(neck, cfg, num_classes):
-    if len(set(neck.out_channels)) != 1:
-        raise ConfigError(f"the RetinaNet head is shared across levels and needs equal channels, the neck gives "
-                          f"{neck.out_channels}")
-    return RetinaNetHead(neck.out_channels[0], num_classes, num_anchors=len(cfg.anchor_ratios) *
-                         cfg.anchor_scales_per_octave, feat_channels=cfg.head_feat_channels,
-                         stacked_convs=cfg.head_stacked_convs, prior_prob=cfg.head_prior_prob)
-
-
-HEAD_BUILDERS = {"retinanet": build_retinanet_head}
 
 
 def _run_field(key, default):
@@ -145,18 +117,3 @@ def inference_settings(cfg):
     return InferenceSettings(cfg.score_thr, cfg.nms_pre, cfg.nms_iou, cfg.max_per_img)
 
 
-def build_retinanet(cfg, num_classes=None, load_pretrained=True):
-    """(detector, training network) from a checked config. The training network owns the detector, so their
-    parameters carry the names checkpoints use ('detector.backbone...'). `load_pretrained=False` skips the
-    backbone's ImageNet weights (evaluation loads a whole detector checkpoint instead)."""
-    if not load_pretrained and cfg.pretrained:
-        cfg = type(cfg)(cfg, pretrained="")
-    backbone = build_backbone(cfg)
-    neck = build_detection_neck(backbone, cfg)
-    head = HEAD_BUILDERS[cfg.head](neck, cfg, num_classes or cfg.num_classes)
-    anchors = AnchorGenerator(neck.strides, cfg.anchor_octave_base_scale, cfg.anchor_scales_per_octave,
-                              tuple(cfg.anchor_ratios))
-    detector = RetinaNet(backbone, neck, head, anchors)
-    assigner = MaxIoUAssigner(cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou)
-    train_net = RetinaNetWithLoss(detector, assigner, cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss_weight)
-    return detector, train_net

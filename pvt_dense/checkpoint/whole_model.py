@@ -22,7 +22,7 @@ The neck and heads are named as mmdetection/mmsegmentation name them in every Op
 mmdetection's PyramidVisionTransformer and PyramidVisionTransformerV2 compute their patch-embedding and
 spatial-reduction LayerNorms with eps 1e-6 (mmdet 3.3 `norm_cfg=dict(type='LN', eps=1e-6)`, every norm), the
 official code with 1e-5 (`pvt_dense.models.pvt.NORM_EPS_STYLES`). Every checkpoint says which it needs
-(`DenseCheckpointInfo.norm_eps_style`), and loading one into a backbone built with the other is an error.
+(`WholeModelInfo.norm_eps_style`), and loading one into a backbone built with the other is an error.
 
 Files are read with the restricted unpickler of `torch_reader`: nothing in them is executed.
 """
@@ -65,7 +65,7 @@ _SOURCE_DESCRIPTIONS = {
 
 
 @dataclass
-class DenseCheckpointInfo:
+class WholeModelInfo:
     """What a whole-model checkpoint is, read before a model is built for it."""
 
     path: str
@@ -79,7 +79,7 @@ class DenseCheckpointInfo:
 
 
 @dataclass
-class DenseLoadReport:
+class WholeModelLoadReport:
     """What a whole-model checkpoint did to a model: mapped tensors per part, notes, class names."""
 
     source_format: str
@@ -88,7 +88,7 @@ class DenseLoadReport:
     mapped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
     notes: List[str] = field(default_factory=list)
     norm_eps_style: str = "official"
-    warnings: List[str] = field(default_factory=list)  # what was not loaded on purpose (`load_dense_checkpoint`)
+    warnings: List[str] = field(default_factory=list)  # what was not loaded on purpose (`load_whole_model`)
 
     @property
     def loaded(self):
@@ -203,8 +203,8 @@ def native_norm_eps_style(meta):
     return "official" if style == "auto" else style
 
 
-def read_dense_checkpoint_meta(path):
-    """A `DenseCheckpointInfo` for a whole-model checkpoint: its source, task, class names and backbone eps style,
+def read_whole_model_info(path):
+    """A `WholeModelInfo` for a whole-model checkpoint: its source, task, class names and backbone eps style,
     read without building a model (tools use it to build the right one)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -212,7 +212,7 @@ def read_dense_checkpoint_meta(path):
     if sniff_format(path) != "torch":
         meta = _read_native_meta(path)
         task = meta.get("task") if meta.get("task") in (DETECTOR, SEGMENTOR) else None
-        return DenseCheckpointInfo(path, NATIVE, task, _plain_names(meta.get("class_names")),
+        return WholeModelInfo(path, NATIVE, task, _plain_names(meta.get("class_names")),
                                    native_norm_eps_style(meta), framework="pvt_dense")
     state, meta = _read_mmlab(path)
     return _mmlab_info(path, state, meta)
@@ -231,7 +231,7 @@ def _mmlab_info(path, state, meta):
         outputs = int(classifier.shape[0])
         anchors = _retina_anchors(state) if task == DETECTOR else 1
         num_classes = outputs // anchors if anchors and outputs % anchors == 0 else None
-    return DenseCheckpointInfo(path, layout, task, _mmlab_class_names(meta),
+    return WholeModelInfo(path, layout, task, _mmlab_class_names(meta),
                                "mmdet" if layout in MMDET_LAYOUTS else "official",
                                model_name=infer_model_name(native_backbone), num_classes=num_classes,
                                framework=_mmlab_framework(meta, task))
@@ -362,7 +362,7 @@ def head_layout(model):
     """The `HeadLayout` of our RetinaNet / EncoderDecoder (anything with a backbone, neck, head and a layout)."""
     layout = getattr(model, "checkpoint_layout", None)
     if not isinstance(layout, HeadLayout):
-        raise CheckpointError(f"load_dense_checkpoint needs a RetinaNet or an EncoderDecoder, got "
+        raise CheckpointError(f"load_whole_model needs a RetinaNet or an EncoderDecoder, got "
                               f"{type(model).__name__}")
     return layout
 
@@ -510,9 +510,9 @@ def _assign(params, state):
         param.set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32), param.dtype))
 
 
-def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=False):
+def load_whole_model(model, path, strict=True, skip_mismatched_classifier=False):
     """Load a whole detector/segmentor checkpoint into our `RetinaNet` or `EncoderDecoder`; returns a
-    `DenseLoadReport` (class names, source format, tensors mapped per part).
+    `WholeModelLoadReport` (class names, source format, tensors mapped per part).
 
     Native pvt_dense files load as the training tools write them (every parameter must be there); OpenMMLab files
     (official PVT releases, mmdetection 3.x / mmsegmentation 1.x) are mapped key by key. With `strict` (the
@@ -527,13 +527,13 @@ def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=F
     path = os.fspath(path)
     layout = head_layout(model)
     task = layout.task
-    info = read_dense_checkpoint_meta(path)
+    info = read_whole_model_info(path)
     built_style = _model_norm_eps_style(model)
     if info.norm_eps_style != built_style:
         raise CheckpointError(f"{path} was trained with the {info.norm_eps_style!r} backbone LayerNorm eps but the "
                               f"model was built with {built_style!r}; set backbone_norm_eps: {info.norm_eps_style} "
                               "(or auto) in the config")
-    report = DenseLoadReport(source_format=info.source_format, path=path, norm_eps_style=info.norm_eps_style)
+    report = WholeModelLoadReport(source_format=info.source_format, path=path, norm_eps_style=info.norm_eps_style)
     if info.source_format == NATIVE:
         if info.task not in (None, task):
             raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
@@ -589,9 +589,9 @@ def _native_mismatched_classifier(model, path, layout):
     return out
 
 
-def save_dense_native(model, path, meta):
+def save_whole_model(model, path, meta):
     """Write `model`'s parameters and `meta` as a native checkpoint (atomically, with a CRC) that the training
-    tools' loaders and `load_dense_checkpoint` read back."""
+    tools' loaders and `load_whole_model` read back."""
     import mindspore as ms
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -613,6 +613,6 @@ def is_whole_model_checkpoint(path):
     """True for an OpenMMLab detector/segmentor file or a native file converted from one (its meta names the
     task); False for anything else (a backbone or classifier checkpoint)."""
     try:
-        return read_dense_checkpoint_meta(path).task is not None
+        return read_whole_model_info(path).task is not None
     except CheckpointError:
         return False
