@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .atomic import write_atomic
 from .data.images import header_image_size, list_image_entries, read_image, resolve_max_pixels
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense, rescaled_size
-from .engine.shapes import ShapeFlexibleForward, ShapeStats, tensor_signature
+from .engine.shapes import BucketedForward, ShapeFlexibleForward, ShapeStats, tensor_signature
 from .errors import ConfigError, PVTDenseError
 from .models import create_backbone
 from .models.factory import get_spec
@@ -158,9 +158,9 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
     Images whose .npz exists are skipped (a run can be resumed; the model and checkpoint are only loaded when
     something is left to do); unreadable images are listed in the summary and do not stop the run. Images are
     read, run and written batch by batch, so memory does not grow with the number of images. Forward passes go
-    through `ShapeFlexibleForward` (policy "auto" in graph mode): a padded size (and batch size) seen once runs
-    eagerly instead of paying a graph compilation, a recurring one gets its graph once its eager runs have cost
-    about one compilation; the features are the same either way. `summary.forward_stats` says what happened.
+    through `BucketedForward` (a few size-bucket graphs serve every padded size, each image getting the maps of its
+    own padded input) or, for backbones that cannot be bucketed (v2 "-li"), `ShapeFlexibleForward` per size; the
+    features are the same either way. `summary.forward_stats` says what happened.
     """
     check_positive(batch_size=batch_size, short_side=short_side, max_long_side=max_long_side)
     max_pixels = resolve_max_pixels(max_pixels)
@@ -205,12 +205,11 @@ def export_features(backbone, input, output_dir, ckpt=None, short_side=800, max_
             return preprocess_dense(image, short_side, max_long_side, PAD_DIVISOR)
 
         batcher = SameShapeBatcher(batch_size, max_pending=4 * batch_size)
-        forward = ShapeFlexibleForward(net)
+        forward = backbone_forward(net, strides)
         summary.forward_stats = forward.stats
         if batch_size == 1:  # larger batches are formed on the fly, so their shapes are not known ahead
-            for padded in padded_sizes_ahead((entry.path for entry, _, _ in todo), short_side,
-                                                 max_long_side):
-                forward.expect(tensor_signature((1, 3) + padded))
+            forward.expect_sizes(padded_sizes_ahead((entry.path for entry, _, _ in todo), short_side,
+                                                    max_long_side))
         for batch in ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failure):
             for item, maps in zip(batch, forward_batch(forward, batch)):
                 arrays = feature_arrays(maps, item.meta, item.source, backbone_name, ckpt, out_indices, strides,
@@ -250,10 +249,36 @@ def ready_batches(todo, root_real, preprocess, max_pixels, batcher, record_failu
     yield from batcher.drain()
 
 
+class SizedForward:
+    """A backbone run per input size through a `ShapeFlexibleForward`, with `BucketedForward`'s interface:
+    `expect_sizes` and numpy batches in, numpy maps out (for backbones that cannot run in size buckets)."""
+
+    def __init__(self, net):
+        self.flexible = ShapeFlexibleForward(net)
+        self.stats = self.flexible.stats
+
+    def expect_sizes(self, sizes):
+        for size in sizes:
+            self.flexible.expect(tensor_signature((1, 3) + tuple(size)))
+
+    def __call__(self, images):
+        return [stage_maps.asnumpy() for stage_maps in self.flexible(Tensor(images))]
+
+
+def backbone_forward(net, strides):
+    """How the backbone runs: in size buckets (a few graphs for all padded sizes, each image's own maps) where it
+    can, else per size."""
+    if not getattr(net, "supports_buckets", False):
+        return SizedForward(net)
+
+    def crop(maps, size):
+        return [stage_maps[:, :, :size[0] // stride, :size[1] // stride] for stage_maps, stride in zip(maps, strides)]
+    return BucketedForward(net, crop)
+
+
 def forward_batch(forward, batch):
     """Per image of a same-shape batch, its list of stage maps (C, h, w); `forward` runs the backbone."""
-    outputs = forward(Tensor(np.stack([item.chw for item in batch])))
-    maps = [stage_maps.asnumpy() for stage_maps in outputs]
+    maps = forward(np.stack([item.chw for item in batch]))
     return [[stage_maps[i] for stage_maps in maps] for i in range(len(batch))]
 
 

@@ -215,9 +215,10 @@ def test_infer_det_command_line_on_an_mmdet_pvt_v2_checkpoint(v2_file, tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "forward: " in run.stdout
     with open(out / "detections.json") as handle:
-        ours = json.load(handle)["images"]["scene.png"]["detections"]
+        results = json.load(handle)
+    ours, names = results["images"]["scene.png"]["detections"], [c["name"] for c in results["classes"]]
     assert 0 < len(ours) == len(expected.scores)
-    assert [d["class_name"] for d in ours] == [v2_file["classes"][k] for k in expected.labels.tolist()]
+    assert [names[d["label"]] for d in ours] == [v2_file["classes"][k] for k in expected.labels.tolist()]
     np.testing.assert_allclose([d["score"] for d in ours], expected.scores.numpy(), atol=1e-5)
     np.testing.assert_allclose([d["bbox_xyxy"] for d in ours], expected.bboxes.numpy(), atol=6e-3, rtol=1e-5)
 

@@ -54,8 +54,10 @@ def test_training_on_a_tiny_set_lowers_the_loss_and_reaches_ap50(tmp_path, capsy
     assert len(summary["written"]) == 2
     assert all(os.path.realpath(p).startswith(os.path.realpath(out) + os.sep) for p in summary["written"])
     with open(summary["json"]) as handle:
-        detections = json.load(handle)["images"]
-    assert any(d["score"] > 0.3 and d["class_name"] in names for item in detections.values()
+        results = json.load(handle)
+    detections = results["images"]
+    assert [c["name"] for c in results["classes"]] == list(names)  # each class named once
+    assert any(d["score"] > 0.3 and 0 <= d["label"] < len(names) for item in detections.values()
                for d in item["detections"])
 
 

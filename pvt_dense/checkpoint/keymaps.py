@@ -206,6 +206,19 @@ def _stack_parts(native: str, parts: dict[int, tuple[str, np.ndarray]], count: i
     return np.concatenate(arrays, axis=0)
 
 
+def _refuse_copies_under_other_wrappers(state, prefix, outside):
+    """CheckpointError when a key outside the chosen wrapper `prefix` names, under another wrapper (or none), a weight
+    that is also inside it (`backbone.x` and `model.backbone.x`): two copies of one weight, neither of which may
+    silently win."""
+    for key in outside:
+        for other in ("",) + _WRAPPERS:
+            if other != prefix and key.startswith(other):
+                inner = key[len(other):]
+                if prefix + inner in state:
+                    raise CheckpointError(f"keys {key!r} and {prefix + inner!r} are two copies of {inner!r} once "
+                                          "their wrapper prefixes are stripped")
+
+
 def _last_stage(native_keys: Iterable[str]) -> int:
     stages = [int(m.group(1)) for m in map(_STAGE_KEY.match, native_keys) if m]
     return max(stages, default=3)
@@ -234,6 +247,7 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
 
     if prefix:
         outside = [k for k in state if not k.startswith(prefix)]
+        _refuse_copies_under_other_wrappers(state, prefix, outside)
         dropped = f"; ignored {len(outside)} keys outside it: {examples(outside, quote=True)}" if outside else ""
         notes.append(f"stripped prefix {prefix!r}{dropped}")
     inside = fmt.prepare({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

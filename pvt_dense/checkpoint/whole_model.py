@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..atomic import publish, temp_path_for
+from ..class_names import checked_class_names, printable
 from ..errors import CheckpointError
 from ..messages import examples
 from .keymaps import to_native
@@ -100,7 +101,9 @@ class WholeModelLoadReport:
                f"({_SOURCE_DESCRIPTIONS.get(self.source_format, self.source_format)}): {counts}",
                f"backbone LayerNorm eps: {self.norm_eps_style}"]
         if self.class_names is not None:
-            shown = ", ".join(self.class_names[:5]) + (", ..." if len(self.class_names) > 5 else "")
+            # Names come from the file: escaped and cut, so that none can forge or flood a line of the report.
+            shown = ", ".join(printable(name, 40) for name in self.class_names[:5]) + (
+                ", ..." if len(self.class_names) > 5 else "")
             out.append(f"{len(self.class_names)} classes: {shown}")
         out += [f"note: {note}" for note in self.notes]
         return out
@@ -112,20 +115,22 @@ class WholeModelLoadReport:
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def _plain_names(value):
+def _plain_names(value, label, key):
+    """A list of strings as class names, checked against `checked_class_names`' bounds (CheckpointError naming
+    `label` and `key`); None for anything else (OpenMMLab metas hold all kinds of things under other tools' keys)."""
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and value:
-        return [str(v) for v in value]
+        return checked_class_names(value, label, key)
     return None
 
 
-def _mmlab_class_names(meta):
+def _mmlab_class_names(meta, label=""):
     """Class names from a 2.x meta (`CLASSES`) or a 3.x one (`dataset_meta.classes`)."""
     if not isinstance(meta, dict):
         return None
-    names = _plain_names(meta.get("CLASSES"))
+    names = _plain_names(meta.get("CLASSES"), label, "CLASSES")
     dataset_meta = meta.get("dataset_meta")
     if names is None and isinstance(dataset_meta, dict):
-        names = _plain_names(dataset_meta.get("classes"))
+        names = _plain_names(dataset_meta.get("classes"), label, "dataset_meta.classes")
     return names
 
 
@@ -134,7 +139,7 @@ def _mmlab_framework(meta, task):
         return ""
     for key in ("mmdet_version", "mmseg_version"):
         if isinstance(meta.get(key), str):
-            return f"{key.split('_')[0]} {meta[key]}"
+            return f"{key.split('_')[0]} {printable(meta[key], 40)}"
     if isinstance(meta.get("dataset_meta"), dict) or isinstance(meta.get("mmengine_version"), str):
         return "mmdet 3.x" if task == DETECTOR else "mmseg 1.x"
     return ""
@@ -155,7 +160,15 @@ def _read_mmlab(path):
     check_raw_state(state, path)
     check_weight_dtypes(state, path)
     if any(k.startswith("module.") for k in state):
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        stripped = {}
+        for key, value in state.items():
+            short = key[len("module."):] if key.startswith("module.") else key
+            if short in stripped:
+                # Two copies of one weight: neither may silently win.
+                raise CheckpointError(f"{path} has two tensors named {short!r} once the DataParallel 'module.' "
+                                      "prefix is dropped")
+            stripped[short] = value
+        state = stripped
     return state, top.get("meta") if isinstance(top.get("meta"), dict) else {}
 
 
@@ -196,10 +209,13 @@ def _read_native_meta(path):
     return meta if isinstance(meta, dict) else {}
 
 
-def native_norm_eps_style(meta):
+def native_norm_eps_style(meta, label="the checkpoint"):
     """The eps style a native checkpoint's backbone was trained with (files from before the option: official)."""
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     style = config.get("backbone_norm_eps") or meta.get("backbone_norm_eps") or "official"
+    if style not in ("auto", "official", "mmdet"):
+        raise CheckpointError(f"{label}: its metadata's backbone_norm_eps is {printable(repr(style), 40)}, not "
+                              "'official' or 'mmdet'")
     return "official" if style == "auto" else style
 
 
@@ -212,8 +228,8 @@ def read_whole_model_info(path):
     if sniff_format(path) != "torch":
         meta = _read_native_meta(path)
         task = meta.get("task") if meta.get("task") in (DETECTOR, SEGMENTOR) else None
-        return WholeModelInfo(path, NATIVE, task, _plain_names(meta.get("class_names")),
-                                   native_norm_eps_style(meta), framework="pvt_dense")
+        return WholeModelInfo(path, NATIVE, task, checked_class_names(meta.get("class_names"), path),
+                              native_norm_eps_style(meta, path), framework="pvt_dense")
     state, meta = _read_mmlab(path)
     return _mmlab_info(path, state, meta)
 
@@ -231,7 +247,7 @@ def _mmlab_info(path, state, meta):
         outputs = int(classifier.shape[0])
         anchors = _retina_anchors(state) if task == DETECTOR else 1
         num_classes = outputs // anchors if anchors and outputs % anchors == 0 else None
-    return WholeModelInfo(path, layout, task, _mmlab_class_names(meta),
+    return WholeModelInfo(path, layout, task, _mmlab_class_names(meta, path),
                                "mmdet" if layout in MMDET_LAYOUTS else "official",
                                model_name=infer_model_name(native_backbone), num_classes=num_classes,
                                framework=_mmlab_framework(meta, task))
@@ -543,7 +559,9 @@ def load_whole_model(model, path, strict=True, skip_mismatched_classifier=False)
         for name, _ in model.parameters_and_names():
             if name not in skipped:
                 report.mapped[_part(name)] = report.mapped.get(_part(name), 0) + 1
-        names = _plain_names(meta.get("class_names"))
+        names = checked_class_names(meta.get("class_names"), path)
+        _warn_non_finite(report, path, ((name, param.asnumpy()) for name, param in model.parameters_and_names()
+                                        if name not in skipped))
         if skipped:
             report.warnings.append(_classifier_skip_warning(path, task, list(skipped.values()), model))
             names = None  # the file's classes are not the model's
@@ -557,6 +575,7 @@ def load_whole_model(model, path, strict=True, skip_mismatched_classifier=False)
     _assign(_model_params(model), kept)
     report.mapped = counts
     report.warnings = [note[len("warning: "):] for note in notes if note.startswith("warning: ")]
+    _warn_non_finite(report, path, kept.items())
     report.notes = [note for note in notes if not note.startswith("warning: ")]
     if report.warnings and info.class_names is not None and len(info.class_names) != model.num_classes:
         info.class_names = None  # the file's classes are not the model's
@@ -569,6 +588,32 @@ def load_whole_model(model, path, strict=True, skip_mismatched_classifier=False)
     if info.framework:
         report.notes.insert(0, f"saved by {info.framework}")
     return report
+
+
+def _warn_non_finite(report, path, named_values):
+    """A warning in `report` naming the tensors with NaN or inf (the backbone loader's warning, for whole models):
+    such weights load, and give no detections or garbage masks without any other sign."""
+    bad = [name for name, value in named_values
+           if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all()]
+    if bad:
+        report.warnings.append(f"checkpoint {path} has non-finite values in {len(bad)} tensors: "
+                               f"{', '.join(bad[:4])}" + (", ..." if len(bad) > 4 else ""))
+
+
+def native_classifier_outputs(path, layout):
+    """(file's parameter name, output count) of the classification layer (`layout.classifier_params[0]`) of a
+    native whole-model checkpoint, read from the file without building a model; None when it holds no such layer
+    or cannot be read (the loader then says why)."""
+    import mindspore as ms
+    leaf = layout.classifier_params[0]
+    try:
+        stored = ms.load_checkpoint(path, choice_func=lambda name: name == leaf or name.endswith("." + leaf))
+    except Exception:  # noqa: BLE001  (an unreadable file is reported by the loader)
+        return None
+    for name, value in stored.items():
+        if len(value.shape) >= 1:
+            return name, int(value.shape[0])
+    return None
 
 
 def _native_mismatched_classifier(model, path, layout):

@@ -3,15 +3,18 @@ the weights of a whole-detector checkpoint (a training checkpoint of ours, an of
 mmdetection 3.x file) for evaluation, inference and export."""
 import os
 
-from ..checkpoint.whole_model import NATIVE, load_whole_model, print_report, read_whole_model_info
+from ..checkpoint.whole_model import (NATIVE, load_whole_model, native_classifier_outputs, print_report,
+                                     read_whole_model_info)
+from ..class_names import checked_category_ids, checked_class_names
 from ..engine.checkpoints import read_checkpoint_meta
 from ..engine.config_fields import config_for_checkpoint
 from ..engine.run_setup import set_device_and_mode
 from ..engine.weights import build_backbone
-from ..errors import ConfigError, PVTDenseError
+from ..errors import CheckpointError, ConfigError, PVTDenseError
 from ..models.fpn import build_neck
 from .anchors import AnchorGenerator
 from .assigner import MaxIoUAssigner
+from .checkpoint import DETECTION_LAYOUT
 from .detector import RetinaNet, RetinaNetWithLoss
 from .retinanet_head import RetinaNetHead
 
@@ -80,7 +83,11 @@ def load_detector_with_report(cfg, ckpt_path, num_classes=None):
 def load_detector_with_names(cfg, ckpt_path):
     """(detector, class names, COCO category ids). A training checkpoint of ours records its names (and is built
     with that many classes); an OpenMMLab file gives its meta's names, or COCO's for 80 classes, and must have
-    the config's num_classes. Falls back to "0".."K-1"."""
+    the config's num_classes. Falls back to "0".."K-1".
+
+    A native file's names and ids are checked (`pvt_dense.class_names`) and their count against the classifier's
+    shape in the file before a model is built: a file naming 100 000 classes for a 3-class head is refused
+    without building a 100 000-class head first."""
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
     info = read_whole_model_info(ckpt_path)
@@ -89,9 +96,18 @@ def load_detector_with_names(cfg, ckpt_path):
             meta = read_checkpoint_meta(ckpt_path)
         except PVTDenseError:
             meta = {}
-        names = meta.get("class_names") or [str(i) for i in range(cfg.num_classes)]
-        detector = load_detector(cfg, ckpt_path, len(names))
-        return detector, list(names), meta.get("category_ids")
+        names = checked_class_names(meta.get("class_names"), ckpt_path)
+        count = len(names) if names else cfg.num_classes
+        category_ids = checked_category_ids(meta.get("category_ids"), count, ckpt_path)
+        anchors = len(cfg.anchor_ratios) * cfg.anchor_scales_per_octave
+        classifier = native_classifier_outputs(ckpt_path, DETECTION_LAYOUT)
+        if classifier is not None and classifier[1] != anchors * count:
+            name, outputs = classifier
+            held = f"{outputs // anchors} classes" if outputs % anchors == 0 else "no whole number of classes"
+            raise CheckpointError(f"{ckpt_path}: its metadata names {count} classes but its classifier {name} has "
+                                  f"{outputs} outputs per location ({held} at {anchors} anchors)")
+        detector = load_detector(cfg, ckpt_path, count)
+        return detector, names or [str(i) for i in range(count)], category_ids
     detector, report = load_detector_with_report(cfg, ckpt_path)
     names = report.class_names or [str(i) for i in range(detector.num_classes)]
     return detector, list(names), None

@@ -3,6 +3,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ..models.buckets import level_masks
 from .anchors import graph_level_anchors, graph_level_valid
 from .assigner import MaxIoUAssigner, spread
 from .box_coder import encode_deltas
@@ -33,8 +34,21 @@ class RetinaNet(nn.Cell):
         self.num_classes = head.num_classes
         self.num_levels = len(anchor_generator.strides)
 
-    def construct(self, images):
-        return self.head(self.neck(self.backbone(images)))
+    @property
+    def supports_buckets(self):
+        return getattr(self.backbone, "supports_buckets", False)
+
+    def bucket_inputs(self, valid_size, bucket_size):
+        """The `valid` argument of `construct` for a valid region in a zero-padded bucket (`models.buckets`)."""
+        return (self.backbone.bucket_inputs(valid_size, bucket_size),
+                level_masks(valid_size, bucket_size, self.neck.strides))
+
+    def construct(self, images, valid=None):
+        """With `valid` (`bucket_inputs`), each level's outputs on the valid region's own grid (top-left) equal
+        those of the valid region run alone; the host crops them."""
+        if valid is None:
+            return self.head(self.neck(self.backbone(images)))
+        return self.head(self.neck(self.backbone(images, valid[0]), valid[1]), valid[1])
 
 
 class RetinaNetLoss(nn.Cell):

@@ -10,6 +10,9 @@ from tqdm import tqdm
 from ..atomic import write_atomic
 from ..data.transforms import network_input_size
 from ..errors import PVTDenseError
+from ..engine.shapes import (DEFAULT_MAX_GRAPHS, BucketedForward, ShapeFlexibleForward,
+                             tensor_signature)
+from ..models.buckets import ALIGN, level_grids
 from .build import load_detector
 from .config import inference_settings
 from .data import evaluation_batches, open_dataset
@@ -81,33 +84,53 @@ class DetectorForward:
     outputs as numpy arrays (L class maps, then L box maps).
 
     Under the test protocol every distinct padded image size is a new input shape, and graph mode compiles one
-    graph per input shape. The detector runs through a `ShapeFlexibleForward` (policy "auto"): per shape either a
-    compiled graph or an eager (PyNative) run, whichever the measured costs favour; the outputs are the same either
-    way, and under a global PyNative context everything runs eagerly as before. `expect_sizes` announces the padded
-    sizes of the images to come; `shapes` records the distinct shapes of a run, `stats` what ran how.
-    A different strategy replaces this object: `predict_dataset` and `infer_images` take any callable with the
-    same contract as `forward=`.
+    graph per input shape. A detector whose backbone supports size buckets (PVT v1, v2 but "-li") runs through a
+    `BucketedForward` (policy "auto", sizes multiples of 32): a few bucket graphs, planned from the sizes announced
+    with `expect_sizes`, serve every size with each size's own outputs. Otherwise it runs through a
+    `ShapeFlexibleForward`: per shape either a compiled graph or an eager (PyNative) run, whichever the measured
+    costs favour. Either way the outputs are those of the image at its own size, under a global PyNative context
+    everything runs eagerly, and at most `max_graphs` compiled graphs stay alive. `shapes` records the distinct
+    input shapes of a run, `stats` what ran how. A different strategy replaces this object: `predict_dataset` and
+    `infer_images` take any callable with the same contract as `forward=`.
     """
 
-    def __init__(self, detector, policy="auto"):
-        from ..engine.shapes import ShapeFlexibleForward
+    def __init__(self, detector, policy="auto", buckets=True, max_graphs=DEFAULT_MAX_GRAPHS):
         self.detector = detector
         self.shapes = set()
-        self.flexible = ShapeFlexibleForward(detector, policy)
+        self.bucketed = None
+        if buckets and policy == "auto" and getattr(detector, "supports_buckets", False):
+            self.bucketed = BucketedForward(detector, self.crop_outputs, max_graphs=max_graphs)
+            self.flexible = self.bucketed.flexible
+        else:
+            self.flexible = ShapeFlexibleForward(detector, policy, max_graphs=max_graphs)
 
     @property
     def stats(self):
         return self.flexible.stats
 
+    def crop_outputs(self, outputs, size):
+        """Each level's class and box maps cropped to the grid of an input of `size` alone."""
+        grids = level_grids(size, self.detector.anchor_generator.strides)
+        grids = grids + grids
+        if len(outputs) != len(grids):
+            raise ValueError(f"the detector gave {len(outputs)} maps for {len(grids) // 2} levels")
+        return [output[:, :, :grid[0], :grid[1]] for output, grid in zip(outputs, grids)]
+
     def expect_sizes(self, padded_sizes):
         """Announce one coming single-image call per padded (height, width) in `padded_sizes`."""
-        from ..engine.shapes import tensor_signature
+        padded_sizes = [tuple(size) for size in padded_sizes]
+        if self.bucketed is not None and all(h % ALIGN == 0 and w % ALIGN == 0 for h, w in padded_sizes):
+            self.bucketed.expect_sizes(padded_sizes)
+            return
         for size in padded_sizes:
-            self.flexible.expect(tensor_signature((1, 3) + tuple(size)))
+            self.flexible.expect(tensor_signature((1, 3) + size))
 
     def __call__(self, image_batch):
         import mindspore as ms
         self.shapes.add(tuple(image_batch.shape))
+        height, width = image_batch.shape[2:]
+        if self.bucketed is not None and height % ALIGN == 0 and width % ALIGN == 0:
+            return self.bucketed(image_batch)
         return [output.asnumpy() for output in self.flexible(ms.Tensor(image_batch))]
 
 

@@ -28,20 +28,37 @@ def nms(boxes, scores, iou_thr, max_num=None):
     """Indices of the boxes greedy NMS keeps, best score first: a box is dropped when its IoU with a kept,
     higher-scoring box is above `iou_thr`. Ties in score keep the earlier box first. OpenCV's NMS (C++, a stable
     sort, the same IoU without a +1 pixel offset) does exactly this, ~15x faster than a numpy loop at 1000 boxes.
-    `max_num` keeps the first that many (what `max_per_img` keeps)."""
+    `max_num` keeps the first that many (what `max_per_img` keeps).
+
+    A box of zero (or negative) width or height overlaps nothing: its IoU with any box is 0, or 0/0 with another
+    such box, never above the threshold, so it is never dropped and drops nothing, as in torchvision's and mmcv's
+    NMS (OpenCV alone would drop one of two identical empty boxes)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if boxes.shape[0] == 0:
+        return np.zeros((0,), np.int64)
+    empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if empty.any():
+        solid = np.flatnonzero(~empty)
+        kept = np.concatenate([solid[_opencv_nms(boxes[solid], scores[solid], iou_thr)], np.flatnonzero(empty)])
+        # Best score first, ties in index order: the order the kept boxes have in a single NMS pass.
+        return kept[np.lexsort((kept, -scores[kept]))][:max_num]
+    return _opencv_nms(boxes, scores, iou_thr)[:max_num]
+
+
+def _opencv_nms(boxes, scores, iou_thr):
     if boxes.shape[0] == 0:
         return np.zeros((0,), np.int64)
     if scores.min() <= 0:  # OpenCV keeps only scores above 0: the same order and ties, as ranks from 1
         scores = (np.unique(scores, return_inverse=True)[1] + 1).astype(np.float32)
     corner_and_size = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64)
     keep = cv2.dnn.NMSBoxes(corner_and_size, scores, 0.0, float(iou_thr))
-    return np.asarray(keep, dtype=np.int64).reshape(-1)[:max_num]
+    return np.asarray(keep, dtype=np.int64).reshape(-1)
 
 
 def batched_nms(boxes, scores, labels, iou_thr, max_num=None):
-    """NMS within each class only: boxes of different classes are shifted apart so that they never overlap."""
+    """NMS within each class only: boxes of different classes are shifted apart so that they never overlap.
+    Empty boxes are kept as `nms` keeps them (emptiness is judged after the shift, in float32, as mmcv does)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if boxes.shape[0] == 0:
         return np.zeros((0,), np.int64)

@@ -5,6 +5,7 @@ from mindspore import nn
 from mindspore.common.initializer import Constant, Normal
 
 from ..models.conv import MatmulConv2d
+from ..models.fpn import apply_mask
 
 
 def conv3x3(in_channels, out_channels, bias_init=0.0):
@@ -44,6 +45,7 @@ class RetinaNetHead(nn.Cell):
                              ">= 0")
         self.num_classes = num_classes
         self.num_anchors = num_anchors
+        self.stacked_convs = stacked_convs
         cls_layers, reg_layers = [], []
         for index in range(stacked_convs):
             channels = in_channels if index == 0 else feat_channels
@@ -55,10 +57,24 @@ class RetinaNetHead(nn.Cell):
         self.retina_cls = conv3x3(last, num_anchors * num_classes, bias_init=prior_bias(prior_prob))
         self.retina_reg = conv3x3(last, num_anchors * 4)
 
-    def construct(self, features):
+    def construct(self, features, masks=None):
+        """`masks`: one (1, 1, h, w) 0/1 mask per level for size buckets (inference; see `models.buckets`)."""
         cls_outs = ()
         reg_outs = ()
-        for x in features:
-            cls_outs = cls_outs + (self.retina_cls(self.cls_convs(x)),)
-            reg_outs = reg_outs + (self.retina_reg(self.reg_convs(x)),)
+        if masks is None:
+            for x in features:
+                cls_outs = cls_outs + (self.retina_cls(self.cls_convs(x)),)
+                reg_outs = reg_outs + (self.retina_reg(self.reg_convs(x)),)
+            return cls_outs + reg_outs
+        for level in range(len(features)):
+            # every 3x3 conv reads zeros beyond the valid region, as the region's own run pads
+            cls_outs = cls_outs + (self.retina_cls(self.masked_branch(self.cls_convs, features[level], masks, level)),)
+            reg_outs = reg_outs + (self.retina_reg(self.masked_branch(self.reg_convs, features[level], masks, level)),)
         return cls_outs + reg_outs
+
+    def masked_branch(self, convs, x, masks, level):
+        """The stacked conv + ReLU pairs of a branch with the level's mask before each conv, and before the last."""
+        x = apply_mask(x, masks, level)
+        for index in range(self.stacked_convs):
+            x = apply_mask(convs[2 * index + 1](convs[2 * index](x)), masks, level)
+        return x

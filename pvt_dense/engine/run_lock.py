@@ -5,12 +5,17 @@ drops it when that process dies however it dies (kill -9 included), so a lock le
 the next run without anyone deleting files; the file's content (pid, host, start time) only names the owner in the
 error message. Within one process the lock is shared: a process resuming its own run in the same folder is the
 same run.
+
+The lock file is opened without following a symlink and without blocking, and refused (a PVTDenseError naming it)
+unless it is a regular file with one link: its content is rewritten, so a hard link to another file, a FIFO or a
+device in its place must never be written through.
 """
 import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 import warnings
@@ -52,11 +57,25 @@ class RunLock:
         self._finalizer = weakref.finalize(self, _drop, self.directory)
 
     def _acquire(self):
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
-                         0o644)
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                fd = os.open(self.path, flags)  # a lock left by an earlier run: checked below before any write
         except OSError as err:
             raise PVTDenseError(f"cannot create the run lock {self.path}: {err.strerror or err}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise PVTDenseError(f"the run lock {self.path} is not a regular file (a FIFO, device or socket); "
+                                    "remove it")
+            if info.st_nlink != 1:
+                raise PVTDenseError(f"the run lock {self.path} has {info.st_nlink} hard links, so writing it would "
+                                    "change another file; remove it")
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -37,17 +37,26 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Set
+from collections import OrderedDict
+from typing import Dict, List
 
 import mindspore as ms
+import numpy as np
+from mindspore.common.api import _cell_graph_executor
+
+from ..models.buckets import plan_buckets
 
 POLICIES = ("auto", "graph", "eager")
+# Compiled graphs kept alive per Cell (least recently used released first): memory stays bounded whatever the
+# number of input sizes, and a size bucket plan (`BucketedForward`) never needs more.
+DEFAULT_MAX_GRAPHS = 4
 
 
 def input_signature(args):
-    """The part of the arguments a compiled graph is specialised on: shape and dtype of each tensor, else the
-    value itself."""
-    return tuple((tuple(arg.shape), str(arg.dtype)) if hasattr(arg, "shape") and hasattr(arg, "dtype") else arg
+    """The part of the arguments a compiled graph is specialised on: shape and dtype of each tensor (tensors in
+    nested tuples included), else the value itself."""
+    return tuple(input_signature(arg) if isinstance(arg, (tuple, list)) else
+                 (tuple(arg.shape), str(arg.dtype)) if hasattr(arg, "shape") and hasattr(arg, "dtype") else arg
                  for arg in args)
 
 
@@ -79,10 +88,12 @@ class ShapeStats:
     compile_seconds: List[float] = field(default_factory=list)
     graph_calls: int = 0
     eager_calls: int = 0
+    released: int = 0
 
     def summary(self):
         return (f"{self.compilations} graph compilations ({sum(self.compile_seconds):.1f} s), "
-                f"{self.graph_calls} calls through compiled graphs, {self.eager_calls} eager calls")
+                f"{self.graph_calls} calls through compiled graphs, {self.eager_calls} eager calls"
+                + (f", {self.released} graphs released" if self.released else ""))
 
 
 @dataclass
@@ -105,7 +116,8 @@ class _CellRecord:
     """What is known about one Cell, shared by all its wrappers (so a second export with the same backbone reuses
     the first one's graphs and measurements)."""
 
-    compiled: Set[tuple] = field(default_factory=set)
+    compiled: "OrderedDict[tuple, frozenset]" = field(default_factory=OrderedDict)  # signature -> its phases,
+    # least recently used first
     first_graph_calls: List[tuple] = field(default_factory=list)  # (seconds, input elements)
     graph: Rate = field(default_factory=Rate)
     eager: Rate = field(default_factory=Rate)
@@ -147,12 +159,16 @@ class ShapeFlexibleForward:
             PyNative (to debug, to step through the model) gets no graphs.
         compile_seconds: the assumed seconds of one compilation until one is measured; None (default) compiles
             the first signature at once to measure it.
+        max_graphs: compiled graphs kept alive for this Cell; compiling one more first releases the least
+            recently used (None: no bound).
 
     `stats` (`ShapeStats`) counts what this wrapper did. The global execution mode is switched only for the
     duration of a call and restored afterwards; not thread-safe (MindSpore's execution mode is process-wide).
     """
 
-    def __init__(self, cell, policy="auto", compile_seconds=None):
+    def __init__(self, cell, policy="auto", compile_seconds=None, max_graphs=DEFAULT_MAX_GRAPHS):
+        if max_graphs is not None and int(max_graphs) < 1:
+            raise ValueError(f"max_graphs must be at least 1 (or None: no bound), got {max_graphs!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
         if compile_seconds is not None and not compile_seconds >= 0:
@@ -161,6 +177,7 @@ class ShapeFlexibleForward:
         self.policy = policy
         self.assumed_compile_seconds = compile_seconds
         self.record = _RECORDS.setdefault(cell, _CellRecord())
+        self.max_graphs = None if max_graphs is None else int(max_graphs)
         self.stats = ShapeStats()
 
     def expect(self, signature, count=1):
@@ -175,6 +192,7 @@ class ShapeFlexibleForward:
         if self.record.expected.get(signature, 0) > 0:
             self.record.expected[signature] -= 1
         if compiled:
+            self.record.compiled.move_to_end(signature)
             return self._run_graph(args)
         if decide_compile:
             return self._compile_and_run(signature, args)
@@ -213,14 +231,29 @@ class ShapeFlexibleForward:
         self.stats.graph_calls += 1
         return outputs
 
+    def release_graphs(self, keep):
+        """Release the compiled graphs of all but the `keep` most recently used signatures of this Cell: MindSpore
+        keeps a graph (and its CPU kernels' tables, ~0.4 GB for RetinaNet-PVT-Tiny) for as long as the Cell
+        lives otherwise."""
+        while len(self.record.compiled) > keep:
+            _, phases = self.record.compiled.popitem(last=False)
+            live = {phase for phase in phases if phase in self.cell.compile_cache}
+            if live:
+                _cell_graph_executor.del_net_res(self.cell, live)
+                self.cell.compile_cache.difference_update(live)
+            self.stats.released += 1
+
     def _compile_and_run(self, signature, args):
+        if self.max_graphs is not None:
+            self.release_graphs(self.max_graphs - 1)
+        before = set(self.cell.compile_cache)
         # One call through the Cell (not `cell.compile`), so the Cell's own input checks run first.
         with execution_mode(ms.GRAPH_MODE):
             start = time.perf_counter()
             outputs = self.cell(*args)
             wait_for(outputs)
             seconds = time.perf_counter() - start
-        self.record.compiled.add(signature)
+        self.record.compiled[signature] = frozenset(set(self.cell.compile_cache) - before)
         self.record.first_graph_calls.append((seconds, input_elements(args)))
         self.record.eager_seconds.pop(signature, None)
         self.stats.compilations += 1
@@ -237,3 +270,102 @@ class ShapeFlexibleForward:
         self.record.eager_seconds[signature] = self.record.eager_seconds.get(signature, 0.0) + seconds
         self.stats.eager_calls += 1
         return outputs
+
+
+def _tensors(arrays):
+    """Nested tuples of numpy arrays -> the same nesting of MindSpore Tensors."""
+    if isinstance(arrays, tuple):
+        return tuple(_tensors(item) for item in arrays)
+    return ms.Tensor(arrays)
+
+
+class BucketedForward:
+    """`forward(images)` -> the Cell's outputs for a (B, 3, h, w) numpy batch, computed in a size bucket: the batch
+    zero-padded into a bucket at least its size, the Cell told the valid region (`cell.bucket_inputs`, see
+    `pvt_dense.models.buckets`), the outputs cropped back by `crop(outputs, (h, w))` to the region's own. The
+    results are those of the batch at its own size (to float32 rounding: tests/test_buckets.py), from far fewer
+    compiled graphs.
+
+    The buckets are planned from the sizes announced with `expect_sizes` before the first call (`plan_buckets`:
+    compilations against padded pixels); a size never announced goes to the smallest bucket that holds it, or
+    becomes a bucket of its own. The bucket graphs run through a `ShapeFlexibleForward` (`max_graphs` alive at a
+    time), and under a global PyNative context, where nothing is compiled, every batch simply runs at its own
+    size. h and w must be multiples of 32 (the test protocols' padding or resizing makes them so).
+
+    Args:
+        cell: an inference Cell in eval mode with `bucket_inputs(valid_size, bucket_size)` and a `construct(images,
+            valid)`; `supports_buckets` must be true.
+        crop: (list of numpy outputs, valid (h, w)) -> the outputs of the valid region alone.
+        compile_pixels: what one compilation costs, in pixels of forward computation (the planning's exchange rate).
+        max_buckets: at most this many buckets in a plan.
+    """
+
+    def __init__(self, cell, crop, compile_pixels=3.0e6, max_buckets=4, policy="auto",
+                 max_graphs=DEFAULT_MAX_GRAPHS):
+        if not getattr(cell, "supports_buckets", False):
+            raise ValueError(f"{type(cell).__name__} cannot run in size buckets (supports_buckets is false)")
+        self.cell = cell
+        self.crop = crop
+        self.compile_pixels = float(compile_pixels)
+        self.max_buckets = int(max_buckets)
+        self.flexible = ShapeFlexibleForward(cell, policy, max_graphs=max_graphs)
+        self.announced = []
+        self.plan = None
+        self.buckets = []
+        self._inputs = OrderedDict()  # (valid, bucket) -> valid-region Tensors, a few most recent
+
+    @property
+    def stats(self):
+        return self.flexible.stats
+
+    def expect_sizes(self, sizes):
+        """Announce one coming single-image call per (h, w) in `sizes` (multiples of 32)."""
+        self.announced.extend(tuple(int(n) for n in size) for size in sizes)
+        self.plan = None
+
+    def bucket_for(self, size):
+        """The bucket (h, w) that a batch of valid size `size` runs in."""
+        if self.plan is None and self.announced:
+            self.plan = plan_buckets(self.announced, self.compile_pixels, self.max_buckets)
+            self.buckets = sorted(set(self.plan.values()) | set(self.buckets))
+            per_bucket = {}
+            for size_announced in self.announced:
+                bucket = self.plan[size_announced]
+                per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
+            for bucket, count in per_bucket.items():
+                self.flexible.expect(self.signature(1, bucket), count)
+            self.announced = []
+        if self.plan and size in self.plan:
+            return self.plan[size]
+        fitting = [b for b in self.buckets if b[0] >= size[0] and b[1] >= size[1]]
+        if fitting:
+            return min(fitting, key=lambda b: b[0] * b[1])
+        self.buckets.append(size)
+        return size
+
+    def signature(self, batch, bucket):
+        return input_signature((ms.Tensor(np.zeros((batch, 3) + bucket, np.float32)),
+                                self.valid_inputs(bucket, bucket)))
+
+    def valid_inputs(self, size, bucket):
+        key = (size, bucket)
+        if key not in self._inputs:
+            self._inputs[key] = _tensors(self.cell.bucket_inputs(size, bucket))
+            while len(self._inputs) > 8:
+                self._inputs.popitem(last=False)
+        self._inputs.move_to_end(key)
+        return self._inputs[key]
+
+    def __call__(self, images):
+        images = np.asarray(images, np.float32)
+        size = tuple(int(n) for n in images.shape[2:])
+        if ms.get_context("mode") == ms.PYNATIVE_MODE and self.flexible.policy == "auto":
+            # nothing is compiled in PyNative: padding would only add work
+            return [output.asnumpy() for output in self.flexible(ms.Tensor(images))]
+        bucket = self.bucket_for(size)
+        padded = images
+        if bucket != size:
+            padded = np.zeros(images.shape[:2] + bucket, np.float32)
+            padded[:, :, :size[0], :size[1]] = images
+        outputs = self.flexible(ms.Tensor(padded), self.valid_inputs(size, bucket))
+        return self.crop([output.asnumpy() for output in outputs], size)

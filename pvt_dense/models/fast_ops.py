@@ -31,7 +31,11 @@ else g++) when the first Cell is built, into this user's cache: `$PVT_DENSE_CACH
 `$XDG_CACHE_HOME/pvt_dense`, or `~/.cache/pvt_dense`, created 0700 and refused (with a fallback) if it, or a file
 in it, belongs to another user or is writable by others. The file name is keyed by a hash of the source's content,
 MindSpore's version, the compiler, the flags and the machine; a build that fails leaves a `.failed` marker so other
-processes do not retry it until one of those changes. Before any Cell uses it, the library is loaded with ctypes and
+processes do not retry it until one of those changes. A build records the library's size and SHA-256 beside it
+(`<name>.record`, written before the library is published); a library that no longer matches its record
+(truncated, replaced, damaged) is removed and built again, and any library, recorded or not, must have every
+segment its ELF headers name inside the file before it is loaded: mapping a truncated library would kill the
+process with SIGBUS, which no fallback can catch. Before any Cell uses it, the library is loaded with ctypes and
 every kernel symbol is resolved, so that a library that cannot load (noexec mount, unresolved symbol, a file that is
 not a library) costs speed, never the model. When the kernels are unavailable for any reason (that, no compiler, a
 device target other than CPU, a non-float32 input, or `PVT_DENSE_FAST_OPS=0`), the Cells fall back to MindSpore's
@@ -46,10 +50,12 @@ runs elsewhere.
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -67,7 +73,7 @@ KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel
 # What the Custom ops below name: every one must resolve in the loaded library before a Cell uses it.
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
 DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad", "PvtAttention",
-                 "PvtAttentionGrad")
+                 "PvtAttentionGrad", "PvtAttentionBias")
 CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
@@ -201,9 +207,86 @@ def _write_private(folder, suffix, data):
     return path
 
 
+def record_path(target):
+    """The build record beside library `target`: JSON {"size", "sha256"} of the library as it was built."""
+    return os.path.splitext(target)[0] + ".record"
+
+
+def _file_digest(path):
+    """(size, SHA-256 hex) of the file at `path`."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _write_record(target, library_file):
+    """Record `library_file`'s size and SHA-256 as `target`'s build record (atomically)."""
+    size, sha256 = _file_digest(library_file)
+    folder = os.path.dirname(target)
+    path = _write_private(folder, ".record.tmp", json.dumps({"size": size, "sha256": sha256}).encode())
+    os.replace(path, record_path(target))
+
+
+def _record_mismatch(target):
+    """Why the library at `target` differs from its build record, or None when it matches it or has no record."""
+    record = record_path(target)
+    if not _trusted_file(record):
+        return None
+    try:
+        with open(record, encoding="utf-8") as handle:
+            expected = json.loads(handle.read(4096))
+        expected_size, expected_sha = int(expected["size"]), str(expected["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its build record {record} is unreadable"
+    size, sha256 = _file_digest(target)
+    if size != expected_size:
+        return f"it has {size} bytes but {expected_size} were built (truncated or replaced)"
+    if sha256 != expected_sha:
+        return "its SHA-256 differs from the one recorded when it was built (damaged or replaced)"
+    return None
+
+
+def check_elf_bounds(path):
+    """KernelLibraryError unless `path` is an ELF file whose program and section headers, and every segment they
+    name, lie inside the file: dlopen maps segments without checking, and touching a page past the end of the file
+    raises SIGBUS, which kills the process."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        header = handle.read(64)
+        if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2) or header[5] not in (1, 2):
+            raise KernelLibraryError(f"cannot load {path}: not an ELF shared library")
+        is64, order = header[4] == 2, "<" if header[5] == 1 else ">"
+        if is64 and len(header) < 64:
+            raise KernelLibraryError(f"cannot load {path}: its ELF header is truncated")
+        if is64:
+            phoff, shoff = struct.unpack_from(order + "QQ", header, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", header, 0x36)
+        else:
+            phoff, shoff = struct.unpack_from(order + "II", header, 0x1C)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", header, 0x2A)
+        if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size or phentsize < (56 if is64 else 32):
+            raise KernelLibraryError(f"cannot load {path}: its ELF headers lie past its end ({size} bytes: "
+                                     "truncated)")
+        handle.seek(phoff)
+        table = handle.read(phnum * phentsize)
+    for index in range(phnum):
+        entry = table[index * phentsize:(index + 1) * phentsize]
+        if is64:
+            offset, filesz = struct.unpack_from(order + "Q", entry, 8)[0], struct.unpack_from(order + "Q", entry, 32)[0]
+        else:
+            offset, filesz = struct.unpack_from(order + "I", entry, 4)[0], struct.unpack_from(order + "I", entry, 16)[0]
+        if offset + filesz > size:
+            raise KernelLibraryError(f"cannot load {path}: segment {index} ends at byte {offset + filesz}, past its "
+                                     f"end ({size} bytes: truncated)")
+
+
 def _compile(compiler, source, flags, link, target):
     """Compile `source` (the bytes the key was made from) into `target` atomically: concurrent processes each write
-    their own temporary file, then rename."""
+    their own temporary file, then rename. The build record is written before the library is published, so a
+    published library always has one."""
     folder = os.path.dirname(target)
     source_path = _write_private(folder, ".cc", source)
     partial = _write_private(folder, ".so.tmp", b"")
@@ -213,6 +296,7 @@ def _compile(compiler, source, flags, link, target):
         if result.returncode != 0:
             raise KernelLibraryError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.chmod(partial, 0o700)
+        _write_record(target, partial)
         os.replace(partial, target)
     finally:
         for leftover in (source_path, partial):
@@ -304,6 +388,13 @@ def _build_library():
     errors = []
     for target, marker, flags, link, has_dense in library_candidates(source, compiler, folder):
         symbols = BASIC_KERNELS + CONTROL_SYMBOLS + (DENSE_KERNELS if has_dense else ())
+        mismatch = _record_mismatch(target) if _trusted_file(target) else None
+        if mismatch:
+            # Ours (the cache is private), built here and since damaged: rebuilt, once, by whoever sees it first.
+            errors.append(f"{target} was removed: {mismatch}")
+            for stale in (target, record_path(target)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)
         if not _trusted_file(target):
             if _trusted_file(marker):
                 with open(marker, encoding="utf-8", errors="replace") as handle:
@@ -317,7 +408,11 @@ def _build_library():
                 continue
         # A library that exists but cannot be loaded (corrupt, noexec, a changed dependency) is not rebuilt over:
         # every process would do so again. It falls back instead; deleting the file retries.
-        return target, has_dense, load_library(target, symbols)
+        check_elf_bounds(target)
+        handle = load_library(target, symbols)
+        if mismatch:
+            warnings.warn(f"pvt_dense kernel library rebuilt: {errors[-1]}", RuntimeWarning, stacklevel=4)
+        return target, has_dense, handle
     raise KernelLibraryError("; ".join(errors))
 
 
@@ -381,6 +476,14 @@ def _attention_shape(q, kv, meta):
     return q
 
 
+def _attention_bias_shape(q, kv, meta, bias):
+    _attention_shape(q, kv, meta)
+    _require(len(bias) == 2, "attention", "a key bias (B, M)", (kv, bias))
+    if _known(kv, bias):
+        _require(list(bias) == [kv[0], kv[1]], "attention", "a key bias (B, M) for kv (B, M, 2C)", (kv, bias))
+    return q
+
+
 def _attention_grad_shape(q, kv, meta, dout):
     _attention_shape(q, kv, meta)
     _require(not _known(q, dout) or list(dout) == list(q), "attention backward", "dout shaped like q", (q, dout))
@@ -417,7 +520,7 @@ class _Kernels:
             return dx, dgamma, dbeta, ops.zeros_like(eps)
 
         self.library = library
-        self.dense = self.gelu_dense = self.attention = None
+        self.dense = self.gelu_dense = self.attention = self.attention_bias = None
         if has_dense:
             dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=_dense_grad_shape,
                                     out_dtype=lambda x, w, dy: (x, w, w), func_type="aot")
@@ -442,6 +545,9 @@ class _Kernels:
 
             self.attention = ops.Custom(f"{library}:PvtAttention", out_shape=_attention_shape,
                                         out_dtype=lambda q, kv, meta: q, func_type="aot", bprop=attention_bprop)
+            # inference only (size buckets mask padded keys with it): no bprop
+            self.attention_bias = ops.Custom(f"{library}:PvtAttentionBias", out_shape=_attention_bias_shape,
+                                             out_dtype=lambda q, kv, meta, bias: q, func_type="aot")
             self.dense = ops.Custom(f"{library}:PvtDense", out_shape=_dense_shape,
                                     out_dtype=lambda x, w, b: x, func_type="aot", bprop=dense_bprop)
         self.gelu = ops.Custom(f"{library}:PvtGelu", out_shape=_gelu_shape, out_dtype=_same_dtype,

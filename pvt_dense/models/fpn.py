@@ -30,6 +30,13 @@ def conv2d(in_channels, out_channels, kernel_size, stride=1):
     return conv
 
 
+def apply_mask(x, masks, level):
+    """x times masks[level] (broadcast explicitly: see models/conv.py on broadcasting kernels), or x without masks."""
+    if masks is None:
+        return x
+    return x * ops.broadcast_to(masks[level], x.shape)
+
+
 class FPN(nn.Cell):
     """Feature pyramid over backbone maps `inputs[start_level:]`, plus `num_outs - used` extra coarser levels.
 
@@ -94,7 +101,9 @@ class FPN(nn.Cell):
         self.out_channels = (int(out_channels),) * num_outs
         self.strides = tuple(used_strides[0] * 2 ** k for k in range(num_outs))
 
-    def construct(self, features):
+    def construct(self, features, masks=None):
+        """`masks` (size buckets, inference): one (1, 1, h, w) 0/1 mask per output level (`models.buckets.
+        level_masks`); every 3x3 conv then reads zeros beyond the valid region, as at the region's own size."""
         laterals = ()
         for i in range(self.used_levels):
             laterals = laterals + (self.lateral_convs[i](features[self.start_level + i]),)
@@ -106,7 +115,7 @@ class FPN(nn.Cell):
             merged = (finer + upsampled,) + merged
         outs = ()
         for i in range(self.used_levels):
-            outs = outs + (self.fpn_convs[i](merged[i]),)
+            outs = outs + (self.fpn_convs[i](apply_mask(merged[i], masks, i)),)
         if self.num_outs > self.used_levels:
             if self.extra_source is None:
                 for _ in range(self.num_outs - self.used_levels):
@@ -118,10 +127,10 @@ class FPN(nn.Cell):
                     source = merged[self.used_levels - 1]
                 else:
                     source = outs[-1]
-                outs = outs + (self.extra_convs[0](source),)
+                outs = outs + (self.extra_convs[0](apply_mask(source, masks, self.used_levels - 1)),)
                 for i in range(1, self.num_outs - self.used_levels):
                     previous = self.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
-                    outs = outs + (self.extra_convs[i](previous),)
+                    outs = outs + (self.extra_convs[i](apply_mask(previous, masks, self.used_levels + i - 1)),)
         return outs
 
 

@@ -114,37 +114,49 @@ class SpatialReductionAttention(nn.Cell):
         # The fused kernel never stores the score matrix; attention dropout needs it, so it takes the ops path.
         self.use_kernel = compiled is not None and compiled.attention is not None and not self.has_attn_drop
         self.attention_kernel = compiled.attention if self.use_kernel else None
+        self.attention_bias_kernel = compiled.attention_bias if self.use_kernel else None
         self.attention_meta = Tensor([float(num_heads), float(self.scale)], ms.float32)
 
-    def construct(self, x, height, width):
+    def construct(self, x, height, width, key_bias=None):
+        """x (B, N, C) tokens of an (height, width) grid -> (B, N, C). `key_bias` (1, M), for size buckets
+        (inference): added to every score of each key before the softmax, -1e30 on keys that lie in padding, which
+        then weigh exactly nothing."""
         batch, num_tokens, channels = x.shape
         source = self.key_value_source(x, height, width)
+        if key_bias is not None:
+            key_bias = ops.broadcast_to(key_bias, (batch, key_bias.shape[1]))
         if self.use_kernel and x.dtype == ms.float32:
             # The kernel reads the heads, keys and values where the q and kv layers put them, and applies the scale.
-            out = self.attention_kernel(self.q(x), self.kv(source), self.attention_meta)
+            if key_bias is None:
+                out = self.attention_kernel(self.q(x), self.kv(source), self.attention_meta)
+            else:
+                out = self.attention_bias_kernel(self.q(x), self.kv(source), self.attention_meta, key_bias)
         else:
-            out = self.attention_heads(self.q(x), self.kv(source))
+            out = self.attention_heads(self.q(x), self.kv(source), key_bias)
         out = self.proj(out)
         if self.has_proj_drop:
             out = self.proj_drop(out)
         return out
 
-    def attention_heads(self, q, kv):
-        """softmax(scale q k^T) v per head with MindSpore's operators: q (B, N, C) and kv (B, M, 2C) -> (B, N, C)."""
+    def attention_heads(self, q, kv, key_bias=None):
+        """softmax(scale q k^T [+ key_bias]) v per head with MindSpore's operators: q (B, N, C) and kv (B, M, 2C)
+        -> (B, N, C)."""
         batch, num_tokens, channels = q.shape
         q = q.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         kv = kv.reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         k, v = self.unstack_kv(kv)
         q = q * self.scale
+        if key_bias is not None:
+            key_bias = key_bias.reshape(batch, 1, 1, -1)
         # Shapes are compile-time constants, so this branch and the loop below are resolved when compiling.
         num_scores = batch * self.num_heads * num_tokens * k.shape[2]
         if num_scores <= self.max_scores:
-            out = self.attend(q, k, v)
+            out = self.attend(q, k, v, key_bias)
         else:
             step = -(-num_tokens // -(-num_scores // self.max_scores))
             parts = ()
             for start in range(0, num_tokens, step):
-                parts = parts + (self.attend(q[:, :, start:start + step], k, v),)
+                parts = parts + (self.attend(q[:, :, start:start + step], k, v, key_bias),)
             out = ops.concat(parts, 2)
         return out.transpose(0, 2, 1, 3).reshape(batch, num_tokens, channels)
 
@@ -154,10 +166,13 @@ class SpatialReductionAttention(nn.Cell):
             return x
         return self.norm(self.sr.tokens_to_tokens(x, height, width))
 
-    def attend(self, q, k, v):
-        """softmax(q k^T) v for (B, heads, n, head_dim) queries; softmax is per query row, so query chunks are
-        independent."""
-        attn = self.softmax(self.q_matmul_k(q, k))
+    def attend(self, q, k, v, key_bias=None):
+        """softmax(q k^T [+ key_bias]) v for (B, heads, n, head_dim) queries; softmax is per query row, so query
+        chunks are independent."""
+        scores = self.q_matmul_k(q, k)
+        if key_bias is not None:
+            scores = scores + ops.broadcast_to(key_bias, scores.shape)
+        attn = self.softmax(scores)
         if self.has_attn_drop:
             attn = self.attn_drop(attn)
         return self.attn_matmul_v(attn, v)
@@ -211,7 +226,7 @@ class Block(nn.Cell):
         self.norm2 = layer_norm(dim, BLOCK_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def construct(self, x, height, width):
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+    def construct(self, x, height, width, key_bias=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width, key_bias))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x

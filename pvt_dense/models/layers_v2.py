@@ -7,7 +7,7 @@ and mmdetection's `PyramidVisionTransformerV2` reproduce: LayerNorm eps 1e-5 in 
 attention's reduction, 1e-6 in the blocks; exact (erf) GELU; PyTorch Conv2d padding with bias everywhere.
 """
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
 from . import fast_ops
 from .conv import DepthwiseConv2d, MatmulConv2d
@@ -85,10 +85,14 @@ class ConvMlp(nn.Cell):
         self.gelu_dense = gelu_then_dense_kernel(self.fc2, self.has_drop)
         self.use_gelu_dense = self.gelu_dense is not None
 
-    def construct(self, x, height, width):
+    def construct(self, x, height, width, token_mask=None):
+        """`token_mask` (1, N, 1), for size buckets (inference): 1 on the tokens of the valid region, 0 on padding,
+        so the depth-wise conv reads zeros beyond the valid region exactly as at the region's own size."""
         x = self.fc1(x)
         if self.extra_relu:
             x = self.relu(x)
+        if token_mask is not None:
+            x = x * ops.broadcast_to(token_mask, x.shape)
         x = grid_to_tokens(self.dwconv(tokens_to_grid(x, height, width)))
         if self.use_gelu_dense and x.dtype == ms.float32:
             return self.gelu_dense(x, self.fc2.weight, self.fc2.bias)
@@ -118,7 +122,7 @@ class BlockV2(nn.Cell):
         self.norm2 = layer_norm(dim, BLOCK_NORM_EPS)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=drop, extra_relu=linear)
 
-    def construct(self, x, height, width):
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        x = x + self.drop_path(self.mlp(self.norm2(x), height, width))
+    def construct(self, x, height, width, key_bias=None, token_mask=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width, key_bias))
+        x = x + self.drop_path(self.mlp(self.norm2(x), height, width, token_mask))
         return x

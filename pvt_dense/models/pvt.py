@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
+from .buckets import check_bucket, key_bias, pad_tokens
 from .layers import BLOCK_NORM_EPS, EMBED_NORM_EPS, Block, PatchEmbed, dense, layer_norm
 
 # LayerNorm eps of the patch-embedding and spatial-reduction norms, by the code a checkpoint was trained with: the
@@ -96,6 +97,7 @@ class PVTStage(nn.Cell):
             for rate in drop_path_rates
         ])
         self.dim = dim
+        self.sr_ratio = sr_ratio
 
     def resized_pos_embed(self, pos_embed, height, width):
         """(1, gh*gw, C) learned grid -> (1, height*width, C); identity at the pretraining grid."""
@@ -105,8 +107,21 @@ class PVTStage(nn.Cell):
         grid = ops.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
         return grid.reshape(1, self.dim, height * width).transpose(0, 2, 1)
 
-    def construct(self, x, cls_token=None):
+    def bucket_inputs(self, valid_grid, bucket_grid, sr_ratio=None):
+        """The `valid` argument of `construct` for a size bucket (see `pvt_dense.models.buckets`): the position
+        embedding resized to the valid grid and zero beyond it, and the key bias that leaves padded keys out."""
+        height, width = valid_grid
+        pos = self.resized_pos_embed(self.pos_embed, height, width).asnumpy()
+        return (pad_tokens(pos, valid_grid, bucket_grid), key_bias(valid_grid, bucket_grid, self.sr_ratio))
+
+    def construct(self, x, cls_token=None, valid=None):
         tokens, height, width = self.patch_embed(x)
+        if valid is not None:
+            # a size bucket: the embedding of the valid grid comes in (zero beyond it); padded keys are left out
+            tokens = tokens + valid[0]
+            for block in self.blocks:
+                tokens = block(tokens, height, width, valid[1])
+            return tokens, height, width
         if self.with_cls_token:
             pos = ops.concat((self.pos_embed[:, :1], self.resized_pos_embed(self.pos_embed[:, 1:], height, width)), 1)
             cls = ops.broadcast_to(cls_token, (tokens.shape[0], 1, self.dim))
@@ -236,10 +251,26 @@ class PVTBackbone(ChecksImageBatch, nn.Cell):
             for param in stage.get_parameters():
                 param.requires_grad = False
 
-    def construct(self, x):
+    # Whether `bucket_inputs` can make one graph serve many input sizes exactly (see `pvt_dense.models.buckets`).
+    supports_buckets = True
+
+    def bucket_inputs(self, valid_size, bucket_size):
+        """The `valid` argument of `construct` for images whose valid region `valid_size` (h, w: multiples of the
+        last stage's stride) lies top-left in a zero-padded `bucket_size` input: one tuple per stage."""
+        check_bucket(valid_size, bucket_size, self.spec.strides[self.num_stages - 1])
+        return tuple(self.stages[i].bucket_inputs(
+            (valid_size[0] // stride, valid_size[1] // stride), (bucket_size[0] // stride, bucket_size[1] // stride))
+            for i, stride in enumerate(self.spec.strides[:self.num_stages]))
+
+    def construct(self, x, valid=None):
+        """x (B, 3, H, W) -> the selected stage maps. With `valid` (`bucket_inputs`) the maps equal, on the valid
+        region, those of the valid region alone; beyond it they hold values nothing should read."""
         outs = ()
         for i in range(self.num_stages):
-            tokens, height, width = self.stages[i](x)
+            if valid is None:
+                tokens, height, width = self.stages[i](x)
+            else:
+                tokens, height, width = self.stages[i](x, valid=valid[i])
             x = tokens_to_map(tokens, height, width)
             if self.return_flags[i]:
                 outs = outs + (x,)

@@ -12,6 +12,7 @@ from typing import Tuple
 import numpy as np
 from mindspore import nn, ops
 
+from .buckets import key_bias, token_mask
 from .layers import BLOCK_NORM_EPS, EMBED_NORM_EPS, dense, layer_norm
 from .layers_v2 import BlockV2, OverlapPatchEmbed
 from .pvt import ChecksImageBatch, NormEpsStyle, PVTBackbone, drop_path_schedule, tokens_to_map
@@ -75,10 +76,19 @@ class PVTv2Stage(nn.Cell):
         ])
         self.norm = layer_norm(dim, BLOCK_NORM_EPS)
 
-    def construct(self, x):
+    def bucket_inputs(self, valid_grid, bucket_grid):
+        """The `valid` argument of `construct` for a size bucket: the key bias that leaves padded keys out and the
+        token mask that zeroes padding before the MLP's depth-wise conv."""
+        sr_ratio = self.blocks[0].attn.sr_ratio
+        return key_bias(valid_grid, bucket_grid, sr_ratio), token_mask(valid_grid, bucket_grid)
+
+    def construct(self, x, valid=None):
         tokens, height, width = self.patch_embed(x)
         for block in self.blocks:
-            tokens = block(tokens, height, width)
+            if valid is None:
+                tokens = block(tokens, height, width)
+            else:
+                tokens = block(tokens, height, width, valid[0], valid[1])
         return self.norm(tokens), height, width
 
 
@@ -110,6 +120,11 @@ class PVTv2Backbone(PVTBackbone):
     """
 
     stage_builder = staticmethod(build_v2_stages)
+
+    @property
+    def supports_buckets(self):
+        # The linear ("-li") attention pools the whole grid to 7x7: padding changes every key, so no bucket.
+        return not self.spec.linear
 
 
 class PVTv2Classifier(ChecksImageBatch, nn.Cell):

@@ -5,10 +5,13 @@ import math
 import cv2
 import numpy as np
 
+from ..class_names import printable
 from ..data.images import ImageReadError, header_image_size
+from ..data.transforms import network_input_size
+from ..engine.shapes import BucketedForward, ShapeFlexibleForward, tensor_signature
+from ..models.buckets import ALIGN
 from .ade20k import AnnotationError, read_sample
 from .metrics import ConfusionMatrix
-from ..data.transforms import network_input_size
 from .transforms import prepare_test_image, sliding_windows
 
 
@@ -23,6 +26,11 @@ def resize_logits(logits, size):
     for channel, plane in enumerate(logits):
         cv2.resize(plane, (width, height), dst=resized[channel], interpolation=cv2.INTER_LINEAR)
     return resized
+
+
+def crop_logits(outputs, size):
+    """The logits of a size bucket (`BucketedForward`) cropped to the valid region `size`."""
+    return [output[:, :, :size[0], :size[1]] for output in outputs]
 
 
 class Predictor:
@@ -56,10 +64,13 @@ class Predictor:
         self.mode = mode
         self.crop_size = tuple(crop_size)
         self.stride = tuple(stride)
-        self.flexible = None
+        self.flexible = self.bucketed = None
         if forward is None and mode == "whole":
-            from ..engine.shapes import ShapeFlexibleForward
-            self.flexible = ShapeFlexibleForward(network)
+            if getattr(network, "supports_buckets", False) and size_divisor % ALIGN == 0:
+                self.bucketed = BucketedForward(network, crop_logits, compile_pixels=2.0e6)
+                self.flexible = self.bucketed.flexible
+            else:
+                self.flexible = ShapeFlexibleForward(network)
         self.forward = forward if forward is not None else self.network_forward
 
     @property
@@ -71,10 +82,13 @@ class Predictor:
         otherwise nothing to announce)."""
         if self.flexible is None:
             return
-        from ..engine.shapes import tensor_signature
-        for height, width in image_sizes:
-            aligned = network_input_size(height, width, self.scale, self.size_divisor)
-            self.flexible.expect(tensor_signature((1, 3) + aligned))
+        aligned_sizes = [network_input_size(height, width, self.scale, self.size_divisor)
+                         for height, width in image_sizes]
+        if self.bucketed is not None:
+            self.bucketed.expect_sizes(aligned_sizes)
+            return
+        for aligned in aligned_sizes:
+            self.flexible.expect(tensor_signature((1, 3) + tuple(aligned)))
 
     def expect_files(self, paths):
         """`expect_images` with the sizes read from the files' headers (unreadable headers are left out)."""
@@ -83,6 +97,8 @@ class Predictor:
 
     def network_forward(self, array):
         import mindspore as ms
+        if self.bucketed is not None:
+            return self.bucketed(array[None])[0][0]
         run = self.flexible if self.flexible is not None else self.network
         return run(ms.Tensor(np.ascontiguousarray(array[None])))[0].asnumpy()[0]
 
@@ -137,7 +153,9 @@ def evaluate_segmentor(network, samples, num_classes, reduce_zero_label=True, pr
 
 
 def format_results(result, class_names):
-    """The per-class IoU / Acc table and the summary line, as mmseg prints them (percentages)."""
+    """The per-class IoU / Acc table and the summary line, as mmseg prints them (percentages). Names (which may
+    come from a checkpoint) are escaped and cut to 40 characters."""
+    class_names = [printable(name, 40) for name in class_names]
     width = max([len("class")] + [len(name) for name in class_names])
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
 

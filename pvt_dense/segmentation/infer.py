@@ -6,6 +6,9 @@ distinct) three files are written under the output folder: `masks/<name>.png` (c
 `cat.jpg` gives `masks/cat.jpg.png` and `cat.png` its own `masks/cat.png.png`. Nothing lands outside the output
 folder. Files are written atomically; inputs whose three outputs already exist are skipped (rerun after an
 interruption to finish); unreadable images and unusable entries are skipped and reported, the rest still done.
+Outputs that cannot be written (a full disk, a symlink out of the folder in place of one of them) are reported
+apart, as `failed`: the tool exits non-zero for them. An output subfolder that leads out of the output folder is
+refused before any image is read.
 """
 import os
 
@@ -60,34 +63,64 @@ def _encode(path, rgb_or_gray):
     write_atomic(path, encoded.tobytes())
 
 
+def check_output_folders(output_dir):
+    """PVTDenseError when masks/, color/ or overlay/ under `output_dir` leads out of it (a symlink) or is a file."""
+    for kind in OUTPUT_KINDS:
+        folder = os.path.join(output_dir, kind)
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise PVTDenseError(f"output folder {folder!r} exists and is not a folder")
+        try:
+            contained_path(output_dir, kind)
+        except PVTDenseError:
+            raise PVTDenseError(f"output folder {folder!r} leads out of {output_dir!r} (a symlink to "
+                                f"{os.path.realpath(folder)!r}); nothing is written through it: remove it or choose "
+                                "another output folder") from None
+
+
 def infer_images(predictor, input_path, output_dir, num_classes, opacity=0.5, overwrite=False, progress=True):
     """Predict every image named by `input_path` with a `Predictor`; returns a summary dict (written, existing,
-    unreadable: {name: reason}, class_pixels per class over the written images)."""
+    unreadable: {name: reason} of inputs, failed: {name: reason} of outputs that could not be written,
+    class_pixels per class over the written images)."""
     from tqdm import tqdm
     entries = list_image_entries(input_path)
     os.makedirs(output_dir, exist_ok=True)
+    check_output_folders(output_dir)
     colours = palette(num_classes)
-    summary = {"written": [], "existing": [], "unreadable": {}, "class_pixels": np.zeros(num_classes, np.int64)}
+    summary = {"written": [], "existing": [], "unreadable": {}, "failed": {},
+               "class_pixels": np.zeros(num_classes, np.int64)}
     predictor.network.set_train(False)
     if hasattr(predictor, "expect_files"):
         predictor.expect_files(entry.path for entry in entries)
     namer = OutputNamer()
     for entry in tqdm(entries, desc="infer", unit="img", disable=not progress):
-        # One bad entry (a name that leaves nothing, a symlink out of the folder, an unwritable file) is reported
-        # with the unreadable images; the others are still segmented.
+        # One bad entry (a name that leaves nothing, an unreadable image) is reported with the unreadable images,
+        # one output that cannot be written (a symlink out of the folder, a full disk) with the failed ones; the
+        # others are still segmented.
         try:
-            paths = output_paths(output_dir, namer.name_for(entry.name))
-            if not overwrite and all(os.path.isfile(p) for p in paths.values()):
-                summary["existing"].append(entry.name)
-                continue
+            name = namer.name_for(entry.name)
+        except PVTDenseError as err:
+            summary["unreadable"][entry.name] = str(err)
+            continue
+        try:
+            paths = output_paths(output_dir, name)
+        except PVTDenseError as err:
+            summary["failed"][entry.name] = str(err)
+            continue
+        if not overwrite and all(os.path.isfile(p) for p in paths.values()):
+            summary["existing"].append(entry.name)
+            continue
+        try:
             image = read_image(entry.path)
-            mask = predictor.predict(image)
+        except PVTDenseError as err:
+            summary["unreadable"][entry.name] = getattr(err, "reason", None) or str(err)
+            continue
+        mask = predictor.predict(image)
+        try:
             _encode(paths["masks"], mask)
             _encode(paths["color"], colorize(mask, colours))
             _encode(paths["overlay"], overlay(image, mask, colours, opacity))
         except (PVTDenseError, OSError) as err:
-            summary["unreadable"][entry.name] = getattr(err, "reason", None) or getattr(err, "strerror", None) \
-                or str(err)
+            summary["failed"][entry.name] = getattr(err, "strerror", None) or str(err)
             continue
         summary["class_pixels"] += np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
         summary["written"].append(entry.name)

@@ -7,8 +7,10 @@ makes them from a config.
 import mindspore as ms
 from mindspore import nn, ops
 
+from ..models.buckets import level_edges, level_masks
 from .checkpoint import SEGMENTATION_LAYOUT
 from .metrics import IGNORE_INDEX
+from .semfpn_head import replicate_edge
 
 
 class EncoderDecoder(nn.Cell):
@@ -23,8 +25,21 @@ class EncoderDecoder(nn.Cell):
         self.head = head
         self.num_classes = head.num_classes
 
-    def construct(self, images):
-        return self.head(self.neck(self.backbone(images)))
+    @property
+    def supports_buckets(self):
+        return getattr(self.backbone, "supports_buckets", False)
+
+    def bucket_inputs(self, valid_size, bucket_size):
+        """The `valid` argument of `construct` for a valid region in a zero-padded bucket (`models.buckets`):
+        the backbone's, then per neck level a mask and the edge-replicating gather indices."""
+        return (self.backbone.bucket_inputs(valid_size, bucket_size),
+                level_masks(valid_size, bucket_size, self.neck.strides),
+                level_edges(valid_size, bucket_size, self.neck.strides))
+
+    def construct(self, images, valid=None):
+        if valid is None:
+            return self.head(self.neck(self.backbone(images)))
+        return self.head(self.neck(self.backbone(images, valid[0]), valid[1]), valid[1], valid[2])
 
 
 def ignore_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, avg_non_ignore=False):
@@ -67,6 +82,18 @@ class SegmentorInference(nn.Cell):
         super().__init__(auto_prefix=False)
         self.segmentor = segmentor
 
-    def construct(self, images):
-        logits = self.segmentor(images)
+    @property
+    def supports_buckets(self):
+        return getattr(self.segmentor, "supports_buckets", False)
+
+    def bucket_inputs(self, valid_size, bucket_size):
+        return self.segmentor.bucket_inputs(valid_size, bucket_size)
+
+    def construct(self, images, valid=None):
+        """With `valid` (`EncoderDecoder.bucket_inputs`) the logits on the valid region (top-left; the host crops)
+        equal those of the region run alone: the finest level's edge is replicated before the upsampling."""
+        if valid is None:
+            logits = self.segmentor(images)
+        else:
+            logits = replicate_edge(self.segmentor(images, valid), valid[2][0])
         return (ops.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False),)

@@ -12,6 +12,7 @@ from mindspore.common.initializer import HeNormal, Normal, Zero, initializer
 
 from ..errors import ConfigError
 from ..models.conv import MatmulConv2d
+from ..models.fpn import apply_mask
 from .sync_batchnorm import batch_norm
 
 
@@ -56,7 +57,7 @@ class SemanticFPNHead(nn.Cell):
         if num_classes < 1 or channels < 1 or not 0.0 <= dropout_ratio < 1.0:
             raise ConfigError(f"num_classes and channels must be positive and dropout_ratio in [0, 1): "
                               f"{num_classes}, {channels}, {dropout_ratio}")
-        scale_heads = []
+        scale_heads, level_steps = [], []
         for channels_in, stride in zip(in_channels, in_strides):
             steps = math.log2(stride / in_strides[0])
             if not steps.is_integer() or steps < 0:
@@ -67,7 +68,9 @@ class SemanticFPNHead(nn.Cell):
                 if steps > 0:
                     blocks.append(Upsample2x())
             scale_heads.append(nn.SequentialCell(blocks))
+            level_steps.append(int(steps))
         self.scale_heads = nn.CellList(scale_heads)
+        self.level_steps = tuple(level_steps)  # 2x upsamplings of each level (0: conv only)
         self.num_levels = len(in_channels)
         self.num_classes = int(num_classes)
         self.use_dropout = dropout_ratio > 0
@@ -77,10 +80,36 @@ class SemanticFPNHead(nn.Cell):
         self.classifier.bias.set_data(initializer(Zero(), self.classifier.bias.shape))
         self.stride = int(in_strides[0])
 
-    def construct(self, features):
-        output = self.scale_heads[0](features[0])
+    def construct(self, features, masks=None, edges=None):
+        """`masks` and `edges` (size buckets, inference; see `models.buckets`): per level, a (1, 1, h, w) 0/1 mask
+        and the (rows, columns) gather indices that replicate the valid region's edge. Each 3x3 conv then reads
+        zeros beyond the valid region and each 2x upsampling reads the replicated edge, as the region's own run
+        pads and clamps."""
+        if masks is None:
+            output = self.scale_heads[0](features[0])
+        else:
+            output = self.masked_scale_head(0, features[0], masks, edges)
         for i in range(1, self.num_levels):
-            level = self.scale_heads[i](features[i])
+            if masks is None:
+                level = self.scale_heads[i](features[i])
+            else:
+                level = self.masked_scale_head(i, features[i], masks, edges)
             # Odd input sizes floor differently per stride, so the upsampled map can be a pixel off.
             output = output + ops.interpolate(level, size=output.shape[2:], mode="bilinear", align_corners=False)
         return self.classifier(self.dropout(output))
+
+    def masked_scale_head(self, i, x, masks, edges):
+        """Scale head i block by block, at level i, i - 1, ... as it upsamples."""
+        blocks = self.scale_heads[i]
+        steps = self.level_steps[i]
+        if steps == 0:
+            return blocks[0](apply_mask(x, masks, i))
+        for k in range(steps):
+            x = blocks[2 * k](apply_mask(x, masks, i - k))
+            x = blocks[2 * k + 1](replicate_edge(x, edges[i - k]))
+        return x
+
+
+def replicate_edge(x, edge):
+    """(B, C, H, W) with rows and columns beyond the valid region replaced by its last row and column."""
+    return ops.gather(ops.gather(x, edge[0], 2), edge[1], 3)

@@ -661,6 +661,47 @@ static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t 
   return status.load();
 }
 
+// inputs: q, kv, meta, bias (B, M); output: out (see HeadLayout). As PvtAttention, with bias[b, j] added to every
+// score of key j in batch element b before the softmax: -inf (or a large negative number) leaves key j out
+// exactly, which is how padded positions of a size bucket are kept out of the attention (inference only).
+static int PvtAttentionBiasUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                     const char **dtypes, void *, void *) {
+  if (nparam != 5 || !all_float32(5, dtypes)) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *kv = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
+  HeadLayout L;
+  if (!head_layout(ndims, shapes, static_cast<const float *>(params[2]), &L)) return 1;
+  if (L.n == 0 || L.c == 0 || L.batch == 0) return 0;
+  if (L.m == 0) {
+    std::memset(out, 0, sizeof(float) * L.batch * L.n * L.c);
+    return 0;
+  }
+  const int64_t blocks = (L.n + kAttentionRows - 1) / kAttentionRows, m = L.m, d = L.d, c = L.c;
+  std::atomic<int> status{0};
+  parallel_for(L.groups() * blocks, 1, [&](int64_t t0, int64_t t1, int) {
+    std::vector<float> scores(static_cast<size_t>(kAttentionRows * m));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / blocks, r0 = (t % blocks) * kAttentionRows;
+      const int64_t rows = L.n - r0 < kAttentionRows ? L.n - r0 : kAttentionRows;
+      const float *__restrict b = bias + (g / L.heads) * m;
+      float *s = scores.data();
+      if (dnnl_sgemm('N', 'T', rows, m, d, L.scale, q + L.q_at(g, r0), c, kv + L.k_at(g), 2 * c, 0.0f, s, m) != 0)
+        status = 2;
+      for (int64_t r = 0; r < rows; ++r) {
+        float *__restrict sr = s + r * m;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) sr[j] += b[j];
+      }
+      softmax_rows(s, rows, m);
+      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, kv + L.v_at(g), 2 * c, 0.0f, out + L.q_at(g, r0), c) != 0)
+        status = 2;
+    }
+  });
+  return status.load();
+}
+
 // The backward of group g's query rows [r0, r0 + rows): recomputes p = softmax(scale q k^T) for those rows (as the
 // forward did), writes their dq and adds their share of dk and dv into dk_acc and dv_acc (m x d, leading
 // dimension ld). ds = p * (dp - rowsum(dp * p)) with dp = dout v^T. `scratch` holds 2 * rows * m floats.
@@ -808,6 +849,11 @@ PVT_ENTRY(PvtGeluDenseGrad, 6,
 PVT_ENTRY(PvtAttention, 4,
           ndims[0] == 3 && ndims[1] == 3 && shapes[1][0] == shapes[0][0] && shapes[1][2] == 2 * shapes[0][2] &&
               element_count(ndims[2], shapes[2]) == 2 && same_shape(ndims, shapes, 0, 3))
+// q, kv, meta, bias (B, M) -> out like q
+PVT_ENTRY(PvtAttentionBias, 5,
+          ndims[0] == 3 && ndims[1] == 3 && shapes[1][0] == shapes[0][0] && shapes[1][2] == 2 * shapes[0][2] &&
+              element_count(ndims[2], shapes[2]) == 2 && ndims[3] == 2 && shapes[3][0] == shapes[0][0] &&
+              shapes[3][1] == shapes[1][1] && same_shape(ndims, shapes, 0, 4))
 // q, kv, meta, dout like q -> dq like q, dkv like kv
 PVT_ENTRY(PvtAttentionGrad, 6,
           ndims[0] == 3 && ndims[1] == 3 && shapes[1][0] == shapes[0][0] && shapes[1][2] == 2 * shapes[0][2] &&
