@@ -187,14 +187,14 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys, run
                        "256), exit 2 before any model is built; nothing written")
 def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_state, images, tmp_path, capsys,
                                                                        monkeypatch, detect_tool):
-    from pvt_dense.detection import loading
+    from pvt_dense.detection import build
     path = save_mmlab(tmp_path / "names.pth", mmlab_state(detector_state),
                       {"CLASSES": ("cat", "x" * (1 << 20), "dog"), "mmdet_version": "2.13.0"})
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from refused metadata")
 
-    monkeypatch.setattr(loading, "build_retinanet", no_model)
+    monkeypatch.setattr(build, "build_retinanet", no_model)
     status, out, err = detect_tool(path, images, tmp_path / "out", capsys)
     assert status == 2
     line = assert_one_error_line(err)
@@ -271,13 +271,13 @@ NATIVE_META_CASES = [
 @pytest.mark.parametrize("meta, expected", NATIVE_META_CASES)
 def test_native_metadata_is_checked_before_the_detector_is_built(detector_state, images, tmp_path, capsys,
                                                                  monkeypatch, meta, expected, detect_tool):
-    from pvt_dense.detection import loading
+    from pvt_dense.detection import build
     path = native_detector(tmp_path / "meta.ckpt", detector_state, {"task": "detector", **meta})
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from refused metadata")
 
-    monkeypatch.setattr(loading, "build_retinanet", no_model)
+    monkeypatch.setattr(build, "build_retinanet", no_model)
     status, out, err = detect_tool(path, images, tmp_path / "out", capsys)
     assert status == 2
     line = assert_one_error_line(err)
@@ -448,13 +448,13 @@ def test_infer_seg_fails_when_an_output_subfolder_leads_elsewhere(segmentor_ckpt
                        "exit 2 with one 'error:' line naming sub/a.png; the other image drawn and detections.json "
                        "written; nothing written through the symlink")
 def test_infer_det_fails_when_a_drawn_image_cannot_be_written(tmp_path, capsys, monkeypatch, detect_tool):
-    from pvt_dense.detection import infer, loading
+    from pvt_dense.detection import build, infer
 
     class Detector:
         def set_train(self, mode):
             pass
 
-    monkeypatch.setattr(loading, "load_detector_with_names", lambda cfg, path: (Detector(), ["x"], None))
+    monkeypatch.setattr(build, "load_detector_with_names", lambda cfg, path: (Detector(), ["x"], None))
     monkeypatch.setattr(infer, "detect_file", lambda *args: (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                                                              np.zeros(0, np.int64)))
     images, out, elsewhere = tmp_path / "images", tmp_path / "out", tmp_path / "elsewhere"
