@@ -252,7 +252,7 @@ def ours_det_folder(task, case):
 
     forward = TimedForward(detector)
     summary = infer_module.infer_images(detector, task["folder"], task["scratch"], names, inference_settings(cfg),
-                                        cfg.img_scale, cfg.pad_divisor, cfg.mean, cfg.std, category_ids=category_ids,
+                                        cfg.img_scale, cfg.size_divisor, cfg.mean, cfg.std, category_ids=category_ids,
                                         progress=False, forward=forward)
     total = time.perf_counter() - start
     watch.add("build + load weights", loaded - start)

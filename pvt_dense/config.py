@@ -8,6 +8,7 @@ must exist in the schema, every value must have the field's type and lie in its 
 import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -280,9 +281,15 @@ def parse_overrides(args):
     return result
 
 
-def load_config(schema, path=None, overrides=(), defaults=None):
+def renamed_key_note(old, new, origin):
+    """The one line that tells a user an old config key still works and names the key that replaces it."""
+    return f"note: {origin}: config key {old!r} is now {new!r}; the old name still works for now"
+
+
+def load_config(schema, path=None, overrides=(), defaults=None, renamed=None):
     """Defaults of `schema`, then the YAML file at `path`, then `overrides` (pairs or '--key value' words).
 
+    `renamed` maps old key names to the schema's: an old name sets the new key, with a one-line note on stderr.
     Returns a `Config` with every schema key set and checked.
     """
     values = {key: field.default for key, field in schema.items()}
@@ -296,6 +303,9 @@ def load_config(schema, path=None, overrides=(), defaults=None):
         sources.append(("command line", dict(pairs)))
     for origin, data in sources:
         for key, value in data.items():
+            if renamed and key in renamed and key not in schema:
+                print(renamed_key_note(key, renamed[key], origin), file=sys.stderr)
+                key = renamed[key]
             if key not in schema:
                 raise unknown_key_error(key, schema, origin)
             values[key] = coerce(key, schema[key], value, origin)

@@ -334,10 +334,10 @@ def _check_input_shape(net, task, shape):
 
 def check_protocol_shape(task, config, shape):
     """Detector and segmentor graphs take the test protocol's network input: an image resized keeping its ratio
-    and padded (detector: `pad_divisor`) or resized (segmentor: `size_divisor`) to multiples of 32 by default. A
+    and padded (detector) or resized (segmentor) to multiples of `size_divisor` (32 by default). A
     graph at another size could never be fed an image prepared the way the published numbers were measured, so
     it is refused with the nearest sizes that work."""
-    divisor = {"detector": "pad_divisor", "segmentor": "size_divisor"}.get(task)
+    divisor = "size_divisor" if task in ("detector", "segmentor") else None
     step = int(config.get(divisor) or 1) if divisor else 1
     height, width = shape[2], shape[3]
     if step > 1 and (height % step or width % step):
@@ -351,7 +351,7 @@ def check_protocol_shape(task, config, shape):
 
 def detector_shapes_for_images(config, image_sizes, batch=1):
     """The distinct (batch, 3, H, W) network inputs of images of `image_sizes` ((height, width) pairs) under the
-    detection test protocol (keep-ratio resize to `img_scale`, pad to `pad_divisor`), sorted: the shapes to export
+    detection test protocol (keep-ratio resize to `img_scale`, pad to `size_divisor`), sorted: the shapes to export
     so that every one of those images has a graph that reproduces the protocol exactly."""
     from .data.transforms import network_input_size
     shapes = set()
@@ -359,7 +359,7 @@ def detector_shapes_for_images(config, image_sizes, batch=1):
         if int(height) <= 0 or int(width) <= 0:
             raise ExportError(f"image sizes must be positive HxW, got {height}x{width}")
         shapes.add((batch, 3) + tuple(network_input_size(int(height), int(width), tuple(config.img_scale),
-                                                       config.pad_divisor)))
+                                                       config.size_divisor)))
     return sorted(shapes)
 
 
@@ -479,7 +479,7 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
     }
     if task == "detector":
         metadata["protocol"] = (f"reproduces the test protocol for images whose keep-ratio resize to img_scale "
-                                f"{list(config.img_scale)}, padded to multiples of {config.pad_divisor}, is "
+                                f"{list(config.img_scale)}, padded to multiples of {config.size_divisor}, is "
                                 f"{shape[2]}x{shape[3]} (detector_shapes_for_images)")
     if hasattr(net, "feature_info"):
         metadata["feature_info"] = [{"stage": f.stage, "channels": f.channels, "stride": f.stride}

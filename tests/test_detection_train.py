@@ -112,9 +112,9 @@ def test_evaluation_pads_each_image_to_32_and_reuses_a_compiled_graph_per_shape(
     assert "3 images in 2 distinct input shapes; forward: 2 graph compilations" in capsys.readouterr().out
 
 
-@pytest.mark.bad_input("config", "pad_grid that is not a multiple of pad_divisor (48 with 32)",
+@pytest.mark.bad_input("config", "pad_grid that is not a multiple of size_divisor (48 with 32)",
                        "ConfigError naming both keys")
-def test_pad_grid_must_be_a_multiple_of_the_pad_divisor():
-    with pytest.raises(ConfigError, match=r"pad_grid \(48\) must be a multiple of pad_divisor \(32\)"):
+def test_pad_grid_must_be_a_multiple_of_the_size_divisor():
+    with pytest.raises(ConfigError, match=r"pad_grid \(48\) must be a multiple of size_divisor \(32\)"):
         load_detection_config(None, ["--pad_grid", "48"])
     assert load_detection_config(None, ["--pad_grid", "64"]).pad_grid == 64

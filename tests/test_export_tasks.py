@@ -105,14 +105,14 @@ def test_segmentor_mindir_loads_back_and_equals_the_model(config, tmp_path, pyna
 
 # --- input shapes: explicit, and the test protocol's for detectors and segmentors -----------------------------------
 
-@pytest.mark.bad_input("export --shape", "a detector at 1x3x800x1333 (width not a multiple of pad_divisor 32)",
-                       "exit status 2 naming pad_divisor and the nearest sizes (1312, 1344); no file")
+@pytest.mark.bad_input("export --shape", "a detector at 1x3x800x1333 (width not a multiple of size_divisor 32)",
+                       "exit status 2 naming size_divisor and the nearest sizes (1312, 1344); no file")
 def test_detector_shape_off_the_padding_grid_is_refused(tmp_path, capsys):
     from pvt_dense.cli import run_tool as run_with_errors
     status = run_with_errors(export_tool.main, ["--config", DETECTION_CONFIGS[1], "--shape", "1x3x800x1333",
                                                 "--output", str(tmp_path / "det.mindir")])
     error = capsys.readouterr().err
-    assert status == 2 and "pad_divisor 32" in error and "width 1312, 1344" in error
+    assert status == 2 and "size_divisor 32" in error and "width 1312, 1344" in error
     assert os.listdir(tmp_path) == []
 
 
@@ -135,7 +135,7 @@ def test_detector_shapes_for_images_are_what_the_test_pipeline_feeds():
     expected = set()
     for height, width in sizes:
         chw, _, _ = prepare_image(np.zeros((height, width, 3), np.uint8), np.zeros((0, 4), np.float32),
-                                  tuple(cfg.img_scale), pad_divisor=cfg.pad_divisor)
+                                  tuple(cfg.img_scale), pad_divisor=cfg.size_divisor)
         expected.add((1, 3) + chw.shape[1:])
     shapes = detector_shapes_for_images(cfg, sizes)
     assert shapes == sorted(expected) and (1, 3, 800, 1088) in shapes and (1, 3, 1088, 800) in shapes

@@ -29,7 +29,7 @@ def main(argv=None):
     ensure_output_dir(cfg.output)
     detector, class_names, category_ids = load_detector_with_names(cfg, cfg.ckpt_path)
     summary = infer_images(detector, cfg.input, cfg.output, class_names, inference_settings(cfg), cfg.img_scale,
-                           cfg.pad_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,
+                           cfg.size_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,
                            progress=cfg.progress_bar)
     print(f"{len(summary['written'])} images with detections drawn in {cfg.output}; all detections in "
           f"{summary['json']}; {summary['input_shapes']} distinct input shapes"

@@ -36,7 +36,7 @@ def build_retinanet_head(neck, cfg, num_classes):
         raise ConfigError(f"the RetinaNet head is shared across levels and needs equal channels, the neck gives "
                           f"{neck.out_channels}")
     return RetinaNetHead(neck.out_channels[0], num_classes, num_anchors=len(cfg.anchor_ratios) *
-                         cfg.anchor_scales_per_octave, feat_channels=cfg.head_feat_channels,
+                         cfg.anchor_scales_per_octave, feat_channels=cfg.head_channels,
                          stacked_convs=cfg.head_stacked_convs, prior_prob=cfg.head_prior_prob)
 
 

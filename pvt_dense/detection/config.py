@@ -42,11 +42,11 @@ DETECTION_SCHEMA = {
     "num_classes": Field(80, int, "must match the categories of the annotation file", low=1),
     "img_scale": Field([1333, 800], list, "(long, short) bound of the keep-ratio resize", item=int, length=2,
                        low=32),
-    "pad_divisor": Field(32, int, "each image is padded to a multiple of this (mmdetection's test protocol)",
+    "size_divisor": Field(32, int, "each image is padded to a multiple of this (mmdetection's test protocol)",
                          low=1),
     "pad_grid": Field(128, int, "training batches pad to their largest image, sides rounded up to a multiple of "
-                      "this (a multiple of pad_divisor; bounds the compiled batch shapes)", low=1),
-    "flip_ratio": Field(0.5, float, low=0.0, high=1.0),
+                      "this (a multiple of size_divisor; bounds the compiled batch shapes)", low=1),
+    "flip_prob": Field(0.5, float, low=0.0, high=1.0),
     "mean": Field(list(IMAGENET_MEAN), list, item=float, length=3),
     "std": Field(list(IMAGENET_STD), list, item=float, length=3, low=1e-6),
     "max_gt": Field(100, int, "ground truth boxes per image (padded for graph mode; more are capped)", low=1),
@@ -58,7 +58,7 @@ DETECTION_SCHEMA = {
     "neck_num_outs": Field(5, int, low=1),
     "neck_extra_convs": Field("on_input", str, choices=("on_input", "on_lateral", "on_output")),
     "head": Field("retinanet", str, choices=tuple(HEAD_BUILDERS)),
-    "head_feat_channels": Field(256, int, low=1),
+    "head_channels": Field(256, int, low=1),
     "head_stacked_convs": Field(4, int, low=0),
     "head_prior_prob": Field(0.01, float, low=1e-6, high=0.5),
     "anchor_octave_base_scale": Field(4.0, float, low=1e-3),
@@ -92,16 +92,22 @@ INFER_FIELDS = {
 }
 
 
+# Old key -> the key the three tasks now share for the concept (mmdetection 3.x / mmsegmentation 1.x names); the old
+# names still load, with a one-line note.
+RENAMED_KEYS = {"flip_ratio": "flip_prob", "pad_divisor": "size_divisor", "head_feat_channels": "head_channels"}
+
+
 def load_detection_config(path=None, overrides=(), defaults=None, extra_fields=None):
     """A checked detection config; `extra_fields` adds a tool's own keys (EVAL_FIELDS, INFER_FIELDS)."""
-    cfg = load_config({**DETECTION_SCHEMA, **(extra_fields or {})}, path, overrides, defaults=defaults)
+    cfg = load_config({**DETECTION_SCHEMA, **(extra_fields or {})}, path, overrides, defaults=defaults,
+                      renamed=RENAMED_KEYS)
     check_backbone_options(cfg)
     if cfg.neg_iou_thr > cfg.pos_iou_thr:
         raise ConfigError(f"neg_iou_thr ({cfg.neg_iou_thr}) must not exceed pos_iou_thr ({cfg.pos_iou_thr})")
     if list(cfg.lr_steps) != sorted(cfg.lr_steps):
         raise ConfigError(f"lr_steps must be increasing epochs, got {cfg.lr_steps}")
-    if cfg.pad_grid % cfg.pad_divisor:
-        raise ConfigError(f"pad_grid ({cfg.pad_grid}) must be a multiple of pad_divisor ({cfg.pad_divisor})")
+    if cfg.pad_grid % cfg.size_divisor:
+        raise ConfigError(f"pad_grid ({cfg.pad_grid}) must be a multiple of size_divisor ({cfg.size_divisor})")
     if not cfg.anchor_ratios:
         raise ConfigError("anchor_ratios needs at least one ratio")
     return cfg

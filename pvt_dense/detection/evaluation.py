@@ -195,7 +195,7 @@ def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale
 
 
 def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
-    return evaluate_detector(detector, dataset, inference_settings(cfg), tuple(cfg.img_scale), cfg.pad_divisor,
+    return evaluate_detector(detector, dataset, inference_settings(cfg), tuple(cfg.img_scale), cfg.size_divisor,
                              tuple(cfg.mean), tuple(cfg.std), cfg.max_eval_images, results_json=results_json,
                              verbose=verbose, progress=cfg.progress_bar)
 

@@ -28,7 +28,7 @@ class DetectionRun:
         self.train_set = open_dataset(cfg, "train")
         self.val_set = open_dataset(cfg, "val") if cfg.val_ann and self.rank == 0 else None
         self.source = DetectionBatchSource(self.train_set, cfg.batch_size, cfg.max_gt, tuple(cfg.img_scale),
-                                           cfg.pad_divisor, cfg.flip_ratio, tuple(cfg.mean), tuple(cfg.std), cfg.seed,
+                                           cfg.size_divisor, cfg.flip_prob, tuple(cfg.mean), tuple(cfg.std), cfg.seed,
                                            self.rank, self.world_size, pad_grid=cfg.pad_grid)
         steps = self.source.steps_per_epoch
         self.total_iters = cfg.max_iters or cfg.epochs * steps

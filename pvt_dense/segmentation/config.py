@@ -32,7 +32,7 @@ SEGMENTATION_FIELDS = {
     "power": Field(0.9, float, "poly lr decay power", low=0.0),
     "min_lr": Field(0.0, float, low=0.0),
     "eval_interval": Field(4000, int, "iterations between evaluations on val_split (0: only at the end)", low=0),
-    "eval_max_images": Field(0, int, "evaluate during training on the first N validation images (0: all)", low=0),
+    "max_eval_images": Field(0, int, "evaluate during training on the first N validation images (0: all)", low=0),
     "load_from": LOAD_FROM_FIELD,
     # training pipeline
     "train_scale": Field([2048, 512], list, "(long, short) bounds of the keep-ratio rescale", item=int, length=2,
@@ -69,10 +69,14 @@ INFER_FIELDS = {
 }
 
 
+# Old key -> the key the three tasks now share for the concept; the old name still loads, with a one-line note.
+RENAMED_KEYS = {"eval_max_images": "max_eval_images"}
+
+
 def load_segmentation_config(path=None, overrides=(), defaults=None, extra_fields=None):
     """A checked segmentation config; `extra_fields` adds a tool's own keys (EVAL_FIELDS, INFER_FIELDS)."""
     cfg = load_config({**SEGMENTATION_SCHEMA, **(extra_fields or {})}, path, overrides,
-                      defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})})
+                      defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})}, renamed=RENAMED_KEYS)
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"class_names has {len(cfg.class_names)} names but num_classes is {cfg.num_classes}")
     if cfg.ratio_range[0] > cfg.ratio_range[1]:

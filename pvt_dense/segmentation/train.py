@@ -28,8 +28,8 @@ class SegmentationRun:
         self.class_names = class_names_of(cfg)
         train_samples = list_samples(cfg.data_dir, cfg.train_split)
         self.val_samples = list_samples(cfg.data_dir, cfg.val_split) if self.rank == 0 else []
-        if cfg.eval_max_images:
-            self.val_samples = self.val_samples[:cfg.eval_max_images]
+        if cfg.max_eval_images:
+            self.val_samples = self.val_samples[:cfg.max_eval_images]
         transform = TrainTransform(cfg.train_scale, cfg.ratio_range, cfg.crop_size, cfg.cat_max_ratio,
                                    cfg.flip_prob, cfg.photometric)
         self.source = SegmentationBatchSource(train_samples, transform, cfg.num_classes, cfg.reduce_zero_label,
