@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .atomic import write_atomic
 from .data.images import header_image_size, list_image_entries, read_image, resolve_max_pixels
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_positive, preprocess_dense, rescaled_size
-from .engine.shapes import BucketedForward, ShapeFlexibleForward, ShapeStats, tensor_signature
+from .engine.shapes import DEFAULT_MAX_GRAPHS, BucketedForward, ShapeFlexibleForward, ShapeStats, tensor_signature
 from .errors import ConfigError, PVTDenseError
 from .models import create_backbone
 from .models.factory import get_spec
@@ -253,8 +253,8 @@ class SizedForward:
     """A backbone run per input size through a `ShapeFlexibleForward`, with `BucketedForward`'s interface:
     `expect_sizes` and numpy batches in, numpy maps out (for backbones that cannot run in size buckets)."""
 
-    def __init__(self, net):
-        self.flexible = ShapeFlexibleForward(net)
+    def __init__(self, net, policy="auto", max_graphs=DEFAULT_MAX_GRAPHS):
+        self.flexible = ShapeFlexibleForward(net, policy, max_graphs=max_graphs)
         self.stats = self.flexible.stats
 
     def expect_sizes(self, sizes):

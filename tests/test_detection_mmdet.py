@@ -484,11 +484,12 @@ def test_infer_det_command_line_gives_mmdetections_detections_for_an_mmdetection
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{len(photos)} distinct input shapes" in run.stdout
     with open(out / "detections.json") as handle:
-        detections = json.load(handle)["images"]
+        written = json.load(handle)
+    detections, names = written["images"], {c["label"]: c["name"] for c in written["classes"]}
     for name, instances in expected.items():
         ours = detections[name]["detections"]
         assert 0 < len(ours) == len(instances.scores), name
-        assert [d["class_name"] for d in ours] == [classes[k] for k in instances.labels.tolist()], name
+        assert [names[d["label"]] for d in ours] == [classes[k] for k in instances.labels.tolist()], name
         np.testing.assert_allclose([d["score"] for d in ours], instances.scores.numpy(), atol=1e-5, err_msg=name)
         np.testing.assert_allclose([d["bbox_xyxy"] for d in ours], instances.bboxes.numpy(), atol=6e-3, rtol=1e-5,
                                    err_msg=name)

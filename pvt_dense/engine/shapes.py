@@ -42,7 +42,7 @@ from typing import Dict, List
 
 import mindspore as ms
 import numpy as np
-from mindspore.common.api import _cell_graph_executor
+from mindspore.graph.api import _cell_graph_executor  # releases compiled graphs (Cell.__del__ does the same)
 
 from ..models.buckets import plan_buckets
 
@@ -350,7 +350,9 @@ class BucketedForward:
     def valid_inputs(self, size, bucket):
         key = (size, bucket)
         if key not in self._inputs:
-            self._inputs[key] = _tensors(self.cell.bucket_inputs(size, bucket))
+            # mutable: tensors inside a tuple argument are otherwise compile-time constants, and every new valid
+            # size (every new Tensor object even) would compile a graph of its own
+            self._inputs[key] = ms.mutable(_tensors(self.cell.bucket_inputs(size, bucket)))
             while len(self._inputs) > 8:
                 self._inputs.popitem(last=False)
         self._inputs.move_to_end(key)
