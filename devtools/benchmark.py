@@ -24,7 +24,6 @@ import io
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pvt_dense.models.layers_v2 import LINEAR_POOL_SIZE
 from pvt_dense.models.pvt_v2 import PVTv2Spec
 
 from .hf_reference import NUM_CLASSES, hf_classifier, official_dense_hf_backbone
+from .timing import current_rss_mb, peak_rss_mb, set_mindspore_threads, time_calls
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,41 +203,6 @@ def summarize_times(seconds):
             "spread": (p75 - p25) / median if median > 0 else 0.0, "repeats": len(values)}
 
 
-def time_calls(call, warmup, repeats, max_seconds=None, min_repeats=3):
-    """Per-call wall times of `call()` after `warmup` untimed calls (the first one compiles, timed separately).
-
-    Stops early once `min_repeats` calls are done and `max_seconds` of timed calls have passed, so the large cases
-    stay bounded. Returns (first_call_seconds, [seconds per timed call]).
-    """
-    start = time.perf_counter()
-    call()
-    first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        call()
-    times, spent = [], 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-        spent += times[-1]
-        if max_seconds is not None and spent > max_seconds and len(times) >= min_repeats:
-            break
-    return first, times
-
-
-def peak_rss_mb():
-    """This process's peak resident set size in MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def current_rss_mb():
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Workers: each runs in its own process
 
@@ -246,22 +211,13 @@ def task_case(task):
     return BenchCase(**task["case_spec"])
 
 
-def _set_mindspore_threads(threads):
-    import mindspore as ms
-    try:
-        from mindspore.device_context.cpu.op_tuning import threads_num
-        threads_num(threads)
-    except (ImportError, AttributeError, RuntimeError):
-        ms.set_context(runtime_num_threads=threads)
-
-
 def _mindspore_worker(task):
     import mindspore as ms
     from mindspore import nn
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    _set_mindspore_threads(task["threads"])
+    set_mindspore_threads(task["threads"])
     from pvt_dense.models import create_backbone, create_model
     from pvt_dense.models.fast_ops import fast_ops_status
     case = task_case(task)
@@ -330,7 +286,7 @@ def _mindspore_profile_worker(task):
     import mindspore as ms
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    _set_mindspore_threads(task["threads"])
+    set_mindspore_threads(task["threads"])
     from pvt_dense.models import create_backbone
     case = task_case(task)
     net = create_backbone(task["model"])

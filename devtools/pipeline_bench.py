@@ -7,7 +7,7 @@ The folder cases time what a user waits for: from building the model and loading
 result (graph compilations included), in a fresh process whose imports are not counted. Both sides read the same
 files and the same checkpoint: an mmdetection (mmsegmentation) model is built with random weights, saved as an
 mmengine checkpoint, loaded by mmdet's `init_detector` (mmseg's `init_model`) and by our whole-model loader
-(`pvt_dense.checkpoint.dense`), so both detect (segment) the same things. The photos are made from scikit-image's
+(`pvt_dense.checkpoint.whole_model`), so both detect (segment) the same things. The photos are made from scikit-image's
 sample photos, cropped and resized to sizes of both orientations, written as JPEG and PNG.
 
 mmcv-lite has no compiled operators: the mmlab side runs with the torchvision-based NMS stand-in of
@@ -19,11 +19,12 @@ import time
 
 import numpy as np
 
+from pvt_dense.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 # Sizes (height, width) of the photo folder: portrait, landscape and square, COCO-like (<= 640 a side) and larger.
 PHOTO_SIZES = ((480, 640), (640, 480), (427, 640), (640, 427), (375, 500), (500, 333), (360, 640), (612, 612),
                (300, 700), (720, 540), (333, 500), (512, 384), (240, 320), (800, 600))
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left")
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 COCO_CLASSES = 80
 ADE_CLASSES = 150
 
@@ -89,8 +90,8 @@ def mmdet_retinanet_config(spec, img_scale=(1333, 800), num_classes=COCO_CLASSES
     from mmengine.config import Config
     model = dict(
         type="RetinaNet",
-        data_preprocessor=dict(type="DetDataPreprocessor", mean=list(MEAN), std=list(STD), bgr_to_rgb=True,
-                               pad_size_divisor=32),
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                               bgr_to_rgb=True, pad_size_divisor=32),
         backbone=mmdet_pvt_backbone(spec),
         neck=dict(type="FPN", in_channels=list(spec.embed_dims), out_channels=256, start_level=1,
                   add_extra_convs="on_input", num_outs=5),
@@ -120,8 +121,8 @@ def mmseg_semantic_fpn_config(spec, scale=(2048, 512), num_classes=ADE_CLASSES):
     backbone = dict(mmdet_pvt_backbone(spec), type="mmdet.PyramidVisionTransformer")
     model = dict(
         type="EncoderDecoder",
-        data_preprocessor=dict(type="SegDataPreProcessor", mean=list(MEAN), std=list(STD), bgr_to_rgb=True,
-                               size_divisor=32, pad_val=0, seg_pad_val=255),
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                               bgr_to_rgb=True, size_divisor=32, pad_val=0, seg_pad_val=255),
         backbone=backbone,
         neck=dict(type="FPN", in_channels=list(spec.embed_dims), out_channels=256, num_outs=4),
         decode_head=dict(type="FPNHead", in_channels=[256] * 4, in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
@@ -213,12 +214,12 @@ def _ours_context(threads):
     import mindspore as ms
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    from .benchmark import _set_mindspore_threads
-    _set_mindspore_threads(threads)
+    from .timing import set_mindspore_threads
+    set_mindspore_threads(threads)
 
 
 def _detection_cfg(model, case, config=None):
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
     path = config or os.path.join(REPOSITORY_ROOT, "configs", "detection", f"retinanet_{model}_fpn_1x_coco.yaml")
     return load_detection_config(path, [("mode", 0), ("distribute", False), ("pretrained", ""),
                                         ("progress_bar", False), ("img_scale", [case["width"], case["height"]])])
@@ -227,8 +228,8 @@ def _detection_cfg(model, case, config=None):
 def ours_det_folder(task, case):
     _ours_context(task["threads"])
     from pvt_dense.detection import infer as infer_module
-    from pvt_dense.detection.recipe import inference_settings
-    from pvt_dense.detection.loading import load_detector_with_names
+    from pvt_dense.detection.config import inference_settings
+    from pvt_dense.detection.build import load_detector_with_names
     watch = Stopwatch()
     stamps = []
     for name, part in (("read_image", "read"), ("prepare_image", "resize, normalise, pad"),
@@ -251,7 +252,7 @@ def ours_det_folder(task, case):
 
     forward = TimedForward(detector)
     summary = infer_module.infer_images(detector, task["folder"], task["scratch"], names, inference_settings(cfg),
-                                        cfg.img_scale, cfg.pad_divisor, cfg.mean, cfg.std, category_ids=category_ids,
+                                        cfg.img_scale, cfg.size_divisor, cfg.mean, cfg.std, category_ids=category_ids,
                                         progress=False, forward=forward)
     total = time.perf_counter() - start
     watch.add("build + load weights", loaded - start)
@@ -268,8 +269,8 @@ def ours_seg_folder(task, case):
     _ours_context(task["threads"])
     from pvt_dense.segmentation import evaluation as seg_evaluation
     from pvt_dense.segmentation import infer as infer_module
-    from pvt_dense.segmentation.recipe import (load_segmentation_config, load_trained_segmentor_with_report,
-                                               predictor_options)
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.config import load_segmentation_config, predictor_options
     from pvt_dense.segmentation.segmentor import SegmentorInference
     watch = Stopwatch()
     stamps = []
@@ -355,12 +356,12 @@ def ours_det_train(task, case):
     _ours_context(task["threads"])
     import mindspore as ms
 
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.build import build_retinanet
     from pvt_dense.detection.transforms import pad_targets
-    from pvt_dense.engine.recipe import build_adamw
+    from pvt_dense.engine.optim import build_adamw
     from pvt_dense.engine.train_step import TrainStep
 
-    from .benchmark import time_calls
+    from .timing import time_calls
     cfg = _detection_cfg(task["model"], case)
     _, train_net = build_retinanet(cfg, COCO_CLASSES, load_pretrained=False)
     optimizer = build_adamw(train_net, cfg, [cfg.lr] * 1000)
@@ -464,7 +465,7 @@ def theirs_det_train(task, case):
     _torch_context(task["threads"])
     import torch
 
-    from .benchmark import time_calls
+    from .timing import time_calls
     from .mmlab_stand_in import import_mmdet
     import_mmdet()
     from mmdet.registry import MODELS

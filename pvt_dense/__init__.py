@@ -1,8 +1,7 @@
 """pvt_dense: the Pyramid Vision Transformer (PVT v1 and v2) as a dense-prediction backbone on MindSpore."""
-__version__ = "0.1.0"
-
 from .models import (MODEL_SPECS, PVT_SPECS, PVT_V2_SPECS, FeatureInfo, PVTBackbone, PVTClassifier, PVTSpec,
                      PVTv2Backbone, PVTv2Classifier, PVTv2Spec, create_backbone, create_model, list_models)
+from .version import __version__
 
 __all__ = ["__version__", "create_backbone", "create_model", "list_models", "MODEL_SPECS", "PVT_SPECS", "PVTSpec",
            "PVTBackbone", "PVTClassifier", "FeatureInfo", "PVT_V2_SPECS", "PVTv2Spec", "PVTv2Backbone",

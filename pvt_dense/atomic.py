@@ -1,5 +1,8 @@
 """Whole files or nothing: every file pvt_dense writes for a user goes through a temporary file in the same folder
-and one `os.replace`, so a crash or a kill never leaves a half-written file under the final name."""
+and one `os.replace`, so a crash or a kill never leaves a half-written file under the final name: `write_atomic`
+when pvt_dense writes the bytes, `publish` when a library writes the temporary by name (MindSpore's checkpoints
+and exports)."""
+import glob
 import os
 import uuid
 
@@ -58,3 +61,25 @@ def write_atomic(path, data=None, writer=None, durable=True, prefix=TEMP_PREFIX,
     if durable:
         fsync_directory(os.path.dirname(os.path.abspath(path)))
     return path
+
+
+def remove_temporaries(temp_path):
+    """Remove a temporary and whatever MindSpore derived from its name (it writes `<stem>.tmp`, then renames)."""
+    stem = os.path.splitext(temp_path)[0]
+    for leftover in glob.glob(glob.escape(stem) + ".*"):
+        try:
+            os.remove(leftover)
+        except OSError:
+            pass
+
+
+def publish(temp_path, final_path):
+    """Make a finished temporary (one that a library wrote by name, e.g. MindSpore's `save_checkpoint`) visible
+    under its final name: fsync, `os.replace`, fsync the folder; on failure the temporary is removed."""
+    try:
+        fsync_file(temp_path)
+        os.replace(temp_path, final_path)
+    except BaseException:
+        remove_temporaries(temp_path)
+        raise
+    fsync_directory(os.path.dirname(os.path.abspath(final_path)))

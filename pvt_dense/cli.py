@@ -2,16 +2,12 @@
 import os
 import sys
 
+from .messages import first_line
+
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings drown the tools' own output
 
 
 TRACEBACK_ENV = "PVT_DENSE_TRACEBACK"
-
-
-def _first_line(err, limit=300):
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def run_tool(main, argv=None):
@@ -34,12 +30,12 @@ def run_tool(main, argv=None):
         return 2
     except OSError as err:
         where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-        print(f"error: {where}{err.strerror or _first_line(err)}", file=sys.stderr)
+        print(f"error: {where}{err.strerror or first_line(err, 300)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001  (the promise: one line, whatever went wrong)
         if os.environ.get(TRACEBACK_ENV):
             raise
-        print(f"error: unexpected {type(err).__name__}: {_first_line(err)} (set {TRACEBACK_ENV}=1 for the "
+        print(f"error: unexpected {type(err).__name__}: {first_line(err, 300)} (set {TRACEBACK_ENV}=1 for the "
               "traceback)", file=sys.stderr)
         return 1
 

@@ -8,23 +8,20 @@ must exist in the schema, every value must have the field's type and lie in its 
 import difflib
 import math
 import os
-import reprlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import yaml
 
+from .atomic import write_atomic
 from .errors import ConfigError
+from .messages import short_repr
 
 # Every int a config holds ends up in numpy, MindSpore or a C library: nothing beyond int64 is meaningful.
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 # A config has tens of values; YAML aliases can make a few hundred bytes stand for billions ("billion laughs").
 MAX_YAML_VALUES = 100_000
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
-_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = 8
-_SHORT_REPR.maxlevel = 3
-
 TRUE_WORDS = {"true", "yes", "y", "on", "1"}
 FALSE_WORDS = {"false", "no", "n", "off", "0"}
 
@@ -61,12 +58,6 @@ class Field:
         elif self.high is not None:
             bounds = f" <= {self.high}"
         return name + bounds + (" or null" if self.optional else "")
-
-
-def short_repr(value, limit=200):
-    """repr of an untrusted value, bounded in length whatever its size or nesting (shared YAML aliases included)."""
-    text = _SHORT_REPR.repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -290,9 +281,15 @@ def parse_overrides(args):
     return result
 
 
-def load_config(schema, path=None, overrides=(), defaults=None):
+def renamed_key_note(old, new, origin):
+    """The one line that tells a user an old config key still works and names the key that replaces it."""
+    return f"note: {origin}: config key {old!r} is now {new!r}; the old name still works for now"
+
+
+def load_config(schema, path=None, overrides=(), defaults=None, renamed=None):
     """Defaults of `schema`, then the YAML file at `path`, then `overrides` (pairs or '--key value' words).
 
+    `renamed` maps old key names to the schema's: an old name sets the new key, with a one-line note on stderr.
     Returns a `Config` with every schema key set and checked.
     """
     values = {key: field.default for key, field in schema.items()}
@@ -306,6 +303,9 @@ def load_config(schema, path=None, overrides=(), defaults=None):
         sources.append(("command line", dict(pairs)))
     for origin, data in sources:
         for key, value in data.items():
+            if renamed and key in renamed and key not in schema:
+                print(renamed_key_note(key, renamed[key], origin), file=sys.stderr)
+                key = renamed[key]
             if key not in schema:
                 raise unknown_key_error(key, schema, origin)
             values[key] = coerce(key, schema[key], value, origin)
@@ -314,8 +314,4 @@ def load_config(schema, path=None, overrides=(), defaults=None):
 
 def dump_config(config, path):
     """Write the resolved config next to the run's outputs, atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(dict(config), handle, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, yaml.safe_dump(dict(config), sort_keys=False).encode("utf-8"))

@@ -25,9 +25,9 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
     """Steps 1-2: the digits dataset, training (resumable), validation. Returns (model, best checkpoint, result)."""
-    from .classification.recipe import load_classification_config
+    from .classification.config import load_classification_config
     from .classification.train import train_classifier
-    from .classification.validate import validate_classifier
+    from .classification.evaluation import validate_classifier
     from .data.digits import make_digits_imagenet
 
     data_dir = os.path.join(output_dir, "digits")
@@ -101,7 +101,7 @@ def output_folders(output_dir, tasks):
 def run_demo(output_dir="outputs/demo", short_side=320, max_long_side=512, tasks=DENSE_TASKS):
     import mindspore as ms
 
-    from .data.samples import sample_images
+    from .data.sample_photos import sample_images
     from .demo_summary import build_summary
     from .features import export_features
     from .models import create_backbone

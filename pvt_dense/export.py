@@ -32,13 +32,13 @@ from typing import Callable
 import numpy as np
 from mindspore import nn, ops
 
-from .atomic import fsync_directory, fsync_file, write_atomic
+from .atomic import publish, write_atomic
 from .config import Field, load_config
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError, PVTDenseError
+from .version import __version__
 
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 class ExportError(PVTDenseError):
@@ -88,7 +88,7 @@ def build_backbone(config, ckpt_path):
 # --- classifier ---------------------------------------------------------------------------------------------------
 
 def load_classifier_config(path, overrides, model_name):
-    from .classification.recipe import load_classification_config
+    from .classification.config import load_classification_config
     return load_classification_config(path, overrides, defaults={"model": model_name} if model_name else None)
 
 
@@ -106,16 +106,16 @@ def _config_file_needed(task, path, folder):
 
 def load_detector_config(path, overrides, model_name):
     _config_file_needed("detector", path, "detection")
-    from .detection.recipe import load_detection_config
+    from .detection.config import load_detection_config
     return load_detection_config(path, overrides)
 
 
 def build_detector(config, ckpt_path):
     """RetinaNet with the weights of a training checkpoint (or the config's backbone weights and a fresh head)."""
     if ckpt_path:
-        from .detection.loading import load_detector
+        from .detection.build import load_detector
         return load_detector(config, ckpt_path)
-    from .detection.recipe import build_retinanet
+    from .detection.build import build_retinanet
     detector, _ = build_retinanet(config)
     detector.set_train(False)
     return detector
@@ -123,13 +123,13 @@ def build_detector(config, ckpt_path):
 
 def load_segmentor_config(path, overrides, model_name):
     _config_file_needed("segmentor", path, "segmentation")
-    from .segmentation.recipe import load_segmentation_config
+    from .segmentation.config import load_segmentation_config
     return load_segmentation_config(path, overrides)
 
 
 def build_segmentor(config, ckpt_path):
     """Semantic FPN (BatchNorm statistics included) returning logits upsampled to the input size."""
-    from .segmentation.recipe import build_segmentor as build_network, load_trained_segmentor
+    from .segmentation.build import build_segmentor as build_network, load_trained_segmentor
     from .segmentation.segmentor import SegmentorInference
     network = load_trained_segmentor(config, ckpt_path) if ckpt_path else build_network(config)
     network.set_train(False)
@@ -334,10 +334,10 @@ def _check_input_shape(net, task, shape):
 
 def check_protocol_shape(task, config, shape):
     """Detector and segmentor graphs take the test protocol's network input: an image resized keeping its ratio
-    and padded (detector: `pad_divisor`) or resized (segmentor: `size_divisor`) to multiples of 32 by default. A
+    and padded (detector) or resized (segmentor) to multiples of `size_divisor` (32 by default). A
     graph at another size could never be fed an image prepared the way the published numbers were measured, so
     it is refused with the nearest sizes that work."""
-    divisor = {"detector": "pad_divisor", "segmentor": "size_divisor"}.get(task)
+    divisor = "size_divisor" if task in ("detector", "segmentor") else None
     step = int(config.get(divisor) or 1) if divisor else 1
     height, width = shape[2], shape[3]
     if step > 1 and (height % step or width % step):
@@ -351,15 +351,15 @@ def check_protocol_shape(task, config, shape):
 
 def detector_shapes_for_images(config, image_sizes, batch=1):
     """The distinct (batch, 3, H, W) network inputs of images of `image_sizes` ((height, width) pairs) under the
-    detection test protocol (keep-ratio resize to `img_scale`, pad to `pad_divisor`), sorted: the shapes to export
+    detection test protocol (keep-ratio resize to `img_scale`, pad to `size_divisor`), sorted: the shapes to export
     so that every one of those images has a graph that reproduces the protocol exactly."""
-    from .detection.evaluation import padded_test_size
+    from .data.transforms import network_input_size
     shapes = set()
     for height, width in image_sizes:
         if int(height) <= 0 or int(width) <= 0:
             raise ExportError(f"image sizes must be positive HxW, got {height}x{width}")
-        shapes.add((batch, 3) + tuple(padded_test_size(int(height), int(width), tuple(config.img_scale),
-                                                       config.pad_divisor)))
+        shapes.add((batch, 3) + tuple(network_input_size(int(height), int(width), tuple(config.img_scale),
+                                                       config.size_divisor)))
     return sorted(shapes)
 
 
@@ -460,13 +460,10 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
             output_shapes = None  # read them from the file with onnx / onnxruntime
         else:
             output_shapes = _output_shapes(written, shape)
-        fsync_file(written)
-        os.replace(written, output)
-        fsync_directory(folder)
+        publish(written, output)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    import pvt_dense
     metadata = {
         "task": task, "model": config.get("model") or config.get("backbone"), "format": file_format,
         "file": os.path.basename(output),
@@ -477,12 +474,12 @@ def export_model(config_or_model, output, shape, task=None, ckpt_path=None, file
         "outputs": [{"shape": o, "dtype": "float32"} for o in output_shapes] if output_shapes else None,
         "outputs_meaning": EXPORT_TASKS[task].outputs, "checkpoint": os.path.abspath(ckpt_path) if ckpt_path else None,
         "checkpoint_sha256": sha256_of(ckpt_path) if ckpt_path else None, "verified_max_abs_diff": max_diff,
-        "versions": {"pvt_dense": pvt_dense.__version__, "mindspore": ms.__version__,
+        "versions": {"pvt_dense": __version__, "mindspore": ms.__version__,
                      "python": sys.version.split()[0]},
     }
     if task == "detector":
         metadata["protocol"] = (f"reproduces the test protocol for images whose keep-ratio resize to img_scale "
-                                f"{list(config.img_scale)}, padded to multiples of {config.pad_divisor}, is "
+                                f"{list(config.img_scale)}, padded to multiples of {config.size_divisor}, is "
                                 f"{shape[2]}x{shape[3]} (detector_shapes_for_images)")
     if hasattr(net, "feature_info"):
         metadata["feature_info"] = [{"stage": f.stage, "channels": f.channels, "stride": f.stride}

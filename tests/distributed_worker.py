@@ -2,10 +2,10 @@
 import sys
 from pathlib import Path
 
-from pvt_dense.classification.recipe import load_classification_config
-from pvt_dense.classification.train import Trainer
+from pvt_dense.classification.config import load_classification_config
+from pvt_dense.classification.train import ClassificationRun
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parents[1]
     cfg = load_classification_config(root / "configs/classification/pvt_tiny.yaml", sys.argv[1:])
-    Trainer(cfg).fit()
+    ClassificationRun(cfg).fit()

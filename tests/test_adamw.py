@@ -41,7 +41,7 @@ def run_torch(weights, grads, lr, eps, decay=0.05, groups=True):
         arg = [{"params": params, "weight_decay": decay}]
     optimizer = torch.optim.AdamW(arg, lr=lr, eps=eps)
     for step in grads:
-        for p, g in zip(params, step):
+        for p, g in zip(params, step, strict=True):
             p.grad = torch.from_numpy(g)
         optimizer.step()
     state = [optimizer.state[p] for p in params]
@@ -56,7 +56,7 @@ def test_fused_adamw_matches_torch_adamw(mode, groups, pynative):
     weights, grads = trajectories()
     ours = run_mindspore(AdamW, weights, grads, lr=1e-2, eps=1e-8, groups=groups)
     theirs = run_torch(weights, grads, lr=1e-2, eps=1e-8, groups=groups)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert np.abs(ours[0] - weights[0]).max() > 1e-2  # the weights did move
 
@@ -67,7 +67,7 @@ def test_fused_adamw_equals_mindcv_adamw_with_a_schedule_and_large_eps(pynative)
     schedule = [1e-2, 5e-3, 2e-3, 1e-3, 1e-3, 5e-4]
     ours = run_mindspore(AdamW, weights, grads, lr=schedule, eps=0.3)
     theirs = run_mindspore(MindcvAdamW, weights, grads, lr=schedule, eps=0.3)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
@@ -87,8 +87,8 @@ def test_fused_adamw_with_a_learning_rate_per_group_matches_torch(pynative):
                                          {"params": references[-1:], "weight_decay": 0.0, "lr": 3e-3}], eps=1e-8)
     for step in grads:
         optimizer(tuple(ms.Tensor(g) for g in step))
-        for p, g in zip(references, step):
+        for p, g in zip(references, step, strict=True):
             p.grad = torch.from_numpy(g)
         torch_optimizer.step()
-    for ours, theirs in zip(params, references):
+    for ours, theirs in zip(params, references, strict=True):
         np.testing.assert_allclose(ours.asnumpy(), theirs.detach().numpy(), rtol=0, atol=1e-6)

@@ -52,7 +52,7 @@ def test_chunked_attention_equals_whole_attention(pynative):
     x, g = inputs()
     whole = run(1 << 30, x, g, HEIGHT, WIDTH)
     chunked = run(4000, x, g, HEIGHT, WIDTH)  # 4 chunks of 33 rows, the last one shorter
-    for a, b in zip(chunked, whole):
+    for a, b in zip(chunked, whole, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
 
 
@@ -67,5 +67,5 @@ def test_fused_attention_kernel_equals_mindspore_attention(mode, pynative):
     assert np.abs(whole[0]).max() > 0.1
     # float32 rounding only (sums in another order): the largest difference, in one element of a 64x64 weight
     # gradient, is 2.04e-6 of that gradient's largest value since the spatial reduction became a matrix product
-    for a, b in zip(fused, whole):
+    for a, b in zip(fused, whole, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=5e-6 * np.abs(b).max())

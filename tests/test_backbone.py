@@ -15,10 +15,6 @@ BACKBONE_PARAMS = {"pvt_tiny": 12_714_240, "pvt_small": 23_970_816, "pvt_medium"
                    "pvt_large": 60_854_272}
 
 
-def images(height, width, batch=1, seed=0):
-    return ms.Tensor(np.random.default_rng(seed).standard_normal((batch, 3, height, width)).astype(np.float32))
-
-
 @pytest.mark.parametrize("name", sorted(PVT_SPECS))
 def test_parameter_counts_match_the_published_tables_and_are_float32(name):
     classifier = pvt_dense.create_model(name)
@@ -28,7 +24,7 @@ def test_parameter_counts_match_the_published_tables_and_are_float32(name):
 
 
 @pytest.mark.parametrize("name", sorted(PVT_SPECS))
-def test_stage_maps_have_declared_channels_and_floor_strides(name, pynative):
+def test_stage_maps_have_declared_channels_and_floor_strides(name, pynative, images):
     net = pvt_dense.create_backbone(name)
     net.set_train(False)
     assert net.out_channels == (64, 128, 320, 512)
@@ -36,20 +32,20 @@ def test_stage_maps_have_declared_channels_and_floor_strides(name, pynative):
     for height, width in ((224, 224), (256, 352), (97, 131)):
         outs = net(images(height, width))
         assert isinstance(outs, tuple) and len(outs) == 4
-        for out, channels, stride in zip(outs, net.out_channels, net.strides):
+        for out, channels, stride in zip(outs, net.out_channels, net.strides, strict=True):
             # Each stage floors its own input size, as PyTorch's strided convolutions do.
             assert out.shape == (1, channels, height // stride, width // stride), (height, width, stride)
             assert np.isfinite(out.asnumpy()).all()
 
 
-def test_floor_sizes_compose_per_stage(pynative):
+def test_floor_sizes_compose_per_stage(pynative, images):
     # 97 -> 24 -> 12 -> 6 -> 3 and 131 -> 32 -> 16 -> 8 -> 4: flooring per stage equals flooring by the stride.
     net = pvt_dense.create_backbone("pvt_tiny")
     net.set_train(False)
     assert [o.shape[2:] for o in net(images(97, 131))] == [(24, 32), (12, 16), (6, 8), (3, 4)]
 
 
-def test_out_indices_select_stages_and_declare_them(pynative):
+def test_out_indices_select_stages_and_declare_them(pynative, images):
     net = pvt_dense.create_backbone("pvt_tiny", out_indices=(1, 2, 3))
     net.set_train(False)
     assert net.out_channels == (128, 320, 512) and net.strides == (8, 16, 32)
@@ -62,7 +58,7 @@ def test_out_indices_select_stages_and_declare_them(pynative):
     assert shallow.out_channels == (64, 128)
 
 
-def test_graph_and_pynative_give_the_same_outputs():
+def test_graph_and_pynative_give_the_same_outputs(images):
     net = pvt_dense.create_backbone("pvt_tiny")
     net.set_train(False)
     x = images(97, 131, batch=2, seed=3)
@@ -73,11 +69,11 @@ def test_graph_and_pynative_give_the_same_outputs():
         graph = [o.asnumpy() for o in net(x)]
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-    for a, b in zip(eager, graph):
+    for a, b in zip(eager, graph, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_classifier_graph_and_pynative_agree():
+def test_classifier_graph_and_pynative_agree(images):
     net = pvt_dense.create_model("pvt_tiny", num_classes=7)
     net.set_train(False)
     x = images(224, 224, batch=2, seed=4)
@@ -110,7 +106,7 @@ def sum_of_outputs(net):
 
 
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
-def test_gradients_reach_every_trainable_parameter(mode):
+def test_gradients_reach_every_trainable_parameter(mode, images):
     ms.set_context(mode=mode)
     try:
         # No drop path: a dropped residual branch legitimately gets no gradient for that batch.
@@ -123,11 +119,11 @@ def test_gradients_reach_every_trainable_parameter(mode):
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert np.isfinite(loss.asnumpy())
     assert len(grads) == len(params) == len(list(net.get_parameters()))
-    dead = [p.name for p, g in zip(params, grads) if not np.abs(g.asnumpy()).max() > 0]
+    dead = [p.name for p, g in zip(params, grads, strict=True) if not np.abs(g.asnumpy()).max() > 0]
     assert not dead, dead
 
 
-def test_classifier_gradients_reach_every_parameter(pynative):
+def test_classifier_gradients_reach_every_parameter(pynative, images):
     net = pvt_dense.create_model("pvt_tiny", num_classes=5)
     net.set_train(True)
     params = net.trainable_params()
@@ -136,11 +132,11 @@ def test_classifier_gradients_reach_every_parameter(pynative):
         return ops.cross_entropy(net(x), y)
 
     _, grads = ms.value_and_grad(loss_fn, None, params)(images(224, 224, batch=2), ms.Tensor([1, 3], ms.int32))
-    dead = [p.name for p, g in zip(params, grads) if not np.abs(g.asnumpy()).max() > 0]
+    dead = [p.name for p, g in zip(params, grads, strict=True) if not np.abs(g.asnumpy()).max() > 0]
     assert not dead, dead
 
 
-def test_frozen_stages_do_not_move_under_an_optimizer_step(pynative):
+def test_frozen_stages_do_not_move_under_an_optimizer_step(pynative, images):
     with_drop_path = pvt_dense.create_backbone("pvt_tiny", frozen_stages=2, drop_path_rate=0.2)
     # No stochastic layer in a frozen stage: it computes the same in train mode, even nested in another Cell.
     stages = list(with_drop_path.stages)
@@ -162,7 +158,7 @@ def test_frozen_stages_do_not_move_under_an_optimizer_step(pynative):
         assert moved == (p.name not in frozen_names), p.name
 
 
-def test_recompute_keeps_outputs_and_gradients():
+def test_recompute_keeps_outputs_and_gradients(images):
     x = images(64, 64, batch=1)
     plain = pvt_dense.create_backbone("pvt_tiny")
     recomputed = pvt_dense.create_backbone("pvt_tiny", recompute_stages=(0, 1))
@@ -177,7 +173,7 @@ def test_recompute_keeps_outputs_and_gradients():
         ms.set_context(mode=ms.PYNATIVE_MODE)
     (loss_a, grads_a), (loss_b, grads_b) = results
     np.testing.assert_allclose(loss_a.asnumpy(), loss_b.asnumpy(), rtol=1e-6)
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=True):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-6)
 
 

@@ -8,11 +8,7 @@ import pvt_dense
 from pvt_dense.models.pvt_v2 import PVT_V2_SPECS, PVTv2Backbone
 
 
-def images(height, width, batch=1, seed=0):
-    return ms.Tensor(np.random.default_rng(seed).standard_normal((batch, 3, height, width)).astype(np.float32))
-
-
-def test_selected_stages_declare_what_they_return(pynative):
+def test_selected_stages_declare_what_they_return(pynative, images):
     net = pvt_dense.create_backbone("pvt_v2_b0", out_indices=(1, 3))
     assert isinstance(net, PVTv2Backbone) and len(net.stages) == 4
     assert net.out_channels == (64, 256) and net.strides == (8, 32)
@@ -26,7 +22,7 @@ def test_selected_stages_declare_what_they_return(pynative):
     assert len(shallow.stages) == 2  # stages after the last output are not built
 
 
-def test_frozen_recomputed_and_drop_path_schedule(pynative):
+def test_frozen_recomputed_and_drop_path_schedule(pynative, images):
     net = pvt_dense.create_backbone("pvt_v2_b0", frozen_stages=2, recompute_stages=(3,), drop_path_rate=0.2)
     frozen = [p.name for p in net.get_parameters() if not p.requires_grad]
     assert frozen and all(name.startswith(("stages.0.", "stages.1.")) for name in frozen)
@@ -44,7 +40,7 @@ def test_frozen_recomputed_and_drop_path_schedule(pynative):
     np.testing.assert_array_equal(train_out, net.stages[0](x)[0].asnumpy())
 
 
-def test_graph_and_pynative_agree(graph_mode):
+def test_graph_and_pynative_agree(graph_mode, images):
     net = pvt_dense.create_backbone("pvt_v2_b2_li", out_indices=(0, 1, 2, 3))
     net.set_train(False)
     x = images(65, 79)
@@ -52,7 +48,7 @@ def test_graph_and_pynative_agree(graph_mode):
     ms.set_context(mode=ms.PYNATIVE_MODE)
     eager = [o.asnumpy() for o in net(x)]
     assert [g.shape[2:] for g in graph] == [(17, 20), (9, 10), (5, 5), (3, 3)]
-    for g, e in zip(graph, eager):
+    for g, e in zip(graph, eager, strict=True):
         np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
 
 

@@ -151,7 +151,7 @@ def test_photo_folder_is_deterministic_with_both_orientations_codecs_and_ten_siz
     assert len(set(sizes)) >= 10
     assert any(h > w for h, w in sizes) and any(w > h for h, w in sizes)
     assert {os.path.splitext(p)[1] for p in paths} == {".jpg", ".png"}
-    for first, second in zip(paths, again):
+    for first, second in zip(paths, again, strict=True):
         assert open(first, "rb").read() == open(second, "rb").read()
 
 

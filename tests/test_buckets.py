@@ -16,11 +16,13 @@ from pvt_dense import create_backbone
 from pvt_dense.detection.evaluation import DetectorForward
 from pvt_dense.detection.postprocess import InferenceSettings
 from pvt_dense.detection.infer import detect_file
-from pvt_dense.detection.recipe import build_retinanet, load_detection_config
+from pvt_dense.detection.build import build_retinanet
+from pvt_dense.detection.config import load_detection_config
 from pvt_dense.engine.shapes import BucketedForward, ShapeFlexibleForward, execution_mode
 from pvt_dense.models.buckets import check_bucket, key_bias, level_grids, plan_buckets
 from pvt_dense.segmentation.evaluation import Predictor
-from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config
+from pvt_dense.segmentation.build import build_segmentor
+from pvt_dense.segmentation.config import load_segmentation_config
 from pvt_dense.segmentation.segmentor import SegmentorInference
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -60,7 +62,7 @@ def test_backbone_maps_in_a_bucket_equal_the_maps_at_the_valid_size(model, graph
         valid_inputs = ms.mutable(tensors(net.bucket_inputs(valid, BUCKET)))
         bucketed = [m.asnumpy() for m in net(ms.Tensor(padded), valid_inputs)]
         assert len(bucketed) == len(alone) == 4
-        for got, want in zip(bucketed, alone):
+        for got, want in zip(bucketed, alone, strict=True):
             crop = got[:, :, :want.shape[2], :want.shape[3]]
             np.testing.assert_allclose(crop, want, rtol=0, atol=1e-4 * np.abs(want).max())
             # the padding really is there and is not zero: masking, not luck, gives the equality
@@ -83,7 +85,7 @@ def test_bucket_attention_ignores_padded_keys_in_the_mindspore_ops_path(graph_mo
     padded = np.zeros((1, 3) + BUCKET, np.float32)
     padded[:, :, :valid[0], :valid[1]] = image
     bucketed = [m.asnumpy() for m in net(ms.Tensor(padded), tensors(net.bucket_inputs(valid, BUCKET)))]
-    for got, want in zip(bucketed, alone):
+    for got, want in zip(bucketed, alone, strict=True):
         np.testing.assert_allclose(got[:, :, :want.shape[2], :want.shape[3]], want, rtol=0,
                                    atol=1e-4 * np.abs(want).max())
 
@@ -111,8 +113,8 @@ def test_detections_through_buckets_equal_those_per_size(model, graph_mode):
     bucketed, per_size = DetectorForward(detector), DetectorForward(detector, buckets=False, policy="eager")
     rng = np.random.default_rng(3)
     images = [_photo(rng, h, w) for h, w in ODD_IMAGES]
-    from pvt_dense.detection.evaluation import padded_test_size
-    bucketed.expect_sizes(padded_test_size(h, w, img_scale) for h, w in ODD_IMAGES)
+    from pvt_dense.data.transforms import network_input_size
+    bucketed.expect_sizes(network_input_size(h, w, img_scale) for h, w in ODD_IMAGES)
     total = 0
     for image in images:
         boxes, scores, labels = detect_file(detector, image, settings, img_scale, 32, MEAN, STD, bucketed)
@@ -125,7 +127,7 @@ def test_detections_through_buckets_equal_those_per_size(model, graph_mode):
         total += len(boxes)
     assert total > 10  # detections to compare, not empty lists
     # three padded sizes (landscape, portrait, square), one bucket graph: small images cost less than compiling
-    padded = {padded_test_size(h, w, img_scale) for h, w in ODD_IMAGES}
+    padded = {network_input_size(h, w, img_scale) for h, w in ODD_IMAGES}
     assert len(padded) == len(bucketed.shapes) == 3
     assert bucketed.stats.compilations == 1 and per_size.stats.eager_calls == len(ODD_IMAGES)
     assert len(detector.compile_cache) == 1  # MindSpore's own count: the valid regions are inputs, not constants

@@ -222,7 +222,7 @@ def assert_same_plain_data(loaded, saved, torch):
             assert_same_plain_data(loaded[key], saved[key], torch)
     elif isinstance(saved, (list, tuple)):
         assert type(loaded) is type(saved) and len(loaded) == len(saved)
-        for loaded_item, saved_item in zip(loaded, saved):
+        for loaded_item, saved_item in zip(loaded, saved, strict=True):
             assert_same_plain_data(loaded_item, saved_item, torch)
     else:
         assert type(loaded) is type(saved) and loaded == saved

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import pvt_dense
-from pvt_dense.checkpoint import convert_checkpoint, load_pretrained, read_checkpoint, save_native
+from pvt_dense.checkpoint import load_pretrained, read_checkpoint, save_native
+from pvt_dense.conversion import convert_checkpoint
 from pvt_dense.checkpoint.keymaps import from_native, native_to_mindcv
 from pvt_dense.errors import CheckpointError
 

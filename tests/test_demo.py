@@ -141,7 +141,7 @@ def test_demo_detection_config_fits_the_demo_data(demo_detection_set):
     from mmdet.structures.bbox import bbox_overlaps
 
     from pvt_dense.detection.demo import DEMO_DATA
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
 
     cfg = load_detection_config(DEMO_DET_CONFIG)
     with open(demo_detection_set["train_ann"], encoding="utf-8") as handle:
@@ -182,7 +182,7 @@ def _query_gradients_per_stage(model_name, num_classes, image_size):
     labels = ms.Tensor(np.array([1, 2], np.int32))
     grads = ms.grad(nn.WithLossCell(net, nn.CrossEntropyLoss()), grad_position=None, weights=queries)(images, labels)
     largest = {}
-    for param, grad in zip(queries, grads):
+    for param, grad in zip(queries, grads, strict=True):
         stage = int(param.name.split("stages.")[1].split(".")[0])
         largest[stage] = max(largest.get(stage, 0.0), float(np.abs(grad.asnumpy()).max()))
     return [largest[stage] for stage in sorted(largest)]
@@ -192,7 +192,7 @@ def test_demo_pretraining_size_gives_every_stage_query_a_gradient():
     """At 32x32 the spatial reduction of stages 1-3 leaves one key, softmax over one key is 1 whatever the query, and
     their query projections get no gradient at all (they stayed random through the demo's pretraining); at the
     demo config's size each of the four stages learns its queries."""
-    from pvt_dense.classification.recipe import load_classification_config
+    from pvt_dense.classification.config import load_classification_config
 
     cfg = load_classification_config(DEMO_PRETRAIN_CONFIG)
     one_key = _query_gradients_per_stage(cfg.model, cfg.num_classes, 32)

@@ -25,8 +25,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from pvt_dense.checkpoint import load_dense_checkpoint, read_dense_checkpoint_meta
-from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT, MMLAB_OFFICIAL_PVT, mmdet_pvt_to_official
+from pvt_dense.checkpoint import load_whole_model, read_whole_model_info
+from pvt_dense.checkpoint.whole_model import MMLAB_MMDET_PVT, MMLAB_OFFICIAL_PVT, mmdet_pvt_to_official
 from pvt_dense.errors import CheckpointError, ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,14 +191,14 @@ def _seg_reference(mm_model, x, official_eps):
 
 
 def _detection_cfg(**overrides):
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
     widths = [("neck_channels", NECK_CHANNELS), ("head_feat_channels", HEAD_CHANNELS),
               ("head_stacked_convs", STACKED_CONVS)]
     return load_detection_config(None, [("mode", 1), ("pretrained", "")] + widths + list(overrides.items()))
 
 
 def _segmentation_cfg(**overrides):
-    from pvt_dense.segmentation.recipe import load_segmentation_config
+    from pvt_dense.segmentation.config import load_segmentation_config
     widths = [("neck_channels", NECK_CHANNELS), ("head_channels", SEG_HEAD_CHANNELS)]
     return load_segmentation_config(None, [("mode", 1), ("pretrained", "")] + widths + list(overrides.items()))
 
@@ -206,7 +206,7 @@ def _segmentation_cfg(**overrides):
 def _max_diff(ours, reference):
     assert len(ours) == len(reference)
     diffs = []
-    for a, b in zip(ours, reference):
+    for a, b in zip(ours, reference, strict=True):
         assert tuple(a.shape) == tuple(b.shape)
         diffs.append(float(np.abs(a - b).max()))
     return max(diffs)
@@ -218,7 +218,7 @@ def _run_detector(detector, x):
 
 @pytest.mark.parametrize("layout", ["det_mmdet3", "det_official"])
 def test_retinanet_checkpoint_matches_mmdet(files, layout):
-    from pvt_dense.detection.loading import load_detector_with_report
+    from pvt_dense.detection.build import load_detector_with_report
     official = layout == "det_official"
     detector, report = load_detector_with_report(_detection_cfg(), files[layout])
     assert report.source_format == (MMLAB_OFFICIAL_PVT if official else MMLAB_MMDET_PVT)
@@ -236,7 +236,7 @@ def test_retinanet_checkpoint_matches_mmdet(files, layout):
 
 @pytest.mark.parametrize("layout", ["seg_mmseg1", "seg_official"])
 def test_semantic_fpn_checkpoint_matches_mmseg(files, layout):
-    from pvt_dense.segmentation.recipe import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
     official = layout == "seg_official"
     net, report = load_trained_segmentor_with_report(_segmentation_cfg(), files[layout])
     assert report.mapped == {"backbone": 156, "neck": 16, "head": 37}
@@ -256,7 +256,7 @@ def test_semantic_fpn_checkpoint_matches_mmseg(files, layout):
 
 def test_convert_tool_writes_a_native_checkpoint_the_tools_load(files, tmp_path):
     """tools/convert_weights.py on an official Semantic FPN release, then the segmentation loader on its output."""
-    from pvt_dense.segmentation.recipe import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
     dst = tmp_path / "semfpn_pvt_tiny.ckpt"
     config = tmp_path / "semfpn_narrow.yaml"
     config.write_text(f"backbone: pvt_tiny\nnum_classes: {SEG_CLASSES}\nneck_channels: {NECK_CHANNELS}\n"
@@ -266,7 +266,7 @@ def test_convert_tool_writes_a_native_checkpoint_the_tools_load(files, tmp_path)
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "backbone 156, neck 16, head 37" in result.stdout
-    info = read_dense_checkpoint_meta(dst)
+    info = read_whole_model_info(dst)
     assert (info.source_format, info.task, info.norm_eps_style) == ("native", "segmentor", "official")
     net, report = load_trained_segmentor_with_report(_segmentation_cfg(), str(dst))
     assert report.class_names == files["seg_names"]
@@ -275,10 +275,10 @@ def test_convert_tool_writes_a_native_checkpoint_the_tools_load(files, tmp_path)
 
 
 def test_mmdet_backbone_files_select_the_mmdet_eps(files):
-    info = read_dense_checkpoint_meta(files["det_mmdet3"])
+    info = read_whole_model_info(files["det_mmdet3"])
     assert (info.task, info.norm_eps_style, info.model_name, info.num_classes) == ("detector", "mmdet", "pvt_tiny", 80)
     assert info.framework == "mmdet 3.x"
-    official = read_dense_checkpoint_meta(files["seg_official"])
+    official = read_whole_model_info(files["seg_official"])
     assert (official.task, official.norm_eps_style, official.framework) == ("segmentor", "official", "mmseg 0.13.0")
 
 
@@ -293,19 +293,19 @@ def _tampered(files, tmp_path, source, edit):
 @pytest.mark.bad_input("dense checkpoint", "a RetinaNet file without bbox_head.retina_reg.bias",
                        "CheckpointError naming the missing key; the model keeps its weights")
 def test_missing_head_key_is_named(files, tmp_path):
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.build import build_retinanet
     path = _tampered(files, tmp_path, "det_official", lambda s: s.pop("bbox_head.retina_reg.bias"))
     detector, _ = build_retinanet(_detection_cfg(), load_pretrained=False)
     before = detector.head.retina_cls.weight.asnumpy().copy()
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint: head\.retina_reg\.bias"):
-        load_dense_checkpoint(detector, path)
+        load_whole_model(detector, path)
     np.testing.assert_array_equal(detector.head.retina_cls.weight.asnumpy(), before)
 
 
 @pytest.mark.bad_input("dense checkpoint", "a Semantic FPN file with an extra key (decode_head.extra.weight)",
                        "CheckpointError naming the key")
 def test_unexpected_key_is_named(files, tmp_path):
-    from pvt_dense.segmentation.recipe import load_trained_segmentor
+    from pvt_dense.segmentation.build import load_trained_segmentor
     path = _tampered(files, tmp_path, "seg_mmseg1",
                      lambda s: s.__setitem__("decode_head.extra.weight", np.ones((3,), np.float32)))
     with pytest.raises(CheckpointError, match=r"not in the model: decode_head\.extra\.weight"):
@@ -315,7 +315,7 @@ def test_unexpected_key_is_named(files, tmp_path):
 @pytest.mark.bad_input("dense checkpoint", "an 80-class RetinaNet file with num_classes: 3 in the config",
                        "CheckpointError: the file predicts 80 classes, set num_classes: 80")
 def test_wrong_class_count_is_an_error(files):
-    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.detection.build import load_detector
     with pytest.raises(CheckpointError, match=r"predicts 80 classes .*bbox_head\.retina_cls\.weight.*num_classes: 80"):
         load_detector(_detection_cfg(num_classes=3), files["det_mmdet3"])
 
@@ -323,7 +323,7 @@ def test_wrong_class_count_is_an_error(files):
 @pytest.mark.bad_input("dense checkpoint", "an mmdetection-PVT file with backbone_norm_eps: official",
                        "ConfigError: the file needs backbone_norm_eps: mmdet")
 def test_conflicting_norm_eps_is_an_error(files):
-    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.detection.build import load_detector
     with pytest.raises(ConfigError, match="set backbone_norm_eps: mmdet"):
         load_detector(_detection_cfg(backbone_norm_eps="official"), files["det_mmdet3"])
 
@@ -331,16 +331,16 @@ def test_conflicting_norm_eps_is_an_error(files):
 @pytest.mark.bad_input("dense checkpoint", "an mmdetection-PVT file loaded into a backbone built with the official eps",
                        "CheckpointError naming backbone_norm_eps")
 def test_model_built_with_the_other_eps_is_refused(files):
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.build import build_retinanet
     detector, _ = build_retinanet(_detection_cfg(), load_pretrained=False)
     with pytest.raises(CheckpointError, match="backbone_norm_eps: mmdet"):
-        load_dense_checkpoint(detector, files["det_mmdet3"])
+        load_whole_model(detector, files["det_mmdet3"])
 
 
 @pytest.mark.bad_input("dense checkpoint", "a segmentor file given to the detector loader",
                        "CheckpointError: a segmentor checkpoint, the model is a detector")
 def test_task_mismatch_is_an_error(files):
-    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.detection.build import load_detector
     with pytest.raises(CheckpointError, match="is a segmentor checkpoint; the model is a detector"):
         load_detector(_detection_cfg(), files["seg_official"])
 
@@ -351,10 +351,11 @@ def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
     file's LayerNorm eps convention recorded in the run's config."""
     import json
 
-    from pvt_dense.checkpoint.dense import save_dense_native
+    from pvt_dense.checkpoint.whole_model import save_whole_model
     from pvt_dense.data.digits_detection import make_digits_detection
-    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
-    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.detection.build import load_detector
     from pvt_dense.detection.train import train_detector
 
     data = make_digits_detection(tmp_path / "digits", train_images=4, val_images=1, canvas_size=64,
@@ -367,7 +368,7 @@ def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
     rng = np.random.default_rng(0)
     for param in source.get_parameters():
         param.set_data(ms.Tensor(rng.normal(size=param.shape).astype(np.float32) * 0.05))
-    start = save_dense_native(source, str(tmp_path / "start.ckpt"),
+    start = save_whole_model(source, str(tmp_path / "start.ckpt"),
                               {"task": "detector", "class_names": ["a", "b"], "config": dict(source_cfg)})
     cfg = load_detection_config(None, [
         "--data_dir", data["root"], "--train_ann", data["train_ann"], "--train_images", data["train_images"],
@@ -381,7 +382,7 @@ def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
     assert latest["global_step"] == 1  # started at iteration 0, not resumed from the file's step
     trained = load_detector(cfg, str(tmp_path / "run" / latest["checkpoint"]))
     assert trained.backbone.spec.norm_eps_style == "mmdet"
-    for (name, ours), (_, theirs) in zip(trained.parameters_and_names(), source.parameters_and_names()):
+    for (name, ours), (_, theirs) in zip(trained.parameters_and_names(), source.parameters_and_names(), strict=True):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy(), err_msg=name)
 
 
@@ -390,8 +391,9 @@ def test_segmentation_run_starts_from_load_from(files, tmp_path):
     weights (BatchNorm statistics included) before its first step."""
     import cv2
 
-    from pvt_dense.checkpoint.dense import MMLAB_OFFICIAL_PVT, read_dense_checkpoint_meta
-    from pvt_dense.segmentation.recipe import load_segmentation_config, load_trained_segmentor
+    from pvt_dense.checkpoint.whole_model import MMLAB_OFFICIAL_PVT, read_whole_model_info
+    from pvt_dense.segmentation.build import load_trained_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     from pvt_dense.segmentation.train import SegmentationRun
     for split in ("training", "validation"):
         for folder in ("images", "annotations"):
@@ -402,7 +404,7 @@ def test_segmentation_run_starts_from_load_from(files, tmp_path):
     overrides = [("data_dir", str(tmp_path)), ("distribute", False), ("mode", 1), ("pretrained", ""),
                  ("neck_channels", NECK_CHANNELS), ("head_channels", SEG_HEAD_CHANNELS), ("batch_size", 2),
                  ("ckpt_save_dir", str(tmp_path / "run")), ("num_workers", 1), ("crop_size", [64, 64])]
-    assert read_dense_checkpoint_meta(files["seg_official"]).source_format == MMLAB_OFFICIAL_PVT
+    assert read_whole_model_info(files["seg_official"]).source_format == MMLAB_OFFICIAL_PVT
     run = SegmentationRun(load_segmentation_config(None, overrides + [("load_from", files["seg_official"])]))
     reference = load_trained_segmentor(_segmentation_cfg(), files["seg_official"])
     theirs = dict(reference.parameters_and_names())
@@ -431,14 +433,14 @@ def test_load_from_with_another_class_count_skips_only_the_classifier_with_a_war
     """The loader train_det.py --load_from uses, on an official PVT RetinaNet release (80 classes) into a 3-class model:
     every other tensor loads, retina_cls keeps its initialisation, a warning names it; strict loading still
     refuses the file."""
-    from pvt_dense.checkpoint.dense import print_report
-    from pvt_dense.detection.recipe import build_retinanet
-    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.checkpoint.whole_model import print_report
+    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.build import load_detector
     detector, _ = build_retinanet(_detection_cfg(num_classes=3), load_pretrained=False)
     initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
     with pytest.raises(CheckpointError, match="predicts 80 classes"):
-        load_dense_checkpoint(detector, files["det_official"])
-    report = load_dense_checkpoint(detector, files["det_official"], skip_mismatched_classifier=True)
+        load_whole_model(detector, files["det_official"])
+    report = load_whole_model(detector, files["det_official"], skip_mismatched_classifier=True)
     print_report(report)
     warning = capsys.readouterr().err
     assert "warning:" in warning and "head.retina_cls.weight (file (720, 64, 3, 3), model (27, 64, 3, 3))" in warning
@@ -450,20 +452,20 @@ def test_load_from_with_another_class_count_skips_only_the_classifier_with_a_war
 def test_load_from_native_file_of_another_class_count(tmp_path, capsys):
     """A native (pvt_dense) detector checkpoint of 2 classes into a 3-class detector, as train_det.py --load_from
     loads it."""
-    from pvt_dense.checkpoint.dense import print_report, save_dense_native
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.checkpoint.whole_model import print_report, save_whole_model
+    from pvt_dense.detection.build import build_retinanet
     narrow = dict(out_indices=[1, 2], neck_channels=16, head_feat_channels=16, head_stacked_convs=1)
     source, _ = build_retinanet(_detection_cfg(num_classes=2, **narrow), load_pretrained=False)
     rng = np.random.default_rng(3)
     for param in source.get_parameters():
         param.set_data(ms.Tensor(rng.normal(size=param.shape).astype(np.float32)))
-    path = save_dense_native(source, str(tmp_path / "two_classes.ckpt"),
+    path = save_whole_model(source, str(tmp_path / "two_classes.ckpt"),
                              {"task": "detector", "class_names": ["a", "b"]})
     detector, _ = build_retinanet(_detection_cfg(num_classes=3, **narrow), load_pretrained=False)
     initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
     with pytest.raises(CheckpointError, match="retina_cls"):
-        load_dense_checkpoint(detector, path)
-    report = load_dense_checkpoint(detector, path, skip_mismatched_classifier=True)
+        load_whole_model(detector, path)
+    report = load_whole_model(detector, path, skip_mismatched_classifier=True)
     assert report.class_names is None and report.mapped["head"] == len(
         [n for n, _ in detector.parameters_and_names() if n.startswith("head.")]) - 2
     print_report(report)
@@ -476,7 +478,8 @@ def test_segmentation_run_load_from_another_class_count(files, tmp_path, capsys)
     warning, everything else (BatchNorm statistics included) from the file."""
     import cv2
 
-    from pvt_dense.segmentation.recipe import load_segmentation_config, load_trained_segmentor
+    from pvt_dense.segmentation.build import load_trained_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     from pvt_dense.segmentation.train import SegmentationRun
     for split in ("training", "validation"):
         for folder in ("images", "annotations"):

@@ -26,8 +26,8 @@ import pytest
 from test_dense_checkpoints import HEAD_CHANNELS, MEAN, NECK_CHANNELS, SEG_HEAD_CHANNELS, STACKED_CONVS, STD, \
     TOLERANCE, _max_diff, _randomise, _retinanet_config, _save
 
-from pvt_dense.checkpoint import read_dense_checkpoint_meta
-from pvt_dense.checkpoint.dense import MMLAB_MMDET_PVT_V2, MMLAB_OFFICIAL_PVT
+from pvt_dense.checkpoint import read_whole_model_info
+from pvt_dense.checkpoint.whole_model import MMLAB_MMDET_PVT_V2, MMLAB_OFFICIAL_PVT
 from pvt_dense.errors import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -115,19 +115,19 @@ def _reference(mm_model, x, eps=None):
 
 
 def test_mmdet_pvt_v2_file_is_recognised(v2_file):
-    info = read_dense_checkpoint_meta(v2_file["path"])
+    info = read_whole_model_info(v2_file["path"])
     assert (info.source_format, info.task, info.norm_eps_style, info.model_name, info.num_classes) == (
         MMLAB_MMDET_PVT_V2, "detector", "mmdet", "pvt_v2_b0", 3)
     assert info.class_names == v2_file["classes"] and info.framework == "mmdet 3.x"
-    official = read_dense_checkpoint_meta(v2_file["official"])
+    official = read_whole_model_info(v2_file["official"])
     assert (official.source_format, official.norm_eps_style, official.model_name) == (
         MMLAB_OFFICIAL_PVT, "official", "pvt_v2_b0")
 
 
 @pytest.mark.parametrize("layout", ["path", "official"])
 def test_retinanet_pvt_v2_checkpoint_matches_mmdet(v2_file, layout):
-    from pvt_dense.detection.recipe import load_detection_config
-    from pvt_dense.detection.loading import load_detector_with_report
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.detection.build import load_detector_with_report
     official = layout == "official"
     cfg = load_detection_config(CONFIG, [("mode", 1), ("num_classes", 3)] + NARROW)
     detector, report = load_detector_with_report(cfg, v2_file[layout])
@@ -153,14 +153,14 @@ def test_integer_weights_in_a_dense_file_are_refused(v2_file, tmp_path):
     state["neck.lateral_convs.0.conv.weight"] = state["neck.lateral_convs.0.conv.weight"].astype(np.int32)
     path = _save(tmp_path / "int_weight.pth", state, top["meta"])
     with pytest.raises(CheckpointError, match=r"neck\.lateral_convs\.0\.conv\.weight.*int32"):
-        read_dense_checkpoint_meta(path)
+        read_whole_model_info(path)
 
 
 @pytest.mark.bad_input("dense checkpoint", "a PVT v2 RetinaNet file loaded with a PVT v1 config",
                        "CheckpointError listing the misfit keys and naming the file's size (set backbone: ...)")
 def test_a_file_of_another_size_names_its_size(v2_file):
-    from pvt_dense.detection.recipe import load_detection_config
-    from pvt_dense.detection.loading import load_detector_with_report
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.detection.build import load_detector_with_report
     cfg = load_detection_config(None, [("mode", 1), ("num_classes", 3), ("backbone", "pvt_tiny")] + NARROW)
     with pytest.raises(CheckpointError, match="set backbone: pvt_v2_b0"):
         load_detector_with_report(cfg, v2_file["path"])
@@ -169,15 +169,15 @@ def test_a_file_of_another_size_names_its_size(v2_file):
 def test_convert_tool_writes_a_native_v2_detector(v2_file, tmp_path):
     """tools/convert_weights.py on the mmdetection file (size and class count from the weights, the narrow widths
     from a config), then the detection loader on its output: mmdetection's outputs again."""
-    from pvt_dense.detection.recipe import load_detection_config
-    from pvt_dense.detection.loading import load_detector_with_report
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.detection.build import load_detector_with_report
     dst = tmp_path / "retinanet_pvt_v2_b0.ckpt"
     config = tmp_path / "narrow.yaml"
     config.write_text("".join(f"{key}: {value!r}\n" for key, value in NARROW) + "num_classes: 3\nbackbone: pvt_v2_b0\n")
     result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_weights.py"), v2_file["path"],
                              str(dst), "--config", str(config)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    info = read_dense_checkpoint_meta(dst)
+    info = read_whole_model_info(dst)
     assert (info.source_format, info.task, info.norm_eps_style) == ("native", "detector", "mmdet")
     cfg = load_detection_config(None, [("mode", 1), ("num_classes", 3), ("backbone", "pvt_v2_b0")] + NARROW)
     detector, report = load_detector_with_report(cfg, str(dst))
@@ -249,7 +249,8 @@ def v2_segmentor_file(tmp_path_factory):
 
 
 def test_semantic_fpn_pvt_v2_checkpoint_matches_mmseg(v2_segmentor_file):
-    from pvt_dense.segmentation.recipe import load_segmentation_config, load_trained_segmentor_with_report
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.config import load_segmentation_config
     cfg = load_segmentation_config(SEG_CONFIG, [("mode", 1), ("pretrained", ""), ("num_classes", SEG_CLASSES),
                                                 ("neck_channels", NECK_CHANNELS),
                                                 ("head_channels", SEG_HEAD_CHANNELS)])

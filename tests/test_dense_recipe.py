@@ -2,7 +2,8 @@
 import pytest
 
 from pvt_dense.config import load_config
-from pvt_dense.engine.recipe import BACKBONE_FIELDS, RUN_FIELDS, build_backbone
+from pvt_dense.engine.config_fields import BACKBONE_FIELDS, RUN_FIELDS
+from pvt_dense.engine.weights import build_backbone
 from pvt_dense.errors import ConfigError
 
 SCHEMA = {**RUN_FIELDS, **BACKBONE_FIELDS}
@@ -39,3 +40,25 @@ def test_missing_pretrained_file_is_named(tmp_path):
     missing = tmp_path / "nowhere.ckpt"
     with pytest.raises(CheckpointError, match="nowhere.ckpt"):
         build_backbone(load_config(SCHEMA, overrides=["--pretrained", str(missing)]))
+
+
+@pytest.mark.parametrize("loader, old, new, value", [
+    ("detection", "flip_ratio", "flip_prob", 0.25),
+    ("detection", "pad_divisor", "size_divisor", 64),
+    ("detection", "head_feat_channels", "head_channels", 128),
+    ("segmentation", "eval_max_images", "max_eval_images", 7),
+])
+def test_old_config_keys_still_load_with_a_note_naming_the_new_key(loader, old, new, value, tmp_path, capsys):
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.segmentation.config import load_segmentation_config
+    load = load_detection_config if loader == "detection" else load_segmentation_config
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{old}: {value}\n")
+    cfg = load(path)
+    assert cfg[new] == value and old not in cfg
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and repr(old) in notes[0] and repr(new) in notes[0] and str(path) in notes[0]
+    assert load(overrides=[f"--{old}", str(value)])[new] == value  # the command line too
+    assert f"config key {old!r} is now {new!r}" in capsys.readouterr().err
+    assert load(overrides=[f"--{new}", str(value)])[new] == value
+    assert "note:" not in capsys.readouterr().err

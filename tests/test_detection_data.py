@@ -221,14 +221,15 @@ def test_digits_detection_set_is_deterministic_and_boxes_hold_the_ink(tmp_path):
 
 
 def test_recipe_batch_shapes_are_at_most_eleven_per_orientation():
-    from pvt_dense.detection.transforms import batch_shape, is_landscape, padded_shape, rescale_size
+    from pvt_dense.data.transforms import network_input_size
+    from pvt_dense.detection.transforms import batch_shape, is_landscape
     rng = np.random.default_rng(0)
     shapes = {True: set(), False: set()}
     for _ in range(3000):
         sizes = [(int(h), int(w)) for h, w in rng.integers(50, 2000, (2, 2))]
         landscape = is_landscape(*sizes[0])
         sizes = [s for s in sizes if is_landscape(*s) == landscape]
-        pads = [padded_shape(*rescale_size(h, w, (1333, 800))) for h, w in sizes]
+        pads = [network_input_size(h, w, (1333, 800)) for h, w in sizes]
         shape = batch_shape(pads, 128, canvas_shape(landscape, (1333, 800), 32))
         assert all(shape[0] >= p[0] and shape[1] >= p[1] for p in pads)
         shapes[landscape].add(shape)

@@ -133,7 +133,7 @@ def write_tiny_coco(path, photos, detections, num_classes, rng):
         height, width = cv2.imread(photos[name]).shape[:2]
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
         boxes, _, labels = detections[name]
-        for box, label in zip(boxes[::7], labels[::7]):
+        for box, label in zip(boxes[::7], labels[::7], strict=True):
             x1, y1, x2, y2 = (float(v) for v in box)
             w, h = (x2 - x1) * rng.uniform(0.8, 1.2), (y2 - y1) * rng.uniform(0.8, 1.2)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": [x1, y1, w, h],
@@ -407,7 +407,7 @@ def test_head_gradients_equal_torch_autograd_on_mmdetection(pynative):
     value, grads = ms.value_and_grad(net, grad_position=None, weights=weights)(
         tuple(Tensor(f) for f in features), *our_gt())
     np.testing.assert_allclose(value.asnumpy(), total.item(), rtol=1e-4)
-    for parameter, grad in zip(weights, grads):
+    for parameter, grad in zip(weights, grads, strict=True):
         expected = their_grads[names[parameter.name.split("head.", 1)[1]]]
         assert np.abs(expected).max() > 0
         np.testing.assert_allclose(grad.asnumpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),

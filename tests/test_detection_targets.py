@@ -114,7 +114,7 @@ def test_focal_loss_against_hand_computed_values():
     logits = np.asarray([0.0, 2.0, -3.0, 4.0], np.float32)
     targets = np.asarray([1.0, 0.0, 1.0, 1.0], np.float32)
     expected = []
-    for x, t in zip(logits, targets):
+    for x, t in zip(logits, targets, strict=True):
         p = 1.0 / (1.0 + math.exp(-x))
         p_t = p if t == 1 else 1.0 - p
         alpha_t = alpha if t == 1 else 1.0 - alpha

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pvt_dense.data.digits_detection import make_digits_detection
-from pvt_dense.detection.recipe import INFER_FIELDS, inference_settings, load_detection_config
+from pvt_dense.detection.config import INFER_FIELDS, inference_settings, load_detection_config
 from pvt_dense.errors import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -30,7 +30,7 @@ def tiny_config(data, run_dir, *extra):
 @pytest.mark.slow
 def test_training_on_a_tiny_set_lowers_the_loss_and_reaches_ap50(tmp_path, capsys):
     from pvt_dense.detection.infer import infer_images
-    from pvt_dense.detection.loading import load_detector_with_names
+    from pvt_dense.detection.build import load_detector_with_names
     from pvt_dense.detection.train import train_detector
 
     data = make_digits_detection(tmp_path / "digits", train_images=8, val_images=1, canvas_size=64,
@@ -87,7 +87,7 @@ def test_evaluation_pads_each_image_to_32_and_reuses_a_compiled_graph_per_shape(
 
     from pvt_dense.detection.coco import CocoDetection
     from pvt_dense.detection.evaluation import DetectorForward, evaluate_detector
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.build import build_retinanet
 
     sizes = [(60, 40), (40, 60), (60, 40)]  # (width, height): two shapes under mmdetection's test protocol
     rng = np.random.default_rng(0)
@@ -112,9 +112,9 @@ def test_evaluation_pads_each_image_to_32_and_reuses_a_compiled_graph_per_shape(
     assert "3 images in 2 distinct input shapes; forward: 2 graph compilations" in capsys.readouterr().out
 
 
-@pytest.mark.bad_input("config", "pad_grid that is not a multiple of pad_divisor (48 with 32)",
+@pytest.mark.bad_input("config", "pad_grid that is not a multiple of size_divisor (48 with 32)",
                        "ConfigError naming both keys")
-def test_pad_grid_must_be_a_multiple_of_the_pad_divisor():
-    with pytest.raises(ConfigError, match=r"pad_grid \(48\) must be a multiple of pad_divisor \(32\)"):
+def test_pad_grid_must_be_a_multiple_of_the_size_divisor():
+    with pytest.raises(ConfigError, match=r"pad_grid \(48\) must be a multiple of size_divisor \(32\)"):
         load_detection_config(None, ["--pad_grid", "48"])
     assert load_detection_config(None, ["--pad_grid", "64"]).pad_grid == 64

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,6 @@ RUN = ["--num_classes", "10", "--image_resize", "32", "--amp_level", "O0", "--au
        "1.0", "1.0", "--progress_bar", "False", "--scheduler", "constant", "--opt", "sgd", "--lr", "0.05",
        "--weight_decay", "0", "--epoch_size", "2", "--max_steps_per_epoch", "3", "--val_while_train", "False",
        "--mode", "1", "--resume", ""]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_worker(args, launcher=(), timeout=900, log_dir=None):
@@ -53,7 +46,7 @@ def losses(ckpt_dir):
 
 
 @pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None, reason="msrun not installed")
-def test_two_process_msrun_matches_one_process_with_the_same_global_batch(tmp_path):
+def test_two_process_msrun_matches_one_process_with_the_same_global_batch(tmp_path, free_port):
     data = tmp_path / "digits"
     make_digits_imagenet(data, image_size=32, limit_per_class=10, val_fraction=0.2)
     single = tmp_path / "single"

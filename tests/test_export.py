@@ -50,7 +50,7 @@ def test_backbone_mindir_equals_eager_model(tmp_path, pynative):
     pixels = np.random.default_rng(5).standard_normal((1, 3, 64, 96)).astype(np.float32)
     expected, exported = outputs_of(reference, pixels), outputs_of(graph, pixels)
     assert [o.shape for o in exported] == [(1, 64, 16, 24), (1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]
-    for stage, (a, b) in enumerate(zip(exported, expected)):
+    for stage, (a, b) in enumerate(zip(exported, expected, strict=True)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
 
     # The graph must run on machines without this one's compiled kernel library.
@@ -100,7 +100,7 @@ def test_backbone_onnx_equals_eager_model_in_onnxruntime(tmp_path, pynative):
     pixels = 3 * np.random.default_rng(7).standard_normal((1, 3, 64, 96)).astype(np.float32)
     session = onnxruntime.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: pixels})
-    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels))):
+    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels), strict=True)):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
 
@@ -177,7 +177,7 @@ def test_v2_backbone_mindir_equals_eager_model(tmp_path, pynative):
     pixels = np.random.default_rng(8).standard_normal((1, 3, 65, 97)).astype(np.float32)
     exported = outputs_of(nn.GraphCell(ms.load(info["path"])), pixels)
     assert [o.shape for o in exported] == [(1, 32, 17, 25), (1, 64, 9, 13), (1, 160, 5, 7), (1, 256, 3, 4)]
-    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels))):
+    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels), strict=True)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
     assert b"fast_ops-" not in open(info["path"], "rb").read()
 
@@ -217,7 +217,7 @@ def test_v2_linear_attention_backbone_onnx_equals_eager_model_in_onnxruntime(tmp
     pixels = 3 * np.random.default_rng(10).standard_normal((1, 3, 64, 96)).astype(np.float32)
     session = onnxruntime.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: pixels})
-    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels))):
+    for stage, (a, b) in enumerate(zip(exported, outputs_of(reference, pixels), strict=True)):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"stage {stage + 1}")
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pvt_dense.data.images import ImageEntry, list_image_entries, list_images, read_image
-from pvt_dense.data.samples import sample_images
+from pvt_dense.data.sample_photos import sample_images
 from pvt_dense.data.transforms import normalize, pad_to_multiple, preprocess_dense, rescaled_size, resize_keep_ratio
 from pvt_dense.errors import ImageReadError
 from pvt_dense.features import SameShapeBatcher, export_features, output_names, write_npz_atomic
@@ -339,7 +339,7 @@ def test_export_matches_a_direct_forward(backbone, samples, exported):
                                   "valid_sizes", "original_size", "resized_size", "padded_size", "scale_factor",
                                   "mean", "std", "backbone", "checkpoint", "source"}
         for key, channels, stride in zip(("stage1", "stage2", "stage3", "stage4"), backbone.out_channels,
-                                         backbone.strides):
+                                         backbone.strides, strict=True):
             assert npz[key].shape == (channels, 64 // stride, 64 // stride) and npz[key].dtype == np.float32
         assert npz["original_size"].tolist() == [300, 451] and npz["resized_size"].tolist() == [43, 64]
         assert npz["padded_size"].tolist() == [64, 64]
@@ -351,7 +351,7 @@ def test_export_matches_a_direct_forward(backbone, samples, exported):
         assert str(npz["backbone"]) == "pvt_tiny" and str(npz["checkpoint"]) == ""
         assert str(npz["source"]) == os.path.abspath(samples / "chelsea.png")
         expected = forward(backbone, hand_preprocessed(skimage.data.chelsea(), (43, 64)))
-        for key, maps in zip(("stage1", "stage2", "stage3", "stage4"), expected):
+        for key, maps in zip(("stage1", "stage2", "stage3", "stage4"), expected, strict=True):
             np.testing.assert_allclose(npz[key], maps, rtol=1e-5, atol=1e-5)
 
     with np.load(out / "astronaut.png.npz") as npz:  # square: no padding at all

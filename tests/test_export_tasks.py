@@ -49,8 +49,9 @@ def run_tool(arguments, capsys):
 
 @pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda path: os.path.basename(path).split("_fpn")[0])
 def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynative, capsys):
-    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
-    from pvt_dense.detection.loading import load_detector
+    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.detection.build import load_detector
     # Narrow neck and head (the graph compile dominates; every key family is still exported)
     overrides = ["--num_classes", "3", "--pretrained", "", "--mode", "1", "--neck_channels", "32",
                  "--head_feat_channels", "32", "--head_stacked_convs", "2"]
@@ -70,7 +71,7 @@ def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynat
     shapes = [(1, 27, -(-64 // s), -(-96 // s)) for s in strides] + [(1, 36, -(-64 // s), -(-96 // s))
                                                                      for s in strides]
     assert [o.shape for o in exported] == [o.shape for o in expected] == shapes
-    for level, (a, b) in enumerate(zip(exported, expected)):
+    for level, (a, b) in enumerate(zip(exported, expected, strict=True)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, np.abs(b).max()), err_msg=f"output {level}")
     assert b"fast_ops-" not in output.read_bytes()
     sidecar = json.loads((tmp_path / "detector.mindir.json").read_text())
@@ -79,7 +80,8 @@ def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynat
 
 @pytest.mark.parametrize("config", SEGMENTATION_CONFIGS, ids=lambda path: os.path.basename(path).split("_ade")[0])
 def test_segmentor_mindir_loads_back_and_equals_the_model(config, tmp_path, pynative, capsys):
-    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config, load_trained_segmentor
+    from pvt_dense.segmentation.build import build_segmentor, load_trained_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     overrides = ["--num_classes", "5", "--pretrained", "", "--mode", "1", "--neck_channels", "32",
                  "--head_channels", "32"]
     cfg = load_segmentation_config(config, overrides)
@@ -103,14 +105,14 @@ def test_segmentor_mindir_loads_back_and_equals_the_model(config, tmp_path, pyna
 
 # --- input shapes: explicit, and the test protocol's for detectors and segmentors -----------------------------------
 
-@pytest.mark.bad_input("export --shape", "a detector at 1x3x800x1333 (width not a multiple of pad_divisor 32)",
-                       "exit status 2 naming pad_divisor and the nearest sizes (1312, 1344); no file")
+@pytest.mark.bad_input("export --shape", "a detector at 1x3x800x1333 (width not a multiple of size_divisor 32)",
+                       "exit status 2 naming size_divisor and the nearest sizes (1312, 1344); no file")
 def test_detector_shape_off_the_padding_grid_is_refused(tmp_path, capsys):
     from pvt_dense.cli import run_tool as run_with_errors
     status = run_with_errors(export_tool.main, ["--config", DETECTION_CONFIGS[1], "--shape", "1x3x800x1333",
                                                 "--output", str(tmp_path / "det.mindir")])
     error = capsys.readouterr().err
-    assert status == 2 and "pad_divisor 32" in error and "width 1312, 1344" in error
+    assert status == 2 and "size_divisor 32" in error and "width 1312, 1344" in error
     assert os.listdir(tmp_path) == []
 
 
@@ -125,7 +127,7 @@ def test_shape_is_required(tmp_path, capsys):
 
 def test_detector_shapes_for_images_are_what_the_test_pipeline_feeds():
     """Each shape is the padded network input `prepare_image` (the evaluation pipeline) makes of such an image."""
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
     from pvt_dense.detection.transforms import prepare_image
     from pvt_dense.export import detector_shapes_for_images
     cfg = load_detection_config(DETECTION_CONFIGS[1])
@@ -133,7 +135,7 @@ def test_detector_shapes_for_images_are_what_the_test_pipeline_feeds():
     expected = set()
     for height, width in sizes:
         chw, _, _ = prepare_image(np.zeros((height, width, 3), np.uint8), np.zeros((0, 4), np.float32),
-                                  tuple(cfg.img_scale), pad_divisor=cfg.pad_divisor)
+                                  tuple(cfg.img_scale), pad_divisor=cfg.size_divisor)
         expected.add((1, 3) + chw.shape[1:])
     shapes = detector_shapes_for_images(cfg, sizes)
     assert shapes == sorted(expected) and (1, 3, 800, 1088) in shapes and (1, 3, 1088, 800) in shapes

@@ -109,7 +109,7 @@ def test_attention_kernels_match_float64(shape, threads, pynative):
     q, kv, g = inputs(*shape, seed=sum(shape))
     with kernel_threads(threads):
         got = run(KernelAttention(heads, scale), q, kv, g)
-    for name, ours, expected in zip(("out", "dq", "dkv"), got, float64_reference(q, kv, g, heads, scale)):
+    for name, ours, expected in zip(("out", "dq", "dkv"), got, float64_reference(q, kv, g, heads, scale), strict=True):
         assert ours.shape == expected.shape, name
         np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-6 * max(1.0, np.abs(expected).max()),
                                    err_msg=name)
@@ -122,7 +122,7 @@ def test_attention_kernels_equal_the_mindspore_operators(mode, pynative):
     ms.set_context(mode=mode)
     fused = run(KernelAttention(heads, d ** -0.5), q, kv, g)
     plain = run(OpsAttention(heads, d), q, kv, g)
-    for name, ours, theirs in zip(("out", "dq", "dkv"), fused, plain):
+    for name, ours, theirs in zip(("out", "dq", "dkv"), fused, plain, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6 * np.abs(theirs).max(), err_msg=name)
 
 

@@ -65,7 +65,7 @@ def test_dense_kernel_equals_the_mindspore_path_in_graph_mode(graph_mode):
     plain.bias.set_data(fast.bias.data.copy())
     x = rng.standard_normal((2, 97, 64)).astype(np.float32)
     g = rng.standard_normal((2, 97, 128)).astype(np.float32)
-    for ours, theirs in zip(run(fast, x, g), run(plain, x, g)):
+    for ours, theirs in zip(run(fast, x, g), run(plain, x, g), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
 
 
@@ -130,7 +130,7 @@ def test_gelu_dense_kernel_matches_float64_and_the_mindspore_path(shape, out_fea
     a = 0.5 * h64 * (1 + erf(h64 / math.sqrt(2)))
     slope = 0.5 * (1 + erf(h64 / math.sqrt(2))) + h64 * np.exp(-h64 ** 2 / 2) / math.sqrt(2 * math.pi)
     expected = [(a @ w.T + b).reshape(g.shape), ((g64 @ w) * slope).reshape(shape), g64.T @ a, g64.sum(0)]
-    for name, ours, theirs, exact in zip(("y", "dh", "dw", "db"), fused, ops_path, expected):
+    for name, ours, theirs, exact in zip(("y", "dh", "dw", "db"), fused, ops_path, expected, strict=True):
         bound = 2e-6 * max(1.0, np.abs(exact).max())
         np.testing.assert_allclose(ours, exact, rtol=0, atol=bound, err_msg=name)
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=2 * bound, err_msg=name)

@@ -16,7 +16,7 @@ def logits_and_grads(net, pixels, labels):
     loss = nn.WithLossCell(net, nn.CrossEntropyLoss())
     params = net.trainable_params()
     _, grads = ms.value_and_grad(loss, grad_position=None, weights=params)(pixels, labels)
-    return net(pixels).asnumpy(), {p.name: g.asnumpy() for p, g in zip(params, grads)}
+    return net(pixels).asnumpy(), {p.name: g.asnumpy() for p, g in zip(params, grads, strict=True)}
 
 
 def randomized(net, seed):

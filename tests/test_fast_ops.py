@@ -134,7 +134,7 @@ def test_layer_norm_matches_torch_with_gradients(mode, shape, eps):
     yt = F.layer_norm(tensors[0], (channels,), tensors[1], tensors[2], eps)
     (yt * torch.from_numpy(weight.astype(np.float64))).sum().backward()
     expected = [yt.detach().numpy()] + [t.grad.numpy() for t in tensors]
-    for name, ours, ref in zip(("y", "dx", "dgamma", "dbeta"), (y, dx, dgamma, dbeta), expected):
+    for name, ours, ref in zip(("y", "dx", "dgamma", "dbeta"), (y, dx, dgamma, dbeta), expected, strict=True):
         scale = np.abs(ref).max()
         assert np.abs(ours - ref).max() <= 2e-6 * scale, name
     # and against torch's float32 kernel, the parity reference of the model tests

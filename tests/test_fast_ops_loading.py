@@ -327,7 +327,8 @@ def test_the_thread_pool_gives_the_same_numbers_from_any_thread():
         serial_grad, serial_gelu = layer_norm_grad(), gelu()
         assert handle.PvtSetThreadCount(3) == 3
         pooled = layer_norm_grad()
-        for ours, ref in zip(pooled, serial_grad):  # per-thread partial sums in double: equal to float rounding
+        # per-thread partial sums in double: equal to float rounding
+        for ours, ref in zip(pooled, serial_grad, strict=True):
             np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
         np.testing.assert_array_equal(layer_norm_grad()[1], pooled[1])  # the pool splits the same way every call
         results = {}

@@ -22,7 +22,7 @@ def torch_fpn(fpn, features):
     for i in range(len(laterals) - 1, 0, -1):
         laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:],
                                                           mode="nearest")
-    outs = [conv(c, lat) for c, lat in zip(fpn.fpn_convs, laterals)]
+    outs = [conv(c, lat) for c, lat in zip(fpn.fpn_convs, laterals, strict=True)]
     extra = fpn.num_outs - len(outs)
     if extra and fpn.extra_source is None:
         for _ in range(extra):
@@ -37,7 +37,7 @@ def torch_fpn(fpn, features):
 
 
 def random_features(rng, channels, sizes):
-    return [rng.standard_normal((2, c, h, w)).astype(np.float32) for c, (h, w) in zip(channels, sizes)]
+    return [rng.standard_normal((2, c, h, w)).astype(np.float32) for c, (h, w) in zip(channels, sizes, strict=True)]
 
 
 # Map sizes of a PVT backbone at 97x131 input: floors at every stage, so the top-down sizes are not exact 2x.
@@ -60,7 +60,7 @@ def test_fpn_matches_torch_reference(options, sizes):
     ours = fpn(tuple(ms.Tensor(f) for f in features))
     reference = torch_fpn(fpn, features)
     assert len(ours) == len(reference) == fpn.num_outs == len(fpn.strides)
-    for level, (a, b) in enumerate(zip(ours, reference)):
+    for level, (a, b) in enumerate(zip(ours, reference, strict=True)):
         assert a.shape == b.shape, level
         np.testing.assert_allclose(a.asnumpy(), b, atol=1e-5, rtol=1e-5)
 

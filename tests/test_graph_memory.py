@@ -30,7 +30,8 @@ if task == "det":
     from pvt_dense.detection.evaluation import DetectorForward
     from pvt_dense.detection.infer import infer_images
     from pvt_dense.detection.postprocess import InferenceSettings
-    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
+    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.config import load_detection_config
     cfg = load_detection_config(None, ["--pretrained", "", "--num_classes", "3", "--neck_channels", "64",
                                        "--head_feat_channels", "64", "--head_stacked_convs", "2"])
     detector, _ = build_retinanet(cfg, 3)
@@ -43,7 +44,8 @@ elif task == "seg":
     from pvt_dense.engine.shapes import ShapeFlexibleForward
     from pvt_dense.segmentation.evaluation import Predictor
     from pvt_dense.segmentation.infer import infer_images
-    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config
+    from pvt_dense.segmentation.build import build_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     from pvt_dense.segmentation.segmentor import SegmentorInference
     cfg = load_segmentation_config(None, ["--pretrained", "", "--num_classes", "5", "--neck_channels", "64",
                                           "--head_channels", "32"])

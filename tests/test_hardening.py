@@ -2,7 +2,6 @@
 cannot be mistaken for one another, one `error:` line from every tool, refused values, and outputs that never mix
 or escape their folder."""
 import collections
-import importlib.util
 import io
 import os
 import pickle
@@ -27,14 +26,6 @@ from pvt_dense.output_names import OutputNamer, contained_path, output_names, re
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPORARY_MARKS = (".tmp-", ".partial")
-
-
-def load_tool(name):
-    """tools/<name>.py as a module (tools/ is not a package), to call `run_tool(main, argv)` in-process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def leftovers(folder):
@@ -172,7 +163,7 @@ BILLION_LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for 
                        "ConfigError in milliseconds ('aliases expand to more than 100000 values' / 'not valid YAML' "
                        "/ 'duplicate key 'lr''), a message under 400 characters")
 def test_yaml_alias_bombs_bad_list_overrides_and_duplicate_keys_are_refused(tmp_path):
-    from pvt_dense.classification.recipe import load_classification_config
+    from pvt_dense.classification.config import load_classification_config
     bomb = tmp_path / "laughs.yaml"
     bomb.write_text("l0: &l0 [0.5]\n" + BILLION_LAUGHS + "mean: *l9\n")
     started = time.perf_counter()
@@ -282,7 +273,7 @@ def _safetensors(path, tensors):
                        "one 'error:' line naming the entry (index of more than 6 digits / shape mismatch / not a "
                        "floating point weight / holds no parameters / a file is in the way), exit 2, no traceback, "
                        "no temporary left")
-def test_convert_weights_refuses_crafted_checkpoints_in_one_line(hf_tiny, tmp_path, capsys):
+def test_convert_weights_refuses_crafted_checkpoints_in_one_line(hf_tiny, tmp_path, capsys, load_tool):
     import mindspore as ms
 
     from pvt_dense.cli import run_tool
@@ -322,7 +313,7 @@ def test_convert_weights_refuses_crafted_checkpoints_in_one_line(hf_tiny, tmp_pa
                        "infer_det, infer_seg and export_features with --output naming a file or a path below a file",
                        "one 'error:' line naming the key or the output path, exit 2, no traceback, nothing trained "
                        "or loaded")
-def test_tools_refuse_bad_values_and_unwritable_outputs_in_one_line(tmp_path, capsys):
+def test_tools_refuse_bad_values_and_unwritable_outputs_in_one_line(tmp_path, capsys, load_tool):
     from pvt_dense.cli import run_tool
     train_cls = load_tool("train_cls")
     for argv, key in ((["--lr", "nan"], "lr"), (["--warmup_factor", "inf"], "warmup_factor"),
@@ -389,8 +380,8 @@ def test_config_refuses_non_finite_floats_and_huge_ints():
                        "total_iters 10**8 (segmentation), epoch_size x steps beyond 10 million",
                        "ConfigError naming the key before any schedule list is built")
 def test_schedules_longer_than_ten_million_iterations_are_refused():
-    from pvt_dense.engine.recipe import warmup_poly_schedule, warmup_step_schedule
-    from pvt_dense.segmentation.recipe import load_segmentation_config
+    from pvt_dense.engine.schedules import warmup_poly_schedule, warmup_step_schedule
+    from pvt_dense.segmentation.config import load_segmentation_config
     with pytest.raises(ConfigError, match="total_iters"):
         load_segmentation_config(None, ["--total_iters", str(10 ** 8)])
     started = time.perf_counter()

@@ -20,7 +20,7 @@ from pvt_dense.errors import CheckpointError, PVTDenseError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_hardening import assert_one_error_line, load_tool  # noqa: E402  (shared helpers of the first pass)
+from test_hardening import assert_one_error_line  # noqa: E402  (shared helpers of the first pass)
 
 # A RetinaNet and a Semantic FPN on PVT-Tiny with narrow necks and heads: every key family of the real files, built
 # and run in seconds (PyNative, 64x48 images at a 64-pixel scale).
@@ -53,25 +53,30 @@ def write_image(path, value=90, size=(48, 64)):
     return path
 
 
-def run(tool, argv, capsys):
-    """(exit status, stdout, stderr) of tools/<tool>.py run in this process as its command line would run it."""
+@pytest.fixture
+def run(load_tool):
+    """run(tool, argv, capsys): (exit status, stdout, stderr) of tools/<tool>.py run in this process as its command
+    line would run it."""
     from pvt_dense.cli import run_tool
-    status = run_tool(load_tool(tool).main, [str(arg) for arg in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
+
+    def call(tool, argv, capsys):
+        status = run_tool(load_tool(tool).main, [str(arg) for arg in argv])
+        out, err = capsys.readouterr()
+        return status, out, err
+    return call
 
 
 # --- small whole-model checkpoints, native and OpenMMLab -----------------------------------------------------------
 
 def detection_cfg():
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
     return load_detection_config(None, DET_NARROW)
 
 
 @pytest.fixture(scope="module")
 def detector_state():
     """{structural name: array} of a narrow 3-class RetinaNet with random weights, built once."""
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.build import build_retinanet
     detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
     rng = np.random.default_rng(0)
     state = {}
@@ -85,15 +90,15 @@ def detector_state():
 
 def native_detector(path, state, meta, edit=None):
     """A native detector checkpoint of `state` (after `edit(state)`) with metadata `meta`."""
-    from pvt_dense.checkpoint.dense import save_dense_native
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.checkpoint.whole_model import save_whole_model
+    from pvt_dense.detection.build import build_retinanet
     state = dict(state)
     if edit:
         edit(state)
     detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
     for name, param in detector.parameters_and_names():
         param.set_data(ms.Tensor(state[name]))
-    return save_dense_native(detector, str(path), meta)
+    return save_whole_model(detector, str(path), meta)
 
 
 def mmlab_state(state):
@@ -123,10 +128,14 @@ def save_mmlab(path, state, meta):
     return str(path)
 
 
-def detect_tool(ckpt, images, out, capsys, extra=()):
-    with no_hang():
-        return run("infer_det", ["--ckpt_path", ckpt, "--input", images, "--output", out, *DET_TOOL_ARGS, *extra],
-                   capsys)
+@pytest.fixture
+def detect_tool(run):
+    """detect_tool(ckpt, images, out, capsys, extra=()): `run` of infer_det on a folder, guarded against hangs."""
+    def call(ckpt, images, out, capsys, extra=()):
+        with no_hang():
+            return run("infer_det", ["--ckpt_path", ckpt, "--input", images, "--output", out, *DET_TOOL_ARGS,
+                                     *extra], capsys)
+    return call
 
 
 @pytest.fixture
@@ -146,7 +155,7 @@ def images(tmp_path):
                        "FIFO as the list file",
                        "no hang: the header pre-pass skips it and it is reported 'not a regular file'; the ordinary "
                        "image is exported, exit 0; the FIFO list: one 'error:' line naming it, exit 2")
-def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys):
+def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys, run):
     from pvt_dense.data.images import header_image_size, read_image
     folder = tmp_path / "images"
     write_image(folder / "ok.png")
@@ -177,15 +186,15 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys):
                        "one 'error:' line naming the file and CLASSES[1] (1048576 characters; a class name has 1 to "
                        "256), exit 2 before any model is built; nothing written")
 def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_state, images, tmp_path, capsys,
-                                                                       monkeypatch):
-    from pvt_dense.detection import loading
+                                                                       monkeypatch, detect_tool):
+    from pvt_dense.detection import build
     path = save_mmlab(tmp_path / "names.pth", mmlab_state(detector_state),
                       {"CLASSES": ("cat", "x" * (1 << 20), "dog"), "mmdet_version": "2.13.0"})
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from refused metadata")
 
-    monkeypatch.setattr(loading, "build_retinanet", no_model)
+    monkeypatch.setattr(build, "build_retinanet", no_model)
     status, out, err = detect_tool(path, images, tmp_path / "out", capsys)
     assert status == 2
     line = assert_one_error_line(err)
@@ -197,7 +206,8 @@ def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_sta
                        "bias makes every anchor fire (2 images and a FIFO named pipe.jpg)",
                        "at most max_per_img detections per image; detections.json names each class once (top-level "
                        "'classes'), each detection gives its label: the file stays small")
-def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detector_state, images, tmp_path, capsys):
+def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detector_state, images, tmp_path, capsys,
+                                                                         detect_tool):
     state = mmlab_state(detector_state)
     state["bbox_head.retina_cls.bias"] = np.full_like(state["bbox_head.retina_cls.bias"], 20.0)
     names = ("person", "bicycle", "car")
@@ -219,7 +229,8 @@ def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detecto
                        "escape and a NUL (tools/infer_det.py, OpenMMLab .pth)",
                        "the load report prints them escaped (\\n, \\x1b, \\x00): no forged line, no raw control "
                        "character; detections.json keeps them exactly (JSON-escaped)")
-def test_control_characters_in_class_names_are_escaped_when_printed(detector_state, images, tmp_path, capsys):
+def test_control_characters_in_class_names_are_escaped_when_printed(detector_state, images, tmp_path, capsys,
+                                                                    detect_tool):
     names = ("cat\nerror: forged line", "\x1b[31mred", "nul\x00byte")
     path = save_mmlab(tmp_path / "escapes.pth", mmlab_state(detector_state),
                       {"CLASSES": names, "mmdet_version": "2.13.0"})
@@ -259,14 +270,14 @@ NATIVE_META_CASES = [
 
 @pytest.mark.parametrize("meta, expected", NATIVE_META_CASES)
 def test_native_metadata_is_checked_before_the_detector_is_built(detector_state, images, tmp_path, capsys,
-                                                                 monkeypatch, meta, expected):
-    from pvt_dense.detection import loading
+                                                                 monkeypatch, meta, expected, detect_tool):
+    from pvt_dense.detection import build
     path = native_detector(tmp_path / "meta.ckpt", detector_state, {"task": "detector", **meta})
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from refused metadata")
 
-    monkeypatch.setattr(loading, "build_retinanet", no_model)
+    monkeypatch.setattr(build, "build_retinanet", no_model)
     status, out, err = detect_tool(path, images, tmp_path / "out", capsys)
     assert status == 2
     line = assert_one_error_line(err)
@@ -310,12 +321,12 @@ def test_detections_of_earlier_images_survive_a_later_failure(tmp_path, images, 
                        ".safetensors backbone with backbone.X and model.backbone.X",
                        "one 'error:' line naming the two copies, exit 2, nothing written; the whole-model loader "
                        "refuses the .pth too")
-def test_two_copies_of_a_weight_under_stripped_prefixes_are_refused(detector_state, tmp_path, capsys):
+def test_two_copies_of_a_weight_under_stripped_prefixes_are_refused(detector_state, tmp_path, capsys, run):
     from safetensors.numpy import save_file
 
-    from pvt_dense.checkpoint import load_dense_checkpoint
+    from pvt_dense.checkpoint import load_whole_model
     from pvt_dense.checkpoint.keymaps import from_native
-    from pvt_dense.detection.recipe import build_retinanet
+    from pvt_dense.detection.build import build_retinanet
     state = mmlab_state(detector_state)
     key = "backbone.patch_embed1.proj.weight"
     state["module." + key] = state[key] + 1
@@ -324,7 +335,7 @@ def test_two_copies_of_a_weight_under_stripped_prefixes_are_refused(detector_sta
     assert status == 2 and f"two tensors named '{key}'" in assert_one_error_line(err)
     detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
     with pytest.raises(CheckpointError, match=f"two tensors named '{key}'"):
-        load_dense_checkpoint(detector, path)
+        load_whole_model(detector, path)
 
     backbone = {k[len("backbone."):]: v for k, v in detector_state.items() if k.startswith("backbone.")}
     official = {"backbone." + k: v for k, v in from_native(backbone, "official").items()}
@@ -342,9 +353,9 @@ def test_two_copies_of_a_weight_under_stripped_prefixes_are_refused(detector_sta
                        "whole-model file (tools/infer_det.py on an OpenMMLab .pth; a native .ckpt)",
                        "a 'warning: checkpoint ... has non-finite values in 2 tensors: ...' line naming them, as the "
                        "backbone loader warns; the run goes on")
-def test_non_finite_whole_model_weights_are_warned_about(detector_state, images, tmp_path, capsys):
-    from pvt_dense.checkpoint import load_dense_checkpoint
-    from pvt_dense.detection.recipe import build_retinanet
+def test_non_finite_whole_model_weights_are_warned_about(detector_state, images, tmp_path, capsys, detect_tool):
+    from pvt_dense.checkpoint import load_whole_model
+    from pvt_dense.detection.build import build_retinanet
     state = mmlab_state(detector_state)
     state["bbox_head.retina_cls.weight"] = state["bbox_head.retina_cls.weight"].copy()
     state["bbox_head.retina_cls.weight"][0, 0, 0, 0] = np.nan
@@ -361,7 +372,7 @@ def test_non_finite_whole_model_weights_are_warned_about(detector_state, images,
 
     native = native_detector(tmp_path / "nan.ckpt", detector_state, {"task": "detector"}, poison)
     detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
-    report = load_dense_checkpoint(detector, native)
+    report = load_whole_model(detector, native)
     assert report.warnings == [f"checkpoint {native} has non-finite values in 1 tensors: head.retina_cls.bias"]
 
 
@@ -395,18 +406,19 @@ def test_a_lock_file_that_is_a_hard_link_or_a_fifo_is_refused(tmp_path, kind):
 
 @pytest.fixture(scope="module")
 def segmentor_ckpt(tmp_path_factory):
-    from pvt_dense.checkpoint.dense import save_dense_native
-    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config
+    from pvt_dense.checkpoint.whole_model import save_whole_model
+    from pvt_dense.segmentation.build import build_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     net = build_segmentor(load_segmentation_config(None, SEG_NARROW))
     path = tmp_path_factory.mktemp("seg") / "semfpn.ckpt"
-    return save_dense_native(net, str(path), {"task": "segmentor", "class_names": ["sky", "road", "tree"]})
+    return save_whole_model(net, str(path), {"task": "segmentor", "class_names": ["sky", "road", "tree"]})
 
 
 @pytest.mark.bad_input("output path", "tools/infer_seg.py with OUT/masks a symlink to another folder; with "
                        "OUT/masks/sub a symlink out (for input sub/b.png), a FIFO and an ordinary image beside it",
                        "exit 2 with one 'error:' line naming the folder, before the model is loaded; exit 2 naming "
                        "sub/b.png, the other image's outputs written, the FIFO skipped; nothing written elsewhere")
-def test_infer_seg_fails_when_an_output_subfolder_leads_elsewhere(segmentor_ckpt, tmp_path, capsys):
+def test_infer_seg_fails_when_an_output_subfolder_leads_elsewhere(segmentor_ckpt, tmp_path, capsys, run):
     images = tmp_path / "images"
     write_image(images / "a.png")
     write_image(images / "sub" / "b.png")
@@ -435,14 +447,14 @@ def test_infer_seg_fails_when_an_output_subfolder_leads_elsewhere(segmentor_ckpt
 @pytest.mark.bad_input("output path", "tools/infer_det.py with OUT/sub a symlink out of OUT, for input sub/a.png",
                        "exit 2 with one 'error:' line naming sub/a.png; the other image drawn and detections.json "
                        "written; nothing written through the symlink")
-def test_infer_det_fails_when_a_drawn_image_cannot_be_written(tmp_path, capsys, monkeypatch):
-    from pvt_dense.detection import infer, loading
+def test_infer_det_fails_when_a_drawn_image_cannot_be_written(tmp_path, capsys, monkeypatch, detect_tool):
+    from pvt_dense.detection import build, infer
 
     class Detector:
         def set_train(self, mode):
             pass
 
-    monkeypatch.setattr(loading, "load_detector_with_names", lambda cfg, path: (Detector(), ["x"], None))
+    monkeypatch.setattr(build, "load_detector_with_names", lambda cfg, path: (Detector(), ["x"], None))
     monkeypatch.setattr(infer, "detect_file", lambda *args: (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                                                              np.zeros(0, np.int64)))
     images, out, elsewhere = tmp_path / "images", tmp_path / "out", tmp_path / "elsewhere"

@@ -68,7 +68,7 @@ def test_detector_forward_returns_the_plain_outputs_and_counts_each_call(mode):
     for height, width in sizes:
         batch = rng.standard_normal((1, 3, height, width)).astype(np.float32)
         expected = [t.asnumpy() for t in net(ms.Tensor(batch))]
-        for got, want in zip(forward(batch), expected):
+        for got, want in zip(forward(batch), expected, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     stats = forward.stats
     assert stats.compilations + stats.graph_calls + stats.eager_calls == len(sizes)

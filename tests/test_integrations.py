@@ -31,10 +31,6 @@ CLASSIFIER_PARAMS = {"pvt_tiny": 13_229_288, "pvt_small": 24_485_864, "pvt_mediu
                      "pvt_large": 61_369_320}
 
 
-def images(height, width, batch=1, seed=0):
-    return ms.Tensor(np.random.default_rng(seed).random((batch, 3, height, width)).astype(np.float32))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def registered():
     pvt_mindcv.register()
@@ -44,7 +40,7 @@ def registered():
 
 
 @pytest.mark.parametrize("name", SIZES)
-def test_mindcv_create_model_builds_every_size(name, pynative):
+def test_mindcv_create_model_builds_every_size(name, pynative, images):
     classifier = mindcv.models.create_model(name, num_classes=7, drop_rate=0.0, drop_path_rate=0.1)
     assert isinstance(classifier, PVTClassifier)
     assert parameter_count(classifier) == CLASSIFIER_PARAMS[name] - 513 * (1000 - 7)
@@ -63,30 +59,30 @@ def test_mindcv_create_model_builds_every_size(name, pynative):
     assert sorted(reference_params) == sorted(features.parameters_dict())
     for param_name, param in features.parameters_dict().items():
         reference_params[param_name].set_data(param.data)
-    x = images(32, 64)
+    x = images(32, 64, uniform=True)
     for net in (features, reference):
         net.set_train(False)
     outs = features(x)
     assert [o.shape for o in outs] == [(1, 64, 8, 16), (1, 128, 4, 8)]
-    for ours, theirs in zip(outs, reference(x)):
+    for ours, theirs in zip(outs, reference(x), strict=True):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
 
 
-def test_mindcv_built_models_run_the_same_in_graph_and_pynative_mode():
+def test_mindcv_built_models_run_the_same_in_graph_and_pynative_mode(images):
     classifier = mindcv.models.create_model("pvt_tiny", num_classes=7)
     features = mindcv.models.create_model("pvt_tiny", features_only=True, out_indices=[1, 2, 3])
-    x = images(64, 96)
+    x = images(64, 96, uniform=True)
     results = {}
     for mode in (ms.PYNATIVE_MODE, ms.GRAPH_MODE):
         ms.set_context(mode=mode)
         try:
             for net in (classifier, features):
                 net.set_train(False)
-            results[mode] = [classifier(images(224, 224)).asnumpy()] + [o.asnumpy() for o in features(x)]
+            results[mode] = [classifier(images(224, 224, uniform=True)).asnumpy()] + [o.asnumpy() for o in features(x)]
         finally:
             ms.set_context(mode=ms.PYNATIVE_MODE)
     assert [r.shape for r in results[ms.GRAPH_MODE]] == [(1, 7), (1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]
-    for eager, graph in zip(results[ms.PYNATIVE_MODE], results[ms.GRAPH_MODE]):
+    for eager, graph in zip(results[ms.PYNATIVE_MODE], results[ms.GRAPH_MODE], strict=True):
         np.testing.assert_allclose(graph, eager, atol=1e-5, rtol=1e-5)
 
 
@@ -107,7 +103,7 @@ def mindcv_format_checkpoint(tmp_path_factory):
     return path, {p.name: p.asnumpy() for p in net.get_parameters()}
 
 
-def test_mindcv_checkpoint_path_loads_mindcv_weights_as_pvt_dense_does(mindcv_format_checkpoint, pynative):
+def test_mindcv_checkpoint_path_loads_mindcv_weights_as_pvt_dense_does(mindcv_format_checkpoint, pynative, images):
     path, mindcv_weights = mindcv_format_checkpoint
     through_mindcv = mindcv.models.create_model("pvt_tiny", num_classes=1000, checkpoint_path=str(path))
     through_pvt_dense = pvt_dense.create_model("pvt_tiny", pretrained=str(path))
@@ -115,7 +111,7 @@ def test_mindcv_checkpoint_path_loads_mindcv_weights_as_pvt_dense_does(mindcv_fo
     np.testing.assert_array_equal(loaded["stages.1.blocks.0.attn.kv.weight"],
                                   mindcv_weights["Blocks.1.0.attn.kv.weight"])
     np.testing.assert_array_equal(loaded["stages.3.pos_embed"], mindcv_weights["pos_embed4"].astype(np.float32))
-    x = images(32, 64)
+    x = images(32, 64, uniform=True)
     for net in (through_mindcv, through_pvt_dense):
         net.set_train(False)
     np.testing.assert_array_equal(through_mindcv(x).asnumpy(), through_pvt_dense(x).asnumpy())
@@ -126,7 +122,7 @@ def test_mindcv_checkpoint_path_loads_mindcv_weights_as_pvt_dense_does(mindcv_fo
     reference = pvt_dense.create_backbone("pvt_tiny", out_indices=(1, 2, 3), pretrained=str(path))
     for net in (maps, reference):
         net.set_train(False)
-    for ours, theirs in zip(maps(x), reference(x)):
+    for ours, theirs in zip(maps(x), reference(x), strict=True):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
 
 
@@ -237,7 +233,7 @@ def yolo_net(mindyolo_modules):
     return cfg, create_model(model_name=cfg.network.model_name, model_cfg=cfg.network, num_classes=2)
 
 
-def test_mindyolo_yaml_builds_pvt_rows_with_their_channels(yolo_net, pynative):
+def test_mindyolo_yaml_builds_pvt_rows_with_their_channels(yolo_net, pynative, images):
     from mindyolo.models.heads.yolov8_head import YOLOv8Head
     from mindyolo.models.layers import SPPF
     from mindyolo.optim import create_group_param
@@ -257,7 +253,7 @@ def test_mindyolo_yaml_builds_pvt_rows_with_their_channels(yolo_net, pynative):
     assert "model.model.0.backbone.stages.3.blocks.1.attn.kv.weight" in names
 
     net.set_train(False)
-    predictions, maps = net(images(64, 96))
+    predictions, maps = net(images(64, 96, uniform=True))
     assert [m.shape for m in maps] == [(1, 66, 8, 12), (1, 66, 4, 6), (1, 66, 2, 3)]  # 2 classes + 4 x 16 bins
     assert predictions.shape == (1, 8 * 12 + 4 * 6 + 2 * 3, 6) and np.isfinite(predictions.asnumpy()).all()
 

@@ -50,7 +50,7 @@ def test_mindcv_features_only_builds_the_pvt_dense_v2_backbone(pynative):
         net.set_train(False)
     outs = features(x)
     assert [o.shape for o in outs] == [(1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]
-    for ours, theirs in zip(outs, reference(x)):
+    for ours, theirs in zip(outs, reference(x), strict=True):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
 
 

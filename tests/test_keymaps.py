@@ -29,7 +29,7 @@ def native_shapes(classifier: bool = True) -> dict[str, tuple[int, ...]]:
     """Every native key of the small PVT above, with its shape."""
     shapes = {}
     grid, in_ch = IMG, 3
-    for s, (c, depth, sr, mlp, patch) in enumerate(zip(DIMS, DEPTHS, SR, MLP, PATCH)):
+    for s, (c, depth, sr, mlp, patch) in enumerate(zip(DIMS, DEPTHS, SR, MLP, PATCH, strict=True)):
         grid //= patch
         stage = f"stages.{s}."
         shapes[stage + "patch_embed.proj.weight"] = (c, in_ch, patch, patch)

@@ -8,7 +8,7 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 from pvt_dense.engine.loop import IterationLoop, NonFiniteLossError
-from pvt_dense.engine.recipe import warmup_poly_schedule, warmup_step_schedule
+from pvt_dense.engine.schedules import warmup_poly_schedule, warmup_step_schedule
 from pvt_dense.engine.train_step import TrainStep
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import pvt_dense
 from devtools.hf_reference import as_official_dense_backbone, hf_pvt_config, set_official_norm_eps
-from pvt_dense.checkpoint import convert_checkpoint
+from pvt_dense.conversion import convert_checkpoint
 from pvt_dense.models.pvt import PVT_SPECS
 
 torch = pytest.importorskip("torch")
@@ -99,6 +99,6 @@ def test_stage_maps_match_official_dense_forward_at_odd_size(hf_checkpoints):
     net = pvt_dense.create_backbone(name, pretrained=str(bin_path))
     net.set_train(False)
     outs = run_in_mode(mode, lambda: [o.asnumpy() for o in net(ms.Tensor(pixels))])
-    for stage, (ours, theirs) in enumerate(zip(outs, expected)):
+    for stage, (ours, theirs) in enumerate(zip(outs, expected, strict=True)):
         assert ours.shape == theirs.shape, stage
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOLERANCE, err_msg=f"stage {stage + 1}")

@@ -87,7 +87,7 @@ OFFICIAL_RECIPES = {"pvt_v2_b0": (0.1, None), "pvt_v2_b1": (0.1, None), "pvt_v2_
 
 @pytest.mark.parametrize("name", SIZES)
 def test_every_recipe_builds_a_model_with_the_official_parameter_count(name, pynative):
-    from pvt_dense.classification.recipe import load_classification_config
+    from pvt_dense.classification.config import load_classification_config
     cfg = load_classification_config(ROOT / "configs" / "classification" / f"{name}.yaml")
     drop_path, clip = OFFICIAL_RECIPES[name]
     assert cfg.model == name and cfg.drop_path_rate == drop_path
@@ -114,8 +114,10 @@ def test_every_recipe_builds_a_model_with_the_official_parameter_count(name, pyn
 def test_every_detection_and_segmentation_recipe_builds_on_the_v2_backbone(name, pynative):
     """RetinaNet 1x and Semantic FPN configs: the neck and head take their sizes from the backbone, and both run a
     forward on a small image (eagerly: one compile per size would cost more than the forward)."""
-    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
-    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config
+    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.config import load_detection_config
+    from pvt_dense.segmentation.build import build_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     det_cfg = load_detection_config(ROOT / "configs" / "detection" / f"retinanet_{name}_fpn_1x_coco.yaml")
     seg_cfg = load_segmentation_config(ROOT / "configs" / "segmentation" / f"semfpn_{name}_ade20k_40k.yaml",
                                        ["--pretrained", ""])
@@ -158,7 +160,7 @@ def test_timm_checkpoint_matches_timm_in_graph_mode(timm_b0, graph_mode):
     ours = run(backbone, x)
     assert [o.shape[2:] for o in ours] == [(25, 33), (13, 17), (7, 9), (4, 5)] == [
         grid for grid in PVT_V2_SPECS["pvt_v2_b0"].stage_grids(*ODD_SIZE)]
-    for stage, (mine, theirs) in enumerate(zip(ours, expected)):
+    for stage, (mine, theirs) in enumerate(zip(ours, expected, strict=True)):
         assert_close(mine, theirs.numpy(), f"stage {stage}")
 
 
@@ -194,7 +196,7 @@ def test_gradients_match_timm_for_linear_attention(tmp_path, pynative):
     from pvt_dense.checkpoint.keymaps import to_native
     expected = to_native({k: p.grad.numpy() for k, p in model.named_parameters()})[0]
     assert sorted(expected) == sorted(p.name for p in params)
-    for param, grad in zip(params, grads):
+    for param, grad in zip(params, grads, strict=True):
         reference = expected[param.name]
         worst = float(np.abs(grad.asnumpy() - reference).max() / (np.abs(reference).max() + 1e-12))
         assert worst <= TOLERANCE, f"{param.name}: relative gradient difference {worst}"
@@ -240,7 +242,7 @@ def test_huggingface_matches_hf_in_pynative(name, saved_as, tmp_path, pynative):
     with torch.no_grad():
         expected = model.pvt_v2(torch.from_numpy(x), output_hidden_states=True).hidden_states
     backbone = pvt_dense.create_backbone(name, pretrained=str(path))
-    for stage, (mine, theirs) in enumerate(zip(run(backbone, x), expected)):
+    for stage, (mine, theirs) in enumerate(zip(run(backbone, x), expected, strict=True)):
         assert_close(mine, theirs.numpy(), f"stage {stage}")
 
 
@@ -270,7 +272,7 @@ def test_mmdetection_detector_checkpoint_matches_mmdet_stage_maps(tmp_path, pyna
     with torch.no_grad():
         expected = backbone(torch.from_numpy(x))
     ours = pvt_dense.create_backbone("pvt_v2_b0", pretrained=str(path))
-    for stage, (mine, theirs) in enumerate(zip(run(ours, x), expected)):
+    for stage, (mine, theirs) in enumerate(zip(run(ours, x), expected, strict=True)):
         assert_close(mine, theirs.numpy(), f"stage {stage}")
 
 
@@ -388,7 +390,7 @@ def test_written_backbone_loads_into_mmdetection_with_the_same_stage_maps(ours_b
     x = images(*ODD_SIZE, seed=15)
     with torch.no_grad():
         theirs = backbone(torch.from_numpy(x))
-    for stage, (mine, other) in enumerate(zip(ours_from_native(without_head, x, backbone=True), theirs)):
+    for stage, (mine, other) in enumerate(zip(ours_from_native(without_head, x, backbone=True), theirs, strict=True)):
         assert_close(mine, other.numpy(), f"stage {stage}")
 
 

@@ -102,7 +102,7 @@ def test_three_tasks_deal_the_same_global_batches_for_1x16_and_2x8(sets, epoch):
 
 def test_epochs_are_different_permutations(sets):
     plans = [EpochSampler(NUM_IMAGES, GLOBAL_BATCH, seed=SEED).epoch_plan(epoch)[0] for epoch in (0, 1)]
-    assert not all(np.array_equal(a, b) for a, b in zip(*plans))
+    assert not all(np.array_equal(a, b) for a, b in zip(*plans, strict=True))
 
 
 def test_three_tasks_replace_an_unreadable_image_by_the_same_next_one(tmp_path):

@@ -17,8 +17,8 @@ from pvt_dense.segmentation.data import SegmentationBatchSource
 from pvt_dense.segmentation.evaluation import Predictor, evaluate_segmentor, resize_logits
 from pvt_dense.output_names import relative_output_name
 from pvt_dense.segmentation.infer import output_paths, palette
-from pvt_dense.segmentation.transforms import (TrainTransform, aligned_test_size, prepare_test_image, random_crop,
-                                               rescale_size, sliding_windows)
+from pvt_dense.data.transforms import network_input_size, rescaled_size
+from pvt_dense.segmentation.transforms import TrainTransform, prepare_test_image, random_crop, sliding_windows
 
 
 def write_pair(root, name, image, label, split="training"):
@@ -135,16 +135,16 @@ def test_odd_image_sizes_train_to_the_crop_and_test_at_aligned_sizes(size):
     x, y = transform(image, label, np.random.default_rng(0))
     assert x.shape == (3, 64, 64) and x.dtype == np.float32 and y.shape == (64, 64)
     assert set(np.unique(y)) <= {0, 1, 2, 3, 255}
-    aligned, rescaled = aligned_test_size(*size, scale=(2048, 512))
+    aligned, rescaled = network_input_size(*size, scale=(2048, 512)), rescaled_size(*size, 512, 2048)[:2]
     assert aligned[0] % 32 == 0 and aligned[1] % 32 == 0
     assert min(rescaled) == 512 or max(rescaled) == 2048
     assert prepare_test_image(image).shape == (3,) + aligned
 
 
-def test_rescale_size_follows_mmcv():
+def test_rescaled_size_follows_mmcv():
     # 512 short side for a landscape photo; the long bound wins for a panorama.
-    assert rescale_size(375, 500, (2048, 512)) == (512, 683)
-    assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)
+    assert rescaled_size(375, 500, 512, 2048)[:2] == (512, 683)
+    assert rescaled_size(100, 1000, 512, 2048)[:2] == (205, 2048)
 
 
 def test_random_crop_respects_the_single_class_cap_when_it_can():

@@ -13,7 +13,7 @@ NAN = float("nan")
 
 def assert_same(actual, expected):
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         assert (math.isnan(a) and math.isnan(e)) or a == pytest.approx(e), (actual, expected)
 
 
@@ -49,8 +49,8 @@ def brute_force(predictions, labels, num_classes, ignore=255):
     ious, accs, correct, total = [], [], 0, 0
     for cls in range(num_classes):
         inter = union = labelled = 0
-        for p, l in zip(predictions, labels):
-            for pv, lv in zip(p.ravel().tolist(), l.ravel().tolist()):
+        for p, l in zip(predictions, labels, strict=True):
+            for pv, lv in zip(p.ravel().tolist(), l.ravel().tolist(), strict=True):
                 if lv == ignore:
                     continue
                 inter += pv == cls and lv == cls
@@ -58,7 +58,7 @@ def brute_force(predictions, labels, num_classes, ignore=255):
                 labelled += lv == cls
         ious.append(inter / union if union else NAN)
         accs.append(inter / labelled if labelled else NAN)
-    for p, l in zip(predictions, labels):
+    for p, l in zip(predictions, labels, strict=True):
         valid = l != ignore
         correct += int((p[valid] == l[valid]).sum())
         total += int(valid.sum())

@@ -8,7 +8,7 @@ References, none of them written here:
   composed in that order, then mmseg's `SegDataPreProcessor` (BGR -> RGB, mean/std);
 - logits, losses, gradients and masks: mmseg 1.2's `EncoderDecoder` (backbone mmdet 3.3's PyramidVisionTransformer,
   mmseg's FPN neck and FPNHead), BatchNorm in eval mode with random running statistics, saved as an mmseg 1.x
-  checkpoint file and loaded into ours with `load_dense_checkpoint` (tools/infer_seg.py reads the same file);
+  checkpoint file and loaded into ours with `load_whole_model` (tools/infer_seg.py reads the same file);
 - metrics: mmseg 1.2's `IoUMetric`.
 """
 import math
@@ -21,14 +21,14 @@ from mindspore import nn
 
 from mmlab_reference import require_mmseg
 from pvt_dense.data.images import read_image
-from pvt_dense.data.transforms import normalize
+from pvt_dense.data.transforms import network_input_size, normalize, rescaled_size
 from pvt_dense.models.fpn import build_neck
 from pvt_dense.models.pvt import PVTBackbone, PVTSpec
 from pvt_dense.segmentation.evaluation import Predictor
 from pvt_dense.segmentation.metrics import segmentation_metrics
 from pvt_dense.segmentation.segmentor import EncoderDecoder, SegmentorInference, SegmentorWithLoss
 from pvt_dense.segmentation.semfpn_head import SemanticFPNHead
-from pvt_dense.segmentation.transforms import aligned_test_size, prepare_test_image
+from pvt_dense.segmentation.transforms import prepare_test_image
 
 torch = pytest.importorskip("torch")
 
@@ -103,13 +103,13 @@ def save_as_mmseg(reference, path):
 def build_pair(tmp_dir, avg_non_ignore=False):
     """(mmseg EncoderDecoder, our EncoderDecoder with its weights, loaded from the file mmseg saved), eval mode.
     mmdet's PVT uses LayerNorm eps 1e-6 everywhere, so ours is built with that convention."""
-    from pvt_dense.checkpoint import load_dense_checkpoint
+    from pvt_dense.checkpoint import load_whole_model
     reference = build_reference(reference_config(avg_non_ignore))
     backbone = PVTBackbone(TINY_SPEC.with_norm_eps_style("mmdet"))
     neck = build_neck(backbone, out_channels=NECK_CHANNELS, num_outs=4)
     ours = EncoderDecoder(backbone, neck, SemanticFPNHead(neck.out_channels, neck.strides, NUM_CLASSES,
                                                           channels=HEAD_CHANNELS))
-    report = load_dense_checkpoint(ours, save_as_mmseg(reference, tmp_dir / "semfpn_mmseg.pth"))
+    report = load_whole_model(ours, save_as_mmseg(reference, tmp_dir / "semfpn_mmseg.pth"))
     assert sum(report.mapped.values()) == len(list(ours.get_parameters()))
     ours.set_train(False)
     return reference, ours
@@ -166,10 +166,10 @@ def test_test_preprocessing_is_the_official_align_resize(mmseg, photos):
         original, reference = official_test_input(path, (2048, 512))
         ours = prepare_test_image(image)
         assert image.shape[:2] == original
-        assert ours.shape == tuple(reference.shape[1:]) == (3,) + aligned_test_size(*original)[0]
+        assert ours.shape == tuple(reference.shape[1:]) == (3,) + network_input_size(*original, (2048, 512))
         np.testing.assert_array_equal(ours, reference[0].numpy())
         # One resize straight to the aligned size would sample other pixels: the test can tell them apart.
-        aligned, rescaled = aligned_test_size(*original)
+        aligned, rescaled = network_input_size(*original, (2048, 512)), rescaled_size(*original, 512, 2048)[:2]
         if aligned != rescaled:
             straight = normalize(cv2.resize(image, aligned[::-1], interpolation=cv2.INTER_LINEAR)).transpose(2, 0, 1)
             seen_difference |= bool(np.abs(straight - reference[0].numpy()).max() > 0.1)
@@ -185,7 +185,7 @@ def test_neck_and_head_logits_match_mmseg_on_the_same_backbone_features(models, 
     reference, ours = models
     rng = np.random.default_rng(len(sizes[0]))
     features = [rng.normal(size=(2, channels) + size).astype(np.float32)
-                for channels, size in zip(TINY_SPEC.embed_dims, sizes)]
+                for channels, size in zip(TINY_SPEC.embed_dims, sizes, strict=True)]
     with torch.no_grad():
         expected = reference.decode_head(reference.neck([torch.from_numpy(f) for f in features])).numpy()
     got = ours.head(ours.neck(tuple(ms.Tensor(f) for f in features))).asnumpy()
@@ -297,7 +297,7 @@ def test_metrics_match_mmseg_iou_metric(mmseg):
     metric.dataset_meta = dict(classes=[f"c{i}" for i in range(num_classes)])
     metric.process({}, [dict(pred_sem_seg=dict(data=torch.from_numpy(p[None].astype(np.int64))),
                              gt_sem_seg=dict(data=torch.from_numpy(lab[None].astype(np.int64))))
-                        for p, lab in zip(predictions, labels)])
+                        for p, lab in zip(predictions, labels, strict=True)])
     areas = [sum(result[i] for result in metric.results) for i in range(4)]
     per_class = IoUMetric.total_area_to_metrics(*areas, metrics=["mIoU"])
     summary = metric.compute_metrics(metric.results)  # mmseg rounds these to 2 decimals of a percent

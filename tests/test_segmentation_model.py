@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from pvt_dense.errors import ConfigError
 from pvt_dense.models import create_backbone
 from pvt_dense.models.fpn import build_neck
-from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config
+from pvt_dense.segmentation.build import build_segmentor
+from pvt_dense.segmentation.config import load_segmentation_config
 from pvt_dense.segmentation.segmentor import (EncoderDecoder, SegmentorInference, SegmentorWithLoss,
                                               ignore_cross_entropy)
 from pvt_dense.segmentation.semfpn_head import ConvBNReLU, SemanticFPNHead, Upsample2x
@@ -102,7 +103,7 @@ def test_unknown_names_and_keys_list_what_is_valid():
 
 
 def test_checkpoint_state_holds_batchnorm_statistics_and_optimizer_moments(pynative):
-    from pvt_dense.engine.recipe import build_adamw
+    from pvt_dense.engine.optim import build_adamw
     from pvt_dense.engine.train_step import TrainStep
     from pvt_dense.engine.train_step import training_state_parameters as state_parameters
     cfg = load_segmentation_config(None, ["--neck_channels", "8", "--head_channels", "8", "--num_classes", "3",

@@ -1,7 +1,6 @@
 """The head's cross-rank BatchNorm under msrun (2 CPU processes) equals torch's BatchNorm on the whole batch."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_env():
     # msrun starts `python` from PATH: the venv's must come first, and the workers must find pvt_dense.
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -27,7 +20,7 @@ def run_env():
 
 @pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None, reason="msrun not installed")
 @pytest.mark.parametrize("mode", ["graph"])
-def test_two_rank_statistics_outputs_and_gradients_equal_whole_batch_batchnorm(tmp_path, mode):
+def test_two_rank_statistics_outputs_and_gradients_equal_whole_batch_batchnorm(tmp_path, mode, free_port):
     log_dir = tmp_path / "logs"
     command = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
                f"--log_dir={log_dir}", "--join=True", "python", str(ROOT / "tests" / "segmentation_syncbn_worker.py"),

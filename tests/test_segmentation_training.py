@@ -1,5 +1,4 @@
 """Semantic FPN training end to end on a tiny deterministic set: it learns, it evaluates, it resumes exactly."""
-import importlib.util
 import re
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 from pvt_dense.segmentation.ade20k import list_samples
-from pvt_dense.segmentation.recipe import load_segmentation_config
+from pvt_dense.segmentation.config import load_segmentation_config
 from pvt_dense.segmentation.train import SegmentationRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +79,12 @@ def test_training_on_a_tiny_set_reaches_half_miou_on_it(trained):
     assert (run_dir / f"semfpn_{cfg.backbone}_best.ckpt").exists()
 
 
-def load_tool(name):
-    """tools/<name>.py as a module (tools/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tool_arguments(cfg):
     return TINY_RUN + ["--data_dir", cfg.data_dir, "--mode", "1",
                        "--ckpt_path", str(Path(cfg.ckpt_save_dir) / f"semfpn_{cfg.backbone}_best.ckpt")]
 
 
-def test_eval_tool_reproduces_the_training_evaluation_from_the_checkpoint(trained, capsys, pynative):
+def test_eval_tool_reproduces_the_training_evaluation_from_the_checkpoint(trained, capsys, pynative, load_tool):
     main = load_tool("eval_seg").main
     cfg, run, _ = trained
     assert main(tool_arguments(cfg)) == 0
@@ -106,7 +97,7 @@ def test_eval_tool_reproduces_the_training_evaluation_from_the_checkpoint(traine
     assert "(4 images)" in printed
 
 
-def test_infer_tool_writes_masks_colours_and_overlays(trained, tmp_path, capsys, pynative):
+def test_infer_tool_writes_masks_colours_and_overlays(trained, tmp_path, capsys, pynative, load_tool):
     main = load_tool("infer_seg").main
     cfg, _, _ = trained
     listing = tmp_path / "inputs.txt"

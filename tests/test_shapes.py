@@ -46,9 +46,9 @@ def assert_same_as_plain_graph(net, sizes):
     flexible = [flat(forward(x)) for x in inputs]
     assert forward.stats.eager_calls == len(sizes) and forward.stats.compilations == 0
     assert ms.get_context("mode") == ms.GRAPH_MODE
-    for size, expected, got in zip(sizes, plain, flexible):
+    for size, expected, got in zip(sizes, plain, flexible, strict=True):
         assert [a.shape for a in got] == [a.shape for a in expected], size
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(size))
 
 
@@ -59,7 +59,8 @@ def test_backbone_outputs_equal_the_static_graph_at_odd_sizes():
 
 
 def test_retinanet_raw_outputs_equal_the_static_graph_at_odd_sizes():
-    from pvt_dense.detection.recipe import build_retinanet, load_detection_config
+    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.config import load_detection_config
     cfg = load_detection_config(None, ["--pretrained", "", "--num_classes", "3", "--neck_channels", "16",
                                        "--head_feat_channels", "16", "--head_stacked_convs", "1"])
     detector, _ = build_retinanet(cfg)
@@ -68,7 +69,8 @@ def test_retinanet_raw_outputs_equal_the_static_graph_at_odd_sizes():
 
 
 def test_segmentor_logits_equal_the_static_graph_at_odd_sizes():
-    from pvt_dense.segmentation.recipe import build_segmentor, load_segmentation_config
+    from pvt_dense.segmentation.build import build_segmentor
+    from pvt_dense.segmentation.config import load_segmentation_config
     from pvt_dense.segmentation.segmentor import SegmentorInference
     cfg = load_segmentation_config(None, ["--neck_channels", "8", "--head_channels", "8", "--num_classes", "3"])
     net = SegmentorInference(build_segmentor(cfg))
@@ -88,7 +90,7 @@ def test_many_sizes_seen_once_compile_one_graph():
     assert len(net.compile_cache) == 1  # MindSpore's own record of the graphs compiled for this Cell
     again = flat(forward(images(sizes[:1])[0]))
     assert forward.stats.graph_calls == 1 and len(net.compile_cache) == 1
-    for a, b in zip(again, outputs[0]):
+    for a, b in zip(again, outputs[0], strict=True):
         np.testing.assert_array_equal(a, b)
     assert [o[0].shape for o in outputs] == [(1, 64, h // 4, w // 4) for h, w in sizes]
 

@@ -8,7 +8,7 @@ import pytest
 from pvt_dense.data.digits_detection import make_digits_detection
 from pvt_dense.detection.data import DetectionBatchSource
 from pvt_dense.segmentation.data import SegmentationBatchSource
-from pvt_dense.segmentation.recipe import load_segmentation_config
+from pvt_dense.segmentation.config import load_segmentation_config
 from pvt_dense.segmentation.train import SegmentationRun
 from test_detection_train import tiny_config as tiny_detection_config
 from test_segmentation_training import TINY_RUN, write_shapes_set

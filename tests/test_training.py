@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from pvt_dense.classification.recipe import load_classification_config
-from pvt_dense.classification.train import NonFiniteLossError, Trainer, evaluate
+from pvt_dense.classification.config import load_classification_config
+from pvt_dense.classification.evaluation import evaluate
+from pvt_dense.classification.train import ClassificationRun, NonFiniteLossError
 from pvt_dense.data.digits import make_digits_imagenet
 from pvt_dense.engine.checkpoints import read_checkpoint_meta
 from pvt_dense.engine.train_step import TrainStep
@@ -90,7 +91,7 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
 
 
 def test_linear_lr_scaling_is_one_flag():
-    from pvt_dense.classification.recipe import effective_lr
+    from pvt_dense.classification.config import effective_lr
     recipe = ROOT / "configs/classification/pvt_tiny.yaml"
     cfg = load_classification_config(recipe, ["--batch_size", "64", "--scale_lr_with_batch"])
     assert effective_lr(cfg, world_size=2) == pytest.approx(5e-4 * 128 / 1024)
@@ -106,7 +107,7 @@ def test_official_recipe_switch_changes_decay_groups_and_clipping(tmp_path):
     assert all(name.endswith(("bias", "gamma", "beta")) for name in mindcv_style)
     assert official - mindcv_style == {"cls_token", "stages.0.pos_embed", "stages.1.pos_embed", "stages.2.pos_embed",
                                        "stages.3.pos_embed"}
-    from pvt_dense.classification.recipe import official_recipe_overrides
+    from pvt_dense.classification.config import official_recipe_overrides
     assert official_recipe_overrides(load_classification_config(None, ["--model", "pvt_large"]))[:2] == (True, 1.0)
     assert official_recipe_overrides(load_classification_config(None, ["--model", "pvt_tiny"]))[0] is False
 
@@ -167,14 +168,14 @@ def test_mindcv_adamw_matches_torch_adamw():
 def test_training_learns_the_digits(digits, tmp_path):
     cfg = config_for(digits, tmp_path / "run", "--batch_size", 16, "--epoch_size", 25, "--lr", 1e-3,
                      "--val_while_train", "False", "--weight_decay", 0.0)
-    trainer = Trainer(cfg)
+    trainer = ClassificationRun(cfg)
     trainer.fit()
     train_accuracy = evaluate(trainer.net, trainer_eval_loader(trainer, cfg, "train"))["top1"]
     assert train_accuracy >= 90.0, train_accuracy
     log = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(log) == 25 and (tmp_path / "run" / "curves.png").exists()
     # validate_cls's path (checkpoint file -> fresh model -> loader) agrees with the in-memory model.
-    from pvt_dense.classification.validate import validate_classifier
+    from pvt_dense.classification.evaluation import validate_classifier
     last = tmp_path / "run" / "pvt_tiny_e0025_s0000125.ckpt"
     result = validate_classifier(config_for(digits, tmp_path / "run", "--batch_size", 16, "--val_split", "train",
                                             "--ckpt_path", last))
@@ -213,9 +214,9 @@ def test_augmented_batches_depend_only_on_their_place_in_the_epoch(digits, tmp_p
 
     whole, again, from_second = batches(True, 1, 0, 3), batches(True, 1, 0, 3), batches(True, 1, 1, 2)
     assert whole[0][1].shape == (8, 10) and not np.isin(whole[0][1], (0.0, 1.0)).all()  # mixed soft labels
-    for ours, theirs in zip(whole, again):
+    for ours, theirs in zip(whole, again, strict=True):
         np.testing.assert_array_equal(ours[0], theirs[0])
-    for ours, theirs in zip(whole[1:], from_second):
+    for ours, theirs in zip(whole[1:], from_second, strict=True):
         np.testing.assert_array_equal(ours[0], theirs[0])
         np.testing.assert_array_equal(ours[1], theirs[1])
     # unshuffled, epochs 1 and 2 hold the same images in the same order but draw again: the augmentation is random
@@ -232,12 +233,13 @@ def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path, a
     # PyNative: four trainers would each compile the same graph; what is resumed does not depend on the mode.
     common = ("--batch_size", 16, "--max_steps_per_epoch", 3, "--lr", 1e-3, "--val_while_train", "False",
               "--mode", 1, *augmentation)
-    straight = Trainer(config_for(digits, tmp_path / "straight", "--epoch_size", 3, *common))
+    straight = ClassificationRun(config_for(digits, tmp_path / "straight", "--epoch_size", 3, *common))
     straight.fit()
 
     # Killed after epoch 1 and mid-way through epoch 2 (a step checkpoint), then resumed twice.
-    Trainer(config_for(digits, tmp_path / "resumed", "--epoch_size", 1, *common)).fit()
-    partial = Trainer(config_for(digits, tmp_path / "resumed", "--epoch_size", 3, "--save_every_steps", 2, *common))
+    ClassificationRun(config_for(digits, tmp_path / "resumed", "--epoch_size", 1, *common)).fit()
+    partial = ClassificationRun(config_for(digits, tmp_path / "resumed", "--epoch_size", 3, "--save_every_steps", 2,
+                                           *common))
 
     class Crash(Exception):
         pass
@@ -258,7 +260,7 @@ def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path, a
     partial.train_step = CrashOnThirdStep(partial.train_step)
     with pytest.raises(Crash):
         partial.fit()
-    resumed = Trainer(config_for(digits, tmp_path / "resumed", "--epoch_size", 3, *common))
+    resumed = ClassificationRun(config_for(digits, tmp_path / "resumed", "--epoch_size", 3, *common))
     resumed.fit()
     assert resumed.state["iteration"] == straight.state["iteration"] == 9
     # Every resume keeps the records of the epochs its checkpoint finished: each epoch is listed once.
@@ -280,7 +282,7 @@ def test_interrupted_and_resumed_runs_reach_the_same_weights(digits, tmp_path, a
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     cfg = config_for(digits, tmp_path / "run", "--batch_size", 16, "--epoch_size", 3, "--max_steps_per_epoch", 2,
                      "--lr", 1e30, "--val_while_train", "False", "--opt", "sgd", "--weight_decay", 0.0)
-    trainer = Trainer(cfg)
+    trainer = ClassificationRun(cfg)
     with pytest.raises(NonFiniteLossError) as stopped:
         trainer.fit()
     # The message only promises a kept checkpoint when one exists.
@@ -304,16 +306,17 @@ def test_corrupt_images_are_skipped_and_counted_and_missing_splits_are_clear(dig
     broken = data / "train" / "n00000003" / "zz_broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     cfg = config_for(data, tmp_path / "run", "--batch_size", 16, "--epoch_size", 1, "--val_while_train", "False")
-    trainer = Trainer(cfg)
+    trainer = ClassificationRun(cfg)
     state = trainer.fit()
     assert state["skipped_samples"] == 1
     assert str(broken) in [trainer.train_source.paths[i] for i in trainer.train_source.bad_files]
     shutil.rmtree(data / "val")
     with pytest.raises(PVTDenseError, match="missing split folder .*val"):
-        Trainer(config_for(data, tmp_path / "run2", "--epoch_size", 1, "--batch_size", 16))
+        ClassificationRun(config_for(data, tmp_path / "run2", "--epoch_size", 1, "--batch_size", 16))
     with pytest.raises(PVTDenseError, match="num_classes is 1000 but .* has 10 class folders"):
-        Trainer(load_classification_config(None, SMALL_RUN + ["--data_dir", str(digits), "--num_classes", "1000",
-                                                              "--ckpt_save_dir", str(tmp_path / "r3")]))
+        ClassificationRun(load_classification_config(None, SMALL_RUN + ["--data_dir", str(digits), "--num_classes",
+                                                                        "1000", "--ckpt_save_dir",
+                                                                        str(tmp_path / "r3")]))
 
 
 def mixed_precision_of(net, kinds):
@@ -326,9 +329,9 @@ def test_o2_keeps_layer_norm_and_gelu_in_float32_with_a_loss_close_to_o0(digits,
     from pvt_dense.models.fast_ops import GELU, LayerNorm
     common = ("--batch_size", 16, "--epoch_size", 1, "--max_steps_per_epoch", 3, "--lr", 1e-3, "--val_while_train",
               "False", "--mode", 1, "--loss_scale", 1024)
-    o0 = Trainer(config_for(digits, tmp_path / "o0", *common))
+    o0 = ClassificationRun(config_for(digits, tmp_path / "o0", *common))
     o0.fit()
-    o2 = Trainer(config_for(digits, tmp_path / "o2", *common, "--amp_level", "O2"))
+    o2 = ClassificationRun(config_for(digits, tmp_path / "o2", *common, "--amp_level", "O2"))
     o2.fit()
     assert mixed_precision_of(o2.net, (LayerNorm,)) == mixed_precision_of(o2.net, (GELU,)) == {
         "MixedPrecisionType.FP32"}

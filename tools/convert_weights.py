@@ -36,13 +36,12 @@ def main(argv=None):
     parser.add_argument("--no-strict", dest="strict", action="store_false",
                         help="backbones: write the matching tensors even if some keys are missing or mismatched")
     args = parser.parse_args(argv)
-    from pvt_dense.checkpoint import convert_checkpoint
-    from pvt_dense.checkpoint.dense import convert_dense_checkpoint, is_whole_model_checkpoint
+    from pvt_dense.checkpoint.whole_model import is_whole_model_checkpoint
+    from pvt_dense.conversion import convert_checkpoint, convert_whole_model, write_checkpoint_as
     if args.to is not None:
-        from pvt_dense.checkpoint.convert import write_checkpoint_as
         report = write_checkpoint_as(args.src, args.dst, args.to, model_name=args.model, strict=args.strict)
     elif is_whole_model_checkpoint(args.src):
-        report = convert_dense_checkpoint(args.src, args.dst, config=args.config)
+        report = convert_whole_model(args.src, args.dst, config=args.config)
     else:
         report = convert_checkpoint(args.src, args.dst, model_name=args.model, strict=args.strict)
     print(report)

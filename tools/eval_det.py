@@ -14,8 +14,8 @@ from pvt_dense.cli import run_tool, tool_config
 
 
 def main(argv=None):
-    from pvt_dense.detection.recipe import EVAL_FIELDS, load_detection_config
-    from pvt_dense.detection.loading import evaluate_checkpoint
+    from pvt_dense.detection.config import EVAL_FIELDS, load_detection_config
+    from pvt_dense.detection.evaluation import evaluate_checkpoint
     cfg = tool_config(argv, __doc__, load_detection_config, EVAL_FIELDS)
     if cfg is None:
         return 0

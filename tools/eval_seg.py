@@ -14,8 +14,9 @@ from pvt_dense.cli import run_tool, tool_config
 def main(argv=None):
     from pvt_dense.segmentation.ade20k import list_samples
     from pvt_dense.segmentation.evaluation import evaluate_segmentor, format_results
-    from pvt_dense.segmentation.recipe import (EVAL_FIELDS, checkpoint_class_names, load_segmentation_config,
-                                               load_trained_segmentor_with_report, predictor_options)
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.config import (EVAL_FIELDS, checkpoint_class_names, load_segmentation_config,
+                                               predictor_options)
     from pvt_dense.segmentation.segmentor import SegmentorInference
     cfg = tool_config(argv, __doc__, load_segmentation_config, EVAL_FIELDS,
                       {"ckpt_path": "--ckpt_path PATH is required (train_seg.py's, an official PVT Semantic FPN "

@@ -11,7 +11,7 @@
 
 An exported graph has one fixed input shape, so --shape is required; several
 shapes give one file each, named after its shape. Detector and segmentor shapes must be what their test protocol
-feeds the network (height and width multiples of pad_divisor / size_divisor, 32 by default); --for_image_sizes
+feeds the network (height and width multiples of size_divisor, 32 by default); --for_image_sizes
 (detector) computes those shapes for the original image sizes you will feed, so each graph reproduces the test
 protocol for its images exactly.
 

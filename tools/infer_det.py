@@ -19,9 +19,9 @@ from pvt_dense.cli import ensure_output_dir, run_tool, tool_config
 def main(argv=None):
     from pvt_dense.class_names import printable
     from pvt_dense.detection.infer import infer_images
+    from pvt_dense.detection.build import load_detector_with_names
+    from pvt_dense.detection.config import INFER_FIELDS, inference_settings, load_detection_config
     from pvt_dense.errors import PVTDenseError
-    from pvt_dense.detection.recipe import INFER_FIELDS, load_detection_config, inference_settings
-    from pvt_dense.detection.loading import load_detector_with_names
     required = "--input (image, directory or .txt list) and --output (folder) are required"
     cfg = tool_config(argv, __doc__, load_detection_config, INFER_FIELDS, {"input": required, "output": required})
     if cfg is None:
@@ -29,7 +29,7 @@ def main(argv=None):
     ensure_output_dir(cfg.output)
     detector, class_names, category_ids = load_detector_with_names(cfg, cfg.ckpt_path)
     summary = infer_images(detector, cfg.input, cfg.output, class_names, inference_settings(cfg), cfg.img_scale,
-                           cfg.pad_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,
+                           cfg.size_divisor, cfg.mean, cfg.std, cfg.draw_thr, category_ids,
                            progress=cfg.progress_bar)
     print(f"{len(summary['written'])} images with detections drawn in {cfg.output}; all detections in "
           f"{summary['json']}; {summary['input_shapes']} distinct input shapes"

@@ -19,9 +19,10 @@ def main(argv=None):
     from pvt_dense.class_names import printable
     from pvt_dense.errors import PVTDenseError
     from pvt_dense.segmentation.evaluation import Predictor
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
+    from pvt_dense.segmentation.config import (INFER_FIELDS, checkpoint_class_names, load_segmentation_config,
+                                               predictor_options)
     from pvt_dense.segmentation.infer import check_output_folders, infer_images
-    from pvt_dense.segmentation.recipe import (INFER_FIELDS, checkpoint_class_names, load_segmentation_config,
-                                               load_trained_segmentor_with_report, predictor_options)
     from pvt_dense.segmentation.segmentor import SegmentorInference
     cfg = tool_config(argv, __doc__, load_segmentation_config, INFER_FIELDS,
                       {key: f"--{key} is required" for key in ("ckpt_path", "input", "output")},

@@ -17,7 +17,7 @@ def main(argv=None):
     if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
         return 0
-    from pvt_dense.classification.recipe import load_classification_config
+    from pvt_dense.classification.config import load_classification_config
     from pvt_dense.classification.train import train_classifier
     config, overrides = split_config_argument(argv)
     cfg = load_classification_config(config, overrides)

@@ -20,7 +20,7 @@ def main(argv=None):
     if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
         return 0
-    from pvt_dense.detection.recipe import load_detection_config
+    from pvt_dense.detection.config import load_detection_config
     from pvt_dense.detection.train import train_detector
     config, overrides = split_config_argument(argv)
     state = train_detector(load_detection_config(config, overrides))

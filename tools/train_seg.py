@@ -19,7 +19,7 @@ def main(argv=None):
     if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
         return 0
-    from pvt_dense.segmentation.recipe import load_segmentation_config
+    from pvt_dense.segmentation.config import load_segmentation_config
     from pvt_dense.segmentation.train import train_segmentor
     config, overrides = split_config_argument(argv)
     cfg = load_segmentation_config(config, overrides)

@@ -14,8 +14,8 @@ def main(argv=None):
     if argv is None and any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
         return 0
-    from pvt_dense.classification.recipe import load_classification_config
-    from pvt_dense.classification.validate import validate_classifier
+    from pvt_dense.classification.config import load_classification_config
+    from pvt_dense.classification.evaluation import validate_classifier
     config, overrides = split_config_argument(argv)
     cfg = load_classification_config(config, overrides, defaults={"distribute": False, "batch_size": 32})
     result = validate_classifier(cfg)

@@ -1,8 +1,8 @@
 """Rename PVT v1 state dicts between checkpoint conventions and pvt_dense's native names.
 
 Pure functions over ``dict[str, numpy.ndarray]``: no torch, no MindSpore. PVT v2's formats (official, timm,
-HuggingFace, mmdetection, MindCV) are tables of the same kind in keymaps_v2.py; ``detect_format`` and ``to_native``
-consider both families and pick the format that explains the most keys.
+HuggingFace, mmdetection, MindCV) are tables of the same kind in keymaps_v2.py, both built by keymap_rules.py;
+``detect_format`` and ``to_native`` consider both families and pick the format that explains the most keys.
 
 Formats
 -------
@@ -25,44 +25,39 @@ Placeholders: ``{s}`` stage 0..3, ``{i}`` = s + 1, ``{j}`` block within its stag
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
 from pvt_dense.errors import CheckpointError
+from pvt_dense.messages import examples
 
-NATIVE = "native"
-OFFICIAL = "official"
-HUGGINGFACE = "huggingface"
-MINDCV = "mindcv"
+from .keymap_rules import AFFINE, HUGGINGFACE, MINDCV, NATIVE, NORM, OFFICIAL, PARAM, Format, indices, rules
+from .keymaps_v2 import V2_FORMATS
+
 FORMATS = (NATIVE, OFFICIAL, HUGGINGFACE, MINDCV)
 
-# Kinds of native modules.
-_AFFINE = "affine"  # Dense / Conv2d: weight, bias
-_NORM = "norm"  # LayerNorm: gamma, beta natively
-_PARAM = "param"  # a bare Parameter
 
 _BLOCK = "stages.{s}.blocks.{j}."
 _BLOCK_MODULES = {
-    "norm1": _NORM,
-    "attn.q": _AFFINE,
-    "attn.kv": _AFFINE,
-    "attn.proj": _AFFINE,
-    "attn.sr": _AFFINE,  # only where sr_ratio > 1
-    "attn.norm": _NORM,  # only where sr_ratio > 1
-    "norm2": _NORM,
-    "mlp.fc1": _AFFINE,
-    "mlp.fc2": _AFFINE,
+    "norm1": NORM,
+    "attn.q": AFFINE,
+    "attn.kv": AFFINE,
+    "attn.proj": AFFINE,
+    "attn.sr": AFFINE,  # only where sr_ratio > 1
+    "attn.norm": NORM,  # only where sr_ratio > 1
+    "norm2": NORM,
+    "mlp.fc1": AFFINE,
+    "mlp.fc2": AFFINE,
 }
 NATIVE_MODULES: dict[str, str] = {
-    "stages.{s}.patch_embed.proj": _AFFINE,
-    "stages.{s}.patch_embed.norm": _NORM,
-    "stages.{s}.pos_embed": _PARAM,
+    "stages.{s}.patch_embed.proj": AFFINE,
+    "stages.{s}.patch_embed.norm": NORM,
+    "stages.{s}.pos_embed": PARAM,
     **{_BLOCK + name: kind for name, kind in _BLOCK_MODULES.items()},
-    "cls_token": _PARAM,  # classifier only
-    "norm": _NORM,  # classifier only: final LayerNorm
-    "head": _AFFINE,  # classifier only
+    "cls_token": PARAM,  # classifier only
+    "norm": NORM,  # classifier only: final LayerNorm
+    "head": AFFINE,  # classifier only
 }
 
 # native module -> module in each format. A tuple means the native tensor is those tensors stacked along axis 0.
@@ -109,96 +104,7 @@ _TRAINING_STATE = re.compile(
     r"|last_overflow_iterator_step|epoch_num|step_num|loss_scale|loss_scale_clean_steps|pvt_dense_meta_json)$"
 )
 
-_PLACEHOLDER = re.compile(r"\{(s|i|j|last)\}")
 _STAGE_KEY = re.compile(r"^stages\.(\d+)\.")
-
-
-def _template_regex(template: str) -> re.Pattern:
-    parts = _PLACEHOLDER.split(template)  # literal, name, literal, name, ...
-    return re.compile("".join(f"(?P<{p}>\\d+)" if n % 2 else re.escape(p) for n, p in enumerate(parts)))
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """One native parameter template and the source template(s) it comes from."""
-
-    native: str
-    sources: tuple[str, ...]
-    native_re: re.Pattern
-    source_res: tuple[re.Pattern, ...]
-
-
-def _leaves(kind: str, norm_leaves: tuple[str, str]) -> list[tuple[str, str]]:
-    """(native leaf, source leaf) pairs for one module kind; '' for a bare parameter."""
-    if kind == _PARAM:
-        return [("", "")]
-    if kind == _NORM:
-        return [(".gamma", "." + norm_leaves[0]), (".beta", "." + norm_leaves[1])]
-    return [(".weight", ".weight"), (".bias", ".bias")]
-
-
-def _rules(modules: Mapping[str, str | tuple[str, ...]], norm_leaves: tuple[str, str],
-           native_modules: Mapping[str, str] = NATIVE_MODULES) -> tuple[_Rule, ...]:
-    """Rules for every native module the format has (a backbone-only format has no head)."""
-    rules = []
-    for native_module, kind in native_modules.items():
-        if native_module not in modules:
-            continue
-        sources = modules[native_module]
-        sources = sources if isinstance(sources, tuple) else (sources,)
-        for native_leaf, source_leaf in _leaves(kind, norm_leaves):
-            native = native_module + native_leaf
-            source_keys = tuple(s + source_leaf for s in sources)
-            rules.append(
-                _Rule(native, source_keys, _template_regex(native), tuple(_template_regex(s) for s in source_keys))
-            )
-    return tuple(rules)
-
-
-def _unchanged(state):
-    return state
-
-
-@dataclass(frozen=True)
-class _Format:
-    name: str
-    rules: tuple[_Rule, ...]
-    normalize: Callable[[str], str] = lambda key: key  # applied to a source key before matching
-    family: str = "v1"  # PVT v1 or v2
-    # Applied to the whole source dict before matching: splits or reshapes tensors that are laid out differently
-    # (mmdetection's fused q/k/v projection, 1x1 convs standing for Linear layers).
-    prepare: Callable[[Mapping[str, object]], Mapping[str, object]] = _unchanged
-    # The inverses, for writing the format (`from_native`): a renamed key back to the format's own spelling, and
-    # the renamed dict back to the format's tensor layout.
-    denormalize: Callable[[str], str] = lambda key: key
-    unprepare: Callable[[Mapping[str, object]], Mapping[str, object]] = _unchanged
-
-    @property
-    def label(self):
-        return self.name if self.family == "v1" else f"{self.name} (PVT v2)"
-
-    def parse(self, key: str) -> tuple[str, int, int] | None:
-        """(native key, part, number of parts) for a source key, or None if no rule matches it."""
-        key = self.normalize(key)
-        for rule in self.rules:
-            for part, regex in enumerate(rule.source_res):
-                match = regex.fullmatch(key)
-                index = _indices(match.groupdict()) if match else None
-                if index is not None:
-                    return rule.native.format(**index), part, len(rule.sources)
-        return None
-
-
-def _indices(groups: dict[str, str]) -> dict[str, int] | None:
-    """Stage and block numbers from a match; None for a stage 0 in a format that counts stages from 1."""
-    out = {}
-    if "s" in groups:
-        out["s"] = int(groups["s"])
-    if "i" in groups:
-        out["s"] = int(groups["i"]) - 1
-    if "j" in groups:
-        out["j"] = int(groups["j"])
-    return None if out.get("s", 0) < 0 else out
 
 
 def _hf_normalize(key: str) -> str:
@@ -206,40 +112,33 @@ def _hf_normalize(key: str) -> str:
     return "pvt." + key if key.startswith("encoder.") else key
 
 
-_FORMATS: dict[str, _Format] = {
-    NATIVE: _Format(NATIVE, _rules({m: m for m in NATIVE_MODULES}, ("gamma", "beta"))),
-    OFFICIAL: _Format(OFFICIAL, _rules(_OFFICIAL_MODULES, ("weight", "bias"))),
-    HUGGINGFACE: _Format(HUGGINGFACE, _rules(_HF_MODULES, ("weight", "bias")), _hf_normalize),
-    MINDCV: _Format(MINDCV, _rules(_MINDCV_MODULES, ("gamma", "beta"))),
+_FORMATS: dict[str, Format] = {
+    NATIVE: Format(NATIVE, rules({m: m for m in NATIVE_MODULES}, ("gamma", "beta"), NATIVE_MODULES)),
+    OFFICIAL: Format(OFFICIAL, rules(_OFFICIAL_MODULES, ("weight", "bias"), NATIVE_MODULES)),
+    HUGGINGFACE: Format(HUGGINGFACE, rules(_HF_MODULES, ("weight", "bias"), NATIVE_MODULES), _hf_normalize),
+    MINDCV: Format(MINDCV, rules(_MINDCV_MODULES, ("gamma", "beta"), NATIVE_MODULES)),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def _examples(keys: Iterable[str], n: int = 4) -> str:
-    keys = list(keys)
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
-def _score(fmt: _Format, keys: Iterable[str]) -> int:
+def _score(fmt: Format, keys: Iterable[str]) -> int:
     return sum(fmt.parse(k) is not None for k in keys)
 
 
-def _all_formats() -> list[_Format]:
-    from .keymaps_v2 import V2_FORMATS  # keymaps_v2 builds its tables with this module's helpers
+def _all_formats() -> list[Format]:
     return list(_FORMATS.values()) + list(V2_FORMATS.values())
 
 
-def _locate(state: Mapping[str, object]) -> tuple[_Format, str]:
+def _locate(state: Mapping[str, object]) -> tuple[Format, str]:
     """(format, wrapper prefix) that explains the most keys of ``state``."""
     if not state:
         raise CheckpointError("the checkpoint holds no tensors")
     nested = [k for k, v in state.items() if isinstance(v, Mapping)]
     if nested:
         raise CheckpointError(
-            f"the checkpoint is a wrapper, not a state dict: {_examples(nested)} hold dicts; "
+            f"the checkpoint is a wrapper, not a state dict: {examples(nested, quote=True)} hold dicts; "
             "unwrap the one with the weights (often 'model' or 'state_dict') first"
         )
     keys = list(state)
@@ -253,13 +152,13 @@ def _locate(state: Mapping[str, object]) -> tuple[_Format, str]:
             if score:
                 candidates.append((score, prefix, fmt))
     if not candidates:
-        raise CheckpointError(f"not a PVT v1 or v2 checkpoint in any known format; its keys begin {_examples(keys)}")
+        raise CheckpointError(f"not a PVT v1 or v2 checkpoint in any known format; its keys begin {examples(keys, quote=True)}")
     best = max(c[0] for c in candidates)
     top = [c for c in candidates if c[0] == best]
     if len(top) > 1:
         which = ", ".join(f"{f.label} (prefix {p!r})" if p else f.label for _, p, f in top)
         raise CheckpointError(
-            f"cannot tell the checkpoint's format: its keys fit {which} equally well; keys begin {_examples(keys)}"
+            f"cannot tell the checkpoint's format: its keys fit {which} equally well; keys begin {examples(keys, quote=True)}"
         )
     _, prefix, fmt = top[0]
     return fmt, prefix
@@ -292,7 +191,7 @@ def _as_float32(state: dict[str, object], notes: list[str]) -> dict[str, np.ndar
         if all(k.endswith("pos_embed") for k in keys):
             notes.append(f"cast {len(keys)} {dtype} pos embeds to float32")
         else:
-            notes.append(f"cast {len(keys)} {dtype} tensors to float32: {_examples(keys)}")
+            notes.append(f"cast {len(keys)} {dtype} tensors to float32: {examples(keys, quote=True)}")
     return out
 
 
@@ -342,14 +241,14 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
     if name == NATIVE and not prefix:
         training = [k for k in state if _TRAINING_STATE.search(k)]
         if training:
-            notes.append(f"ignored {len(training)} training-state entries: {_examples(training)}")
+            notes.append(f"ignored {len(training)} training-state entries: {examples(training, quote=True)}")
         weights = {k: v for k, v in state.items() if k not in set(training)}
         return _as_float32(weights, notes), notes
 
     if prefix:
         outside = [k for k in state if not k.startswith(prefix)]
         _refuse_copies_under_other_wrappers(state, prefix, outside)
-        dropped = f"; ignored {len(outside)} keys outside it: {_examples(outside)}" if outside else ""
+        dropped = f"; ignored {len(outside)} keys outside it: {examples(outside, quote=True)}" if outside else ""
         notes.append(f"stripped prefix {prefix!r}{dropped}")
     inside = fmt.prepare({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
@@ -370,14 +269,14 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
         counts[native] = count
 
     if training:
-        notes.append(f"ignored {len(training)} training-state entries: {_examples(training)}")
+        notes.append(f"ignored {len(training)} training-state entries: {examples(training, quote=True)}")
     if unknown:
         if strict:
             raise CheckpointError(
                 f"{len(unknown)} keys of this {fmt.label} checkpoint are not PVT {fmt.family} parameters: "
-                f"{_examples(unknown)}"
+                f"{examples(unknown, quote=True)}"
             )
-        notes.append(f"ignored {len(unknown)} unrecognised keys: {_examples(unknown)}")
+        notes.append(f"ignored {len(unknown)} unrecognised keys: {examples(unknown, quote=True)}")
 
     out = {}
     for native, slot in parts.items():
@@ -396,14 +295,12 @@ def to_native(state: Mapping[str, object], *, strict: bool = True) -> tuple[dict
 
 def _native_family(state: Mapping[str, object]) -> str:
     """'v1' or 'v2' for a native state dict: the family whose native names explain more keys (v1 on a tie)."""
-    from .keymaps_v2 import V2_FORMATS
     keys = list(state)
     return "v2" if _score(V2_FORMATS[NATIVE], keys) > _score(_FORMATS[NATIVE], keys) else "v1"
 
 
 def writable_formats(family: str) -> tuple[str, ...]:
     """The formats ``from_native`` writes for PVT ``family`` ('v1' or 'v2')."""
-    from .keymaps_v2 import V2_FORMATS
     return tuple(name for name in (_FORMATS if family == "v1" else V2_FORMATS) if name != NATIVE)
 
 
@@ -416,7 +313,6 @@ def from_native(state: Mapping[str, object], fmt: str, *, strict: bool = True) -
     q and kv are fused back into ``in_proj`` and the MLP's Linear weights become 1x1 convs. Keys that are not
     native PVT parameters raise CheckpointError, or are dropped if not ``strict``.
     """
-    from .keymaps_v2 import V2_FORMATS
     family = _native_family(state)
     formats = _FORMATS if family == "v1" else V2_FORMATS
     if fmt not in formats or fmt == NATIVE:
@@ -432,7 +328,7 @@ def from_native(state: Mapping[str, object], fmt: str, *, strict: bool = True) -
         if rule is None or rule.native not in targets:
             unknown.append(key)
             continue
-        index = _indices(rule.native_re.fullmatch(key).groupdict())
+        index = indices(rule.native_re.fullmatch(key).groupdict())
         index.update(i=index.get("s", 0) + 1, last=last)
         names = [target.denormalize(t.format(**index)) for t in targets[rule.native]]
         array = np.asarray(value)
@@ -442,7 +338,7 @@ def from_native(state: Mapping[str, object], fmt: str, *, strict: bool = True) -
             out[name] = np.ascontiguousarray(piece)
     if unknown and strict:
         raise CheckpointError(f"{len(unknown)} keys are not native PVT {family} parameters that the {fmt} format "
-                              f"has: {_examples(unknown)}")
+                              f"has: {examples(unknown, quote=True)}")
     return dict(target.unprepare(out))
 
 

@@ -28,7 +28,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .keymaps import _AFFINE, _NORM, HUGGINGFACE, MINDCV, NATIVE, OFFICIAL, _Format, _rules
+from .keymap_rules import AFFINE, HUGGINGFACE, MINDCV, NATIVE, NORM, OFFICIAL, Format, rules
 
 TIMM = "timm"
 MMDETECTION = "mmdetection"
@@ -36,23 +36,23 @@ V2_FORMAT_NAMES = (NATIVE, OFFICIAL, TIMM, HUGGINGFACE, MMDETECTION, MINDCV)
 
 _BLOCK = "stages.{s}.blocks.{j}."
 _BLOCK_MODULES = {
-    "norm1": _NORM,
-    "attn.q": _AFFINE,
-    "attn.kv": _AFFINE,
-    "attn.proj": _AFFINE,
-    "attn.sr": _AFFINE,  # a strided conv where sr_ratio > 1; the 1x1 conv after pooling in linear attention
-    "attn.norm": _NORM,
-    "norm2": _NORM,
-    "mlp.fc1": _AFFINE,
-    "mlp.dwconv": _AFFINE,
-    "mlp.fc2": _AFFINE,
+    "norm1": NORM,
+    "attn.q": AFFINE,
+    "attn.kv": AFFINE,
+    "attn.proj": AFFINE,
+    "attn.sr": AFFINE,  # a strided conv where sr_ratio > 1; the 1x1 conv after pooling in linear attention
+    "attn.norm": NORM,
+    "norm2": NORM,
+    "mlp.fc1": AFFINE,
+    "mlp.dwconv": AFFINE,
+    "mlp.fc2": AFFINE,
 }
 NATIVE_MODULES_V2: dict[str, str] = {
-    "stages.{s}.patch_embed.proj": _AFFINE,
-    "stages.{s}.patch_embed.norm": _NORM,
+    "stages.{s}.patch_embed.proj": AFFINE,
+    "stages.{s}.patch_embed.norm": NORM,
     **{_BLOCK + name: kind for name, kind in _BLOCK_MODULES.items()},
-    "stages.{s}.norm": _NORM,
-    "head": _AFFINE,  # classifier only
+    "stages.{s}.norm": NORM,
+    "head": AFFINE,  # classifier only
 }
 
 _OFFICIAL_MODULES = {
@@ -173,10 +173,10 @@ def _hf_normalize(key: str) -> str:
 
 
 def _format(name, modules, norm_leaves, **kwargs):
-    return _Format(name, _rules(modules, norm_leaves, NATIVE_MODULES_V2), family="v2", **kwargs)
+    return Format(name, rules(modules, norm_leaves, NATIVE_MODULES_V2), family="v2", **kwargs)
 
 
-V2_FORMATS: dict[str, _Format] = {
+V2_FORMATS: dict[str, Format] = {
     NATIVE: _format(NATIVE, {m: m for m in NATIVE_MODULES_V2}, ("gamma", "beta")),
     OFFICIAL: _format(OFFICIAL, _OFFICIAL_MODULES, ("weight", "bias")),
     TIMM: _format(TIMM, _TIMM_MODULES, ("weight", "bias"), normalize=_timm_normalize, denormalize=_timm_denormalize),

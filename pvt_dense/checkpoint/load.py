@@ -9,14 +9,16 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
-from ..atomic import fsync_directory, fsync_file, temp_path_for
+from ..atomic import publish, temp_path_for
 from ..errors import CheckpointError
+from ..messages import first_line, shorten
 from .keymaps import to_native
 from .safetensors_reader import read_safetensors
+from .sizes import SIZE_TABLE, infer_model_name  # noqa: F401  (part of this module's API)
 from .torch_reader import read_torch_state_dict
 
 
@@ -84,8 +86,7 @@ def read_mindspore_checkpoint(path):
                 os.symlink(os.path.abspath(path), link)
                 params = ms.load_checkpoint(link)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {shorten(first_line)}") from None
+        raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {shorten(first_line(err))}") from None
     state = {}
     for name, value in params.items():
         if isinstance(value, str):
@@ -99,12 +100,6 @@ def read_mindspore_checkpoint(path):
     if not state:
         raise CheckpointError(f"MindSpore checkpoint {path} holds no parameters")
     return state
-
-
-def shorten(text, limit=120):
-    """`text` cut to `limit` characters: untrusted names and values never flood an error message."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 # Longer names or longer runs of digits (layer indices) than any real checkpoint has; checking them here keeps
@@ -226,7 +221,7 @@ def fit_to_model(state, expected_shapes, has_cls_token):
                 state[last_pos] = pos[:, 1:]
                 dropped.append(f"{last_pos}[cls slot]")
         if dropped:
-            notes.append(f"classifier checkpoint: dropped {', '.join(_summarise(dropped))} (a backbone has no cls "
+            notes.append(f"classifier checkpoint: dropped {', '.join(_modules_of(dropped))} (a backbone has no cls "
                          "token, final norm or head)")
         built = _built_stage_prefixes(expected_shapes)
         unbuilt = sorted({_stage_prefix(k) for k in state if k.startswith("stages.") and _stage_prefix(k) not in built})
@@ -254,7 +249,7 @@ def _last_stage_pos_key(state):
     return f"stages.{stages[-1]}.pos_embed" if stages else ""
 
 
-def _summarise(keys):
+def _modules_of(keys):
     return sorted({k if k.startswith("stages.") else k.split(".")[0] for k in keys})
 
 
@@ -322,50 +317,21 @@ def save_native(state_or_net, path):
         raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
     try:
         ms.save_checkpoint(entries, tmp_path)
-        fsync_file(tmp_path)
-        os.replace(tmp_path, path)
+        publish(tmp_path, path)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-    fsync_directory(directory)
     return path
 
 
 def _other_size_hint(state, model_name):
-    from ..models.factory import MODEL_SPECS
     inferred = infer_model_name(state)
     if inferred is None:
         return " (is it a checkpoint of another PVT size?)"
-    if model_name not in MODEL_SPECS:  # a model built from its class, without a name
+    if model_name not in SIZE_TABLE:  # a model built from its class, without a name
         return f" (the checkpoint's block counts and widths are {inferred}'s)"
     if inferred != model_name:
         return f" (it is a checkpoint of another PVT size: {inferred}, by its block counts and widths)"
     return ""
-
-
-def infer_model_name(state: Dict[str, np.ndarray]):
-    """The PVT size (v1 or v2) whose depths, widths and attention kind match a native state dict (None if none
-    does). v2 is told from v1 by its depth-wise MLP convs; b0 from b1 by the stage-0 width; b2_li from b2 by its
-    1x1 reduction conv in stage 0; b5 from the others by its depths."""
-    from ..models.factory import MODEL_SPECS
-    from ..models.pvt_v2 import PVTv2Spec
-    depths = []
-    for stage in range(4):
-        blocks = {int(m.group(1)) for k in state for m in [re.match(rf"^stages\.{stage}\.blocks\.(\d+)\.", k)] if m}
-        depths.append(max(blocks) + 1 if blocks else 0)
-    is_v2 = any(k.endswith("mlp.dwconv.weight") for k in state)
-    embed = state.get("stages.0.patch_embed.proj.weight")
-    width = int(np.shape(embed)[0]) if embed is not None and np.ndim(embed) else None  # a 0-d tensor: no size
-    sr = state.get("stages.0.blocks.0.attn.sr.weight")
-    linear = sr is not None and tuple(np.shape(sr)[2:]) == (1, 1)
-    for name, spec in MODEL_SPECS.items():
-        if tuple(depths) != spec.depths or isinstance(spec, PVTv2Spec) != is_v2:
-            continue
-        if width is not None and width != spec.embed_dims[0]:
-            continue
-        if is_v2 and sr is not None and linear != spec.linear:
-            continue
-        return name
-    return None

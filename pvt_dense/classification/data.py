@@ -124,7 +124,7 @@ _AUGMENT_LOCK = threading.Lock()
 def set_seeds_between_augmentations(seed):
     """`set_seeds` (the run's generators, MindSpore's op seeds among them) once no batch thread is augmenting: it
     reseeds the process-wide generators the augmentation borrows."""
-    from ..engine.recipe import set_seeds
+    from ..engine.run_setup import set_seeds
     with _AUGMENT_LOCK:
         set_seeds(seed)
 

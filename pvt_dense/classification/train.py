@@ -8,11 +8,10 @@ progress, metrics.jsonl/.csv and curves.
 """
 import os
 
-import numpy as np
-
 from ..engine.loop import NonFiniteLossError  # noqa: F401  (the loop raises it; importable from here)
 from ..errors import PVTDenseError
-from .recipe import effective_lr, official_recipe_overrides
+from .config import effective_lr, official_recipe_overrides
+from .evaluation import evaluate
 
 
 def no_decay_names(net, filter_bias_and_norm, extra_patterns=()):
@@ -52,7 +51,7 @@ def build_optimizer(net, cfg, lr_schedule):
 def build_lr_schedule(cfg, steps_per_epoch, world_size):
     from mindcv.scheduler import create_scheduler
 
-    from ..engine.recipe import check_schedule_length
+    from ..engine.schedules import check_schedule_length
     check_schedule_length(steps_per_epoch * cfg.epoch_size, "epoch_size x steps per epoch")
     name = "cosine_decay" if cfg.scheduler == "warmup_cosine_decay" else cfg.scheduler
     return create_scheduler(steps_per_epoch, scheduler=name, lr=effective_lr(cfg, world_size), min_lr=cfg.min_lr,
@@ -62,34 +61,7 @@ def build_lr_schedule(cfg, steps_per_epoch, world_size):
                             lr_epoch_stair=cfg.lr_epoch_stair)
 
 
-def top_k_accuracy(logits, labels, ks=(1, 5)):
-    order = np.argsort(-logits, axis=1)
-    return {k: float(np.mean([label in row[:k] for row, label in zip(order, labels)])) for k in ks}
-
-
-def evaluate(net, loader):
-    """top-1, top-5 and mean cross-entropy of `net` over a batched (image, label) loader."""
-    import mindspore as ms
-    net.set_train(False)
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for images, labels in loader.create_tuple_iterator(num_epochs=1, output_numpy=True):
-        logits = net(ms.Tensor(images)).asnumpy().astype(np.float64)
-        labels = labels.astype(np.int64).reshape(-1)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss_sum += float(-log_probs[np.arange(len(labels)), labels].sum())
-        accuracy = top_k_accuracy(logits, labels, ks=(1, min(5, logits.shape[1])))
-        correct1 += accuracy[1] * len(labels)
-        correct5 += accuracy[min(5, logits.shape[1])] * len(labels)
-        total += len(labels)
-    if total == 0:
-        raise PVTDenseError("the validation set produced no batches")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total,
-            "samples": total}
-
-
-class Trainer:
+class ClassificationRun:
     """Everything one classification run needs, built from a checked config (`load_classification_config`); `fit`
     runs it on the shared `IterationLoop`, an epoch being `steps_per_epoch` iterations."""
 
@@ -97,7 +69,7 @@ class Trainer:
         from mindcv.loss import create_loss
         from mindspore import nn
 
-        from ..engine.recipe import init_run
+        from ..engine.run_setup import init_run
         from ..engine.train_step import TrainStep
         from ..models import create_model
         from ..models.fast_ops import mixed_precision
@@ -182,4 +154,4 @@ def format_epoch_line(record, total_epochs):
 
 def train_classifier(cfg):
     """Run (or resume) the training described by `cfg`; returns the final state dict."""
-    return Trainer(cfg).fit()
+    return ClassificationRun(cfg).fit()

@@ -56,6 +56,14 @@ def padded_size(height, width, divisor=32):
     return math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
 
 
+def network_input_size(height, width, scale, divisor=32):
+    """The (height, width) network input of an image at test time in both dense tasks: the keep-ratio size within
+    `scale` (its long and short side bounds, in either order; mmcv's `imrescale`), each side rounded up to a
+    multiple of `divisor` (detection pads to it, segmentation's `AlignResize` resizes to it)."""
+    new_height, new_width, _ = rescaled_size(height, width, min(scale), max(scale))
+    return padded_size(new_height, new_width, divisor)
+
+
 def pad_to_multiple(img, divisor=32):
     """Pad an (H, W[, C]) image with zeros at the bottom and right to a multiple of `divisor`."""
     height, width = img.shape[:2]

@@ -19,7 +19,9 @@ import numpy as np
 
 from ..data.sampler import EpochSampler, UnreadableSamples
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..errors import ImageReadError, PVTDenseError
+from ..errors import ConfigError, ImageReadError, PVTDenseError
+from .coco import CocoDetection
+from .config import resolve
 from .transforms import batch_shape, canvas_shape, is_landscape, pad_targets, prepare_image
 
 
@@ -105,3 +107,12 @@ def evaluation_batches(dataset, indices=None, img_scale=(1333, 800), pad_divisor
             continue
         chw, _, meta = prepare_image(image, record.boxes, img_scale, False, mean, std, pad_divisor)
         yield chw[None], [meta], [record]
+
+
+def open_dataset(cfg, split, check_files=True):
+    ann, images = resolve(cfg, f"{split}_ann"), resolve(cfg, f"{split}_images")
+    dataset = CocoDetection(ann, images, max_gt=cfg.max_gt, check_files=check_files)
+    if dataset.num_classes != cfg.num_classes:
+        raise ConfigError(f"num_classes is {cfg.num_classes} but {ann} has {dataset.num_classes} categories; set "
+                          f"num_classes: {dataset.num_classes}")
+    return dataset

@@ -36,8 +36,10 @@ def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEM
 
     from ..data.digits_detection import make_digits_detection
     from .infer import infer_images
-    from .recipe import load_detection_config, inference_settings
-    from .train import evaluate_on, open_dataset, train_detector
+    from .config import inference_settings, load_detection_config
+    from .data import open_dataset
+    from .evaluation import evaluate_on
+    from .train import train_detector
 
     started = time.perf_counter()
     data_dir = os.path.join(output_dir, "digits_detection")
@@ -60,7 +62,7 @@ def run_detection_demo(backbone_ckpt, output_dir="outputs/demo", config_path=DEM
     write_image_list(list_path, summary["val_images"], val_images)
     val_set = open_dataset(cfg, "val")
     result = infer_images(detector, list_path, drawn_dir, val_set.class_names, inference_settings(cfg), cfg.img_scale,
-                          cfg.pad_divisor, cfg.mean, cfg.std, draw_thr=DRAW_THRESHOLD,
+                          cfg.size_divisor, cfg.mean, cfg.std, draw_thr=DRAW_THRESHOLD,
                           category_ids=val_set.category_ids, progress=False, draw_scale=DRAW_SCALE)
     print(f"[det 4/4] {len(result['written'])} val canvases with their detections of score >= {DRAW_THRESHOLD} "
           f"(after class-wise NMS) drawn in {drawn_dir} "

@@ -7,6 +7,7 @@ from ..models.buckets import level_masks
 from .anchors import graph_level_anchors, graph_level_valid
 from .assigner import MaxIoUAssigner, spread
 from .box_coder import encode_deltas
+from .checkpoint import DETECTION_LAYOUT
 from .losses import l1_loss, sigmoid_focal_loss
 
 
@@ -15,6 +16,8 @@ class RetinaNet(nn.Cell):
 
     The neck's declared strides must be the anchor strides; `anchor_generator` carries them to post-processing.
     """
+
+    checkpoint_layout = DETECTION_LAYOUT  # how whole-model checkpoints name its head (`pvt_dense.checkpoint.whole_model`)
 
     def __init__(self, backbone, neck, head, anchor_generator):
         super().__init__()

@@ -8,13 +8,15 @@ import numpy as np
 from tqdm import tqdm
 
 from ..atomic import write_atomic
+from ..data.transforms import network_input_size
 from ..errors import PVTDenseError
 from ..engine.shapes import (DEFAULT_MAX_GRAPHS, BucketedForward, ShapeFlexibleForward,
-                            tensor_signature)
+                             tensor_signature)
 from ..models.buckets import ALIGN, level_grids
-from .data import evaluation_batches
+from .build import load_detector
+from .config import inference_settings
+from .data import evaluation_batches, open_dataset
 from .postprocess import InferenceSettings, detect_image
-from .transforms import padded_shape, rescale_size
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 METRIC_TITLES = (
@@ -132,15 +134,10 @@ class DetectorForward:
         return [output.asnumpy() for output in self.flexible(ms.Tensor(image_batch))]
 
 
-def padded_test_size(height, width, img_scale=(1333, 800), pad_divisor=32):
-    """The (height, width) network input of an image of this size under the test protocol (`prepare_image`)."""
-    return padded_shape(*rescale_size(height, width, img_scale), pad_divisor)
-
-
 def announce_sizes(forward, image_sizes, img_scale, pad_divisor):
     """Tell `forward` (when it takes announcements) the input sizes of the images (height, width) to come."""
     if hasattr(forward, "expect_sizes"):
-        forward.expect_sizes(padded_test_size(h, w, img_scale, pad_divisor) for h, w in image_sizes)
+        forward.expect_sizes(network_input_size(h, w, img_scale, pad_divisor) for h, w in image_sizes)
 
 
 def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
@@ -195,3 +192,16 @@ def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale
     metrics = {key: (value if math.isfinite(value) else -1.0) for key, value in metrics.items()}
     metrics.update(images=len(image_ids), unreadable=len(unreadable), input_shapes=num_shapes)
     return metrics
+
+
+def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
+    return evaluate_detector(detector, dataset, inference_settings(cfg), tuple(cfg.img_scale), cfg.size_divisor,
+                             tuple(cfg.mean), tuple(cfg.std), cfg.max_eval_images, results_json=results_json,
+                             verbose=verbose, progress=cfg.progress_bar)
+
+
+def evaluate_checkpoint(cfg, ckpt_path, results_json=None):
+    """The 12 COCO metrics of a checkpoint on the config's val set (printed by pycocotools' summary)."""
+    val_set = open_dataset(cfg, "val")
+    detector = load_detector(cfg, ckpt_path, val_set.num_classes)
+    return evaluate_on(detector, val_set, cfg, results_json=results_json)

@@ -9,74 +9,70 @@ import os
 
 from ..config import dump_config
 from ..engine.loop import IterationLoop
-from ..engine.recipe import build_adamw, init_run, load_starting_weights, starting_weights, warmup_step_schedule
+from ..engine.optim import build_adamw
+from ..engine.run_setup import init_run
+from ..engine.schedules import warmup_step_schedule
 from ..engine.train_step import TrainStep, training_state_parameters
-from ..errors import ConfigError
-from .coco import CocoDetection
-from .data import DetectionBatchSource
-from .evaluation import evaluate_detector
-from .recipe import build_retinanet, resolve, inference_settings
+from ..engine.weights import load_starting_weights, starting_weights
+from .build import build_retinanet
+from .data import DetectionBatchSource, open_dataset
+from .evaluation import evaluate_on
 
 
-def open_dataset(cfg, split, check_files=True):
-    ann, images = resolve(cfg, f"{split}_ann"), resolve(cfg, f"{split}_images")
-    dataset = CocoDetection(ann, images, max_gt=cfg.max_gt, check_files=check_files)
-    if dataset.num_classes != cfg.num_classes:
-        raise ConfigError(f"num_classes is {cfg.num_classes} but {ann} has {dataset.num_classes} categories; set "
-                          f"num_classes: {dataset.num_classes}")
-    return dataset
+class DetectionRun:
+    """Everything one run needs, built from a checked config (`load_detection_config`); the same shape as
+    `ClassificationRun` and `SegmentationRun`: build in `__init__`, `evaluate(iteration)`, `fit()`."""
 
+    def __init__(self, cfg):
+        self.rank, self.world_size = init_run(cfg)
+        self.train_set = open_dataset(cfg, "train")
+        self.val_set = open_dataset(cfg, "val") if cfg.val_ann and self.rank == 0 else None
+        self.source = DetectionBatchSource(self.train_set, cfg.batch_size, cfg.max_gt, tuple(cfg.img_scale),
+                                           cfg.size_divisor, cfg.flip_prob, tuple(cfg.mean), tuple(cfg.std), cfg.seed,
+                                           self.rank, self.world_size, pad_grid=cfg.pad_grid)
+        steps = self.source.steps_per_epoch
+        self.total_iters = cfg.max_iters or cfg.epochs * steps
+        self.lr_schedule = warmup_step_schedule(cfg.lr, self.total_iters, [epoch * steps for epoch in cfg.lr_steps],
+                                                cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio)
+        self.cfg = cfg = starting_weights(cfg)[0]
+        self.net, self.train_net = build_retinanet(cfg, self.train_set.num_classes, load_pretrained=not cfg.load_from)
+        load_starting_weights(self.net, cfg.load_from)
+        self.optimizer = build_adamw(self.train_net, cfg, self.lr_schedule)
+        self.train_step = TrainStep(self.train_net, self.optimizer, loss_scale=cfg.loss_scale,
+                                    dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)
+        self.train_step.set_train(True)
+        self.last_evaluation = {}
 
-def evaluate_on(detector, dataset, cfg, results_json=None, verbose=True):
-    return evaluate_detector(detector, dataset, inference_settings(cfg), tuple(cfg.img_scale), cfg.pad_divisor,
-                             tuple(cfg.mean), tuple(cfg.std), cfg.max_eval_images, results_json=results_json,
-                             verbose=verbose, progress=cfg.progress_bar)
+    def evaluate(self, iteration=None):
+        metrics = evaluate_on(self.net, self.val_set, self.cfg)
+        self.net.set_train(True)
+        self.last_evaluation = dict(metrics)
+        return {key: float(value) for key, value in metrics.items()}
+
+    def fit(self):
+        cfg, steps, train_set = self.cfg, self.source.steps_per_epoch, self.train_set
+        if self.rank == 0:
+            os.makedirs(cfg.ckpt_save_dir, exist_ok=True)
+            dump_config(cfg, os.path.join(cfg.ckpt_save_dir, "config.yaml"))
+            print(f"RetinaNet on {cfg.backbone}: {len(train_set)} training images ({train_set.num_classes} classes), "
+                  f"{steps} iterations per epoch x {self.world_size} process(es), {self.total_iters} iterations")
+        loop = IterationLoop(self.train_step, self.source, self.lr_schedule, self.total_iters, cfg.ckpt_save_dir,
+                             training_state_parameters(self.train_net, self.optimizer, self.train_step),
+                             meta={"config": dict(cfg), "class_names": train_set.class_names,
+                                   "category_ids": train_set.category_ids},
+                             evaluate=self.evaluate if self.val_set is not None else None,
+                             eval_interval=cfg.eval_interval * steps, save_interval=cfg.save_interval,
+                             metric_name="AP", keep_last=cfg.keep_checkpoint_max, resume=cfg.resume, rank=self.rank,
+                             world_size=self.world_size, progress_bar=cfg.progress_bar,
+                             log_interval=cfg.log_interval, prefix=f"retinanet_{cfg.backbone}",
+                             num_workers=cfg.num_workers)
+        state = loop.run()
+        if self.rank == 0:
+            print(f"training batches came in {len(self.source.shapes)} distinct shapes (one graph compilation each): "
+                  f"{sorted(self.source.shapes)}")
+        return dict(state, metrics=dict(self.last_evaluation), detector=self.net, run_dir=cfg.ckpt_save_dir)
 
 
 def train_detector(cfg):
     """Train as the config says; returns the loop's final state plus the last evaluation (`metrics`)."""
-    rank, world_size = init_run(cfg)
-    train_set = open_dataset(cfg, "train")
-    val_set = open_dataset(cfg, "val") if cfg.val_ann and rank == 0 else None
-    source = DetectionBatchSource(train_set, cfg.batch_size, cfg.max_gt, tuple(cfg.img_scale), cfg.pad_divisor,
-                                  cfg.flip_ratio, tuple(cfg.mean), tuple(cfg.std), cfg.seed, rank, world_size,
-                                  pad_grid=cfg.pad_grid)
-    steps = source.steps_per_epoch
-    total_iters = cfg.max_iters or cfg.epochs * steps
-    schedule = warmup_step_schedule(cfg.lr, total_iters, [epoch * steps for epoch in cfg.lr_steps], cfg.lr_gamma,
-                                    cfg.warmup_iters, cfg.warmup_ratio)
-    cfg, start = starting_weights(cfg)
-    detector, train_net = build_retinanet(cfg, train_set.num_classes, load_pretrained=not start)
-    load_starting_weights(detector, start)
-    optimizer = build_adamw(train_net, cfg, schedule)
-    train_step = TrainStep(train_net, optimizer, loss_scale=cfg.loss_scale,
-                           dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)
-    train_step.set_train(True)
-    last = {}
-
-    def evaluate(iteration):
-        metrics = evaluate_on(detector, val_set, cfg)
-        detector.set_train(True)
-        last.clear()
-        last.update(metrics)
-        return {key: float(value) for key, value in metrics.items()}
-
-    if rank == 0:
-        os.makedirs(cfg.ckpt_save_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(cfg.ckpt_save_dir, "config.yaml"))
-        print(f"RetinaNet on {cfg.backbone}: {len(train_set)} training images ({train_set.num_classes} classes), "
-              f"{steps} iterations per epoch x {world_size} process(es), {total_iters} iterations")
-    loop = IterationLoop(train_step, source, schedule, total_iters, cfg.ckpt_save_dir,
-                         training_state_parameters(train_net, optimizer, train_step),
-                         meta={"config": dict(cfg), "class_names": train_set.class_names,
-                               "category_ids": train_set.category_ids},
-                         evaluate=evaluate if val_set is not None else None,
-                         eval_interval=cfg.eval_interval * steps, save_interval=cfg.save_interval,
-                         metric_name="AP", keep_last=cfg.keep_checkpoint_max, resume=cfg.resume, rank=rank,
-                         world_size=world_size, progress_bar=cfg.progress_bar, log_interval=cfg.log_interval,
-                         prefix=f"retinanet_{cfg.backbone}", num_workers=cfg.num_workers)
-    state = loop.run()
-    if rank == 0:
-        print(f"training batches came in {len(source.shapes)} distinct shapes (one graph compilation each): "
-              f"{sorted(source.shapes)}")
-    return dict(state, metrics=dict(last), detector=detector, run_dir=cfg.ckpt_save_dir)
+    return DetectionRun(cfg).fit()

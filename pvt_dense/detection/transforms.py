@@ -14,7 +14,7 @@ import math
 import cv2
 import numpy as np
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, padded_size, rescaled_size
 from ..errors import ConfigError
 
 
@@ -41,18 +41,6 @@ def canvas_shape(landscape, img_scale=(1333, 800), divisor=32):
     return (short_pad, long_pad) if landscape else (long_pad, short_pad)
 
 
-def rescale_size(height, width, img_scale):
-    """(new_height, new_width) of a keep-ratio resize within img_scale, as `mmcv.imrescale` computes it:
-    scale = min(long / max(h, w), short / min(h, w)), sides rounded by int(x * scale + 0.5)."""
-    long_side, short_side = max(img_scale), min(img_scale)
-    scale = min(long_side / max(height, width), short_side / min(height, width))
-    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
-
-
-def padded_shape(height, width, divisor=32):
-    return round_up(height, divisor), round_up(width, divisor)
-
-
 def batch_shape(pad_shapes, grid, limit):
     """The (height, width) a training batch is padded to: the largest of its images' padded shapes (mmdetection),
     each side rounded up to a multiple of `grid` but not beyond `limit` (the orientation's canvas) unless an image
@@ -68,7 +56,7 @@ def batch_shape(pad_shapes, grid, limit):
 def resize_image(img, img_scale):
     """The keep-ratio resize of an (H, W, 3) uint8 image (cv2 bilinear, as mmcv with backend 'cv2' calls it even
     when the size does not change)."""
-    new_height, new_width = rescale_size(img.shape[0], img.shape[1], img_scale)
+    new_height, new_width, _ = rescaled_size(img.shape[0], img.shape[1], min(img_scale), max(img_scale))
     return cv2.resize(img, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
 
 
@@ -92,7 +80,7 @@ def prepare_image(img, boxes, img_scale=(1333, 800), flip=False, mean=IMAGENET_M
     if flip:
         img = img[:, ::-1]
         boxes = np.stack([new_width - boxes[:, 2], boxes[:, 1], new_width - boxes[:, 0], boxes[:, 3]], axis=1)
-    pad_size = padded_shape(new_height, new_width, pad_divisor)
+    pad_size = padded_size(new_height, new_width, pad_divisor)
     canvas = pad_size if canvas is None else tuple(canvas)
     if canvas[0] < pad_size[0] or canvas[1] < pad_size[1]:
         raise ValueError(f"canvas {canvas} is smaller than the padded image {pad_size}")

@@ -17,6 +17,8 @@ with the other.
 from mindcv.optim.adamw import AdamW as MindcvAdamW
 from mindspore import jit, ops
 
+from ..errors import ConfigError
+
 _fused_step = ops.MultitypeFuncGraph("fused_adamw_step")
 
 
@@ -79,3 +81,13 @@ class AdamW(MindcvAdamW):
         if self.use_parallel:
             self.broadcast_params(result)
         return result
+
+
+def build_adamw(net, cfg, lr_schedule):
+    """AdamW (mindcv's: bias-corrected, decoupled decay; matches torch.optim.AdamW; as one fused in-place kernel per
+    parameter, see `AdamW` above) over the trainable parameters, with the config's weight decay and eps,
+    stepping through `lr_schedule` (one lr per iteration)."""
+    params = net.trainable_params()
+    if not params:
+        raise ConfigError("the network has no trainable parameters (is every stage frozen?)")
+    return AdamW(params, learning_rate=list(lr_schedule), weight_decay=cfg.weight_decay, eps=cfg.eps)

@@ -1,10 +1,17 @@
 """The one table from model names to builders, and the two entry points users call."""
+from ..checkpoint.load import load_pretrained
+from ..checkpoint.sizes import SizeSignature, register_sizes
 from ..errors import PVTDenseError
 from .pvt import PVT_SPECS, PVTBackbone, PVTClassifier, PVTSpec
 from .pvt_v2 import PVT_V2_SPECS, PVTv2Backbone, PVTv2Classifier, PVTv2Spec
 
 # Every model name and its spec: PVT v1 (pvt_tiny ... pvt_large) and PVT v2 (pvt_v2_b0 ... pvt_v2_b5, pvt_v2_b2_li).
 MODEL_SPECS = {**PVT_SPECS, **PVT_V2_SPECS}
+
+# What the checkpoint layer needs to name the size of a state dict (`pvt_dense.checkpoint.sizes`).
+register_sizes({name: SizeSignature(tuple(spec.depths), spec.embed_dims[0], isinstance(spec, PVTv2Spec),
+                                    getattr(spec, "linear", False))
+                for name, spec in MODEL_SPECS.items()})
 
 # The spec's type picks the (backbone, classifier) classes.
 _BUILDERS = {PVTSpec: (PVTBackbone, PVTClassifier), PVTv2Spec: (PVTv2Backbone, PVTv2Classifier)}
@@ -45,7 +52,6 @@ def create_backbone(name, out_indices=(0, 1, 2, 3), pretrained=None, drop_path_r
                          recompute_stages=recompute_stages)
     net.model_name = name
     if pretrained:
-        from ..checkpoint import load_pretrained
         load_pretrained(net, pretrained, strict=strict)
     return net
 
@@ -58,6 +64,5 @@ def create_model(name, num_classes=1000, pretrained=None, drop_path_rate=0.0, dr
     net = classifier_class(spec, num_classes=num_classes, drop_path_rate=drop_path_rate, drop_rate=drop_rate)
     net.model_name = name
     if pretrained:
-        from ..checkpoint import load_pretrained
         load_pretrained(net, pretrained, strict=strict)
     return net

@@ -22,7 +22,8 @@ def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=
     from .ade20k import list_samples
     from .evaluation import Predictor, evaluate_segmentor, format_results
     from .infer import infer_images
-    from .recipe import class_names_of, load_segmentation_config, load_trained_segmentor, predictor_options
+    from .build import load_trained_segmentor
+    from .config import class_names_of, load_segmentation_config, predictor_options
     from .segmentor import SegmentorInference
     from .train import train_segmentor
 

@@ -7,11 +7,12 @@ import numpy as np
 
 from ..class_names import printable
 from ..data.images import ImageReadError, header_image_size
+from ..data.transforms import network_input_size
 from ..engine.shapes import BucketedForward, ShapeFlexibleForward, tensor_signature
 from ..models.buckets import ALIGN
 from .ade20k import AnnotationError, read_sample
 from .metrics import ConfusionMatrix
-from .transforms import aligned_test_size, prepare_test_image, sliding_windows
+from .transforms import prepare_test_image, sliding_windows
 
 
 def resize_logits(logits, size):
@@ -81,7 +82,7 @@ class Predictor:
         otherwise nothing to announce)."""
         if self.flexible is None:
             return
-        aligned_sizes = [aligned_test_size(height, width, self.scale, self.size_divisor)[0]
+        aligned_sizes = [network_input_size(height, width, self.scale, self.size_divisor)
                          for height, width in image_sizes]
         if self.bucketed is not None:
             self.bucketed.expect_sizes(aligned_sizes)

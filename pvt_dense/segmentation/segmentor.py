@@ -8,12 +8,15 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..models.buckets import level_edges, level_masks
+from .checkpoint import SEGMENTATION_LAYOUT
 from .metrics import IGNORE_INDEX
 from .semfpn_head import replicate_edge
 
 
 class EncoderDecoder(nn.Cell):
     """images (N, 3, H, W) -> logits (N, num_classes, H_s, W_s) at the head's stride (4 for Semantic FPN)."""
+
+    checkpoint_layout = SEGMENTATION_LAYOUT  # how whole-model checkpoints name its head (`pvt_dense.checkpoint.whole_model`)
 
     def __init__(self, backbone, neck, head):
         super().__init__()

@@ -4,13 +4,17 @@ import os
 
 from ..config import dump_config
 from ..engine.loop import IterationLoop
-from ..engine.recipe import build_adamw, init_run, load_starting_weights, starting_weights, warmup_poly_schedule
+from ..engine.optim import build_adamw
+from ..engine.run_setup import init_run
+from ..engine.schedules import warmup_poly_schedule
+from ..engine.weights import load_starting_weights, starting_weights
 from ..engine.train_step import TrainStep, training_state_parameters
 from ..errors import PVTDenseError
 from .ade20k import list_samples
 from .data import SegmentationBatchSource
 from .evaluation import evaluate_segmentor
-from .recipe import build_segmentor, class_names_of, predictor_options
+from .build import build_segmentor
+from .config import class_names_of, predictor_options
 from .segmentor import SegmentorInference, SegmentorWithLoss
 from .transforms import TrainTransform
 
@@ -24,8 +28,8 @@ class SegmentationRun:
         self.class_names = class_names_of(cfg)
         train_samples = list_samples(cfg.data_dir, cfg.train_split)
         self.val_samples = list_samples(cfg.data_dir, cfg.val_split) if self.rank == 0 else []
-        if cfg.eval_max_images:
-            self.val_samples = self.val_samples[:cfg.eval_max_images]
+        if cfg.max_eval_images:
+            self.val_samples = self.val_samples[:cfg.max_eval_images]
         transform = TrainTransform(cfg.train_scale, cfg.ratio_range, cfg.crop_size, cfg.cat_max_ratio,
                                    cfg.flip_prob, cfg.photometric)
         self.source = SegmentationBatchSource(train_samples, transform, cfg.num_classes, cfg.reduce_zero_label,

@@ -12,21 +12,13 @@ windows.
 All sizes are (height, width) unless a name says otherwise; `scale` pairs are (long side, short side) bounds as in
 mmcv's `imrescale`.
 """
-import math
 
 import cv2
 import numpy as np
 
-from ..data.transforms import normalize
+from ..data.transforms import network_input_size, normalize, rescaled_size
 from ..errors import ConfigError
 from .metrics import IGNORE_INDEX
-
-
-def rescale_size(height, width, scale):
-    """mmcv's keep-ratio size for `scale` = (max long side, max short side); -> (new_height, new_width)."""
-    long_bound, short_bound = max(scale), min(scale)
-    factor = min(long_bound / max(height, width), short_bound / min(height, width))
-    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
 def resize_pair(image, label, size):
@@ -42,7 +34,7 @@ def resize_pair(image, label, size):
 def random_rescale(image, label, rng, scale=(2048, 512), ratio_range=(0.5, 2.0)):
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
     target = (int(scale[0] * ratio), int(scale[1] * ratio))
-    return resize_pair(image, label, rescale_size(*image.shape[:2], target))
+    return resize_pair(image, label, rescaled_size(*image.shape[:2], min(target), max(target))[:2])
 
 
 def crop_box(height, width, crop_size, rng):
@@ -143,15 +135,6 @@ class TrainTransform:
         return np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label, dtype=np.int32)
 
 
-def aligned_test_size(height, width, scale=(2048, 512), size_divisor=32):
-    """(aligned (h, w), rescaled (h, w)) of the test pipeline: the keep-ratio size for `scale` (mmcv's `imrescale`
-    rounding), then each of its sides rounded up to a multiple of `size_divisor` (the official PVT code's
-    `AlignResize`)."""
-    new_height, new_width = rescale_size(height, width, scale)
-    return (int(math.ceil(new_height / size_divisor)) * size_divisor,
-            int(math.ceil(new_width / size_divisor)) * size_divisor), (new_height, new_width)
-
-
 def prepare_test_image(image, scale=(2048, 512), size_divisor=32):
     """(H, W, 3) uint8 RGB -> (3, H', W') float32 normalised network input at the aligned test size.
 
@@ -159,7 +142,8 @@ def prepare_test_image(image, scale=(2048, 512), size_divisor=32):
     keep-ratio size, then that uint8 result to the aligned size. One resize straight to the aligned size samples
     other pixels, so it would not be the protocol the published numbers were measured with.
     """
-    aligned, rescaled = aligned_test_size(*image.shape[:2], scale, size_divisor)
+    rescaled = rescaled_size(*image.shape[:2], min(scale), max(scale))[:2]
+    aligned = network_input_size(*image.shape[:2], scale, size_divisor)
     resized, _ = resize_pair(image, None, rescaled)
     resized, _ = resize_pair(resized, None, aligned)
     return np.ascontiguousarray(normalize(resized).transpose(2, 0, 1))

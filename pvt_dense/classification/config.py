@@ -1,6 +1,7 @@
 """The ImageNet classification config: MindCV's key names (so the YAML files and command lines of MindCV's PVT page
 work as they are), plus the few keys pvt_dense adds for long runs. See configs/classification/ for the four recipes."""
 from ..config import Field, load_config
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
 from ..models import list_models
 
@@ -42,8 +43,8 @@ CLASSIFICATION_SCHEMA = {
     "re_ratio": Field([0.3, 3.3], list, item=float, length=2, low=0.0),
     "re_value": Field(0, int),
     "re_max_attempts": Field(10, int, low=1),
-    "mean": Field([123.675, 116.28, 103.53], list, item=float, length=3),
-    "std": Field([58.395, 57.12, 57.375], list, item=float, length=3, low=1e-6),
+    "mean": Field(list(IMAGENET_MEAN), list, item=float, length=3),
+    "std": Field(list(IMAGENET_STD), list, item=float, length=3, low=1e-6),
     "mixup": Field(0.0, float, "mixup alpha", low=0.0),
     "cutmix": Field(0.0, float, "cutmix alpha", low=0.0),
     "cutmix_prob": Field(1.0, float, low=0.0, high=1.0),

@@ -1,46 +1,19 @@
-"""The detection config (RetinaNet + FPN on PVT) and the one table from component names to builders.
+"""The detection config (RetinaNet + FPN on PVT): its schema, checks and the values derived from it.
 
 `DETECTION_SCHEMA` = the shared run keys + the backbone keys + the keys below. Defaults are the official RetinaNet
 1x recipe (configs/detection/retinanet_pvt_*_fpn_1x_coco.yaml spell it out). `neck:` and `head:` name components
-of `models.fpn.NECKS` / `HEAD_BUILDERS`; an unknown name is a ConfigError listing the valid ones.
+of `models.fpn.NECKS` / `build.HEAD_BUILDERS`; an unknown name is a ConfigError listing the valid ones.
 """
 import dataclasses
 import os
 
 from ..config import Field, load_config
-from ..engine.recipe import (BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone,
-                             check_backbone_options)
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..engine.config_fields import BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, check_backbone_options
 from ..errors import ConfigError
-from ..models.fpn import NECKS, build_neck
-from .anchors import AnchorGenerator
-from .assigner import MaxIoUAssigner
-from .detector import RetinaNet, RetinaNetWithLoss
+from ..models.fpn import NECKS
+from .build import HEAD_BUILDERS
 from .postprocess import InferenceSettings
-from .retinanet_head import RetinaNetHead
-
-
-def build_detection_neck(backbone, cfg):
-    """mmdetection's RetinaNet FPN: backbone stages from `neck_first_stage` on, `neck_num_outs` levels, the
-    extra levels by stride-2 convs on the last backbone map ("on_input")."""
-    stages = list(cfg.out_indices)
-    if cfg.neck_first_stage not in stages:
-        raise ConfigError(f"neck_first_stage {cfg.neck_first_stage} is not among the backbone's out_indices "
-                          f"{stages}")
-    return build_neck(backbone, cfg.neck, out_channels=cfg.neck_channels,
-                      start_level=stages.index(cfg.neck_first_stage), num_outs=cfg.neck_num_outs,
-                      add_extra_convs=cfg.neck_extra_convs)
-
-
-def build_retinanet_head(neck, cfg, num_classes):
-    if len(set(neck.out_channels)) != 1:
-        raise ConfigError(f"the RetinaNet head is shared across levels and needs equal channels, the neck gives "
-                          f"{neck.out_channels}")
-    return RetinaNetHead(neck.out_channels[0], num_classes, num_anchors=len(cfg.anchor_ratios) *
-                         cfg.anchor_scales_per_octave, feat_channels=cfg.head_feat_channels,
-                         stacked_convs=cfg.head_stacked_convs, prior_prob=cfg.head_prior_prob)
-
-
-HEAD_BUILDERS = {"retinanet": build_retinanet_head}
 
 
 def _run_field(key, default):
@@ -69,13 +42,13 @@ DETECTION_SCHEMA = {
     "num_classes": Field(80, int, "must match the categories of the annotation file", low=1),
     "img_scale": Field([1333, 800], list, "(long, short) bound of the keep-ratio resize", item=int, length=2,
                        low=32),
-    "pad_divisor": Field(32, int, "each image is padded to a multiple of this (mmdetection's test protocol)",
+    "size_divisor": Field(32, int, "each image is padded to a multiple of this (mmdetection's test protocol)",
                          low=1),
     "pad_grid": Field(128, int, "training batches pad to their largest image, sides rounded up to a multiple of "
-                      "this (a multiple of pad_divisor; bounds the compiled batch shapes)", low=1),
-    "flip_ratio": Field(0.5, float, low=0.0, high=1.0),
-    "mean": Field([123.675, 116.28, 103.53], list, item=float, length=3),
-    "std": Field([58.395, 57.12, 57.375], list, item=float, length=3, low=1e-6),
+                      "this (a multiple of size_divisor; bounds the compiled batch shapes)", low=1),
+    "flip_prob": Field(0.5, float, low=0.0, high=1.0),
+    "mean": Field(list(IMAGENET_MEAN), list, item=float, length=3),
+    "std": Field(list(IMAGENET_STD), list, item=float, length=3, low=1e-6),
     "max_gt": Field(100, int, "ground truth boxes per image (padded for graph mode; more are capped)", low=1),
     # model
     "neck": Field("fpn", str, choices=tuple(NECKS)),
@@ -85,7 +58,7 @@ DETECTION_SCHEMA = {
     "neck_num_outs": Field(5, int, low=1),
     "neck_extra_convs": Field("on_input", str, choices=("on_input", "on_lateral", "on_output")),
     "head": Field("retinanet", str, choices=tuple(HEAD_BUILDERS)),
-    "head_feat_channels": Field(256, int, low=1),
+    "head_channels": Field(256, int, low=1),
     "head_stacked_convs": Field(4, int, low=0),
     "head_prior_prob": Field(0.01, float, low=1e-6, high=0.5),
     "anchor_octave_base_scale": Field(4.0, float, low=1e-3),
@@ -119,16 +92,22 @@ INFER_FIELDS = {
 }
 
 
+# Old key -> the key the three tasks now share for the concept (mmdetection 3.x / mmsegmentation 1.x names); the old
+# names still load, with a one-line note.
+RENAMED_KEYS = {"flip_ratio": "flip_prob", "pad_divisor": "size_divisor", "head_feat_channels": "head_channels"}
+
+
 def load_detection_config(path=None, overrides=(), defaults=None, extra_fields=None):
     """A checked detection config; `extra_fields` adds a tool's own keys (EVAL_FIELDS, INFER_FIELDS)."""
-    cfg = load_config({**DETECTION_SCHEMA, **(extra_fields or {})}, path, overrides, defaults=defaults)
+    cfg = load_config({**DETECTION_SCHEMA, **(extra_fields or {})}, path, overrides, defaults=defaults,
+                      renamed=RENAMED_KEYS)
     check_backbone_options(cfg)
     if cfg.neg_iou_thr > cfg.pos_iou_thr:
         raise ConfigError(f"neg_iou_thr ({cfg.neg_iou_thr}) must not exceed pos_iou_thr ({cfg.pos_iou_thr})")
     if list(cfg.lr_steps) != sorted(cfg.lr_steps):
         raise ConfigError(f"lr_steps must be increasing epochs, got {cfg.lr_steps}")
-    if cfg.pad_grid % cfg.pad_divisor:
-        raise ConfigError(f"pad_grid ({cfg.pad_grid}) must be a multiple of pad_divisor ({cfg.pad_divisor})")
+    if cfg.pad_grid % cfg.size_divisor:
+        raise ConfigError(f"pad_grid ({cfg.pad_grid}) must be a multiple of size_divisor ({cfg.size_divisor})")
     if not cfg.anchor_ratios:
         raise ConfigError("anchor_ratios needs at least one ratio")
     return cfg
@@ -144,18 +123,3 @@ def inference_settings(cfg):
     return InferenceSettings(cfg.score_thr, cfg.nms_pre, cfg.nms_iou, cfg.max_per_img)
 
 
-def build_retinanet(cfg, num_classes=None, load_pretrained=True):
-    """(detector, training network) from a checked config. The training network owns the detector, so their
-    parameters carry the names checkpoints use ('detector.backbone...'). `load_pretrained=False` skips the
-    backbone's ImageNet weights (evaluation loads a whole detector checkpoint instead)."""
-    if not load_pretrained and cfg.pretrained:
-        cfg = type(cfg)(cfg, pretrained="")
-    backbone = build_backbone(cfg)
-    neck = build_detection_neck(backbone, cfg)
-    head = HEAD_BUILDERS[cfg.head](neck, cfg, num_classes or cfg.num_classes)
-    anchors = AnchorGenerator(neck.strides, cfg.anchor_octave_base_scale, cfg.anchor_scales_per_octave,
-                              tuple(cfg.anchor_ratios))
-    detector = RetinaNet(backbone, neck, head, anchors)
-    assigner = MaxIoUAssigner(cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou)
-    train_net = RetinaNetWithLoss(detector, assigner, cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss_weight)
-    return detector, train_net

@@ -3,6 +3,8 @@ import os
 
 import cv2
 
+from ..atomic import write_atomic
+
 # (file name, skimage.data loader). Only images whose files ship inside the scikit-image wheel: the others are
 # fetched with pooch on first use, which needs network access. Both encoders are represented on purpose.
 SAMPLES = (
@@ -27,10 +29,7 @@ def sample_images(dest_dir):
                                        [cv2.IMWRITE_JPEG_QUALITY, 95])
             if not ok:
                 raise RuntimeError(f"OpenCV failed to encode the sample {filename}")
-            # Written beside the target and renamed, so an interrupted call never leaves a half file to be kept.
-            partial = f"{path}.{os.getpid()}.partial"
-            with open(partial, "wb") as handle:
-                handle.write(encoded.tobytes())
-            os.replace(partial, path)
+            # Atomic, so an interrupted call never leaves a half file that the next call would keep.
+            write_atomic(path, encoded.tobytes())
         paths.append(path)
     return paths

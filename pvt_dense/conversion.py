@@ -1,19 +1,27 @@
-"""Convert a checkpoint of any supported format into a native pvt_dense (MindSpore) checkpoint, or into another
-library's layout (`write_checkpoint_as`)."""
-import json
+"""Conversion, an application of the layers below: a checkpoint of any supported format into a native pvt_dense
+(MindSpore) checkpoint (`convert_checkpoint`), into another library's layout (`write_checkpoint_as`), and a whole
+detector/segmentor checkpoint into a native one (`convert_whole_model`). Each builds the model the weights
+must fit, which is why it sits above the models and the tasks rather than in `pvt_dense.checkpoint`."""
 import os
-import struct
 
 import numpy as np
 
-from ..atomic import write_atomic
-from ..errors import CheckpointError
-from .load import LoadReport, fit_to_model, infer_model_name, native_checkpoint, save_native
+from .atomic import write_atomic
+from .checkpoint.whole_model import DETECTOR, load_whole_model, read_whole_model_info, save_whole_model
+from .checkpoint.keymaps import MINDCV, from_native, native_to_mindcv
+from .checkpoint.load import LoadReport, fit_to_model, infer_model_name, native_checkpoint, save_native
+from .checkpoint.safetensors_writer import safetensors_bytes
+from .detection.build import build_retinanet
+from .detection.config import load_detection_config
+from .engine.config_fields import config_for_checkpoint
+from .errors import CheckpointError
+from .models import create_backbone, create_model
+from .segmentation.build import build_segmentor
+from .segmentation.config import load_segmentation_config
 
 
 def expected_native_shapes(model_name, classifier, num_classes):
     """Parameter shapes of a freshly built model, without keeping the model around."""
-    from ..models import create_backbone, create_model
     net = create_model(model_name, num_classes=num_classes) if classifier else create_backbone(model_name)
     return {p.name: tuple(p.shape) for p in net.get_parameters()}
 
@@ -69,7 +77,6 @@ def write_checkpoint_as(src, dst, fmt, model_name=None, strict=True):
     `safetensors.torch.load_file` read it), `.pth` (a torch state dict; needs torch) or `.ckpt` (MindSpore, for
     MindCV). mmdetection's `PyramidVisionTransformerV2` is a backbone, so a classifier's head is left out with a
     note. Returns the `LoadReport`."""
-    from .keymaps import MINDCV, from_native, native_to_mindcv
     extension = os.path.splitext(os.fspath(dst))[1].lower()
     if extension not in WRITTEN_FILE_TYPES:
         raise CheckpointError(f"cannot write {dst}: the file must end in {', '.join(WRITTEN_FILE_TYPES)}")
@@ -96,23 +103,28 @@ def write_checkpoint_as(src, dst, fmt, model_name=None, strict=True):
     return report
 
 
-_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
-                       np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+def convert_whole_model(src, dst, config=None, overrides=()):
+    """Convert a whole detector/segmentor checkpoint into a native .ckpt; returns the `WholeModelLoadReport`.
 
-
-def safetensors_bytes(state):
-    """A `.safetensors` file's bytes: 8-byte little-endian header length, JSON header (names, dtypes, shapes, byte
-    ranges; padded with spaces to 8 bytes), then the little-endian tensors in header order."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, value in state.items():
-        array = np.ascontiguousarray(value)
-        if array.dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"cannot write {name} ({array.dtype}) to a .safetensors file")
-        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    The model is built from `config` (a detection or segmentation YAML) or, without one, from the recipe's
+    defaults with the checkpoint's PVT size, class count and LayerNorm eps style; every weight must fit it. The
+    native file records the task, class names and the config, so the tools rebuild the same model from it.
+    """
+    info = read_whole_model_info(src)
+    if info.task is None:
+        raise CheckpointError(f"{src} is not a whole detector or segmentor checkpoint")
+    inferred = [("backbone", info.model_name)] if info.model_name and config is None else []
+    if info.num_classes and config is None:
+        inferred.append(("num_classes", info.num_classes))
+    if info.task == DETECTOR:
+        cfg = load_detection_config(config, inferred + list(overrides))
+    else:
+        cfg = load_segmentation_config(config, inferred + list(overrides))
+    cfg, _ = config_for_checkpoint(type(cfg)(cfg, pretrained=""), src)
+    model = build_retinanet(cfg, load_pretrained=False)[0] if info.task == DETECTOR else build_segmentor(cfg)
+    report = load_whole_model(model, src)
+    meta = {"task": info.task, "class_names": report.class_names, "config": dict(cfg), "converted_from":
+            os.path.basename(os.fspath(src)), "source_format": info.source_format}
+    save_whole_model(model, dst, meta)
+    report.notes.append(f"wrote {dst} ({info.task}, {cfg.backbone}, {model.num_classes} classes)")
+    return report

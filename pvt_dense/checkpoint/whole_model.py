@@ -22,7 +22,7 @@ The neck and heads are named as mmdetection/mmsegmentation name them in every Op
 mmdetection's PyramidVisionTransformer and PyramidVisionTransformerV2 compute their patch-embedding and
 spatial-reduction LayerNorms with eps 1e-6 (mmdet 3.3 `norm_cfg=dict(type='LN', eps=1e-6)`, every norm), the
 official code with 1e-5 (`pvt_dense.models.pvt.NORM_EPS_STYLES`). Every checkpoint says which it needs
-(`DenseCheckpointInfo.norm_eps_style`), and loading one into a backbone built with the other is an error.
+(`WholeModelInfo.norm_eps_style`), and loading one into a backbone built with the other is an error.
 
 Files are read with the restricted unpickler of `torch_reader`: nothing in them is executed.
 """
@@ -31,14 +31,19 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..atomic import publish, temp_path_for
 from ..class_names import checked_class_names, printable
 from ..errors import CheckpointError
+from ..messages import examples
 from .keymaps import to_native
-from .load import check_raw_state, check_weight_dtypes, fit_to_model, infer_model_name, sniff_format
+from .keymaps_v2 import MMDETECTION
+from .load import check_raw_state, check_weight_dtypes, fit_to_model, sniff_format
+from .native_file import META_KEY, load_checkpoint_into, save_entries
+from .sizes import infer_model_name
 from .torch_reader import read_torch_checkpoint
 
 NATIVE = "native"
@@ -61,7 +66,7 @@ _SOURCE_DESCRIPTIONS = {
 
 
 @dataclass
-class DenseCheckpointInfo:
+class WholeModelInfo:
     """What a whole-model checkpoint is, read before a model is built for it."""
 
     path: str
@@ -75,7 +80,7 @@ class DenseCheckpointInfo:
 
 
 @dataclass
-class DenseLoadReport:
+class WholeModelLoadReport:
     """What a whole-model checkpoint did to a model: mapped tensors per part, notes, class names."""
 
     source_format: str
@@ -84,7 +89,7 @@ class DenseLoadReport:
     mapped: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
     notes: List[str] = field(default_factory=list)
     norm_eps_style: str = "official"
-    warnings: List[str] = field(default_factory=list)  # what was not loaded on purpose (`load_dense_checkpoint`)
+    warnings: List[str] = field(default_factory=list)  # what was not loaded on purpose (`load_whole_model`)
 
     @property
     def loaded(self):
@@ -108,11 +113,6 @@ class DenseLoadReport:
 
 
 # ------------------------------------------------------------------------------------------------------- reading
-
-
-def _examples(keys, n=6):
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def _plain_names(value, label, key):
@@ -154,7 +154,7 @@ def _read_mmlab(path):
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
         raise CheckpointError(f"{path} has no 'state_dict' of name -> tensor; its top-level keys are "
-                              f"{_examples(sorted(map(str, top)))}")
+                              f"{examples(sorted(map(str, top)), 6)}")
     # The checks every backbone file gets (names, numeric data, floating-point weights; BatchNorm
     # num_batches_tracked counters are integers).
     check_raw_state(state, path)
@@ -178,7 +178,7 @@ def _mmlab_task(state, path):
     if any(k.startswith("decode_head.") for k in state):
         return SEGMENTOR
     raise CheckpointError(f"{path} is neither a detector (no 'bbox_head.' keys) nor a segmentor (no "
-                          f"'decode_head.' keys); its keys begin {_examples(list(state)[:6])}")
+                          f"'decode_head.' keys); its keys begin {examples(list(state)[:6], 6)}")
 
 
 _MMDET_V2_DWCONV = re.compile(r"^layers\.\d+\.1\.\d+\.ffn\.layers\.1\.weight$")
@@ -195,7 +195,6 @@ def _backbone_layout(backbone_keys):
 def _read_native_meta(path):
     import mindspore as ms
 
-    from ..engine.checkpoints import META_KEY
     try:
         stored = ms.load_checkpoint(path, choice_func=lambda name: name == META_KEY)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with C++ traces
@@ -220,8 +219,8 @@ def native_norm_eps_style(meta, label="the checkpoint"):
     return "official" if style == "auto" else style
 
 
-def read_dense_checkpoint_meta(path):
-    """A `DenseCheckpointInfo` for a whole-model checkpoint: its source, task, class names and backbone eps style,
+def read_whole_model_info(path):
+    """A `WholeModelInfo` for a whole-model checkpoint: its source, task, class names and backbone eps style,
     read without building a model (tools use it to build the right one)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -229,8 +228,8 @@ def read_dense_checkpoint_meta(path):
     if sniff_format(path) != "torch":
         meta = _read_native_meta(path)
         task = meta.get("task") if meta.get("task") in (DETECTOR, SEGMENTOR) else None
-        return DenseCheckpointInfo(path, NATIVE, task, checked_class_names(meta.get("class_names"), path),
-                                   native_norm_eps_style(meta, path), framework="pvt_dense")
+        return WholeModelInfo(path, NATIVE, task, checked_class_names(meta.get("class_names"), path),
+                              native_norm_eps_style(meta, path), framework="pvt_dense")
     state, meta = _read_mmlab(path)
     return _mmlab_info(path, state, meta)
 
@@ -248,7 +247,7 @@ def _mmlab_info(path, state, meta):
         outputs = int(classifier.shape[0])
         anchors = _retina_anchors(state) if task == DETECTOR else 1
         num_classes = outputs // anchors if anchors and outputs % anchors == 0 else None
-    return DenseCheckpointInfo(path, layout, task, _mmlab_class_names(meta, path),
+    return WholeModelInfo(path, layout, task, _mmlab_class_names(meta, path),
                                "mmdet" if layout in MMDET_LAYOUTS else "official",
                                model_name=infer_model_name(native_backbone), num_classes=num_classes,
                                framework=_mmlab_framework(meta, task))
@@ -321,7 +320,7 @@ def mmdet_pvt_to_official(state, label="the checkpoint"):
         raise CheckpointError(f"{label}: {len(unknown)} backbone keys are not parameters of mmdetection's PVT v1 "
                               f"(use_abs_pos_embed, no conv FFN, no norm after stages) nor of its PVT v2 "
                               f"(MixFFN with ffn.layers.1 a depth-wise conv, layers.{{s}}.2 norms): "
-                              f"{_examples('backbone.' + k for k in unknown)}")
+                              f"{examples(('backbone.' + k for k in unknown), 6)}")
     return out
 
 
@@ -329,7 +328,6 @@ def _backbone_to_native(backbone_state, layout, label):
     """(native backbone state, notes). mmdet's v1 names go through `mmdet_pvt_to_official`; official v1/v2 names
     and mmdet's v2 names are `to_native` formats (`keymaps_v2`'s ``mmdetection`` table for the latter), and the
     format it finds must be the one the layout promised."""
-    from .keymaps_v2 import MMDETECTION
     if layout == MMLAB_MMDET_PVT:
         backbone_state = mmdet_pvt_to_official(backbone_state, label)
     try:
@@ -343,15 +341,9 @@ def _backbone_to_native(backbone_state, layout, label):
     return native, notes
 
 
-# ------------------------------------------------------------------------------------------- neck and head maps
+# ---------------------------------------------------------------------------------------------------- neck map
 
 _NECK = re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$")
-_RETINA_CONVS = re.compile(r"^bbox_head\.(cls_convs|reg_convs)\.(\d+)\.conv\.(weight|bias)$")
-_RETINA_OUT = re.compile(r"^bbox_head\.(retina_cls|retina_reg)\.(weight|bias)$")
-_SCALE_HEAD = re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(conv\.weight|bn\.\w+)$")
-_CONV_SEG = re.compile(r"^decode_head\.conv_seg\.(weight|bias)$")
-_BN_LEAVES = {"bn.weight": "bn.gamma", "bn.bias": "bn.beta", "bn.running_mean": "bn.moving_mean",
-              "bn.running_var": "bn.moving_variance"}
 
 
 def _neck_name(key, used_levels):
@@ -364,39 +356,31 @@ def _neck_name(key, used_levels):
     return f"neck.{kind}.{index}.{leaf}"
 
 
-def _head_name(key, task, stacked_layers):
-    """Our head's name for an OpenMMLab head key; '' to drop it knowingly; None if it has no place."""
-    if task == DETECTOR:
-        match = _RETINA_CONVS.match(key)
-        if match:
-            # Our branches interleave ReLUs in one SequentialCell: conv k sits at index 2k.
-            return f"head.{match.group(1)}.{stacked_layers * int(match.group(2))}.{match.group(3)}"
-        match = _RETINA_OUT.match(key)
-        return f"head.{match.group(1)}.{match.group(2)}" if match else None
-    match = _SCALE_HEAD.match(key)
-    if match:
-        level, index, leaf = match.groups()
-        if leaf == "bn.num_batches_tracked":
-            return ""
-        if leaf == "conv.weight":
-            return f"head.scale_heads.{level}.{index}.conv.weight"
-        return f"head.scale_heads.{level}.{index}.{_BN_LEAVES[leaf]}" if leaf in _BN_LEAVES else None
-    match = _CONV_SEG.match(key)
-    return f"head.classifier.{match.group(1)}" if match else None
-
-
 # --------------------------------------------------------------------------------------------------- the loader
 
 
-def model_task(model):
-    """DETECTOR or SEGMENTOR for our RetinaNet / EncoderDecoder (anything with a backbone, neck and head)."""
-    from ..detection.detector import RetinaNet
-    from ..segmentation.segmentor import EncoderDecoder
-    if isinstance(model, RetinaNet):
-        return DETECTOR
-    if isinstance(model, EncoderDecoder):
-        return SEGMENTOR
-    raise CheckpointError(f"load_dense_checkpoint needs a RetinaNet or an EncoderDecoder, got {type(model).__name__}")
+@dataclass(frozen=True)
+class HeadLayout:
+    """What a task hands this generic whole-model loader: its head's key map, classifier parameters and default
+    class names (`pvt_dense.detection.checkpoint`, `pvt_dense.segmentation.checkpoint`). A model class carries its
+    task's layout as `checkpoint_layout`."""
+
+    task: str  # DETECTOR or SEGMENTOR
+    # An OpenMMLab head key ('bbox_head.' / 'decode_head.') -> our head's name; '' drops it knowingly; None: no place.
+    head_name: Callable[[str], Optional[str]]
+    # The tensors whose shape follows the class count: what fine-tuning on another dataset re-initialises.
+    classifier_params: Tuple[str, ...]
+    default_class_names: Tuple[str, ...]  # used for a file without names whose class count is theirs
+    default_names_label: str  # e.g. "COCO", for the note saying so
+
+
+def head_layout(model):
+    """The `HeadLayout` of our RetinaNet / EncoderDecoder (anything with a backbone, neck, head and a layout)."""
+    layout = getattr(model, "checkpoint_layout", None)
+    if not isinstance(layout, HeadLayout):
+        raise CheckpointError(f"load_whole_model needs a RetinaNet or an EncoderDecoder, got "
+                              f"{type(model).__name__}")
+    return layout
 
 
 def _model_params(model):
@@ -426,16 +410,9 @@ def _classifier_check(task, model, state, info):
                               f"{model.num_classes}; set num_classes: {len(info.class_names)}")
 
 
-def _default_class_names(task, num_classes):
-    from ..detection.coco import COCO_CLASSES
-    from ..segmentation.ade20k import ADE20K_CLASSES
-    defaults = COCO_CLASSES if task == DETECTOR else ADE20K_CLASSES
+def _default_class_names(layout, num_classes):
+    defaults = layout.default_class_names
     return list(defaults) if num_classes == len(defaults) else None
-
-
-# The tensors whose shape follows the class count: what fine-tuning on another dataset re-initialises.
-CLASSIFIER_PARAMS = {DETECTOR: ("head.retina_cls.weight", "head.retina_cls.bias"),
-                     SEGMENTOR: ("head.classifier.weight", "head.classifier.bias")}
 
 
 def _classifier_skip_warning(path, task, mismatched, model):
@@ -448,10 +425,11 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
     """(state keyed by the model's structural names, per-part counts, notes) for an OpenMMLab state dict.
 
     Raises CheckpointError naming every key that is unexpected, missing or of the wrong shape (with `strict`).
-    With `skip_mismatched_classifier`, classification-head tensors (`CLASSIFIER_PARAMS`) of another shape are left
-    out with a note starting 'warning:' instead (fine-tuning on another class count).
+    With `skip_mismatched_classifier`, classification-head tensors (the layout's `classifier_params`) of another
+    shape are left out with a note starting 'warning:' instead (fine-tuning on another class count).
     """
-    task = model_task(model)
+    layout = head_layout(model)
+    task = layout.task
     if info.task != task:
         raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
     params = _model_params(model)
@@ -486,7 +464,7 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
         if key.startswith("neck."):
             name = _neck_name(key, used_levels)
         elif key.startswith(("bbox_head.", "decode_head.")):
-            name = _head_name(key, task, 2)
+            name = layout.head_name(key)
         else:
             name = None
         if name == "":
@@ -501,7 +479,7 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
         notes.append(f"ignored {len(dropped)} BatchNorm num_batches_tracked counters (MindSpore keeps none; "
                      "momentum is fixed)")
     if skip_mismatched_classifier:
-        skipped = [name for name in CLASSIFIER_PARAMS[task]
+        skipped = [name for name in layout.classifier_params
                    if name in out and name in expected and tuple(np.shape(out[name])) != expected[name]]
         if skipped:
             notes.append("warning: " + _classifier_skip_warning(
@@ -519,7 +497,7 @@ def mmlab_to_model_state(model, path, state, info, strict=True, skip_mismatched_
     for label, keys in (("missing from the checkpoint", missing), ("not in the model", unexpected),
                         ("of the wrong shape", mismatched)):
         if keys:
-            problems.append(f"{len(keys)} {label}: {_examples(keys)}")
+            problems.append(f"{len(keys)} {label}: {examples(keys, 6)}")
     if problems and strict:
         hint = (f"\n  its backbone weights are {info.model_name}'s: set backbone: {info.model_name}"
                 if info.model_name and any(k.startswith("backbone") for k in missing + unexpected + mismatched)
@@ -548,9 +526,9 @@ def _assign(params, state):
         param.set_data(ms.Tensor(np.ascontiguousarray(value, dtype=np.float32), param.dtype))
 
 
-def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=False):
+def load_whole_model(model, path, strict=True, skip_mismatched_classifier=False):
     """Load a whole detector/segmentor checkpoint into our `RetinaNet` or `EncoderDecoder`; returns a
-    `DenseLoadReport` (class names, source format, tensors mapped per part).
+    `WholeModelLoadReport` (class names, source format, tensors mapped per part).
 
     Native pvt_dense files load as the training tools write them (every parameter must be there); OpenMMLab files
     (official PVT releases, mmdetection 3.x / mmsegmentation 1.x) are mapped key by key. With `strict` (the
@@ -558,23 +536,24 @@ def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=F
     backbone built with the other LayerNorm eps convention raises CheckpointError before a weight changes.
 
     `skip_mismatched_classifier` is fine-tuning from a model trained on another class count (mmdetection's
-    `load_from`): everything else loads as above, the classification head's tensors (`CLASSIFIER_PARAMS`) keep
-    their initialisation, and the report's `warnings` name them.
+    `load_from`): everything else loads as above, the classification head's tensors (its `classifier_params`) keep
+    their initialisation, and the report's `warnings` name them. The model's `checkpoint_layout` (its task's
+    `HeadLayout`) says how its head's keys are named.
     """
     path = os.fspath(path)
-    task = model_task(model)
-    info = read_dense_checkpoint_meta(path)
+    layout = head_layout(model)
+    task = layout.task
+    info = read_whole_model_info(path)
     built_style = _model_norm_eps_style(model)
     if info.norm_eps_style != built_style:
         raise CheckpointError(f"{path} was trained with the {info.norm_eps_style!r} backbone LayerNorm eps but the "
                               f"model was built with {built_style!r}; set backbone_norm_eps: {info.norm_eps_style} "
                               "(or auto) in the config")
-    report = DenseLoadReport(source_format=info.source_format, path=path, norm_eps_style=info.norm_eps_style)
+    report = WholeModelLoadReport(source_format=info.source_format, path=path, norm_eps_style=info.norm_eps_style)
     if info.source_format == NATIVE:
-        from ..engine.checkpoints import load_checkpoint_into
         if info.task not in (None, task):
             raise CheckpointError(f"{path} is a {info.task} checkpoint; the model is a {task}")
-        skipped = _native_mismatched_classifier(model, path, task) if skip_mismatched_classifier else {}
+        skipped = _native_mismatched_classifier(model, path, layout) if skip_mismatched_classifier else {}
         targets = [model] if not skipped else [p for name, p in model.parameters_and_names() if name not in skipped]
         meta = load_checkpoint_into(path, targets)
         for name, _ in model.parameters_and_names():
@@ -603,9 +582,9 @@ def load_dense_checkpoint(model, path, strict=True, skip_mismatched_classifier=F
     if info.class_names is not None:
         report.class_names = info.class_names
     else:
-        report.class_names = _default_class_names(task, model.num_classes)
+        report.class_names = _default_class_names(layout, model.num_classes)
         if report.class_names is not None:
-            report.notes.append(f"no class names in the file: using {'COCO' if task == DETECTOR else 'ADE20K'}'s")
+            report.notes.append(f"no class names in the file: using {layout.default_names_label}'s")
     if info.framework:
         report.notes.insert(0, f"saved by {info.framework}")
     return report
@@ -621,12 +600,12 @@ def _warn_non_finite(report, path, named_values):
                                f"{', '.join(bad[:4])}" + (", ..." if len(bad) > 4 else ""))
 
 
-def native_classifier_outputs(path, task):
-    """(file's parameter name, output count) of the classification layer of a native whole-model checkpoint,
-    read from the file without building a model; None when it holds no such layer or cannot be read (the loader
-    then says why)."""
+def native_classifier_outputs(path, layout):
+    """(file's parameter name, output count) of the classification layer (`layout.classifier_params[0]`) of a
+    native whole-model checkpoint, read from the file without building a model; None when it holds no such layer
+    or cannot be read (the loader then says why)."""
     import mindspore as ms
-    leaf = CLASSIFIER_PARAMS[task][0]
+    leaf = layout.classifier_params[0]
     try:
         stored = ms.load_checkpoint(path, choice_func=lambda name: name == leaf or name.endswith("." + leaf))
     except Exception:  # noqa: BLE001  (an unreadable file is reported by the loader)
@@ -637,12 +616,12 @@ def native_classifier_outputs(path, task):
     return None
 
 
-def _native_mismatched_classifier(model, path, task):
+def _native_mismatched_classifier(model, path, layout):
     """{structural name: description} of the model's classification-head parameters whose shape in the native
     file at `path` differs (read from the file without loading anything)."""
     import mindspore as ms
     params = dict(model.parameters_and_names())
-    wanted = {params[name].name: name for name in CLASSIFIER_PARAMS[task] if name in params}
+    wanted = {params[name].name: name for name in layout.classifier_params if name in params}
     try:
         stored = ms.load_checkpoint(path, choice_func=lambda name: name in wanted)
     except Exception:  # noqa: BLE001  (load_checkpoint_into reports an unreadable file properly)
@@ -655,31 +634,17 @@ def _native_mismatched_classifier(model, path, task):
     return out
 
 
-def save_dense_native(model, path, meta):
+def save_whole_model(model, path, meta):
     """Write `model`'s parameters and `meta` as a native checkpoint (atomically, with a CRC) that the training
-    tools' loaders and `load_dense_checkpoint` read back."""
+    tools' loaders and `load_whole_model` read back."""
     import mindspore as ms
-
-    from ..atomic import temp_path_for
-    from ..engine.checkpoints import META_KEY, _publish, _save_entries
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    entries = _save_entries([model])
+    entries = save_entries([model])
     temp = temp_path_for(path)
     ms.save_checkpoint(entries, temp, append_dict={META_KEY: json.dumps(meta, sort_keys=True)}, crc_check=True)
-    _publish(temp, path)
+    publish(temp, path)
     return path
-
-
-def config_for_checkpoint(cfg, path):
-    """(cfg with `backbone_norm_eps` resolved for the checkpoint at `path`, its `DenseCheckpointInfo`).
-
-    'auto' takes the checkpoint's style; a config that names the other style is a ConfigError.
-    """
-    from ..engine.recipe import resolve_backbone_norm_eps
-    info = read_dense_checkpoint_meta(path)
-    style = resolve_backbone_norm_eps(cfg, info.norm_eps_style, path)
-    return type(cfg)(cfg, backbone_norm_eps=style), info
 
 
 def print_report(report):
@@ -693,35 +658,6 @@ def is_whole_model_checkpoint(path):
     """True for an OpenMMLab detector/segmentor file or a native file converted from one (its meta names the
     task); False for anything else (a backbone or classifier checkpoint)."""
     try:
-        return read_dense_checkpoint_meta(path).task is not None
+        return read_whole_model_info(path).task is not None
     except CheckpointError:
         return False
-
-
-def convert_dense_checkpoint(src, dst, config=None, overrides=()):
-    """Convert a whole detector/segmentor checkpoint into a native .ckpt; returns the `DenseLoadReport`.
-
-    The model is built from `config` (a detection or segmentation YAML) or, without one, from the recipe's
-    defaults with the checkpoint's PVT size, class count and LayerNorm eps style; every weight must fit it. The
-    native file records the task, class names and the config, so the tools rebuild the same model from it.
-    """
-    info = read_dense_checkpoint_meta(src)
-    if info.task is None:
-        raise CheckpointError(f"{src} is not a whole detector or segmentor checkpoint")
-    inferred = [("backbone", info.model_name)] if info.model_name and config is None else []
-    if info.num_classes and config is None:
-        inferred.append(("num_classes", info.num_classes))
-    if info.task == DETECTOR:
-        from ..detection.recipe import build_retinanet, load_detection_config
-        cfg = load_detection_config(config, inferred + list(overrides))
-    else:
-        from ..segmentation.recipe import build_segmentor, load_segmentation_config
-        cfg = load_segmentation_config(config, inferred + list(overrides))
-    cfg, _ = config_for_checkpoint(type(cfg)(cfg, pretrained=""), src)
-    model = build_retinanet(cfg, load_pretrained=False)[0] if info.task == DETECTOR else build_segmentor(cfg)
-    report = load_dense_checkpoint(model, src)
-    meta = {"task": info.task, "class_names": report.class_names, "config": dict(cfg), "converted_from":
-            os.path.basename(os.fspath(src)), "source_format": info.source_format}
-    save_dense_native(model, dst, meta)
-    report.notes.append(f"wrote {dst} ({info.task}, {cfg.backbone}, {model.num_classes} classes)")
-    return report

@@ -1,20 +1,12 @@
-"""The segmentation config: the shared run and backbone keys plus the Semantic FPN recipe's own, and the one table
-from component names to builders. See configs/segmentation/ for the four ADE20K recipes."""
+"""The segmentation config: the shared run and backbone keys plus the Semantic FPN recipe's own, its checks and the
+values derived from it. See configs/segmentation/ for the four ADE20K recipes."""
 from ..config import Field, load_config
-from ..engine.recipe import BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS, build_backbone
+from ..engine.config_fields import BACKBONE_FIELDS, LOAD_FROM_FIELD, RUN_FIELDS
 from ..errors import ConfigError
-from ..models.fpn import NECKS, build_neck
+from ..models.fpn import NECKS
 from .ade20k import ADE20K_CLASSES
-from .semfpn_head import SemanticFPNHead
-from .segmentor import EncoderDecoder
+from .build import HEAD_BUILDERS
 
-
-def _semantic_fpn(neck, cfg, synchronized_bn):
-    return SemanticFPNHead(neck.out_channels, neck.strides, cfg.num_classes, channels=cfg.head_channels,
-                           dropout_ratio=cfg.dropout_ratio, synchronized_bn=synchronized_bn)
-
-
-HEAD_BUILDERS = {"semantic_fpn": _semantic_fpn}
 
 SEGMENTATION_FIELDS = {
     # data
@@ -40,7 +32,7 @@ SEGMENTATION_FIELDS = {
     "power": Field(0.9, float, "poly lr decay power", low=0.0),
     "min_lr": Field(0.0, float, low=0.0),
     "eval_interval": Field(4000, int, "iterations between evaluations on val_split (0: only at the end)", low=0),
-    "eval_max_images": Field(0, int, "evaluate during training on the first N validation images (0: all)", low=0),
+    "max_eval_images": Field(0, int, "evaluate during training on the first N validation images (0: all)", low=0),
     "load_from": LOAD_FROM_FIELD,
     # training pipeline
     "train_scale": Field([2048, 512], list, "(long, short) bounds of the keep-ratio rescale", item=int, length=2,
@@ -77,10 +69,14 @@ INFER_FIELDS = {
 }
 
 
+# Old key -> the key the three tasks now share for the concept; the old name still loads, with a one-line note.
+RENAMED_KEYS = {"eval_max_images": "max_eval_images"}
+
+
 def load_segmentation_config(path=None, overrides=(), defaults=None, extra_fields=None):
     """A checked segmentation config; `extra_fields` adds a tool's own keys (EVAL_FIELDS, INFER_FIELDS)."""
     cfg = load_config({**SEGMENTATION_SCHEMA, **(extra_fields or {})}, path, overrides,
-                      defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})})
+                      defaults={**SEGMENTATION_DEFAULTS, **(defaults or {})}, renamed=RENAMED_KEYS)
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"class_names has {len(cfg.class_names)} names but num_classes is {cfg.num_classes}")
     if cfg.ratio_range[0] > cfg.ratio_range[1]:
@@ -98,43 +94,9 @@ def class_names_of(cfg):
     return [str(i) for i in range(cfg.num_classes)]
 
 
-def build_segmentor(cfg, synchronized_bn=False, backbone=None):
-    """Backbone (with its pretrained weights) + neck + head as an `EncoderDecoder`, from the config's names."""
-    for kind, name, table in (("neck", cfg.neck, NECKS), ("head", cfg.head, HEAD_BUILDERS)):
-        if name not in table:
-            raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}")
-    backbone = build_backbone(cfg) if backbone is None else backbone
-    # Semantic FPN uses every backbone map and adds no extra level.
-    neck = build_neck(backbone, cfg.neck, out_channels=cfg.neck_channels, num_outs=len(backbone.out_channels))
-    head = HEAD_BUILDERS[cfg.head](neck, cfg, synchronized_bn)
-    return EncoderDecoder(backbone, neck, head)
-
-
 def predictor_options(cfg):
     return {"scale": tuple(cfg.test_scale), "size_divisor": cfg.size_divisor, "mode": cfg.test_mode,
             "crop_size": tuple(cfg.slide_crop), "stride": tuple(cfg.slide_stride)}
-
-
-def load_trained_segmentor(cfg, ckpt_path):
-    """The segmentor of `cfg` with every weight (BatchNorm statistics included) from a whole-model checkpoint: a
-    training checkpoint of ours, an official PVT Semantic FPN release or an mmsegmentation 1.x file. The config's
-    `pretrained` backbone file is not needed, and the backbone's LayerNorm eps follows the checkpoint ('auto')."""
-    return load_trained_segmentor_with_report(cfg, ckpt_path)[0]
-
-
-def load_trained_segmentor_with_report(cfg, ckpt_path):
-    """(segmentor, `DenseLoadReport`); `report.class_names` are the checkpoint's (None if it has none)."""
-    import mindspore as ms
-
-    from ..checkpoint.dense import config_for_checkpoint, load_dense_checkpoint, print_report
-    ms.set_device(cfg.device_target)
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == 0 else ms.PYNATIVE_MODE)
-    cfg, _ = config_for_checkpoint(cfg, ckpt_path)
-    net = build_segmentor(type(cfg)(cfg, pretrained=""))
-    report = load_dense_checkpoint(net, ckpt_path)
-    print_report(report)
-    net.set_train(False)
-    return net, report
 
 
 def checkpoint_class_names(cfg, report):
