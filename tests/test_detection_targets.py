@@ -195,3 +195,25 @@ def test_best_first_is_the_head_of_a_stable_sort(count):
     candidates = np.flatnonzero(scores > 0.05)
     expected = candidates[np.argsort(-scores[candidates], kind="stable")[:count]]
     np.testing.assert_array_equal(best_first(scores, candidates, count), expected)
+
+
+@pytest.mark.parametrize("shift, score_thr, count", [(-6.0, 0.05, 1000), (-6.0, 0.3, 5), (-1.0, 0.05, 1000),
+                                                      (-6.0, 0.0, 50), (-6.0, 1.0, 50)])
+def test_level_candidates_equal_the_full_map_path(shift, score_thr, count):
+    """The logit pre-selection gives exactly what sigmoid-ing the whole level and `best_first` give, scores on the
+    threshold itself included (sparse: a trained head; dense: the shift of -1)."""
+    from pvt_dense.detection.postprocess import flatten_level, level_candidates
+    rng = np.random.default_rng(7)
+    anchors, classes, height, width = 9, 4, 13, 17
+    cls_map = (rng.standard_normal((anchors * classes, height, width)) + shift).astype(np.float32)
+    if 0 < score_thr < 1:
+        cls_map[:, :2, :3] = np.float32(np.log(score_thr / (1 - score_thr)))  # on the boundary
+    reg_map = rng.standard_normal((anchors * 4, height, width)).astype(np.float32)
+    scores, deltas = flatten_level(cls_map, reg_map, classes)
+    flat = scores.reshape(-1)
+    chosen = best_first(flat, np.flatnonzero(flat > score_thr), count)
+    got = level_candidates(cls_map, reg_map, classes, score_thr, count)
+    expected = (chosen // classes, chosen % classes, flat[chosen], deltas[chosen // classes])
+    assert len(got) == len(expected)
+    for got_part, expected_part in zip(got, expected):
+        np.testing.assert_array_equal(got_part, expected_part)
