@@ -26,6 +26,8 @@ that one name to a function that sends our two model classes to pvt_dense's load
 function it replaced, unchanged. Nothing else in mindcv is touched.
 """
 import os
+import sys
+import types
 
 from ..checkpoint.keymaps import NATIVE, NATIVE_MODULES, detect_format
 from ..checkpoint.load import load_state, read_checkpoint
@@ -84,8 +86,6 @@ def _drop_module_annotations():
     attribute 'total_instance_count'` as it is freed. Without the reference the module dies with `mindspore.nn`
     while its dict (and `Cell`) lives on in its functions' globals, as it does when mindcv is not imported.
     """
-    import sys
-    import types
     for name, module in list(sys.modules.items()):
         if not (name == "mindcv" or name.startswith("mindcv.")) or module is None:
             continue
