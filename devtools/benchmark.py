@@ -103,7 +103,7 @@ CASES = {case.name: case for case in (
     BenchCase("train224_b8", "train", 8, 224, 224),
     # The 1x recipe's training batch: 2 images padded to 800 x 1216 (the second one narrower inside it).
     BenchCase("det_train", "det_train", 2, 800, 1216),
-    # The same batch at half the side: what fits our im2col head's memory on a 24 GB machine (see the README).
+    # The same batch at half the side: what fits our im2col head's memory on a 24 GB machine (see docs/speed.md).
     BenchCase("det_train_half", "det_train", 2, 400, 608),
     # The test scales of the recipes: RetinaNet (1333, 800), Semantic FPN (2048, 512), feature export 800 / 1333.
     BenchCase("det_folder", "det_folder", 1, 800, 1333, images=32),

@@ -50,8 +50,10 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 DENSE_TASKS = ("detection", "segmentation")
 
 # Wall seconds of each part on an idle 2-core CPU, graph compilations included, measured on a whole run (2026-12-06,
-# AMD EPYC, nothing else running: 5 min 20 s in all).
-PART_ESTIMATES = (("pretraining", 76), ("features", 6), ("detection", 179), ("segmentation", 53))
+# AMD EPYC, nothing else running: 5 min 20 s in all), except segmentation: 53 s were measured before its canvases
+# went to 128 px with 120 iterations; on a busy machine a 128 px iteration took 1.75x a 64 px one, so ~110 s is an
+# estimate until the next idle run.
+PART_ESTIMATES = (("pretraining", 76), ("features", 6), ("detection", 179), ("segmentation", 110))
 
 
 def print_plan(output_dir, tasks):

@@ -1,6 +1,6 @@
 """The demo's pieces that can be checked without training: the summary picture built from a run folder, where the
-drawn detections land, that the demo detection config fits the data the demo generates, and that the demo's
-pretraining size trains the attention of every stage."""
+drawn detections land, that the demo detection and segmentation configs fit the data the demo generates, and that
+the demo's pretraining size trains the attention of every stage."""
 import json
 import os
 
@@ -198,3 +198,19 @@ def test_demo_pretraining_size_gives_every_stage_query_a_gradient():
     one_key = _query_gradients_per_stage(cfg.model, cfg.num_classes, 32)
     assert one_key[:3] == [0.0, 0.0, 0.0] and one_key[3] > 0
     assert all(value > 0 for value in _query_gradients_per_stage(cfg.model, cfg.num_classes, cfg.image_resize))
+
+
+def test_demo_segmentation_config_fits_the_demo_data():
+    """The Semantic FPN demo trains and tests at the size its canvases are drawn at (no resize blurs the strokes the
+    masks must follow, see DEMO_DATA), on the generated set's two classes."""
+    from pvt_dense.data.digits_segmentation import class_names
+    from pvt_dense.segmentation.demo import DEMO_CONFIG, DEMO_DATA
+    from pvt_dense.segmentation.recipe import load_segmentation_config
+
+    cfg = load_segmentation_config(DEMO_CONFIG)
+    size = DEMO_DATA["canvas_size"]
+    assert cfg.train_scale == cfg.crop_size == cfg.test_scale == [size, size]
+    assert size % cfg.size_divisor == 0
+    assert cfg.class_names == class_names(10, merge_digits=DEMO_DATA["merge_digits"]) == ["background", "digit"]
+    low, high = DEMO_DATA["digit_size"]
+    assert 8 <= low <= high <= size

@@ -26,6 +26,8 @@ that one name to a function that sends our two model classes to pvt_dense's load
 function it replaced, unchanged. Nothing else in mindcv is touched.
 """
 import os
+import sys
+import types
 
 from ..checkpoint.keymaps import NATIVE, NATIVE_MODULES, detect_format
 from ..checkpoint.load import load_state, read_checkpoint
@@ -70,7 +72,32 @@ class MindCVFeatureInfo(FeatureInfo):
 
 def _mindcv_version():
     import mindcv
+    _drop_module_annotations()
     return getattr(mindcv, "__version__", "unknown")
+
+
+def _drop_module_annotations():
+    """Replace annotations that hold a module object in mindcv's functions by the module's name.
+
+    mindcv 0.3.0's `models/pit.py` annotates `act_layer: nn.cell` (the module `mindspore.nn.cell`, not the class
+    `nn.Cell`). That annotation keeps the module alive past `mindspore.nn`'s teardown at interpreter exit, so
+    Python wipes it (`Cell` becomes None) before `__main__`, whose globals usually hold the user's Cells: each of
+    them then prints `Exception ignored in: <function Cell.__del__ ...> AttributeError: 'NoneType' object has no
+    attribute 'total_instance_count'` as it is freed. Without the reference the module dies with `mindspore.nn`
+    while its dict (and `Cell`) lives on in its functions' globals, as it does when mindcv is not imported.
+    """
+    for name, module in list(sys.modules.items()):
+        if not (name == "mindcv" or name.startswith("mindcv.")) or module is None:
+            continue
+        for value in list(vars(module).values()):
+            functions = vars(value).values() if isinstance(value, type) else (value,)
+            for function in functions:
+                if not isinstance(function, types.FunctionType) or function.__module__ != name:
+                    continue
+                annotations = function.__annotations__
+                if any(isinstance(v, types.ModuleType) for v in annotations.values()):
+                    function.__annotations__ = {k: v.__name__ if isinstance(v, types.ModuleType) else v
+                                                for k, v in annotations.items()}
 
 
 def check_mindcv_version():
