@@ -205,7 +205,7 @@ def test_demo_segmentation_config_fits_the_demo_data():
     masks must follow, see DEMO_DATA), on the generated set's two classes."""
     from pvt_dense.data.digits_segmentation import class_names
     from pvt_dense.segmentation.demo import DEMO_CONFIG, DEMO_DATA
-    from pvt_dense.segmentation.recipe import load_segmentation_config
+    from pvt_dense.segmentation.config import load_segmentation_config
 
     cfg = load_segmentation_config(DEMO_CONFIG)
     size = DEMO_DATA["canvas_size"]
