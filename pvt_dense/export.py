@@ -93,8 +93,8 @@ def load_classifier_config(path, overrides, model_name):
 
 
 def build_classifier(config, ckpt_path):
-    from .models import create_model
-    return create_model(config.model, num_classes=config.num_classes, pretrained=ckpt_path or None)
+    from .classification.build import load_classifier
+    return load_classifier(config, ckpt_path)
 
 
 # --- detector and segmentor ---------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def build_detector(config, ckpt_path):
         from .detection.build import load_detector
         return load_detector(config, ckpt_path)
     from .detection.build import build_retinanet
-    detector, _ = build_retinanet(config)
+    detector = build_retinanet(config)
     detector.set_train(False)
     return detector
 
