@@ -192,7 +192,7 @@ def _seg_reference(mm_model, x, official_eps):
 
 def _detection_cfg(**overrides):
     from pvt_dense.detection.config import load_detection_config
-    widths = [("neck_channels", NECK_CHANNELS), ("head_feat_channels", HEAD_CHANNELS),
+    widths = [("neck_channels", NECK_CHANNELS), ("head_channels", HEAD_CHANNELS),
               ("head_stacked_convs", STACKED_CONVS)]
     return load_detection_config(None, [("mode", 1), ("pretrained", "")] + widths + list(overrides.items()))
 
@@ -361,7 +361,7 @@ def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
     data = make_digits_detection(tmp_path / "digits", train_images=4, val_images=1, canvas_size=64,
                                  digit_sizes=(22, 30), min_digits=1, max_digits=2, classes=2, seed=1)
     narrow = ["--num_classes", "2", "--pretrained", "", "--out_indices", "[1, 2]", "--frozen_stages", "3",
-              "--drop_path_rate", "0", "--neck_channels", "16", "--head_feat_channels", "16",
+              "--drop_path_rate", "0", "--neck_channels", "16", "--head_channels", "16",
               "--head_stacked_convs", "1", "--backbone_norm_eps", "mmdet"]
     source_cfg = load_detection_config(None, narrow)
     source = build_retinanet(source_cfg, load_pretrained=False)
@@ -454,7 +454,7 @@ def test_load_from_native_file_of_another_class_count(tmp_path, capsys):
     loads it."""
     from pvt_dense.checkpoint.whole_model import print_report, save_whole_model
     from pvt_dense.detection.build import build_retinanet
-    narrow = dict(out_indices=[1, 2], neck_channels=16, head_feat_channels=16, head_stacked_convs=1)
+    narrow = dict(out_indices=[1, 2], neck_channels=16, head_channels=16, head_stacked_convs=1)
     source = build_retinanet(_detection_cfg(num_classes=2, **narrow), load_pretrained=False)
     rng = np.random.default_rng(3)
     for param in source.get_parameters():

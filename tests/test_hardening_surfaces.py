@@ -25,7 +25,7 @@ from test_hardening import assert_one_error_line  # noqa: E402  (shared helpers 
 # A RetinaNet and a Semantic FPN on PVT-Tiny with narrow necks and heads: every key family of the real files, built
 # and run in seconds (PyNative, 64x48 images at a 64-pixel scale).
 DET_NARROW = [("mode", 1), ("pretrained", ""), ("num_classes", 3), ("neck_channels", 16),
-              ("head_feat_channels", 16), ("head_stacked_convs", 1)]
+              ("head_channels", 16), ("head_stacked_convs", 1)]
 DET_TOOL_ARGS = [f"--{key}={value}" for key, value in DET_NARROW] + ["--img_scale=[64, 64]", "--progress_bar=False"]
 SEG_NARROW = [("mode", 1), ("pretrained", ""), ("num_classes", 3), ("neck_channels", 16), ("head_channels", 8)]
 SEG_TOOL_ARGS = [f"--{key}={value}" for key, value in SEG_NARROW] + ["--test_scale=[64, 64]",
