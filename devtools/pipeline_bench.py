@@ -356,14 +356,14 @@ def ours_det_train(task, case):
     _ours_context(task["threads"])
     import mindspore as ms
 
-    from pvt_dense.detection.build import build_retinanet
+    from pvt_dense.detection.build import build_retinanet, training_network
     from pvt_dense.detection.transforms import pad_targets
     from pvt_dense.engine.optim import build_adamw
     from pvt_dense.engine.train_step import TrainStep
 
     from .timing import time_calls
     cfg = _detection_cfg(task["model"], case)
-    _, train_net = build_retinanet(cfg, COCO_CLASSES, load_pretrained=False)
+    train_net = training_network(build_retinanet(cfg, COCO_CLASSES, load_pretrained=False), cfg)
     optimizer = build_adamw(train_net, cfg, [cfg.lr] * 1000)
     step = TrainStep(train_net, optimizer, loss_scale=cfg.loss_scale, clip_grad_norm=cfg.clip_grad_norm)
     step.set_train(True)

@@ -1,7 +1,10 @@
 """Timing and memory readings shared by the benchmark's cases (`benchmark`) and pipelines (`pipeline_bench`)."""
 import os
 import resource
+import statistics
 import time
+
+import numpy as np
 
 
 def time_calls(call, warmup, repeats, max_seconds=None, min_repeats=3):
@@ -46,3 +49,14 @@ def set_mindspore_threads(threads):
         threads_num(threads)
     except (ImportError, AttributeError, RuntimeError):
         ms.set_context(runtime_num_threads=threads)
+
+
+def summarize_times(seconds):
+    """Median, min, max, interquartile range and relative spread ((p75 - p25) / median) of per-call times."""
+    if not seconds:
+        raise ValueError("no timings to summarize")  # a bug of the caller: every case times at least one call
+    values = sorted(float(s) for s in seconds)
+    median = statistics.median(values)
+    p25, p75 = (float(v) for v in np.percentile(values, [25, 75]))
+    return {"median_s": median, "min_s": values[0], "max_s": values[-1], "p25_s": p25, "p75_s": p75,
+            "spread": (p75 - p25) / median if median > 0 else 0.0, "repeats": len(values)}

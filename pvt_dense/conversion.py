@@ -121,7 +121,7 @@ def convert_whole_model(src, dst, config=None, overrides=()):
     else:
         cfg = load_segmentation_config(config, inferred + list(overrides))
     cfg, _ = config_for_checkpoint(type(cfg)(cfg, pretrained=""), src)
-    model = build_retinanet(cfg, load_pretrained=False)[0] if info.task == DETECTOR else build_segmentor(cfg)
+    model = build_retinanet(cfg, load_pretrained=False) if info.task == DETECTOR else build_segmentor(cfg)
     report = load_whole_model(model, src)
     meta = {"task": info.task, "class_names": report.class_names, "config": dict(cfg), "converted_from":
             os.path.basename(os.fspath(src)), "source_format": info.source_format}

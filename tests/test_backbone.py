@@ -1,4 +1,5 @@
-"""Contract of every PVT size: what the backbone declares is what it returns, for any input size, in both modes."""
+"""Contract of every PVT size, v1 and v2: what the backbone declares is what it returns, for any input size, in both
+modes (v2-only behaviour: tests/test_backbone_v2.py)."""
 import mindspore as ms
 import numpy as np
 import pytest
@@ -6,7 +7,9 @@ from mindspore import nn, ops
 
 import pvt_dense
 from pvt_dense.errors import PVTDenseError
+from pvt_dense.models.factory import MODEL_SPECS
 from pvt_dense.models.pvt import PVT_SPECS, drop_path_schedule, parameter_count
+from pvt_dense.models.pvt_v2 import PVT_V2_SPECS, PVTv2Backbone
 
 # From MindCV's PVT page (its parameter table) and the official PVT code (whai362/PVT, classification/pvt.py).
 CLASSIFIER_PARAMS = {"pvt_tiny": 13_229_288, "pvt_small": 24_485_864, "pvt_medium": 44_208_104,
@@ -45,23 +48,42 @@ def test_floor_sizes_compose_per_stage(pynative, images):
     assert [o.shape[2:] for o in net(images(97, 131))] == [(24, 32), (12, 16), (6, 8), (3, 4)]
 
 
-def test_out_indices_select_stages_and_declare_them(pynative, images):
-    net = pvt_dense.create_backbone("pvt_tiny", out_indices=(1, 2, 3))
+@pytest.mark.parametrize("name, out_indices, size, shapes", [
+    # floor divisions (v1): 64x96 -> 16x24 -> 8x12 -> 4x6 -> 2x3
+    ("pvt_tiny", (1, 2, 3), (64, 96), [(1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)]),
+    # ceil divisions (v2): 70x45 -> 18x12 -> 9x6 -> 5x3 -> 3x2
+    ("pvt_v2_b0", (1, 3), (70, 45), [(1, 64, 9, 6), (1, 256, 3, 2)]),
+])
+def test_out_indices_select_stages_and_declare_them(name, out_indices, size, shapes, pynative, images):
+    net = pvt_dense.create_backbone(name, out_indices=out_indices)
     net.set_train(False)
-    assert net.out_channels == (128, 320, 512) and net.strides == (8, 16, 32)
-    assert [info.stage for info in net.feature_info] == [1, 2, 3]
-    outs = net(images(64, 96))
-    assert [o.shape[1] for o in outs] == [128, 320, 512]
-    shallow = pvt_dense.create_backbone("pvt_tiny", out_indices=(0, 1))
+    spec = MODEL_SPECS[name]
+    strides = (4, 8, 16, 32)
+    assert isinstance(net, PVTv2Backbone) == name.startswith("pvt_v2")
+    assert len(net.stages) == max(out_indices) + 1
+    assert net.out_channels == tuple(spec.embed_dims[i] for i in out_indices)
+    assert net.strides == tuple(strides[i] for i in out_indices)
+    assert [(i.stage, i.channels, i.stride) for i in net.feature_info] == \
+        list(zip(out_indices, net.out_channels, net.strides, strict=True))
+    assert [o.shape for o in net(images(*size))] == shapes
+    shallow = pvt_dense.create_backbone(name, out_indices=(0, 1))
     # Stages past the last requested one are not built.
     assert len(shallow.stages) == 2
-    assert shallow.out_channels == (64, 128)
+    assert shallow.out_channels == (spec.embed_dims[0], spec.embed_dims[1])
 
 
-def test_graph_and_pynative_give_the_same_outputs(images):
-    net = pvt_dense.create_backbone("pvt_tiny")
+def test_v2_stage_grids_round_up():
+    assert PVT_V2_SPECS["pvt_v2_b0"].stage_grids(70, 45) == ((18, 12), (9, 6), (5, 3), (3, 2))
+
+
+@pytest.mark.parametrize("name, size, batch, grids", [
+    ("pvt_tiny", (97, 131), 2, [(24, 32), (12, 16), (6, 8), (3, 4)]),
+    ("pvt_v2_b2_li", (65, 79), 1, [(17, 20), (9, 10), (5, 5), (3, 3)]),
+])
+def test_graph_and_pynative_give_the_same_outputs(name, size, batch, grids, images):
+    net = pvt_dense.create_backbone(name, out_indices=(0, 1, 2, 3))
     net.set_train(False)
-    x = images(97, 131, batch=2, seed=3)
+    x = images(*size, batch=batch, seed=3)
     ms.set_context(mode=ms.PYNATIVE_MODE)
     eager = [o.asnumpy() for o in net(x)]
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -69,6 +91,7 @@ def test_graph_and_pynative_give_the_same_outputs(images):
         graph = [o.asnumpy() for o in net(x)]
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert [g.shape[2:] for g in graph] == grids
     for a, b in zip(eager, graph, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 

@@ -104,9 +104,9 @@ ODD_IMAGES = ((61, 83), (83, 47), (50, 50), (75, 101))
 @pytest.mark.parametrize("model", ["pvt_tiny", "pvt_v2_b0"])
 def test_detections_through_buckets_equal_those_per_size(model, graph_mode):
     cfg = load_detection_config(None, ["--backbone", model, "--pretrained", "", "--num_classes", "3",
-                                       "--neck_channels", "32", "--head_feat_channels", "32",
+                                       "--neck_channels", "32", "--head_channels", "32",
                                        "--head_stacked_convs", "2"])
-    detector, _ = build_retinanet(cfg, 3)
+    detector = build_retinanet(cfg, 3)
     nontrivial(detector, 2)
     detector.set_train(False)
     img_scale, settings = (160, 96), InferenceSettings(score_thr=0.3)

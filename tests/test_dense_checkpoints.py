@@ -192,7 +192,7 @@ def _seg_reference(mm_model, x, official_eps):
 
 def _detection_cfg(**overrides):
     from pvt_dense.detection.config import load_detection_config
-    widths = [("neck_channels", NECK_CHANNELS), ("head_feat_channels", HEAD_CHANNELS),
+    widths = [("neck_channels", NECK_CHANNELS), ("head_channels", HEAD_CHANNELS),
               ("head_stacked_convs", STACKED_CONVS)]
     return load_detection_config(None, [("mode", 1), ("pretrained", "")] + widths + list(overrides.items()))
 
@@ -295,7 +295,7 @@ def _tampered(files, tmp_path, source, edit):
 def test_missing_head_key_is_named(files, tmp_path):
     from pvt_dense.detection.build import build_retinanet
     path = _tampered(files, tmp_path, "det_official", lambda s: s.pop("bbox_head.retina_reg.bias"))
-    detector, _ = build_retinanet(_detection_cfg(), load_pretrained=False)
+    detector = build_retinanet(_detection_cfg(), load_pretrained=False)
     before = detector.head.retina_cls.weight.asnumpy().copy()
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint: head\.retina_reg\.bias"):
         load_whole_model(detector, path)
@@ -332,7 +332,7 @@ def test_conflicting_norm_eps_is_an_error(files):
                        "CheckpointError naming backbone_norm_eps")
 def test_model_built_with_the_other_eps_is_refused(files):
     from pvt_dense.detection.build import build_retinanet
-    detector, _ = build_retinanet(_detection_cfg(), load_pretrained=False)
+    detector = build_retinanet(_detection_cfg(), load_pretrained=False)
     with pytest.raises(CheckpointError, match="backbone_norm_eps: mmdet"):
         load_whole_model(detector, files["det_mmdet3"])
 
@@ -361,10 +361,10 @@ def test_load_from_starts_training_from_the_whole_model_weights(tmp_path):
     data = make_digits_detection(tmp_path / "digits", train_images=4, val_images=1, canvas_size=64,
                                  digit_sizes=(22, 30), min_digits=1, max_digits=2, classes=2, seed=1)
     narrow = ["--num_classes", "2", "--pretrained", "", "--out_indices", "[1, 2]", "--frozen_stages", "3",
-              "--drop_path_rate", "0", "--neck_channels", "16", "--head_feat_channels", "16",
+              "--drop_path_rate", "0", "--neck_channels", "16", "--head_channels", "16",
               "--head_stacked_convs", "1", "--backbone_norm_eps", "mmdet"]
     source_cfg = load_detection_config(None, narrow)
-    source, _ = build_retinanet(source_cfg, load_pretrained=False)
+    source = build_retinanet(source_cfg, load_pretrained=False)
     rng = np.random.default_rng(0)
     for param in source.get_parameters():
         param.set_data(ms.Tensor(rng.normal(size=param.shape).astype(np.float32) * 0.05))
@@ -436,7 +436,7 @@ def test_load_from_with_another_class_count_skips_only_the_classifier_with_a_war
     from pvt_dense.checkpoint.whole_model import print_report
     from pvt_dense.detection.build import build_retinanet
     from pvt_dense.detection.build import load_detector
-    detector, _ = build_retinanet(_detection_cfg(num_classes=3), load_pretrained=False)
+    detector = build_retinanet(_detection_cfg(num_classes=3), load_pretrained=False)
     initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
     with pytest.raises(CheckpointError, match="predicts 80 classes"):
         load_whole_model(detector, files["det_official"])
@@ -454,14 +454,14 @@ def test_load_from_native_file_of_another_class_count(tmp_path, capsys):
     loads it."""
     from pvt_dense.checkpoint.whole_model import print_report, save_whole_model
     from pvt_dense.detection.build import build_retinanet
-    narrow = dict(out_indices=[1, 2], neck_channels=16, head_feat_channels=16, head_stacked_convs=1)
-    source, _ = build_retinanet(_detection_cfg(num_classes=2, **narrow), load_pretrained=False)
+    narrow = dict(out_indices=[1, 2], neck_channels=16, head_channels=16, head_stacked_convs=1)
+    source = build_retinanet(_detection_cfg(num_classes=2, **narrow), load_pretrained=False)
     rng = np.random.default_rng(3)
     for param in source.get_parameters():
         param.set_data(ms.Tensor(rng.normal(size=param.shape).astype(np.float32)))
     path = save_whole_model(source, str(tmp_path / "two_classes.ckpt"),
                              {"task": "detector", "class_names": ["a", "b"]})
-    detector, _ = build_retinanet(_detection_cfg(num_classes=3, **narrow), load_pretrained=False)
+    detector = build_retinanet(_detection_cfg(num_classes=3, **narrow), load_pretrained=False)
     initial = {name: p.asnumpy().copy() for name, p in detector.parameters_and_names()}
     with pytest.raises(CheckpointError, match="retina_cls"):
         load_whole_model(detector, path)

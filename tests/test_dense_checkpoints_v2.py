@@ -39,7 +39,7 @@ SEG_CLASSES = 5
 B0_CHANNELS = [32, 64, 160, 256]
 # A padded size whose grids are odd at strides 32, 64 and 128 (5x7, 3x4, 2x2).
 SHAPE = (1, 3, 160, 224)
-NARROW = [("neck_channels", NECK_CHANNELS), ("head_feat_channels", HEAD_CHANNELS),
+NARROW = [("neck_channels", NECK_CHANNELS), ("head_channels", HEAD_CHANNELS),
           ("head_stacked_convs", STACKED_CONVS), ("pretrained", "")]
 
 

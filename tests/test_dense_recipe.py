@@ -46,6 +46,7 @@ def test_missing_pretrained_file_is_named(tmp_path):
     ("detection", "flip_ratio", "flip_prob", 0.25),
     ("detection", "pad_divisor", "size_divisor", 64),
     ("detection", "head_feat_channels", "head_channels", 128),
+    ("detection", "eval_interval", "eval_interval_epochs", 3),
     ("segmentation", "eval_max_images", "max_eval_images", 7),
 ])
 def test_old_config_keys_still_load_with_a_note_naming_the_new_key(loader, old, new, value, tmp_path, capsys):

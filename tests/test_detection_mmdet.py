@@ -477,7 +477,7 @@ def test_infer_det_command_line_gives_mmdetections_detections_for_an_mmdetection
     out = tmp_path / "drawn"
     command = [sys.executable, os.path.join(repo, "tools", "infer_det.py"), "--ckpt_path", checkpoint,
                "--input", os.path.dirname(next(iter(photos.values()))), "--output", str(out),
-               "--num_classes", "3", "--neck_channels", "64", "--head_feat_channels", "64",
+               "--num_classes", "3", "--neck_channels", "64", "--head_channels", "64",
                "--head_stacked_convs", "2", "--img_scale", str(list(img_scale)), "--pretrained", "",
                "--progress_bar", "False"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=900)

@@ -21,9 +21,9 @@ def tiny_config(data, run_dir, *extra):
         "--val_ann", data["train_ann"], "--val_images", data["train_images"], "--num_classes", "2",
         "--ckpt_save_dir", str(run_dir), "--resume", "", "--distribute", "False", "--mode", "0",
         "--pretrained", "", "--out_indices", "[1, 2]", "--frozen_stages", "3", "--drop_path_rate", "0",
-        "--img_scale", "[64, 64]", "--flip_ratio", "0", "--max_gt", "4", "--neck_channels", "32",
-        "--head_feat_channels", "32", "--head_stacked_convs", "1", "--batch_size", "4", "--lr", "0.001",
-        "--warmup_iters", "5", "--epochs", "25", "--lr_steps", "[100]", "--eval_interval", "0",
+        "--img_scale", "[64, 64]", "--flip_prob", "0", "--max_gt", "4", "--neck_channels", "32",
+        "--head_channels", "32", "--head_stacked_convs", "1", "--batch_size", "4", "--lr", "0.001",
+        "--warmup_iters", "5", "--epochs", "25", "--lr_steps", "[100]", "--eval_interval_epochs", "0",
         "--progress_bar", "False", "--log_interval", "10", "--num_workers", "1", *extra])
 
 
@@ -100,8 +100,8 @@ def test_evaluation_pads_each_image_to_32_and_reuses_a_compiled_graph_per_shape(
         {"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
     cfg = load_detection_config(None, ["--pretrained", "", "--out_indices", "[1, 2]", "--frozen_stages", "3",
                                        "--drop_path_rate", "0", "--num_classes", "2", "--neck_channels", "16",
-                                       "--head_feat_channels", "16", "--head_stacked_convs", "1"])
-    detector, _ = build_retinanet(cfg, 2)
+                                       "--head_channels", "16", "--head_stacked_convs", "1"])
+    detector = build_retinanet(cfg, 2)
     forward = DetectorForward(detector, policy="graph")  # MindSpore's own graph mode: compile every new shape
     metrics = evaluate_detector(detector, CocoDetection(tmp_path / "ann.json", tmp_path), img_scale=(96, 64),
                                 progress=False, forward=forward)

@@ -54,9 +54,9 @@ def test_detector_mindir_loads_back_and_equals_the_model(config, tmp_path, pynat
     from pvt_dense.detection.build import load_detector
     # Narrow neck and head (the graph compile dominates; every key family is still exported)
     overrides = ["--num_classes", "3", "--pretrained", "", "--mode", "1", "--neck_channels", "32",
-                 "--head_feat_channels", "32", "--head_stacked_convs", "2"]
+                 "--head_channels", "32", "--head_stacked_convs", "2"]
     cfg = load_detection_config(config, overrides)
-    detector, _ = build_retinanet(cfg, load_pretrained=False)
+    detector = build_retinanet(cfg, load_pretrained=False)
     randomise(detector, 0)
     ckpt = str(tmp_path / "detector.ckpt")
     ms.save_checkpoint(detector, ckpt)

@@ -33,8 +33,8 @@ if task == "det":
     from pvt_dense.detection.build import build_retinanet
     from pvt_dense.detection.config import load_detection_config
     cfg = load_detection_config(None, ["--pretrained", "", "--num_classes", "3", "--neck_channels", "64",
-                                       "--head_feat_channels", "64", "--head_stacked_convs", "2"])
-    detector, _ = build_retinanet(cfg, 3)
+                                       "--head_channels", "64", "--head_stacked_convs", "2"])
+    detector = build_retinanet(cfg, 3)
     forward = DetectorForward(detector, buckets=not per_size, max_graphs=None if per_size else 4,
                               policy="graph" if per_size else "auto")
     summary = infer_images(detector, folder, output, ["a", "b", "c"], InferenceSettings(), scale, 32,

@@ -25,7 +25,7 @@ from test_hardening import assert_one_error_line  # noqa: E402  (shared helpers 
 # A RetinaNet and a Semantic FPN on PVT-Tiny with narrow necks and heads: every key family of the real files, built
 # and run in seconds (PyNative, 64x48 images at a 64-pixel scale).
 DET_NARROW = [("mode", 1), ("pretrained", ""), ("num_classes", 3), ("neck_channels", 16),
-              ("head_feat_channels", 16), ("head_stacked_convs", 1)]
+              ("head_channels", 16), ("head_stacked_convs", 1)]
 DET_TOOL_ARGS = [f"--{key}={value}" for key, value in DET_NARROW] + ["--img_scale=[64, 64]", "--progress_bar=False"]
 SEG_NARROW = [("mode", 1), ("pretrained", ""), ("num_classes", 3), ("neck_channels", 16), ("head_channels", 8)]
 SEG_TOOL_ARGS = [f"--{key}={value}" for key, value in SEG_NARROW] + ["--test_scale=[64, 64]",
@@ -77,7 +77,7 @@ def detection_cfg():
 def detector_state():
     """{structural name: array} of a narrow 3-class RetinaNet with random weights, built once."""
     from pvt_dense.detection.build import build_retinanet
-    detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
+    detector = build_retinanet(detection_cfg(), load_pretrained=False)
     rng = np.random.default_rng(0)
     state = {}
     for name, param in detector.parameters_and_names():
@@ -95,7 +95,7 @@ def native_detector(path, state, meta, edit=None):
     state = dict(state)
     if edit:
         edit(state)
-    detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
+    detector = build_retinanet(detection_cfg(), load_pretrained=False)
     for name, param in detector.parameters_and_names():
         param.set_data(ms.Tensor(state[name]))
     return save_whole_model(detector, str(path), meta)
@@ -333,7 +333,7 @@ def test_two_copies_of_a_weight_under_stripped_prefixes_are_refused(detector_sta
     path = save_mmlab(tmp_path / "twice.pth", state, {"CLASSES": ("a", "b", "c")})
     status, _, err = run("convert_weights", [path, tmp_path / "out.ckpt"], capsys)
     assert status == 2 and f"two tensors named '{key}'" in assert_one_error_line(err)
-    detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
+    detector = build_retinanet(detection_cfg(), load_pretrained=False)
     with pytest.raises(CheckpointError, match=f"two tensors named '{key}'"):
         load_whole_model(detector, path)
 
@@ -371,7 +371,7 @@ def test_non_finite_whole_model_weights_are_warned_about(detector_state, images,
         native["head.retina_cls.bias"] = np.full_like(native["head.retina_cls.bias"], np.nan)
 
     native = native_detector(tmp_path / "nan.ckpt", detector_state, {"task": "detector"}, poison)
-    detector, _ = build_retinanet(detection_cfg(), load_pretrained=False)
+    detector = build_retinanet(detection_cfg(), load_pretrained=False)
     report = load_whole_model(detector, native)
     assert report.warnings == [f"checkpoint {native} has non-finite values in 1 tensors: head.retina_cls.bias"]
 

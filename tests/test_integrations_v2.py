@@ -16,10 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 YOLO_CONFIG = ROOT / "configs" / "detection" / "yolov8_pvt_tiny_coco.yaml"
 
 
-def images(height, width, seed=0):
-    return ms.Tensor(np.random.default_rng(seed).random((1, 3, height, width)).astype(np.float32))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def registered():
     pvt_mindcv.register()
@@ -34,7 +30,7 @@ def test_mindcv_v2_names_point_at_pvt_dense_with_mindcvs_published_urls():
     assert pvt_mindcv.default_cfgs["pvt_v2_b2_li"]["url"] == ""  # mindcv publishes no b2_li
 
 
-def test_mindcv_features_only_builds_the_pvt_dense_v2_backbone(pynative):
+def test_mindcv_features_only_builds_the_pvt_dense_v2_backbone(pynative, images):
     features = mindcv.models.create_model("pvt_v2_b2", features_only=True, out_indices=[1, 2, 3], drop_path_rate=0.1)
     assert isinstance(features, PVTv2Backbone)
     assert features.out_channels == (128, 320, 512)
@@ -45,7 +41,7 @@ def test_mindcv_features_only_builds_the_pvt_dense_v2_backbone(pynative):
     assert sorted(reference_params) == sorted(features.parameters_dict())
     for name, param in features.parameters_dict().items():
         reference_params[name].set_data(param.data)
-    x = images(61, 95)
+    x = images(61, 95, uniform=True)
     for net in (features, reference):
         net.set_train(False)
     outs = features(x)
@@ -73,7 +69,7 @@ def test_mindcv_checkpoint_path_loads_mindcvs_own_pvtv2_weights(tmp_path, pynati
     np.testing.assert_array_equal(features.stages[3].norm.gamma.asnumpy(), raw["norm_list.3.gamma"])
 
 
-def test_mindyolo_pvt_row_takes_a_v2_size(pynative):
+def test_mindyolo_pvt_row_takes_a_v2_size(pynative, images):
     pytest.importorskip("mindyolo")
     from mindyolo.models import create_model
     from mindyolo.models.layers import SPPF
@@ -89,6 +85,6 @@ def test_mindyolo_pvt_row_takes_a_v2_size(pynative):
                                                                                       (3, 256, 32)]
     assert isinstance(rows[4], SPPF) and rows[4].conv1.conv.in_channels == 256
     net.set_train(False)
-    predictions, maps = net(images(64, 96))
+    predictions, maps = net(images(64, 96, uniform=True))
     assert [m.shape for m in maps] == [(1, 66, 8, 12), (1, 66, 4, 6), (1, 66, 2, 3)]
     assert np.isfinite(predictions.asnumpy()).all()

@@ -126,7 +126,7 @@ def test_every_detection_and_segmentation_recipe_builds_on_the_v2_backbone(name,
     # whai362/PVT detection/configs/retinanet_pvt_v2_*_fpn_1x_coco.py and detection/pvt_v2.py.
     assert (det_cfg.lr, det_cfg.weight_decay, det_cfg.epochs, det_cfg.drop_path_rate) == (1e-4, 1e-4, 12, 0.1)
     assert (seg_cfg.lr, seg_cfg.total_iters) == (2e-4, 40000)
-    detector, _ = build_retinanet(det_cfg, load_pretrained=False)
+    detector = build_retinanet(det_cfg, load_pretrained=False)
     spec = PVT_V2_SPECS[name]
     assert detector.backbone.out_channels == spec.embed_dims and detector.backbone.strides == (4, 8, 16, 32)
     # Semantic FPN's backbone options equal RetinaNet's, so the same backbone serves both here.

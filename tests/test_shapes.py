@@ -62,8 +62,8 @@ def test_retinanet_raw_outputs_equal_the_static_graph_at_odd_sizes():
     from pvt_dense.detection.build import build_retinanet
     from pvt_dense.detection.config import load_detection_config
     cfg = load_detection_config(None, ["--pretrained", "", "--num_classes", "3", "--neck_channels", "16",
-                                       "--head_feat_channels", "16", "--head_stacked_convs", "1"])
-    detector, _ = build_retinanet(cfg)
+                                       "--head_channels", "16", "--head_stacked_convs", "1"])
+    detector = build_retinanet(cfg)
     detector.set_train(False)
     assert_same_as_plain_graph(detector, SMALL_ODD_SIZES)
 

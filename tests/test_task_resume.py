@@ -81,7 +81,7 @@ def test_detection_run_resumes_to_the_same_weights(tmp_path, monkeypatch, pynati
 
     def config(run_dir):
         return tiny_detection_config(data, run_dir, "--epochs", "4", "--save_interval", "2", "--mode", "1",
-                                     "--resume", "auto", "--flip_ratio", "0.5", "--val_ann", "")
+                                     "--resume", "auto", "--flip_prob", "0.5", "--val_ann", "")
 
     straight = train_detector(config(tmp_path / "straight"))
     restore = crash_when_preparing(monkeypatch, DetectionBatchSource, 5)

@@ -12,26 +12,14 @@ from pvt_dense.cli import run_tool, tool_config
 
 
 def main(argv=None):
-    from pvt_dense.segmentation.ade20k import list_samples
-    from pvt_dense.segmentation.evaluation import evaluate_segmentor, format_results
-    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
-    from pvt_dense.segmentation.config import (EVAL_FIELDS, checkpoint_class_names, load_segmentation_config,
-                                               predictor_options)
-    from pvt_dense.segmentation.segmentor import SegmentorInference
+    from pvt_dense.segmentation.config import EVAL_FIELDS, load_segmentation_config
+    from pvt_dense.segmentation.evaluation import evaluate_checkpoint, print_evaluation
     cfg = tool_config(argv, __doc__, load_segmentation_config, EVAL_FIELDS,
                       {"ckpt_path": "--ckpt_path PATH is required (train_seg.py's, an official PVT Semantic FPN "
                        ".pth or an mmsegmentation 1.x one)"}, defaults={"distribute": False})
     if cfg is None:
         return 0
-    net, report = load_trained_segmentor_with_report(cfg, cfg.ckpt_path)
-    samples = list_samples(cfg.data_dir, cfg.val_split)
-    result = evaluate_segmentor(SegmentorInference(net), samples, cfg.num_classes, cfg.reduce_zero_label,
-                                predictor_options(cfg), progress=cfg.progress_bar)
-    print(format_results(result, checkpoint_class_names(cfg, report)))
-    if result["forward_stats"] is not None:
-        print(f"forward: {result['forward_stats'].summary()}")
-    for name, reason in list(result["skipped_files"].items())[:10]:
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print_evaluation(evaluate_checkpoint(cfg, cfg.ckpt_path))
     return 0
 
 

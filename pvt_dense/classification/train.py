@@ -10,6 +10,7 @@ import os
 
 from ..engine.loop import NonFiniteLossError  # noqa: F401  (the loop raises it; importable from here)
 from ..errors import PVTDenseError
+from .build import build_classifier, gradient_clip, training_network
 from .config import effective_lr, official_recipe_overrides
 from .evaluation import evaluate
 
@@ -66,13 +67,8 @@ class ClassificationRun:
     runs it on the shared `IterationLoop`, an epoch being `steps_per_epoch` iterations."""
 
     def __init__(self, cfg):
-        from mindcv.loss import create_loss
-        from mindspore import nn
-
         from ..engine.run_setup import init_run
         from ..engine.train_step import TrainStep
-        from ..models import create_model
-        from ..models.fast_ops import mixed_precision
         from .data import ImageFolderSource, build_eval_loader, build_training_batches, scan_image_folder
 
         self.cfg = cfg
@@ -92,20 +88,11 @@ class ClassificationRun:
             self.val_loader = build_eval_loader(ImageFolderSource(*val_split[:2], shuffle=False,
                                                                   batch_size=cfg.batch_size), cfg, cfg.num_classes)
 
-        self.net = create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path_rate,
-                                drop_rate=cfg.drop_rate, pretrained=cfg.ckpt_path or None, strict=False)
-        if cfg.amp_level != "O0":
-            # In place; LayerNorm and GELU stay float32 under O2 (see fast_ops.mixed_precision).
-            mixed_precision(self.net, cfg.amp_level)
+        self.net = build_classifier(cfg)
         self.lr_schedule = build_lr_schedule(cfg, self.steps_per_epoch, self.world_size)
         self.optimizer = build_optimizer(self.net, cfg, self.lr_schedule)
-        loss = create_loss(name=cfg.loss, label_smoothing=cfg.label_smoothing)
-        clip = cfg.clip_value if cfg.clip_grad else 0.0
-        if cfg.official_recipe:
-            official_clip, official_value, _ = official_recipe_overrides(cfg)
-            clip = official_value if official_clip else clip
-        self.train_step = TrainStep(nn.WithLossCell(self.net, loss), self.optimizer, loss_scale=cfg.loss_scale,
-                                    dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=clip)
+        self.train_step = TrainStep(training_network(self.net, cfg), self.optimizer, loss_scale=cfg.loss_scale,
+                                    dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=gradient_clip(cfg))
         self.state = None
 
     def state_parameters(self):

@@ -1,4 +1,5 @@
-"""Builders of the detection task: a RetinaNet (with its training network) from a checked config, and one with
+"""Builders of the detection task: a RetinaNet from a checked config (`build_retinanet`), its loss-wrapped training
+network (`training_network`, the same pair of names in every task's build.py), and a RetinaNet with
 the weights of a whole-detector checkpoint (a training checkpoint of ours, an official PVT RetinaNet release or an
 mmdetection 3.x file) for evaluation, inference and export."""
 import os
@@ -42,11 +43,14 @@ def build_retinanet_head(neck, cfg, num_classes):
 
 HEAD_BUILDERS = {"retinanet": build_retinanet_head}
 
+# The attribute under which RetinaNetWithLoss holds its detector, hence the prefix of every detector weight.
+TRAINING_PREFIX = "detector."
+
 
 def build_retinanet(cfg, num_classes=None, load_pretrained=True):
-    """(detector, training network) from a checked config. The training network owns the detector, so their
-    parameters carry the names checkpoints use ('detector.backbone...'). `load_pretrained=False` skips the
-    backbone's ImageNet weights (evaluation loads a whole detector checkpoint instead)."""
+    """The detector from a checked config. `load_pretrained=False` skips the backbone's ImageNet weights
+    (evaluation loads a whole detector checkpoint instead). Its parameters carry the names its training network
+    gives them and checkpoints use ('detector.backbone...'), whether or not it is ever wrapped in one."""
     if not load_pretrained and cfg.pretrained:
         cfg = type(cfg)(cfg, pretrained="")
     backbone = build_backbone(cfg)
@@ -55,9 +59,16 @@ def build_retinanet(cfg, num_classes=None, load_pretrained=True):
     anchors = AnchorGenerator(neck.strides, cfg.anchor_octave_base_scale, cfg.anchor_scales_per_octave,
                               tuple(cfg.anchor_ratios))
     detector = RetinaNet(backbone, neck, head, anchors)
+    # RetinaNetWithLoss prefixes its detector's names (MindSpore's auto_prefix); naming them so here already lets
+    # a detector built for evaluation read training checkpoints, and wrapping it later changes nothing.
+    detector.update_parameters_name(TRAINING_PREFIX)
+    return detector
+
+
+def training_network(detector, cfg):
+    """The detector with its anchor assigner and losses: what the train step differentiates."""
     assigner = MaxIoUAssigner(cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou)
-    train_net = RetinaNetWithLoss(detector, assigner, cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss_weight)
-    return detector, train_net
+    return RetinaNetWithLoss(detector, assigner, cfg.focal_alpha, cfg.focal_gamma, cfg.box_loss_weight)
 
 
 def load_detector(cfg, ckpt_path, num_classes=None):
@@ -73,7 +84,7 @@ def load_detector_with_report(cfg, ckpt_path, num_classes=None):
     if not ckpt_path or not os.path.isfile(ckpt_path):
         raise PVTDenseError(f"checkpoint not found: {ckpt_path!r}")
     cfg, _ = config_for_checkpoint(cfg, ckpt_path)
-    detector, _ = build_retinanet(cfg, num_classes, load_pretrained=False)
+    detector = build_retinanet(cfg, num_classes, load_pretrained=False)
     report = load_whole_model(detector, ckpt_path)
     print_report(report)
     detector.set_train(False)

@@ -30,7 +30,8 @@ DETECTION_SCHEMA = {
     "lr_gamma": Field(0.1, float, low=0.0, high=1.0),
     "max_iters": Field(0, int, "stop after this many iterations (0: epochs x iterations per epoch)", low=0,
                        high=10_000_000),
-    "eval_interval": Field(1, int, "epochs between evaluations on the val set (0: only at the end)", low=0),
+    # Dense-task intervals count iterations (eval_interval, save_interval) unless the name says epochs.
+    "eval_interval_epochs": Field(1, int, "epochs between evaluations on the val set (0: only at the end)", low=0),
     "max_eval_images": Field(0, int, "evaluate on the first N val images only (0: all)", low=0),
     "load_from": LOAD_FROM_FIELD,
     # data (COCO layout, paths relative to data_dir unless absolute)
@@ -94,7 +95,9 @@ INFER_FIELDS = {
 
 # Old key -> the key the three tasks now share for the concept (mmdetection 3.x / mmsegmentation 1.x names); the old
 # names still load, with a one-line note.
-RENAMED_KEYS = {"flip_ratio": "flip_prob", "pad_divisor": "size_divisor", "head_feat_channels": "head_channels"}
+RENAMED_KEYS = {"flip_ratio": "flip_prob", "pad_divisor": "size_divisor", "head_feat_channels": "head_channels",
+                # detection's eval_interval counted epochs, segmentation's (and the loop's) iterations
+                "eval_interval": "eval_interval_epochs"}
 
 
 def load_detection_config(path=None, overrides=(), defaults=None, extra_fields=None):

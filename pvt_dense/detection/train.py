@@ -1,8 +1,8 @@
 """Train RetinaNet on a COCO-layout dataset with the shared iteration loop (loading a checkpoint to evaluate or
-infer: `loading.py`).
+infer: `build.py`).
 
 Epochs become iterations once the training set is read: `epochs * steps_per_epoch` iterations, lr steps at
-`lr_steps` epochs, evaluation every `eval_interval` epochs. One process or data parallel under msrun/mpirun
+`lr_steps` epochs, evaluation every `eval_interval_epochs` epochs. One process or data parallel under msrun/mpirun
 (`init_run` joins the process group; TrainStep averages the gradients), with atomic checkpoints and exact resume.
 """
 import os
@@ -14,7 +14,7 @@ from ..engine.run_setup import init_run
 from ..engine.schedules import warmup_step_schedule
 from ..engine.train_step import TrainStep, training_state_parameters
 from ..engine.weights import load_starting_weights, starting_weights
-from .build import build_retinanet
+from .build import build_retinanet, training_network
 from .data import DetectionBatchSource, open_dataset
 from .evaluation import evaluate_on
 
@@ -35,8 +35,9 @@ class DetectionRun:
         self.lr_schedule = warmup_step_schedule(cfg.lr, self.total_iters, [epoch * steps for epoch in cfg.lr_steps],
                                                 cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio)
         self.cfg = cfg = starting_weights(cfg)[0]
-        self.net, self.train_net = build_retinanet(cfg, self.train_set.num_classes, load_pretrained=not cfg.load_from)
+        self.net = build_retinanet(cfg, self.train_set.num_classes, load_pretrained=not cfg.load_from)
         load_starting_weights(self.net, cfg.load_from)
+        self.train_net = training_network(self.net, cfg)
         self.optimizer = build_adamw(self.train_net, cfg, self.lr_schedule)
         self.train_step = TrainStep(self.train_net, self.optimizer, loss_scale=cfg.loss_scale,
                                     dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)
@@ -61,7 +62,7 @@ class DetectionRun:
                              meta={"config": dict(cfg), "class_names": train_set.class_names,
                                    "category_ids": train_set.category_ids},
                              evaluate=self.evaluate if self.val_set is not None else None,
-                             eval_interval=cfg.eval_interval * steps, save_interval=cfg.save_interval,
+                             eval_interval=cfg.eval_interval_epochs * steps, save_interval=cfg.save_interval,
                              metric_name="AP", keep_last=cfg.keep_checkpoint_max, resume=cfg.resume, rank=self.rank,
                              world_size=self.world_size, progress_bar=cfg.progress_bar,
                              log_interval=cfg.log_interval, prefix=f"retinanet_{cfg.backbone}",

@@ -1,6 +1,7 @@
 """Evaluate a segmentor over a split: per-image prediction at the recipe's test size, logits resized back to the
 image's own size, one confusion matrix for the whole split, mIoU / mAcc / aAcc and a per-class table."""
 import math
+import sys
 
 import cv2
 import numpy as np
@@ -10,7 +11,7 @@ from ..data.images import ImageReadError, header_image_size
 from ..data.transforms import network_input_size
 from ..engine.shapes import BucketedForward, ShapeFlexibleForward, tensor_signature
 from ..models.buckets import ALIGN
-from .ade20k import AnnotationError, read_sample
+from .ade20k import AnnotationError, list_samples, read_sample
 from .metrics import ConfusionMatrix
 from .transforms import prepare_test_image, sliding_windows
 
@@ -171,3 +172,28 @@ def format_results(result, class_names):
                  + (f", {result['out_of_range_pixels']} out-of-range label pixels ignored"
                     if result["out_of_range_pixels"] else "") + ")")
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(cfg, ckpt_path):
+    """The metrics of a whole-segmentor checkpoint (ours, an official PVT Semantic FPN release or an
+    mmsegmentation 1.x file) on the config's val split, as `evaluate_segmentor` returns them, with the
+    "class_names" to print them under (the checkpoint's, else the config's)."""
+    from .build import load_trained_segmentor_with_report
+    from .config import checkpoint_class_names, predictor_options
+    from .segmentor import SegmentorInference
+    net, report = load_trained_segmentor_with_report(cfg, ckpt_path)
+    samples = list_samples(cfg.data_dir, cfg.val_split)
+    result = evaluate_segmentor(SegmentorInference(net), samples, cfg.num_classes, cfg.reduce_zero_label,
+                                predictor_options(cfg), progress=cfg.progress_bar)
+    result["class_names"] = checkpoint_class_names(cfg, report)
+    return result
+
+
+def print_evaluation(result, max_skipped=10):
+    """The per-class table and summary on stdout (with the forward's shape statistics when there are some), the
+    first `max_skipped` unusable samples on stderr."""
+    print(format_results(result, result["class_names"]))
+    if result["forward_stats"] is not None:
+        print(f"forward: {result['forward_stats'].summary()}")
+    for name, reason in list(result["skipped_files"].items())[:max_skipped]:
+        print(f"skipped {name}: {reason}", file=sys.stderr)

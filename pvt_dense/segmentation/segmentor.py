@@ -1,7 +1,7 @@
 """Backbone + neck + head as one network, and the two ways it is run: with the loss (training) and to logits at the
 input size (inference).
 
-All modules are wired by constructor arguments (`EncoderDecoder(backbone, neck, head)`); `recipe.build_segmentor`
+All modules are wired by constructor arguments (`EncoderDecoder(backbone, neck, head)`); `build.build_segmentor`
 makes them from a config.
 """
 import mindspore as ms

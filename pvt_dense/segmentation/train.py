@@ -13,9 +13,9 @@ from ..errors import PVTDenseError
 from .ade20k import list_samples
 from .data import SegmentationBatchSource
 from .evaluation import evaluate_segmentor
-from .build import build_segmentor
+from .build import build_segmentor, training_network
 from .config import class_names_of, predictor_options
-from .segmentor import SegmentorInference, SegmentorWithLoss
+from .segmentor import SegmentorInference
 from .transforms import TrainTransform
 
 
@@ -38,14 +38,14 @@ class SegmentationRun:
             raise PVTDenseError(f"{len(train_samples)} training images are less than one global batch of "
                                 f"{cfg.batch_size} x {self.world_size}")
         # Fine-tuning from a whole model: its weights replace the pretrained backbone's, so that is not read.
-        self.net = build_segmentor(type(cfg)(cfg, pretrained="") if cfg.load_from else cfg,
-                                   synchronized_bn=cfg.sync_bn and self.world_size > 1)
+        self.net = build_segmentor(cfg, synchronized_bn=cfg.sync_bn and self.world_size > 1,
+                                   load_pretrained=not cfg.load_from)
         load_starting_weights(self.net, cfg.load_from)
         self.inference = SegmentorInference(self.net)
         self.lr_schedule = warmup_poly_schedule(cfg.lr, cfg.total_iters, cfg.power, cfg.min_lr, cfg.warmup_iters,
                                                 cfg.warmup_ratio)
         self.optimizer = build_adamw(self.net, cfg, self.lr_schedule)
-        self.train_step = TrainStep(SegmentorWithLoss(self.net, avg_non_ignore=cfg.loss_avg_non_ignore),
+        self.train_step = TrainStep(training_network(self.net, cfg),
                                     self.optimizer, loss_scale=cfg.loss_scale,
                                     dynamic_loss_scale=cfg.dynamic_loss_scale, clip_grad_norm=cfg.clip_grad_norm)
         self.train_step.set_train(True)
