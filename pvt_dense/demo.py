@@ -53,7 +53,8 @@ DENSE_TASKS = ("detection", "segmentation")
 # AMD EPYC, nothing else running: 5 min 20 s in all), except segmentation: 53 s were measured before its canvases
 # went to 128 px with 120 iterations; on a busy machine a 128 px iteration took 1.75x a 64 px one, so ~110 s is an
 # estimate until the next idle run.
-PART_ESTIMATES = (("pretraining", 76), ("features", 6), ("detection", 179), ("segmentation", 110))
+# measured: one idle run on a 2-core Intel Xeon, 2026-12-07 (400 s in all)
+PART_ESTIMATES = (("pretraining", 77), ("features", 4), ("detection", 180), ("segmentation", 134))
 
 
 def print_plan(output_dir, tasks):
