@@ -629,15 +629,13 @@ bool head_layout(int *ndims, int64_t **shapes, const float *meta, HeadLayout *ou
 // N x M score matrix is never stored (at 800x1344 it would be 67200 x 1050 per stage-1 block).
 constexpr int64_t kAttentionRows = 64;
 
-// inputs: q, kv, meta; output: out (see HeadLayout).
-static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
-                                 const char **dtypes, void *, void *) {
-  if (nparam != 4 || !all_float32(4, dtypes)) return 1;
-  const float *q = static_cast<const float *>(params[0]);
-  const float *kv = static_cast<const float *>(params[1]);
-  float *out = static_cast<float *>(params[3]);
+// out = per head softmax(scale q k^T [+ bias]) v (see HeadLayout); bias (B, M) or null. bias[b, j] is added to every
+// score of key j in batch element b before the softmax: -1e30 leaves key j out exactly, which is how padded positions
+// of a size bucket are kept out of the attention (inference only, so PvtAttentionGrad has no bias).
+static int attention_forward(int *ndims, int64_t **shapes, const float *q, const float *kv, const float *meta,
+                             const float *bias, float *out) {
   HeadLayout L;
-  if (!head_layout(ndims, shapes, static_cast<const float *>(params[2]), &L)) return 1;
+  if (!head_layout(ndims, shapes, meta, &L)) return 1;
   if (L.n == 0 || L.c == 0 || L.batch == 0) return 0;
   if (L.m == 0) {
     std::memset(out, 0, sizeof(float) * L.batch * L.n * L.c);
@@ -653,6 +651,14 @@ static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t 
       float *s = scores.data();
       if (dnnl_sgemm('N', 'T', rows, m, d, L.scale, q + L.q_at(g, r0), c, kv + L.k_at(g), 2 * c, 0.0f, s, m) != 0)
         status = 2;
+      if (bias != nullptr) {
+        const float *__restrict b = bias + (g / L.heads) * m;
+        for (int64_t r = 0; r < rows; ++r) {
+          float *__restrict sr = s + r * m;
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) sr[j] += b[j];
+        }
+      }
       softmax_rows(s, rows, m);
       if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, kv + L.v_at(g), 2 * c, 0.0f, out + L.q_at(g, r0), c) != 0)
         status = 2;
@@ -661,45 +667,22 @@ static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t 
   return status.load();
 }
 
-// inputs: q, kv, meta, bias (B, M); output: out (see HeadLayout). As PvtAttention, with bias[b, j] added to every
-// score of key j in batch element b before the softmax: -inf (or a large negative number) leaves key j out
-// exactly, which is how padded positions of a size bucket are kept out of the attention (inference only).
+// inputs: q, kv, meta; output: out.
+static int PvtAttentionUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void *, void *) {
+  if (nparam != 4 || !all_float32(4, dtypes)) return 1;
+  return attention_forward(ndims, shapes, static_cast<const float *>(params[0]),
+                           static_cast<const float *>(params[1]), static_cast<const float *>(params[2]), nullptr,
+                           static_cast<float *>(params[3]));
+}
+
+// inputs: q, kv, meta, bias (B, M); output: out.
 static int PvtAttentionBiasUnchecked(int nparam, void **params, int *ndims, int64_t **shapes,
                                      const char **dtypes, void *, void *) {
   if (nparam != 5 || !all_float32(5, dtypes)) return 1;
-  const float *q = static_cast<const float *>(params[0]);
-  const float *kv = static_cast<const float *>(params[1]);
-  const float *bias = static_cast<const float *>(params[3]);
-  float *out = static_cast<float *>(params[4]);
-  HeadLayout L;
-  if (!head_layout(ndims, shapes, static_cast<const float *>(params[2]), &L)) return 1;
-  if (L.n == 0 || L.c == 0 || L.batch == 0) return 0;
-  if (L.m == 0) {
-    std::memset(out, 0, sizeof(float) * L.batch * L.n * L.c);
-    return 0;
-  }
-  const int64_t blocks = (L.n + kAttentionRows - 1) / kAttentionRows, m = L.m, d = L.d, c = L.c;
-  std::atomic<int> status{0};
-  parallel_for(L.groups() * blocks, 1, [&](int64_t t0, int64_t t1, int) {
-    std::vector<float> scores(static_cast<size_t>(kAttentionRows * m));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / blocks, r0 = (t % blocks) * kAttentionRows;
-      const int64_t rows = L.n - r0 < kAttentionRows ? L.n - r0 : kAttentionRows;
-      const float *__restrict b = bias + (g / L.heads) * m;
-      float *s = scores.data();
-      if (dnnl_sgemm('N', 'T', rows, m, d, L.scale, q + L.q_at(g, r0), c, kv + L.k_at(g), 2 * c, 0.0f, s, m) != 0)
-        status = 2;
-      for (int64_t r = 0; r < rows; ++r) {
-        float *__restrict sr = s + r * m;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) sr[j] += b[j];
-      }
-      softmax_rows(s, rows, m);
-      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, kv + L.v_at(g), 2 * c, 0.0f, out + L.q_at(g, r0), c) != 0)
-        status = 2;
-    }
-  });
-  return status.load();
+  return attention_forward(ndims, shapes, static_cast<const float *>(params[0]),
+                           static_cast<const float *>(params[1]), static_cast<const float *>(params[2]),
+                           static_cast<const float *>(params[3]), static_cast<float *>(params[4]));
 }
 
 // The backward of group g's query rows [r0, r0 + rows): recomputes p = softmax(scale q k^T) for those rows (as the
