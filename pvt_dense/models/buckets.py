@@ -110,10 +110,6 @@ def level_edges(valid_size, bucket_size, strides):
                  zip(level_grids(valid_size, strides), level_grids(bucket_size, strides)))
 
 
-def padded_to(size, divisor=ALIGN):
-    return tuple(-(-int(n) // divisor) * divisor for n in size)
-
-
 def plan_buckets(sizes, compile_pixels, max_buckets=4):
     """Group the valid sizes of a run (one (h, w) per image, repeats counted) into buckets.
 
