@@ -241,3 +241,59 @@ def test_depthwise_conv_has_the_parameters_of_nn_conv2d():
     mine = DepthwiseConv2d(8, 3)
     theirs = nn.Conv2d(8, 8, 3, pad_mode="pad", padding=1, group=8, has_bias=True)
     assert [(p.name, p.shape) for p in mine.get_parameters()] == [(p.name, p.shape) for p in theirs.get_parameters()]
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("channels, out, kernel, stride, shape, has_bias", [
+    (6, 5, 3, 1, (2, 6, 40, 50), True),     # 2,000 output pixels: several im2col blocks per image, over threads
+    (6, 5, 3, 2, (1, 6, 13, 16), False),
+    (3, 8, 7, 4, (1, 3, 29, 35), True),     # PVT v2's first patch embedding, odd sizes
+    (4, 160, 3, 1, (1, 4, 3, 2), True),     # a map smaller than a block: the output channels split over threads
+    (4, 3, 3, 2, (2, 4, 1, 1), True),       # RetinaNet's P7 of a small image
+])
+def test_inference_kernel_equals_torch_conv2d(mode, channels, out, kernel, stride, shape, has_bias):
+    """In eval mode a float32 `MatmulConv2d` runs the fused convolution kernel (im2col per block of output rows
+    into sgemm); its output and, when a gradient is taken anyway, its gradients are torch's."""
+    ms.set_context(mode=mode)
+    try:
+        rng = np.random.default_rng(3)
+        conv = MatmulConv2d(channels, out, kernel, stride=stride, has_bias=has_bias)
+        assert conv.fused is not None and not conv.training
+        conv.weight.set_data(ms.Tensor(rng.normal(size=(out, channels, kernel, kernel)).astype(np.float32)))
+        bias = rng.normal(size=out).astype(np.float32) if has_bias else None
+        if has_bias:
+            conv.bias.set_data(ms.Tensor(bias))
+        x = rng.normal(size=shape).astype(np.float32)
+        assert_equals_torch(conv, conv.weight, x, torch_conv(x, conv.weight.asnumpy(), bias, stride, kernel // 2))
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_conv_bn_relu_in_eval_mode_folds_the_norm_into_the_kernel(mode):
+    """Semantic FPN's conv-BN-ReLU block in eval mode (the norm's moving statistics folded into the convolution,
+    the ReLU applied by its kernel) gives torch's conv -> batch_norm (eval) -> relu, and the same gradients."""
+    from pvt_dense.segmentation.semfpn_head import ConvBNReLU
+    ms.set_context(mode=mode)
+    try:
+        rng = np.random.default_rng(4)
+        block = ConvBNReLU(6, 7)
+        block.set_train(False)
+        weight = rng.normal(size=(7, 6, 3, 3)).astype(np.float32)
+        stats = {name: rng.uniform(0.5, 2.0, size=7).astype(np.float32) for name in ("gamma", "variance")}
+        stats.update({name: rng.normal(size=7).astype(np.float32) for name in ("beta", "mean")})
+        block.conv.weight.set_data(ms.Tensor(weight))
+        for name, param in (("gamma", block.bn.gamma), ("beta", block.bn.beta), ("mean", block.bn.moving_mean),
+                            ("variance", block.bn.moving_variance)):
+            param.set_data(ms.Tensor(stats[name]))
+        x = rng.normal(size=(2, 6, 11, 14)).astype(np.float32)
+        x_t, w_t = torch.tensor(x, requires_grad=True), torch.tensor(weight, requires_grad=True)
+        out = torch.nn.functional.conv2d(x_t, w_t, None, padding=1)
+        out = torch.relu(torch.nn.functional.batch_norm(
+            out, torch.tensor(stats["mean"]), torch.tensor(stats["variance"]), torch.tensor(stats["gamma"]),
+            torch.tensor(stats["beta"]), training=False, eps=1e-5))
+        assert (out.detach().numpy() == 0).mean() > 0.2  # the ReLU has work to do
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        assert_equals_torch(block, block.conv.weight, x, (out.detach().numpy(), x_t.grad.numpy(), w_t.grad.numpy()))
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)

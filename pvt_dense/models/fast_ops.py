@@ -73,7 +73,9 @@ KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel
 # What the Custom ops below name: every one must resolve in the loaded library before a Cell uses it.
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
 DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad", "PvtAttention",
-                 "PvtAttentionGrad", "PvtAttentionBias")
+                 "PvtAttentionGrad", "PvtAttentionBias", "PvtConv2dStride1", "PvtConv2dStride2",
+                 "PvtConv2dStride4")
+CONV_STRIDES = (1, 2, 4)  # the strides the convolution kernel has an entry for, each with "same" padding
 CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
@@ -490,6 +492,41 @@ def _attention_grad_shape(q, kv, meta, dout):
     return q, kv
 
 
+def _conv_shape(stride):
+    """The shape function of the convolution kernel's entry for `stride`, "same" padding (k odd, pad k // 2)."""
+    def shape(x, w, b, meta):
+        expected = "x (B, C, H, W), weight (O, C, k, k) with k odd, bias (O) and meta [stride, pad, relu]"
+        _require(len(x) == 4 and len(w) == 4 and len(b) == 1 and len(meta) == 1, "convolution", expected,
+                 (x, w, b, meta))
+        if _known(x, w, b, meta):
+            _require(w[1] == x[1] and w[2] == w[3] and w[2] % 2 == 1 and b[0] == w[0] and meta[0] == 3,
+                     "convolution", expected, (x, w, b, meta))
+        return [x[0], w[0], (x[2] - 1) // stride + 1, (x[3] - 1) // stride + 1]
+    return shape
+
+
+def _conv_bprop(stride):
+    """Gradients of the convolution kernel through MindSpore's own operators: the weight's from the Im2Col columns,
+    the input's by folding (Col2Im) the columns' gradient back onto the image; with meta[2] == 1 (ReLU fused) the
+    incoming gradient is first zeroed where the output is."""
+    left = ops.BatchMatMul(transpose_a=True)
+    right = ops.BatchMatMul(transpose_b=True)
+
+    def bprop(x, w, b, meta, out, dout):
+        batch, _, height, width = x.shape
+        kernel = w.shape[2]
+        pad = kernel // 2
+        dout = dout * ops.logical_or(out > 0, meta[2] == 0).astype(dout.dtype)
+        weight = w.reshape(w.shape[0], -1)
+        grad = dout.reshape(batch, w.shape[0], -1)
+        columns = ops.unfold(x, kernel, 1, pad, stride)
+        dw = right(grad, columns).sum(0).reshape(w.shape)
+        dcolumns = left(ops.broadcast_to(weight, (batch,) + weight.shape), grad)
+        dx = ops.fold(dcolumns, ops.tuple_to_array((height, width)), kernel, 1, pad, stride)
+        return dx, dw, grad.sum((0, 2)), ops.zeros_like(meta)
+    return bprop
+
+
 def _same_dtype(*dtypes):
     return dtypes[0]
 
@@ -501,6 +538,7 @@ class _Kernels:
         if ":" in library:
             raise KernelLibraryError(f"the kernel library path must not contain ':' ({library})")
         self.handle = handle  # the ctypes handle: keeps the checked library loaded for MindSpore's own dlopen
+        self.library, self.has_dense, self._conv2d = library, has_dense, {}
         self.threads = None
         if handle is not None:
             handle.PvtSetThreadCount.argtypes = [ctypes.c_int]
@@ -554,6 +592,20 @@ class _Kernels:
                                func_type="aot", bprop=gelu_bprop)
         self.layer_norm = ops.Custom(f"{library}:PvtLayerNorm", out_shape=_layer_norm_shape, out_dtype=_same_dtype,
                                      func_type="aot", bprop=layer_norm_bprop)
+
+
+    def conv2d(self, kernel_size, stride, pad):
+        """The convolution kernel for a k x k convolution with this stride and padding, or None where it has no
+        entry (strides other than CONV_STRIDES, padding other than k // 2 with k odd) or no sgemm. One primitive
+        per stride, made once. Made for inference; its gradient (for a model in eval mode inside a gradient, as a
+        test or a frozen part may take) is the Im2Col + BatchMatMul one."""
+        if not self.has_dense or stride not in CONV_STRIDES or kernel_size % 2 != 1 or pad != kernel_size // 2:
+            return None
+        if stride not in self._conv2d:
+            self._conv2d[stride] = ops.Custom(f"{self.library}:PvtConv2dStride{stride}",
+                                              out_shape=_conv_shape(stride), out_dtype=lambda x, w, b, meta: x,
+                                              func_type="aot", bprop=_conv_bprop(stride))
+        return self._conv2d[stride]
 
 
 _LOCK = threading.Lock()
