@@ -163,3 +163,20 @@ def test_fallback_paths_give_the_same_numbers(pynative):
     # float16 takes MindSpore's own operators even where the kernels exist
     half = x.astype(ms.float16)
     assert fast_ops.GELU()(half).dtype == ms.float16 and fast_ops.LayerNorm(40, 1e-6)(half).dtype == ms.float16
+
+
+@pytest.mark.parametrize("shape", [(150, 37, 53), (3, 5000), (1, 7, 9), (2, 0)])
+def test_channel_argmax_is_numpys_argmax(shape):
+    """The segmentation masks' argmax over class maps: numpy's result (first index on ties, NaN the largest) from
+    the kernel library's loop, over blocks of pixels split between threads."""
+    assert fast_ops.kernels() is not None
+    rng = np.random.default_rng(5)
+    maps = rng.integers(-3, 4, size=shape).astype(np.float32)  # small integers: many ties
+    if maps.size:
+        flat = maps.reshape(shape[0], -1)
+        flat[rng.integers(0, shape[0], 40), rng.integers(0, flat.shape[1], 40)] = np.nan
+        flat[:, 0] = -np.inf
+    expected = maps.argmax(axis=0)
+    got = fast_ops.channel_argmax(maps)
+    assert got.dtype == np.int32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)

@@ -62,6 +62,7 @@ import threading
 import warnings
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
@@ -76,7 +77,8 @@ DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad",
                  "PvtAttentionGrad", "PvtAttentionBias", "PvtConv2dStride1", "PvtConv2dStride2",
                  "PvtConv2dStride4")
 CONV_STRIDES = (1, 2, 4)  # the strides the convolution kernel has an entry for, each with "same" padding
-CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount")
+# Called through ctypes on the host, not as MindSpore ops.
+CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount", "PvtArgmaxChannels")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
                "-fno-math-errno", "-fno-trapping-math")
@@ -544,6 +546,8 @@ class _Kernels:
             handle.PvtSetThreadCount.argtypes = [ctypes.c_int]
             handle.PvtSetThreadCount.restype = ctypes.c_int
             self.threads = handle.PvtSetThreadCount(default_thread_count())
+            handle.PvtArgmaxChannels.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            handle.PvtArgmaxChannels.restype = ctypes.c_int
         gelu_grad = ops.Custom(f"{library}:PvtGeluGrad", out_shape=_gelu_grad_shape, out_dtype=_same_dtype,
                                func_type="aot")
 
@@ -655,6 +659,19 @@ def kernels_for_new_cell():
     if _FORCED_OFF or ms.get_context("device_target") != "CPU":
         return None
     return kernels()
+
+
+def channel_argmax(maps):
+    """`maps.argmax(axis=0)` (int32) of (K, ...) float32 maps: the first index on ties, NaN counting as the largest,
+    as numpy; through the kernel library's threaded loop when it is loaded (measured for 150 x 512 x 683 maps on
+    one thread: numpy 145-157 ms), else numpy."""
+    maps = np.ascontiguousarray(maps, dtype=np.float32)
+    compiled = kernels()
+    if compiled is not None and compiled.handle is not None and maps.ndim >= 1 and maps.shape[0] > 0:
+        out = np.empty(maps.shape[1:], np.int32)
+        if compiled.handle.PvtArgmaxChannels(maps.ctypes.data, maps.shape[0], out.size, out.ctypes.data) == 0:
+            return out
+    return maps.argmax(axis=0).astype(np.int32)
 
 
 def fast_ops_status():

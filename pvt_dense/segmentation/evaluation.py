@@ -11,6 +11,7 @@ from ..data.images import ImageReadError, header_image_size
 from ..data.transforms import network_input_size
 from ..engine.shapes import BucketedForward, ShapeFlexibleForward, tensor_signature
 from ..models.buckets import ALIGN
+from ..models.fast_ops import channel_argmax
 from .ade20k import AnnotationError, list_samples, read_sample
 from .metrics import ConfusionMatrix
 from .transforms import prepare_test_image, sliding_windows
@@ -121,7 +122,7 @@ class Predictor:
 
     def predict(self, image):
         """(H, W) uint8 class map."""
-        return self.logits(image).argmax(axis=0).astype(np.uint8)
+        return channel_argmax(self.logits(image)).astype(np.uint8)
 
 
 def evaluate_segmentor(network, samples, num_classes, reduce_zero_label=True, predictor_options=None,
