@@ -478,11 +478,11 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c+
 
 def compile_stub(tmp_path):
     """A real shared library of 100+ KB (a large initialised array), like the kernel library in form."""
-    from pvt_dense.models import fast_ops
+    from pvt_dense.models import kernel_library
     source = tmp_path / "stub.cc"
     source.write_text('static char big[100000] = {1};\nextern "C" char *PvtStub() { return big; }\n')
     library = tmp_path / "stub.so"
-    subprocess.run([fast_ops._compiler(), "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    subprocess.run([kernel_library._compiler(), "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     return library
 
 
@@ -492,10 +492,11 @@ def compile_stub(tmp_path):
                        "no SIGBUS: one warning ('segment ... past its end ... truncated'), MindSpore's operators, "
                        "the features written, exit 0")
 def test_a_truncated_library_in_the_cache_never_crashes_a_tool(tmp_path):
-    from pvt_dense.models import fast_ops
+    from pvt_dense.models import fast_ops, kernel_library
     cache = tmp_path / "cache"
-    fast_ops.private_cache_dir(str(cache))
-    target = fast_ops.library_candidates(fast_ops.read_kernel_source(), fast_ops._compiler(), str(cache))[0][0]
+    kernel_library.private_cache_dir(str(cache))
+    target = kernel_library.library_candidates(kernel_library.read_kernel_sources(), kernel_library._compiler(),
+                                               str(cache))[0][0]
     whole = compile_stub(tmp_path).read_bytes()
     Path(target).write_bytes(whole[:len(whole) // 2])
     os.chmod(target, 0o700)
@@ -521,10 +522,10 @@ def test_a_truncated_library_in_the_cache_never_crashes_a_tool(tmp_path):
 def test_a_library_that_differs_from_its_build_record_is_rebuilt(tmp_path, monkeypatch, pynative):
     import warnings
 
-    from pvt_dense.models import fast_ops
+    from pvt_dense.models import fast_ops, kernel_library
     cache = tmp_path / "cache"
     monkeypatch.setattr(fast_ops, "_STATE", {})
-    monkeypatch.setenv(fast_ops.ENV_CACHE_DIR, str(cache))
+    monkeypatch.setenv(kernel_library.ENV_CACHE_DIR, str(cache))
     monkeypatch.delenv(fast_ops.ENV_SWITCH, raising=False)
     stub = compile_stub(tmp_path)
     calls = tmp_path / "calls"
@@ -539,8 +540,9 @@ def test_a_library_that_differs_from_its_build_record_is_rebuilt(tmp_path, monke
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert fast_ops.kernels() is None  # the stub lacks the kernels: built, recorded, refused at loading
-    target = fast_ops.library_candidates(fast_ops.read_kernel_source(), fast_ops._compiler(), str(cache))[0][0]
-    record = json.loads(Path(fast_ops.record_path(target)).read_text())
+    target = kernel_library.library_candidates(kernel_library.read_kernel_sources(), kernel_library._compiler(),
+                                               str(cache))[0][0]
+    record = json.loads(Path(kernel_library.record_path(target)).read_text())
     assert record["size"] == stub.stat().st_size and "lacks the kernel symbols" in str(caught[-1].message)
 
     Path(target).write_bytes(stub.read_bytes()[:1000])  # damaged since
