@@ -220,42 +220,95 @@ def _run_detector(detector, x):
     return [o.asnumpy() for o in detector(ms.Tensor(x))]
 
 
-@pytest.mark.parametrize("layout", ["det_mmdet3", "det_official"])
-def test_retinanet_checkpoint_matches_mmdet(files, layout):
+def _retinanet_case(request, model):
+    """What the RetinaNet comparison needs for `model`'s files: the reference, its files by layout, the config that
+    builds our detector, the report expected of each file, the inputs and the reference's forward(model, x,
+    official_eps)."""
+    if model == "pvt_tiny":
+        files = request.getfixturevalue("files")
+        return dict(model=files["det"], files={"mmdet": files["det_mmdet3"], "official": files["det_official"]},
+                    mmdet_format=MMLAB_MMDET_PVT, classes=files["coco"], cfg=_detection_cfg(),
+                    mapped={"backbone": 156, "neck": 16, "head": 12}, cls_slot=True, inputs=_inputs(),
+                    reference=_det_reference)
+    from pvt_dense.detection.config import load_detection_config
+    v2 = request.getfixturevalue("v2_file")
+    return dict(model=v2["model"], files={"mmdet": v2["path"], "official": v2["official"]},
+                mmdet_format=MMLAB_MMDET_PVT_V2, classes=v2["classes"],
+                cfg=load_detection_config(V2_DET_CONFIG, [("mode", 1), ("num_classes", 3)] + V2_NARROW),
+                mapped={"neck": 16, "head": 12}, cls_slot=False,  # PVT v2 has no position embedding
+                inputs=[np.random.default_rng(5).normal(size=V2_SHAPE).astype(np.float32)],
+                reference=lambda mm_model, x, official: _v2_reference(mm_model, x, eps=1e-5 if official else None))
+
+
+@pytest.mark.parametrize("layout", ["mmdet", "official"])
+@pytest.mark.parametrize("model", ["pvt_tiny", "pvt_v2_b0"])
+def test_retinanet_checkpoint_matches_mmdet(request, model, layout):
     from pvt_dense.detection.build import load_detector_with_report
-    official = layout == "det_official"
-    detector, report = load_detector_with_report(_detection_cfg(), files[layout])
-    assert report.source_format == (MMLAB_OFFICIAL_PVT if official else MMLAB_MMDET_PVT)
+    case = _retinanet_case(request, model)
+    official = layout == "official"
+    detector, report = load_detector_with_report(case["cfg"], case["files"][layout])
+    assert report.source_format == (MMLAB_OFFICIAL_PVT if official else case["mmdet_format"])
     assert report.norm_eps_style == ("official" if official else "mmdet")
-    assert report.class_names == files["coco"]
-    assert report.mapped == {"backbone": 156, "neck": 16, "head": 12}
-    assert any("cls slot of backbone.stages.3.pos_embed" in note for note in report.notes) == official
-    for x in _inputs():
-        reference = _det_reference(files["det"], x, official)
+    assert report.class_names == case["classes"]
+    assert {part: report.mapped[part] for part in case["mapped"]} == case["mapped"]
+    if case["mapped"].keys() == {"backbone", "neck", "head"}:
+        assert report.mapped == case["mapped"]
+    cls_slot_note = any("cls slot of backbone.stages.3.pos_embed" in note for note in report.notes)
+    assert cls_slot_note == (official and case["cls_slot"])
+    for x in case["inputs"]:
+        reference = case["reference"](case["model"], x, official)
         assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
         ours = _run_detector(detector, x)
         assert _max_diff(ours, reference) <= TOLERANCE
-        assert _max_diff(ours, _det_reference(files["det"], x, not official)) > 100 * TOLERANCE  # eps matters
+        assert _max_diff(ours, case["reference"](case["model"], x, not official)) > 100 * TOLERANCE  # eps matters
 
 
-@pytest.mark.parametrize("layout", ["seg_mmseg1", "seg_official"])
-def test_semantic_fpn_checkpoint_matches_mmseg(files, layout):
-    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
-    official = layout == "seg_official"
-    net, report = load_trained_segmentor_with_report(_segmentation_cfg(), files[layout])
-    assert report.mapped == {"backbone": 156, "neck": 16, "head": 37}
-    assert any("num_batches_tracked" in note for note in report.notes)
-    if official:
-        assert report.class_names == files["seg_names"]
-    else:
+def _semantic_fpn_case(request, model, layout):
+    """What the Semantic FPN comparison needs for one file: our segmentor's config, the file, the report expected of
+    it (attributes, a note it must carry), the inputs, the reference's forward(x, official_eps) and whether the
+    other eps is checked to differ."""
+    if model == "pvt_tiny":
         from pvt_dense.segmentation.ade20k import ADE20K_CLASSES
-        assert report.class_names == list(ADE20K_CLASSES)  # none in the file: ADE20K's 150
-    for x in _inputs():
-        reference = _seg_reference(files["seg"], x, official)
+        files = request.getfixturevalue("files")
+        official = layout == "official"
+        return dict(cfg=_segmentation_cfg(), file=files["seg_official" if official else "seg_mmseg1"],
+                    report=dict(mapped={"backbone": 156, "neck": 16, "head": 37},
+                                # none in the mmseg 1.x file: ADE20K's 150
+                                class_names=files["seg_names"] if official else list(ADE20K_CLASSES)),
+                    note="num_batches_tracked", inputs=_inputs(), eps_matters=True,
+                    reference=lambda x, official_eps: _seg_reference(files["seg"], x, official_eps))
+    from pvt_dense.segmentation.config import load_segmentation_config
+    v2 = request.getfixturevalue("v2_segmentor_file")
+
+    def reference(x, official_eps):
+        assert not official_eps  # mmsegmentation's file only
+        with torch.no_grad():
+            return v2["model"](torch.from_numpy(x), mode="tensor").numpy()
+    cfg = load_segmentation_config(V2_SEG_CONFIG, [("mode", 1), ("pretrained", ""), ("num_classes", V2_SEG_CLASSES),
+                                                    ("neck_channels", NECK_CHANNELS),
+                                                    ("head_channels", SEG_HEAD_CHANNELS)])
+    return dict(cfg=cfg, file=v2["path"],
+                report=dict(source_format=MMLAB_MMDET_PVT_V2, norm_eps_style="mmdet", class_names=v2["classes"]),
+                note=None, inputs=[np.random.default_rng(7).normal(size=V2_SHAPE).astype(np.float32)],
+                eps_matters=False, reference=reference)
+
+
+@pytest.mark.parametrize("model,layout", [("pvt_tiny", "mmseg1"), ("pvt_tiny", "official"), ("pvt_v2_b0", "mmseg1")])
+def test_semantic_fpn_checkpoint_matches_mmseg(request, model, layout):
+    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
+    case = _semantic_fpn_case(request, model, layout)
+    official = layout == "official"
+    net, report = load_trained_segmentor_with_report(case["cfg"], case["file"])
+    assert {name: getattr(report, name) for name in case["report"]} == case["report"]
+    if case["note"]:
+        assert any(case["note"] in note for note in report.notes)
+    for x in case["inputs"]:
+        reference = case["reference"](x, official)
         assert abs(reference).max() > 0.1
         ours = net(ms.Tensor(x)).asnumpy()
         assert _max_diff([ours], [reference]) <= TOLERANCE
-        assert _max_diff([ours], [_seg_reference(files["seg"], x, not official)]) > 100 * TOLERANCE  # eps matters
+        if case["eps_matters"]:
+            assert _max_diff([ours], [case["reference"](x, not official)]) > 100 * TOLERANCE
 
 
 def test_convert_tool_writes_a_native_checkpoint_the_tools_load(files, tmp_path):
@@ -616,26 +669,6 @@ def _v2_reference(mm_model, x, eps=None):
     return [t.numpy() for t in list(cls_scores) + list(bbox_preds)]
 
 
-@pytest.mark.parametrize("layout", ["path", "official"])
-def test_retinanet_pvt_v2_checkpoint_matches_mmdet(v2_file, layout):
-    from pvt_dense.detection.config import load_detection_config
-    from pvt_dense.detection.build import load_detector_with_report
-    official = layout == "official"
-    cfg = load_detection_config(V2_DET_CONFIG, [("mode", 1), ("num_classes", 3)] + V2_NARROW)
-    detector, report = load_detector_with_report(cfg, v2_file[layout])
-    assert report.source_format == (MMLAB_OFFICIAL_PVT if official else MMLAB_MMDET_PVT_V2)
-    assert report.norm_eps_style == ("official" if official else "mmdet")
-    assert report.class_names == v2_file["classes"]
-    assert report.mapped["neck"] == 16 and report.mapped["head"] == 12
-    x = np.random.default_rng(5).normal(size=V2_SHAPE).astype(np.float32)
-    reference = _v2_reference(v2_file["model"], x, eps=1e-5 if official else None)
-    assert max(abs(r).max() for r in reference) > 0.1  # the comparison below is not of near-zero maps
-    ours = [o.asnumpy() for o in detector(ms.Tensor(x))]
-    assert _max_diff(ours, reference) <= TOLERANCE
-    other = _v2_reference(v2_file["model"], x, eps=None if official else 1e-5)
-    assert _max_diff(ours, other) > 100 * TOLERANCE  # the eps matters
-
-
 @pytest.mark.bad_input("dense checkpoint", "an OpenMMLab file with an integer weight tensor",
                        "CheckpointError naming the tensor and its dtype")
 def test_integer_weights_in_a_dense_file_are_refused(v2_file, tmp_path):
@@ -685,6 +718,8 @@ def test_infer_det_command_line_on_an_mmdet_pvt_v2_checkpoint(v2_file, tmp_path)
     `test_step` on the same image (its pipeline and `predict(rescale=True)`), up to detections.json's rounding."""
     import cv2
     from mmengine.dataset import Compose
+    from mmlab_reference import require_mmdet
+    require_mmdet()  # mmdetection's registry scope for its pipeline: a Semantic FPN test may have left mmseg's
     rng = np.random.default_rng(11)
     image = cv2.GaussianBlur(rng.integers(0, 256, (150, 230, 3), dtype=np.uint8), (5, 5), 0)
     folder = tmp_path / "images"
@@ -739,19 +774,3 @@ def v2_segmentor_file(tmp_path_factory):
     path = _save(tmp_path_factory.mktemp("dense_v2_seg") / "semfpn_pvtv2_b0.pth", model.state_dict(),
                  {"dataset_meta": {"classes": names}, "mmengine_version": "0.10.7"})
     return {"model": model, "path": path, "classes": names}
-
-
-def test_semantic_fpn_pvt_v2_checkpoint_matches_mmseg(v2_segmentor_file):
-    from pvt_dense.segmentation.build import load_trained_segmentor_with_report
-    from pvt_dense.segmentation.config import load_segmentation_config
-    cfg = load_segmentation_config(V2_SEG_CONFIG, [("mode", 1), ("pretrained", ""), ("num_classes", V2_SEG_CLASSES),
-                                                ("neck_channels", NECK_CHANNELS),
-                                                ("head_channels", SEG_HEAD_CHANNELS)])
-    net, report = load_trained_segmentor_with_report(cfg, v2_segmentor_file["path"])
-    assert report.source_format == MMLAB_MMDET_PVT_V2 and report.norm_eps_style == "mmdet"
-    assert report.class_names == v2_segmentor_file["classes"]
-    x = np.random.default_rng(7).normal(size=V2_SHAPE).astype(np.float32)
-    with torch.no_grad():
-        reference = v2_segmentor_file["model"](torch.from_numpy(x), mode="tensor").numpy()
-    assert abs(reference).max() > 0.1
-    assert _max_diff([net(ms.Tensor(x)).asnumpy()], [reference]) <= TOLERANCE
