@@ -69,3 +69,23 @@ def load_tool():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture(scope="session")
+def write_photos():
+    """write_photos(folder, {name: (H, W, 3) uint8 RGB}): each image written with OpenCV under its name (the
+    extension picks the codec); {name: pathlib.Path}, in the order given."""
+    from pathlib import Path
+
+    import cv2
+    import numpy as np
+
+    def write(folder, photos):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, rgb in photos.items():
+            paths[name] = folder / name
+            assert cv2.imwrite(str(paths[name]), np.ascontiguousarray(rgb[:, :, ::-1]))
+        return paths
+    return write

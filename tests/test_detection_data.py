@@ -62,7 +62,7 @@ def test_batches_are_deterministic_grouped_by_orientation_and_sharded(tmp_path):
     sizes = [(i + 1, 40, 30) if i % 3 else (i + 1, 30, 40) for i in range(9)]
     ann, images = write_coco(tmp_path, sizes, [box(i + 1, i + 1, 3, 1, 1, 10, 10) for i in range(9)])
     dataset = CocoDetection(ann, images)
-    kwargs = dict(max_gt=3, img_scale=(64, 32), seed=5, flip_ratio=0.5)
+    kwargs = dict(max_gt=3, img_scale=(64, 32), seed=5, flip_prob=0.5)
     single = DetectionBatchSource(dataset, batch_size=4, **kwargs)
     ranks = [DetectionBatchSource(dataset, batch_size=2, rank=r, world_size=2, **kwargs) for r in range(2)]
     assert single.steps_per_epoch == ranks[0].steps_per_epoch == 1 + 2  # 3 portrait, 6 landscape images
@@ -84,7 +84,7 @@ def test_batches_pad_to_their_largest_image_rounded_to_the_grid(tmp_path, grid, 
     ann, images = write_coco(tmp_path, [(1, 90, 50), (2, 60, 40)],
                              [box(1, 1, 3, 1, 1, 10, 10), box(2, 2, 3, 5, 5, 20, 20)])
     source = DetectionBatchSource(CocoDetection(ann, images), batch_size=2, max_gt=2, img_scale=(200, 100),
-                                  flip_ratio=0.0, shuffle=False, pad_grid=grid)
+                                  flip_prob=0.0, shuffle=False, pad_grid=grid)
     images_, boxes, labels, mask, pad_sizes = source.batch(0, 0)
     # mmcv.imrescale within (200, 100): 90x50 -> x2 -> 180x100, pad 192x128; 60x40 -> x2.5 -> 150x100, pad 160x128.
     # The batch takes the largest (192x128), rounded up to the grid but never beyond the 224x128 canvas.
@@ -102,7 +102,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     with open(os.path.join(images, "0001.png"), "wb") as handle:
         handle.write(b"\x89PNG\r\n\x1a\n not really")
     source = DetectionBatchSource(CocoDetection(ann, images), batch_size=3, img_scale=(64, 32), max_gt=2,
-                                  shuffle=False, flip_ratio=0.0)
+                                  shuffle=False, flip_prob=0.0)
     with pytest.warns(RuntimeWarning, match="0001.png"):
         images_, boxes, labels, mask, _ = source.batch(0, 0)
     assert source.skipped == 1

@@ -57,22 +57,16 @@ def level_sizes(pad_height, pad_width):
 # ---------------------------------------------------------------------------------------------------------------
 # test protocol: pixels and detections on real image files
 
-def write_photos(folder):
-    """Photos of several shapes and both codecs, written with OpenCV: name -> path."""
+def sample_photos():
+    """Photos of several shapes for both codecs: name -> RGB."""
     skimage_data = pytest.importorskip("skimage.data")
-    photos = {
+    return {
         "astronaut_333x500.jpg": cv2.resize(skimage_data.astronaut(), (500, 333), interpolation=cv2.INTER_AREA),
         "coffee_500x333.png": cv2.resize(skimage_data.coffee()[:, 100:500], (333, 500),
                                          interpolation=cv2.INTER_AREA),
         "chelsea_211x387.jpg": cv2.resize(skimage_data.chelsea(), (387, 211), interpolation=cv2.INTER_AREA),
         "rocket_97x1023.png": cv2.resize(skimage_data.rocket()[100:300], (1023, 97), interpolation=cv2.INTER_AREA),
     }
-    os.makedirs(folder, exist_ok=True)
-    paths = {}
-    for name, rgb in photos.items():
-        paths[name] = os.path.join(folder, name)
-        assert cv2.imwrite(paths[name], np.ascontiguousarray(rgb[:, :, ::-1]))
-    return paths
 
 
 def mmdet_test_inputs(path):
@@ -90,8 +84,10 @@ def mmdet_test_inputs(path):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return write_photos(str(tmp_path_factory.mktemp("photos")))
+def photos(tmp_path_factory, write_photos):
+    """The sample photos written with OpenCV: name -> path (str)."""
+    written = write_photos(tmp_path_factory.mktemp("photos"), sample_photos())
+    return {name: str(path) for name, path in written.items()}
 
 
 def test_test_pipeline_pixels_equal_mmdetection(photos):

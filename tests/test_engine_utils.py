@@ -259,7 +259,8 @@ def test_plot_writes_a_valid_png(tmp_path):
 # -- digits ImageNet ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def digits():
+def sklearn_digits():
+    """scikit-learn's digits (8x8 images and labels), which make_digits_imagenet writes out."""
     from sklearn.datasets import load_digits
     return load_digits()
 
@@ -268,7 +269,7 @@ def dataset_files(root):
     return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
 
 
-def test_digits_counts_labels_and_images(tmp_path, digits):
+def test_digits_counts_labels_and_images(tmp_path, sklearn_digits):
     root = tmp_path / "digits"
     summary = make_digits_imagenet(root, image_size=24, classes=4, limit_per_class=10, seed=3)
     assert summary["written"] and summary["class_names"] == ["n00000000", "n00000001", "n00000002", "n00000003"]
@@ -279,7 +280,7 @@ def test_digits_counts_labels_and_images(tmp_path, digits):
             names = sorted(os.listdir(root / split / class_name))
             assert len(names) == per_class and summary["counts"][split][class_name] == per_class
             for name in names:  # the file name is the index in load_digits(): the label must agree
-                assert digits.target[int(name[:-4])] == class_index
+                assert sklearn_digits.target[int(name[:-4])] == class_index
     train_names = {name for _, _, names in os.walk(root / "train") for name in names}
     val_names = {name for _, _, names in os.walk(root / "val") for name in names}
     assert not train_names & val_names
@@ -290,21 +291,21 @@ def test_digits_counts_labels_and_images(tmp_path, digits):
         image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         assert image.shape == (24, 24, 3) and image.dtype == np.uint8
         assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
-        source = digits.images[int(os.path.basename(path)[:-4])]
+        source = sklearn_digits.images[int(os.path.basename(path)[:-4])]
         shrunk = cv2.resize(image[..., 0].astype(np.float32), (8, 8), interpolation=cv2.INTER_AREA) * 16 / 255
         assert np.abs(shrunk - source).mean() < 1.5 and image.max() > 128
 
 
-def test_digits_split_is_stratified_and_seeded(digits):
-    plan = _plan_split(digits.target, val_fraction=0.2, classes=10, seed=0, limit_per_class=None)
+def test_digits_split_is_stratified_and_seeded(sklearn_digits):
+    plan = _plan_split(sklearn_digits.target, val_fraction=0.2, classes=10, seed=0, limit_per_class=None)
     for digit in range(10):
-        members = set(np.flatnonzero(digits.target == digit).tolist())
+        members = set(np.flatnonzero(sklearn_digits.target == digit).tolist())
         train, val = set(plan["train"][digit]), set(plan["val"][digit])
         assert train | val == members and not train & val
         assert len(val) == round(0.2 * len(members))
     assert sum(len(v) for v in plan["val"].values()) == 359
-    assert _plan_split(digits.target, 0.2, 10, 0, None) == plan
-    assert _plan_split(digits.target, 0.2, 10, 1, None)["val"] != plan["val"]
+    assert _plan_split(sklearn_digits.target, 0.2, 10, 0, None) == plan
+    assert _plan_split(sklearn_digits.target, 0.2, 10, 1, None)["val"] != plan["val"]
 
 
 def test_digits_second_call_rewrites_nothing_and_an_interrupted_build_resumes(tmp_path):

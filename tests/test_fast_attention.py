@@ -1,5 +1,5 @@
 """The fused attention kernels (forward PvtAttention, backward PvtAttentionGrad in
-pvt_dense/models/kernels/fast_ops.cc) against float64 numpy and against the MindSpore-operator path they replace
+pvt_dense/models/kernels/attention.cc) against float64 numpy and against the MindSpore-operator path they replace
 (head transposes, key/value split, scale, BatchMatMul + Softmax): per head softmax(scale q k^T) v on the q (B, N, C)
 and kv (B, M, 2C) token layouts, and the gradients of q and kv, on sizes that take every path of the backward
 (whole groups per thread, or one group's query blocks split over threads with per-thread dk/dv partials), odd

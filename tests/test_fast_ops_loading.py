@@ -1,4 +1,5 @@
-"""How the fused-kernel library is built, trusted, loaded and called (pvt_dense/models/fast_ops.py): a library it
+"""How the fused-kernel library is built, trusted, loaded (pvt_dense/models/kernel_library.py) and called
+(pvt_dense/models/fast_ops.py): a library it
 cannot trust or load falls back to MindSpore's operators with one warning, a failed build is not retried, shapes
 that do not fit are refused before and inside the kernels, and the thread pool gives the same numbers from any
 thread."""
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from pvt_dense.models import fast_ops
+from pvt_dense.models import fast_ops, kernel_library
 
 NOBODY = 65534  # the uid of `nobody`: "another user" for a test that runs as root
 needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler")
@@ -27,7 +28,7 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(fast_ops, "_STATE", {})
     monkeypatch.delenv(fast_ops.ENV_SWITCH, raising=False)
     cache = tmp_path / "cache"
-    monkeypatch.setenv(fast_ops.ENV_CACHE_DIR, str(cache))
+    monkeypatch.setenv(kernel_library.ENV_CACHE_DIR, str(cache))
     return cache
 
 
@@ -58,7 +59,8 @@ def lookup_with_one_warning():
 
 
 def candidates(cache):
-    return fast_ops.library_candidates(fast_ops.read_kernel_source(), fast_ops._compiler(), str(cache))
+    return kernel_library.library_candidates(kernel_library.read_kernel_sources(), kernel_library._compiler(),
+                                             str(cache))
 
 
 def assert_cells_fall_back_with_correct_numbers():
@@ -103,7 +105,7 @@ def test_a_world_writable_cache_folder_is_refused(fresh, counting_compiler, pyna
                        "refused: one warning, the library is not loaded, MindSpore's operators")
 @pytest.mark.parametrize("tamper", ["foreign owner", "group writable"])
 def test_a_planted_library_in_the_cache_is_refused(fresh, counting_compiler, pynative, tamper):
-    fast_ops.private_cache_dir(str(fresh))
+    kernel_library.private_cache_dir(str(fresh))
     target = candidates(fresh)[0][0]
     with open(target, "wb") as handle:
         handle.write(b"\x7fELF planted")
@@ -124,11 +126,11 @@ def test_a_new_cache_folder_is_private(fresh, counting_compiler, pynative):
 
 def test_the_cache_is_never_the_shared_temporary_directory(monkeypatch):
     import tempfile
-    monkeypatch.delenv(fast_ops.ENV_CACHE_DIR, raising=False)
+    monkeypatch.delenv(kernel_library.ENV_CACHE_DIR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache-home")
-    assert fast_ops.cache_dir() == "/nonexistent-cache-home/pvt_dense"
+    assert kernel_library.cache_dir() == "/nonexistent-cache-home/pvt_dense"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert not fast_ops.cache_dir().startswith(tempfile.gettempdir() + os.sep)
+    assert not kernel_library.cache_dir().startswith(tempfile.gettempdir() + os.sep)
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_the_cache_is_never_the_shared_temporary_directory(monkeypatch):
 @pytest.mark.bad_input("kernel library", "a corrupt file (not an ELF library) at the cached library's name",
                        "not loaded: one warning, MindSpore's operators with the same results, no crash")
 def test_a_corrupt_library_falls_back_with_one_warning(fresh, counting_compiler, pynative):
-    fast_ops.private_cache_dir(str(fresh))
+    kernel_library.private_cache_dir(str(fresh))
     target = candidates(fresh)[0][0]
     with open(target, "wb") as handle:
         handle.write(b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8)
@@ -150,11 +152,11 @@ def test_a_corrupt_library_falls_back_with_one_warning(fresh, counting_compiler,
 @pytest.mark.bad_input("kernel library", "a valid shared library at the cached name that lacks kernel symbols",
                        "not used: one warning naming the missing symbols, MindSpore's operators")
 def test_a_library_missing_a_kernel_symbol_falls_back(fresh, monkeypatch, tmp_path, pynative):
-    fast_ops.private_cache_dir(str(fresh))
+    kernel_library.private_cache_dir(str(fresh))
     target = candidates(fresh)[0][0]
     stub = tmp_path / "stub.cc"
     stub.write_text('extern "C" int PvtGelu() { return 0; }\n')
-    subprocess.run([fast_ops._compiler(), "-shared", "-fPIC", "-o", target, str(stub)], check=True)
+    subprocess.run([kernel_library._compiler(), "-shared", "-fPIC", "-o", target, str(stub)], check=True)
     os.chmod(target, 0o700)
     result, message = lookup_with_one_warning()
     assert result is None and "lacks the kernel symbols" in message
@@ -166,11 +168,11 @@ def test_load_library_resolves_every_symbol_the_custom_ops_name():
     compiled = fast_ops.kernels()
     if compiled is None:
         pytest.skip(f"kernels unavailable here: {fast_ops.fast_ops_status()[1]}")
-    names = fast_ops.BASIC_KERNELS + fast_ops.CONTROL_SYMBOLS + (
-        fast_ops.DENSE_KERNELS if compiled.dense is not None else ())
-    fast_ops.load_library(compiled.library, names)
-    with pytest.raises(fast_ops.KernelLibraryError, match="lacks the kernel symbols PvtNoSuchKernel"):
-        fast_ops.load_library(compiled.library, names + ("PvtNoSuchKernel",))
+    names = kernel_library.BASIC_KERNELS + kernel_library.CONTROL_SYMBOLS + (
+        kernel_library.DENSE_KERNELS if compiled.dense is not None else ())
+    kernel_library.load_library(compiled.library, names)
+    with pytest.raises(kernel_library.KernelLibraryError, match="lacks the kernel symbols PvtNoSuchKernel"):
+        kernel_library.load_library(compiled.library, names + ("PvtNoSuchKernel",))
 
 
 # --- building -------------------------------------------------------------------------------------------------------
@@ -181,10 +183,10 @@ def test_load_library_resolves_every_symbol_the_custom_ops_name():
 def test_a_failed_build_is_remembered_until_the_key_changes(fresh, counting_compiler, monkeypatch, pynative):
     result, message = lookup_with_one_warning()
     assert result is None and "fake-cxx: no" in message
-    attempts = len(fast_ops._build_attempts())
+    attempts = len(kernel_library._build_attempts())
     assert calls(counting_compiler) == attempts
     assert len(list(fresh.glob("*.failed"))) == attempts
-    assert not list(fresh.glob("*.tmp")) and not list(fresh.glob("*.cc"))  # no leftovers
+    assert not list(fresh.glob("*.tmp")) and not list(fresh.glob("*.src"))  # no leftovers
 
     monkeypatch.setattr(fast_ops, "_STATE", {})  # as in a second process
     result, message = lookup_with_one_warning()
@@ -197,26 +199,36 @@ def test_a_failed_build_is_remembered_until_the_key_changes(fresh, counting_comp
     assert calls(counting_compiler) == 2 * attempts
 
 
-def test_the_cache_key_covers_source_mindspore_compiler_and_flags(monkeypatch):
-    source, compiler = b"int x;", "/usr/bin/g++"
-    key = fast_ops.library_key(source, compiler, ("-O3",), ())
-    assert key == fast_ops.library_key(source, compiler, ("-O3",), ())
-    assert key != fast_ops.library_key(b"int y;", compiler, ("-O3",), ())
-    assert key != fast_ops.library_key(source, "/usr/bin/clang++", ("-O3",), ())
-    assert key != fast_ops.library_key(source, compiler, ("-O2",), ())
+def test_the_cache_key_covers_every_source_mindspore_compiler_and_flags(monkeypatch):
+    sources, compiler = (("common.h", b"int h;"), ("a.cc", b"int x;")), "/usr/bin/g++"
+    key = kernel_library.library_key(sources, compiler, ("-O3",), ())
+    assert key == kernel_library.library_key(sources, compiler, ("-O3",), ())
+    assert key != kernel_library.library_key((("common.h", b"int h;"), ("a.cc", b"int y;")), compiler, ("-O3",), ())
+    assert key != kernel_library.library_key((("common.h", b"int g;"), ("a.cc", b"int x;")), compiler, ("-O3",), ())
+    assert key != kernel_library.library_key((("common.h", b"int h;"), ("b.cc", b"int x;")), compiler, ("-O3",), ())
+    assert key != kernel_library.library_key(sources + (("c.cc", b""),), compiler, ("-O3",), ())
+    assert key != kernel_library.library_key(sources, "/usr/bin/clang++", ("-O3",), ())
+    assert key != kernel_library.library_key(sources, compiler, ("-O2",), ())
     monkeypatch.setattr(ms, "__version__", "99.0.0")
-    assert key != fast_ops.library_key(source, compiler, ("-O3",), ())
+    assert key != kernel_library.library_key(sources, compiler, ("-O3",), ())
 
 
-def test_the_source_is_a_real_file_shipped_with_the_package():
-    assert fast_ops.KERNEL_SOURCE.endswith(os.path.join("pvt_dense", "models", "kernels", "fast_ops.cc"))
-    text = fast_ops.read_kernel_source().decode()
-    for name in fast_ops.BASIC_KERNELS + fast_ops.DENSE_KERNELS + fast_ops.CONTROL_SYMBOLS:
+def test_the_sources_are_real_files_shipped_with_the_package():
+    folder = os.path.join("pvt_dense", "models", "kernels")
+    assert kernel_library.KERNEL_DIR.endswith(folder)
+    # every source and header in the folder is compiled and hashed: a family left out of KERNEL_SOURCES fails here
+    on_disk = sorted(name for name in os.listdir(kernel_library.KERNEL_DIR) if name.endswith((".cc", ".h")))
+    assert sorted(kernel_library.KERNEL_SOURCES + kernel_library.KERNEL_HEADERS) == on_disk
+    sources = kernel_library.read_kernel_sources()
+    assert [name for name, _ in sources] == list(kernel_library.KERNEL_HEADERS + kernel_library.KERNEL_SOURCES)
+    text = "".join(data.decode() for _, data in sources)
+    for name in kernel_library.BASIC_KERNELS + kernel_library.DENSE_KERNELS + kernel_library.CONTROL_SYMBOLS:
         assert f"{name}" in text
     import configparser
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
-    assert "kernels/*.cc" in cfg["options.package_data"]["pvt_dense.models"]
+    shipped = [pattern.strip() for pattern in cfg["options.package_data"]["pvt_dense.models"].split(",")]
+    assert "kernels/*.cc" in shipped and "kernels/*.h" in shipped
 
 
 # --- threads --------------------------------------------------------------------------------------------------------
@@ -230,12 +242,12 @@ def test_the_source_is_a_real_file_shipped_with_the_package():
     ({"PVT_DENSE_NUM_THREADS": "3", "MS_WORKER_NUM": "8"}, 16, 3),
 ])
 def test_thread_count_per_process(environ, cpus, expected):
-    assert fast_ops.default_thread_count(environ, cpus=cpus) == expected
+    assert kernel_library.default_thread_count(environ, cpus=cpus) == expected
 
 
 def test_a_bad_thread_count_warns_and_is_chosen_automatically():
     with pytest.warns(RuntimeWarning, match="not a positive integer"):
-        assert fast_ops.default_thread_count({"PVT_DENSE_NUM_THREADS": "many"}, cpus=2) == 2
+        assert kernel_library.default_thread_count({"PVT_DENSE_NUM_THREADS": "many"}, cpus=2) == 2
 
 
 # --- calling the kernels directly: shapes and the thread pool ------------------------------------------------------
@@ -350,4 +362,4 @@ def test_the_thread_pool_gives_the_same_numbers_from_any_thread():
 
 def test_the_loaded_library_uses_the_chosen_thread_count():
     compiled = library_or_skip()
-    assert compiled.threads == fast_ops.default_thread_count()
+    assert compiled.threads == kernel_library.default_thread_count()

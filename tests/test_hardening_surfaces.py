@@ -139,7 +139,7 @@ def detect_tool(run):
 
 
 @pytest.fixture
-def images(tmp_path):
+def image_folder(tmp_path):
     """Two images and a FIFO named like one (which infer_det's header pre-pass and reader must skip, not wait on)."""
     folder = tmp_path / "images"
     write_image(folder / "a.png", 40)
@@ -185,7 +185,7 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_for(tmp_path, capsys, run
                        "holds a 1 MB name",
                        "one 'error:' line naming the file and CLASSES[1] (1048576 characters; a class name has 1 to "
                        "256), exit 2 before any model is built; nothing written")
-def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_state, images, tmp_path, capsys,
+def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_state, image_folder, tmp_path, capsys,
                                                                        monkeypatch, detect_tool):
     from pvt_dense.detection import build
     path = save_mmlab(tmp_path / "names.pth", mmlab_state(detector_state),
@@ -195,7 +195,7 @@ def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_sta
         raise AssertionError("a model was built from refused metadata")
 
     monkeypatch.setattr(build, "build_retinanet", no_model)
-    status, out, err = detect_tool(path, images, tmp_path / "out", capsys)
+    status, out, err = detect_tool(path, image_folder, tmp_path / "out", capsys)
     assert status == 2
     line = assert_one_error_line(err)
     assert path in line and "CLASSES[1] is 1048576 characters long" in line and len(line) < 400
@@ -206,13 +206,13 @@ def test_a_megabyte_class_name_is_refused_before_any_model_is_built(detector_sta
                        "bias makes every anchor fire (2 images and a FIFO named pipe.jpg)",
                        "at most max_per_img detections per image; detections.json names each class once (top-level "
                        "'classes'), each detection gives its label: the file stays small")
-def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detector_state, images, tmp_path, capsys,
-                                                                         detect_tool):
+def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detector_state, image_folder, tmp_path,
+                                                                         capsys, detect_tool):
     state = mmlab_state(detector_state)
     state["bbox_head.retina_cls.bias"] = np.full_like(state["bbox_head.retina_cls.bias"], 20.0)
     names = ("person", "bicycle", "car")
     path = save_mmlab(tmp_path / "fire.pth", state, {"CLASSES": names, "mmdet_version": "2.13.0"})
-    status, out, err = detect_tool(path, images, tmp_path / "out", capsys, ["--max_per_img=50"])
+    status, out, err = detect_tool(path, image_folder, tmp_path / "out", capsys, ["--max_per_img=50"])
     assert status == 0, err
     text = (tmp_path / "out" / "detections.json").read_text()
     results = json.loads(text)
@@ -229,12 +229,12 @@ def test_every_anchor_firing_gives_a_bounded_json_naming_each_class_once(detecto
                        "escape and a NUL (tools/infer_det.py, OpenMMLab .pth)",
                        "the load report prints them escaped (\\n, \\x1b, \\x00): no forged line, no raw control "
                        "character; detections.json keeps them exactly (JSON-escaped)")
-def test_control_characters_in_class_names_are_escaped_when_printed(detector_state, images, tmp_path, capsys,
+def test_control_characters_in_class_names_are_escaped_when_printed(detector_state, image_folder, tmp_path, capsys,
                                                                     detect_tool):
     names = ("cat\nerror: forged line", "\x1b[31mred", "nul\x00byte")
     path = save_mmlab(tmp_path / "escapes.pth", mmlab_state(detector_state),
                       {"CLASSES": names, "mmdet_version": "2.13.0"})
-    status, out, err = detect_tool(path, images, tmp_path / "out", capsys)
+    status, out, err = detect_tool(path, image_folder, tmp_path / "out", capsys)
     assert status == 0, err
     assert not any(line.startswith("error:") for line in (out + err).splitlines())
     assert "\x1b" not in out + err and "\x00" not in out + err
@@ -269,7 +269,7 @@ NATIVE_META_CASES = [
 
 
 @pytest.mark.parametrize("meta, expected", NATIVE_META_CASES)
-def test_native_metadata_is_checked_before_the_detector_is_built(detector_state, images, tmp_path, capsys,
+def test_native_metadata_is_checked_before_the_detector_is_built(detector_state, image_folder, tmp_path, capsys,
                                                                  monkeypatch, meta, expected, detect_tool):
     from pvt_dense.detection import build
     path = native_detector(tmp_path / "meta.ckpt", detector_state, {"task": "detector", **meta})
@@ -278,7 +278,7 @@ def test_native_metadata_is_checked_before_the_detector_is_built(detector_state,
         raise AssertionError("a model was built from refused metadata")
 
     monkeypatch.setattr(build, "build_retinanet", no_model)
-    status, out, err = detect_tool(path, images, tmp_path / "out", capsys)
+    status, out, err = detect_tool(path, image_folder, tmp_path / "out", capsys)
     assert status == 2
     line = assert_one_error_line(err)
     assert path in line and expected in line, line
@@ -288,7 +288,7 @@ def test_native_metadata_is_checked_before_the_detector_is_built(detector_state,
 @pytest.mark.bad_input("image", "an unexpected failure half-way through tools/infer_det.py's images (the second of "
                        "two)", "detections.json is still written, with the first image's detections and the second "
                        "named as where it stopped; the error propagates")
-def test_detections_of_earlier_images_survive_a_later_failure(tmp_path, images, monkeypatch):
+def test_detections_of_earlier_images_survive_a_later_failure(tmp_path, image_folder, monkeypatch):
     from pvt_dense.detection import infer
     seen = []
 
@@ -304,7 +304,7 @@ def test_detections_of_earlier_images_survive_a_later_failure(tmp_path, images, 
 
     monkeypatch.setattr(infer, "detect_file", detect)
     with pytest.raises(RuntimeError, match="boom"):
-        infer.infer_images(Detector(), images, tmp_path / "out", ["x", "y"], settings=None, progress=False,
+        infer.infer_images(Detector(), image_folder, tmp_path / "out", ["x", "y"], settings=None, progress=False,
                            category_ids=[7, 9])
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert results["classes"] == [{"label": 0, "name": "x", "category_id": 7},
@@ -353,7 +353,7 @@ def test_two_copies_of_a_weight_under_stripped_prefixes_are_refused(detector_sta
                        "whole-model file (tools/infer_det.py on an OpenMMLab .pth; a native .ckpt)",
                        "a 'warning: checkpoint ... has non-finite values in 2 tensors: ...' line naming them, as the "
                        "backbone loader warns; the run goes on")
-def test_non_finite_whole_model_weights_are_warned_about(detector_state, images, tmp_path, capsys, detect_tool):
+def test_non_finite_whole_model_weights_are_warned_about(detector_state, image_folder, tmp_path, capsys, detect_tool):
     from pvt_dense.checkpoint import load_whole_model
     from pvt_dense.detection.build import build_retinanet
     state = mmlab_state(detector_state)
@@ -361,7 +361,7 @@ def test_non_finite_whole_model_weights_are_warned_about(detector_state, images,
     state["bbox_head.retina_cls.weight"][0, 0, 0, 0] = np.nan
     state["backbone.patch_embed1.proj.weight"] = np.full_like(state["backbone.patch_embed1.proj.weight"], np.inf)
     path = save_mmlab(tmp_path / "nan.pth", state, {"CLASSES": ("a", "b", "c")})
-    status, _, err = detect_tool(path, images, tmp_path / "out", capsys)
+    status, _, err = detect_tool(path, image_folder, tmp_path / "out", capsys)
     assert status == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "has non-finite values in 2 tensors" in warnings[0], err
@@ -478,11 +478,11 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c+
 
 def compile_stub(tmp_path):
     """A real shared library of 100+ KB (a large initialised array), like the kernel library in form."""
-    from pvt_dense.models import fast_ops
+    from pvt_dense.models import kernel_library
     source = tmp_path / "stub.cc"
     source.write_text('static char big[100000] = {1};\nextern "C" char *PvtStub() { return big; }\n')
     library = tmp_path / "stub.so"
-    subprocess.run([fast_ops._compiler(), "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    subprocess.run([kernel_library._compiler(), "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     return library
 
 
@@ -492,10 +492,11 @@ def compile_stub(tmp_path):
                        "no SIGBUS: one warning ('segment ... past its end ... truncated'), MindSpore's operators, "
                        "the features written, exit 0")
 def test_a_truncated_library_in_the_cache_never_crashes_a_tool(tmp_path):
-    from pvt_dense.models import fast_ops
+    from pvt_dense.models import fast_ops, kernel_library
     cache = tmp_path / "cache"
-    fast_ops.private_cache_dir(str(cache))
-    target = fast_ops.library_candidates(fast_ops.read_kernel_source(), fast_ops._compiler(), str(cache))[0][0]
+    kernel_library.private_cache_dir(str(cache))
+    target = kernel_library.library_candidates(kernel_library.read_kernel_sources(), kernel_library._compiler(),
+                                               str(cache))[0][0]
     whole = compile_stub(tmp_path).read_bytes()
     Path(target).write_bytes(whole[:len(whole) // 2])
     os.chmod(target, 0o700)
@@ -521,10 +522,10 @@ def test_a_truncated_library_in_the_cache_never_crashes_a_tool(tmp_path):
 def test_a_library_that_differs_from_its_build_record_is_rebuilt(tmp_path, monkeypatch, pynative):
     import warnings
 
-    from pvt_dense.models import fast_ops
+    from pvt_dense.models import fast_ops, kernel_library
     cache = tmp_path / "cache"
     monkeypatch.setattr(fast_ops, "_STATE", {})
-    monkeypatch.setenv(fast_ops.ENV_CACHE_DIR, str(cache))
+    monkeypatch.setenv(kernel_library.ENV_CACHE_DIR, str(cache))
     monkeypatch.delenv(fast_ops.ENV_SWITCH, raising=False)
     stub = compile_stub(tmp_path)
     calls = tmp_path / "calls"
@@ -539,8 +540,9 @@ def test_a_library_that_differs_from_its_build_record_is_rebuilt(tmp_path, monke
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert fast_ops.kernels() is None  # the stub lacks the kernels: built, recorded, refused at loading
-    target = fast_ops.library_candidates(fast_ops.read_kernel_source(), fast_ops._compiler(), str(cache))[0][0]
-    record = json.loads(Path(fast_ops.record_path(target)).read_text())
+    target = kernel_library.library_candidates(kernel_library.read_kernel_sources(), kernel_library._compiler(),
+                                               str(cache))[0][0]
+    record = json.loads(Path(kernel_library.record_path(target)).read_text())
     assert record["size"] == stub.stat().st_size and "lacks the kernel symbols" in str(caught[-1].message)
 
     Path(target).write_bytes(stub.read_bytes()[:1000])  # damaged since

@@ -1,7 +1,7 @@
 """Detection and segmentation inference run the network through `ShapeFlexibleForward`: the outputs are those of a
 plain call in the current mode, every image is counted once in the stats, and under a global PyNative context
 nothing is compiled. (The equivalence with mmdetection / mmsegmentation through these paths is in
-test_detection_mmdet.py, test_segmentation_mmseg.py and test_dense_checkpoints_v2.py.)"""
+test_detection_mmdet.py, test_segmentation_mmseg.py and test_dense_checkpoints.py.)"""
 import mindspore as ms
 import numpy as np
 import pytest
@@ -36,7 +36,7 @@ def mode(request):
     ms.set_context(mode=previous)
 
 
-def _images():
+def _decoded_photos():
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, size, dtype=np.uint8) for size in ((40, 60, 3), (42, 61, 3), (60, 40, 3))]
 
@@ -44,7 +44,7 @@ def _images():
 def test_segmentation_predictor_runs_whole_images_through_the_flexible_forward(mode):
     net = TinyNet()
     net.set_train(False)
-    images = _images()
+    images = _decoded_photos()
     plain = Predictor(net, scale=SCALE, forward=lambda x: net(ms.Tensor(x[None]))[0].asnumpy()[0])
     predictor = Predictor(net, scale=SCALE)
     predictor.expect_images(image.shape[:2] for image in images)

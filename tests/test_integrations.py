@@ -1,4 +1,4 @@
-"""PVT inside mindcv and mindyolo, driven through their own factories, loaders, losses and trainer.
+"""PVT (v1 and v2) inside mindcv and mindyolo, driven through their own factories, loaders, losses and trainer.
 
 Costs on 2 CPU cores: every size is built in both mindcv modes in PyNative (parameter initialisation is most of it,
 ~7 s per pvt_large model); the features_only models return stages 0-1 and run one small forward. The mindyolo
@@ -19,6 +19,7 @@ from mindspore import nn
 import pvt_dense
 from pvt_dense.errors import CheckpointError, ConfigError
 from pvt_dense.models.pvt import PVT_SPECS, PVTBackbone, PVTClassifier, parameter_count
+from pvt_dense.models.pvt_v2 import PVTv2Backbone, PVTv2Classifier
 
 mindcv = pytest.importorskip("mindcv")
 from pvt_dense.integrations import mindcv as pvt_mindcv  # noqa: E402
@@ -40,32 +41,52 @@ def registered():
 
 
 @pytest.mark.parametrize("name", SIZES)
-def test_mindcv_create_model_builds_every_size(name, pynative, images):
+def test_mindcv_create_model_builds_every_size(name, pynative):
     classifier = mindcv.models.create_model(name, num_classes=7, drop_rate=0.0, drop_path_rate=0.1)
     assert isinstance(classifier, PVTClassifier)
     assert parameter_count(classifier) == CLASSIFIER_PARAMS[name] - 513 * (1000 - 7)
 
-    # Stages 0-1 only, so that the large sizes build in a second; test_mindcv_checkpoint_path_* runs all stages.
-    features = mindcv.models.create_model(name, features_only=True, out_indices=[0, 1])
-    assert isinstance(features, PVTBackbone)
-    assert list(features.out_channels) == [64, 128]
-    # mindcv's feature-info keys and pvt_dense's attributes describe the same maps.
-    assert [(info["chs"], info["reduction"], info["name"]) for info in features.feature_info] == [
-        (64, 4, "stages.0"), (128, 8, "stages.1")]
-    assert [(info.stage, info.channels, info.stride) for info in features.feature_info] == [(0, 64, 4), (1, 128, 8)]
 
-    reference = pvt_dense.create_backbone(name, out_indices=(0, 1))
+# features_only models: (name, out_indices, input (height, width), mindcv's feature info (channels, reduction, name)
+# of each map, the maps' shapes). The v1 sizes return stages 0-1 only, so that the large sizes build in a second;
+# test_mindcv_checkpoint_path_* runs all stages.
+FEATURE_CASES = [(name, [0, 1], (32, 64), [(64, 4, "stages.0"), (128, 8, "stages.1")],
+                  [(1, 64, 8, 16), (1, 128, 4, 8)]) for name in SIZES] + [
+    ("pvt_v2_b2", [1, 2, 3], (61, 95), [(128, 8, "stages.1"), (320, 16, "stages.2"), (512, 32, "stages.3")],
+     [(1, 128, 8, 12), (1, 320, 4, 6), (1, 512, 2, 3)])]
+
+
+@pytest.mark.parametrize("name,out_indices,size,info,shapes", FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
+def test_mindcv_features_only_builds_the_pvt_dense_backbone(name, out_indices, size, info, shapes, pynative, images):
+    features = mindcv.models.create_model(name, features_only=True, out_indices=out_indices, drop_path_rate=0.1)
+    assert isinstance(features, PVTv2Backbone if name.startswith("pvt_v2") else PVTBackbone)
+    assert list(features.out_channels) == [channels for channels, _, _ in info]
+    # mindcv's feature-info keys and pvt_dense's attributes describe the same maps.
+    assert [(item["chs"], item["reduction"], item["name"]) for item in features.feature_info] == info
+    assert [(item.stage, item.channels, item.stride) for item in features.feature_info] == [
+        (stage, channels, stride) for stage, (channels, stride, _) in zip(out_indices, info, strict=True)]
+
+    reference = pvt_dense.create_backbone(name, out_indices=tuple(out_indices))
     reference_params = reference.parameters_dict()
     assert sorted(reference_params) == sorted(features.parameters_dict())
     for param_name, param in features.parameters_dict().items():
         reference_params[param_name].set_data(param.data)
-    x = images(32, 64, uniform=True)
+    x = images(*size, uniform=True)
     for net in (features, reference):
         net.set_train(False)
     outs = features(x)
-    assert [o.shape for o in outs] == [(1, 64, 8, 16), (1, 128, 4, 8)]
+    assert [o.shape for o in outs] == shapes
     for ours, theirs in zip(outs, reference(x), strict=True):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
+
+
+def test_mindcv_v2_names_point_at_pvt_dense_with_mindcvs_published_urls():
+    from mindcv.models.registry import list_models, model_entrypoint
+    for name in ("pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"):
+        assert name in list_models()
+        assert model_entrypoint(name) is getattr(pvt_mindcv, name)
+    assert pvt_mindcv.default_cfgs["pvt_v2_b0"]["url"].endswith("/pvt_v2_b0-1c4f6683.ckpt")
+    assert pvt_mindcv.default_cfgs["pvt_v2_b2_li"]["url"] == ""  # mindcv publishes no b2_li
 
 
 def test_mindcv_built_models_run_the_same_in_graph_and_pynative_mode(images):
@@ -124,6 +145,25 @@ def test_mindcv_checkpoint_path_loads_mindcv_weights_as_pvt_dense_does(mindcv_fo
         net.set_train(False)
     for ours, theirs in zip(maps(x), reference(x), strict=True):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
+
+
+def test_mindcv_checkpoint_path_loads_mindcvs_own_pvtv2_weights(tmp_path, pynative):
+    from mindcv.models.pvtv2 import pvt_v2_b0 as mindcv_pvt_v2_b0
+    theirs = mindcv_pvt_v2_b0(num_classes=1000)
+    rng = np.random.default_rng(1)
+    for param in theirs.get_parameters():
+        param.set_data(ms.Tensor(rng.standard_normal(param.shape).astype(np.float32)))
+    path = tmp_path / "pvt_v2_b0-1c4f6683.ckpt"
+    ms.save_checkpoint(theirs, str(path))
+    classifier = mindcv.models.create_model("pvt_v2_b0", num_classes=1000, checkpoint_path=str(path))
+    assert isinstance(classifier, PVTv2Classifier)
+    loaded = {p.name: p.asnumpy() for p in classifier.get_parameters()}
+    raw = {p.name: p.asnumpy() for p in theirs.get_parameters()}
+    np.testing.assert_array_equal(loaded["stages.2.blocks.1.mlp.fc2.weight"], raw["block_list.2.1.mlp.fc2.weight"])
+    np.testing.assert_array_equal(loaded["head.bias"], raw["head.bias"])
+    # features_only + the same classifier checkpoint: the head is dropped with a note, the stages load.
+    features = mindcv.models.create_model("pvt_v2_b0", features_only=True, checkpoint_path=str(path))
+    np.testing.assert_array_equal(features.stages[3].norm.gamma.asnumpy(), raw["norm_list.3.gamma"])
 
 
 def test_mindcv_checkpoint_saved_by_its_train_step_loads_with_and_without_ema(tmp_path, pynative):
@@ -222,31 +262,42 @@ def load_yolo_config(path=YOLO_CONFIG):
     return Config(cfg)
 
 
-@pytest.fixture(scope="module")
-def yolo_net(mindyolo_modules):
-    """The shipped YAML built by mindyolo's create_model, as its train.py does (2 classes, no stochastic depth so
-    that the loss curve below is not noise)."""
+def build_yolo_net(size):
+    """The shipped YAML with its PVTBackbone row set to `size`, built by mindyolo's create_model as its train.py does
+    (2 classes, no stochastic depth so that the loss curve below is not noise)."""
     from mindyolo.models import create_model
     cfg = load_yolo_config()
     assert cfg.network.backbone[0][3] == ["pvt_tiny", "drop_path_rate=0.1"]
-    cfg.network.backbone[0][3] = ["pvt_tiny", "drop_path_rate=0.0"]
+    cfg.network.backbone[0][3] = [size, "drop_path_rate=0.0"]
     return cfg, create_model(model_name=cfg.network.model_name, model_cfg=cfg.network, num_classes=2)
 
 
-def test_mindyolo_yaml_builds_pvt_rows_with_their_channels(yolo_net, pynative, images):
+@pytest.fixture(scope="module")
+def yolo_net(mindyolo_modules):
+    return build_yolo_net("pvt_tiny")
+
+
+# (PVTBackbone row's size, its backbone class, channels of stages 1, 2 and 3)
+YOLO_ROWS = [("pvt_tiny", PVTBackbone, (128, 320, 512)), ("pvt_v2_b0", PVTv2Backbone, (64, 160, 256))]
+
+
+@pytest.mark.parametrize("size,backbone_class,channels", YOLO_ROWS, ids=[row[0] for row in YOLO_ROWS])
+def test_mindyolo_yaml_builds_pvt_rows_with_their_channels(mindyolo_modules, size, backbone_class, channels,
+                                                           pynative, images):
     from mindyolo.models.heads.yolov8_head import YOLOv8Head
     from mindyolo.models.layers import SPPF
     from mindyolo.optim import create_group_param
     from pvt_dense.integrations.mindyolo import PVTBackboneRow
-    cfg, net = yolo_net
+    cfg, net = build_yolo_net(size)
     rows = net.model.model
     assert isinstance(rows[0], PVTBackboneRow) and rows[0].backbone.out_indices == (1, 2, 3)
-    assert [(rows[i].stage, rows[i].channels, rows[i].stride) for i in (1, 2, 3)] == [(1, 128, 8), (2, 320, 16),
-                                                                                      (3, 512, 32)]
+    assert isinstance(rows[0].backbone, backbone_class)
+    assert [(rows[i].stage, rows[i].channels, rows[i].stride) for i in (1, 2, 3)] == [
+        (1, channels[0], 8), (2, channels[1], 16), (3, channels[2], 32)]
     assert [net.model.layers_param[i][:2] for i in range(5)] == [(0, -1), (1, 0), (2, 0), (3, 0), (4, -1)]
-    # mindyolo's own layers were built for PVT's channels: SPPF on stage 3 (512), the P4 concat of the neck.
-    assert isinstance(rows[4], SPPF) and rows[4].conv1.conv.in_channels == 512
-    assert rows[7].cv1.conv.in_channels == 512 + 320  # upsampled SPPF output + stage 2
+    # mindyolo's own layers were built for PVT's channels: SPPF on stage 3, the P4 concat of the neck.
+    assert isinstance(rows[4], SPPF) and rows[4].conv1.conv.in_channels == channels[2]
+    assert rows[7].cv1.conv.in_channels == 512 + channels[1]  # upsampled SPPF output (512 in the YAML) + stage 2
     assert isinstance(rows[-1], YOLOv8Head) and rows[-1].nc == 2
     names = [p.name for p in net.get_parameters()]
     assert len(set(names)) == len(names)

@@ -125,6 +125,7 @@ from mindspore import nn
 from pvt_dense.models.conv import MatmulConv2d
 ms.set_context(mode=ms.GRAPH_MODE)
 conv = MatmulConv2d(4, 3, 3, stride={stride})
+conv.set_train(True)  # the training path (eval mode runs the inference kernel)
 class Loss(nn.Cell):
     def __init__(self):
         super().__init__()
@@ -163,6 +164,7 @@ def resident_bytes():
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
 in_channels, out_channels, size = (int(arg) for arg in sys.argv[1:4])
 conv = MatmulConv2d(in_channels, out_channels, 3)
+conv.set_train(True)  # the training path (eval mode runs the inference kernel)
 class Loss(nn.Cell):
     def __init__(self):
         super().__init__()

@@ -51,10 +51,6 @@ def randomise(model, seed):
     return model.eval()
 
 
-def images(height, width, seed=0):
-    return np.random.default_rng(seed).standard_normal((1, 3, height, width)).astype(np.float32)
-
-
 def assert_close(ours, theirs, what):
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     assert ours.shape == theirs.shape, what
@@ -86,7 +82,7 @@ OFFICIAL_RECIPES = {"pvt_v2_b0": (0.1, None), "pvt_v2_b1": (0.1, None), "pvt_v2_
 
 
 @pytest.mark.parametrize("name", SIZES)
-def test_every_recipe_builds_a_model_with_the_official_parameter_count(name, pynative):
+def test_every_recipe_builds_a_model_with_the_official_parameter_count(name, pynative, images):
     from pvt_dense.classification.config import load_classification_config
     cfg = load_classification_config(ROOT / "configs" / "classification" / f"{name}.yaml")
     drop_path, clip = OFFICIAL_RECIPES[name]
@@ -107,11 +103,11 @@ def test_every_recipe_builds_a_model_with_the_official_parameter_count(name, pyn
     assert parameter_count(net) == expected
     assert round(expected / 1e6, 1) == OFFICIAL_PARAMS_M[name]
     if name == "pvt_v2_b0":  # the others' forwards are slow eagerly; the parity tests run b0, b2_li and b2_li's maps
-        assert run(net, images(64, 64)).shape == (1, 1000)
+        assert run(net, images(64, 64).asnumpy()).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("name", SIZES)
-def test_every_detection_and_segmentation_recipe_builds_on_the_v2_backbone(name, pynative):
+def test_every_detection_and_segmentation_recipe_builds_on_the_v2_backbone(name, pynative, images):
     """RetinaNet 1x and Semantic FPN configs: the neck and head take their sizes from the backbone, and both run a
     forward on a small image (eagerly: one compile per size would cost more than the forward)."""
     from pvt_dense.detection.build import build_retinanet
@@ -133,7 +129,7 @@ def test_every_detection_and_segmentation_recipe_builds_on_the_v2_backbone(name,
     assert (seg_cfg.drop_path_rate, seg_cfg.frozen_stages, list(seg_cfg.out_indices)) == (
         det_cfg.drop_path_rate, det_cfg.frozen_stages, list(det_cfg.out_indices))
     segmentor = build_segmentor(seg_cfg, backbone=detector.backbone)
-    x = images(64, 96)
+    x = images(64, 96).asnumpy()
     outs = run(detector, x)
     cls_scores, box_deltas = outs[:5], outs[5:]
     assert [c.shape[2:] for c in cls_scores] == [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
@@ -144,9 +140,9 @@ def test_every_detection_and_segmentation_recipe_builds_on_the_v2_backbone(name,
 # --------------------------------------------------------------------------------------------------------- timm
 
 
-def test_timm_checkpoint_matches_timm_in_graph_mode(timm_b0, graph_mode):
+def test_timm_checkpoint_matches_timm_in_graph_mode(timm_b0, graph_mode, images):
     model, path = timm_b0
-    x = images(224, 224)
+    x = images(224, 224).asnumpy()
     classifier = pvt_dense.create_model("pvt_v2_b0", pretrained=str(path))
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
@@ -154,7 +150,7 @@ def test_timm_checkpoint_matches_timm_in_graph_mode(timm_b0, graph_mode):
 
     # The classifier checkpoint feeds the backbone (head dropped); stage maps at an odd size.
     backbone = pvt_dense.create_backbone("pvt_v2_b0", pretrained=str(path))
-    x = images(*ODD_SIZE, seed=1)
+    x = images(*ODD_SIZE, seed=1).asnumpy()
     with torch.no_grad():
         expected = model.forward_intermediates(torch.from_numpy(x), intermediates_only=True)
     ours = run(backbone, x)
@@ -223,7 +219,7 @@ def hf_model(name, seed):
 
 
 @pytest.mark.parametrize("name, saved_as", [("pvt_v2_b2_li", "safetensors"), ("pvt_v2_b0", "bin")])
-def test_huggingface_matches_hf_in_pynative(name, saved_as, tmp_path, pynative):
+def test_huggingface_matches_hf_in_pynative(name, saved_as, tmp_path, pynative, images):
     model = hf_model(name, seed=1)
     if saved_as == "safetensors":
         model.save_pretrained(tmp_path, safe_serialization=True)
@@ -231,14 +227,14 @@ def test_huggingface_matches_hf_in_pynative(name, saved_as, tmp_path, pynative):
     else:
         path = tmp_path / "pytorch_model.bin"
         torch.save(model.state_dict(), path)
-    x = images(224, 224, seed=2)
+    x = images(224, 224, seed=2).asnumpy()
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).logits.numpy()
     classifier = pvt_dense.create_model(name, pretrained=str(path))
     assert_close(run(classifier, x), expected, "logits")
     if saved_as == "bin":
         return  # the stage maps once (b2_li) are enough
-    x = images(*ODD_SIZE, seed=3)
+    x = images(*ODD_SIZE, seed=3).asnumpy()
     with torch.no_grad():
         expected = model.pvt_v2(torch.from_numpy(x), output_hidden_states=True).hidden_states
     backbone = pvt_dense.create_backbone(name, pretrained=str(path))
@@ -249,7 +245,7 @@ def test_huggingface_matches_hf_in_pynative(name, saved_as, tmp_path, pynative):
 # ------------------------------------------------------------------------------------------------- mmdetection
 
 
-def test_mmdetection_detector_checkpoint_matches_mmdet_stage_maps(tmp_path, pynative):
+def test_mmdetection_detector_checkpoint_matches_mmdet_stage_maps(tmp_path, pynative, images):
     from mmlab_reference import require_mmdet
     require_mmdet()
     from mmdet.registry import MODELS
@@ -268,7 +264,7 @@ def test_mmdetection_detector_checkpoint_matches_mmdet_stage_maps(tmp_path, pyna
     path = tmp_path / "retinanet_pvtv2-b0_fpn_1x_coco.pth"
     torch.save({"meta": {"epoch": 12}, "state_dict": state}, path)
 
-    x = images(*ODD_SIZE, seed=5)
+    x = images(*ODD_SIZE, seed=5).asnumpy()
     with torch.no_grad():
         expected = backbone(torch.from_numpy(x))
     ours = pvt_dense.create_backbone("pvt_v2_b0", pretrained=str(path))
@@ -353,8 +349,9 @@ def ours_from_native(state, x, backbone=False):
 
 
 @pytest.mark.parametrize("fmt", ["timm", "official", "huggingface"])
-def test_written_classifier_loads_into_timm_and_hf_with_the_same_logits(fmt, ours_b0_native, tmp_path, pynative):
-    x = images(64, 96, seed=13)
+def test_written_classifier_loads_into_timm_and_hf_with_the_same_logits(fmt, ours_b0_native, tmp_path, pynative,
+                                                                        images):
+    x = images(64, 96, seed=13).asnumpy()
     expected = ours_from_native(ours_b0_native, x)
     written = written_and_reloaded(ours_b0_native, fmt, tmp_path)
     if fmt == "huggingface":
@@ -373,7 +370,7 @@ def test_written_classifier_loads_into_timm_and_hf_with_the_same_logits(fmt, our
     assert_close(expected, theirs, f"{fmt} logits")
 
 
-def test_written_backbone_loads_into_mmdetection_with_the_same_stage_maps(ours_b0_native, tmp_path, pynative):
+def test_written_backbone_loads_into_mmdetection_with_the_same_stage_maps(ours_b0_native, tmp_path, pynative, images):
     from mmlab_reference import require_mmdet
     require_mmdet()
     from mmdet.registry import MODELS
@@ -387,14 +384,14 @@ def test_written_backbone_loads_into_mmdetection_with_the_same_stage_maps(ours_b
             if hasattr(block.attn, "norm"):
                 block.attn.norm.eps = 1e-5
     backbone.load_state_dict(written_and_reloaded(without_head, "mmdetection", tmp_path), strict=True)
-    x = images(*ODD_SIZE, seed=15)
+    x = images(*ODD_SIZE, seed=15).asnumpy()
     with torch.no_grad():
         theirs = backbone(torch.from_numpy(x))
     for stage, (mine, other) in enumerate(zip(ours_from_native(without_head, x, backbone=True), theirs, strict=True)):
         assert_close(mine, other.numpy(), f"stage {stage}")
 
 
-def test_convert_weights_to_timm_safetensors_and_mmdetection_pth(ours_b0_native, tmp_path, pynative, capsys):
+def test_convert_weights_to_timm_safetensors_and_mmdetection_pth(ours_b0_native, tmp_path, pynative, capsys, images):
     """tools/convert_weights.py --to: our native checkpoint as a timm .safetensors (read by safetensors' own
     loader) and as an mmdetection backbone .pth (the head left out with a note); both load strictly."""
     from safetensors.torch import load_file
@@ -405,7 +402,7 @@ def test_convert_weights_to_timm_safetensors_and_mmdetection_pth(ours_b0_native,
     assert convert_weights.main([str(src), str(tmp_path / "b0.safetensors"), "--to", "timm"]) == 0
     model = timm.create_model("pvt_v2_b0", num_classes=1000).eval()
     model.load_state_dict(load_file(str(tmp_path / "b0.safetensors")), strict=True)
-    x = images(64, 64, seed=16)
+    x = images(64, 64, seed=16).asnumpy()
     with torch.no_grad():
         theirs = model(torch.from_numpy(x)).numpy()
     assert_close(ours_from_native(ours_b0_native, x), theirs, "logits")

@@ -63,7 +63,7 @@ def classification_batches(paths, epoch, world_size):
 
 def detection_batches(dataset, epoch, world_size):
     per_rank = GLOBAL_BATCH // world_size
-    sources = [DetectionBatchSource(dataset, per_rank, max_gt=1, img_scale=(WIDTH, HEIGHT), flip_ratio=0.0,
+    sources = [DetectionBatchSource(dataset, per_rank, max_gt=1, img_scale=(WIDTH, HEIGHT), flip_prob=0.0,
                                     seed=SEED, rank=rank, world_size=world_size, pad_grid=32)
                for rank in range(world_size)]
     return [sum((np.rint(source.batch(epoch, k)[1][:, 0, 0]).astype(int).tolist() for source in sources), [])

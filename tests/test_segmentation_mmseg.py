@@ -120,28 +120,22 @@ def models(mmseg, tmp_path_factory):
     return build_pair(tmp_path_factory.mktemp("models"))
 
 
-def write_sample_photos(folder):
-    """Real photos (scikit-image's samples) cut to landscape, portrait, odd and wide shapes, as JPEG and PNG."""
+def sample_photos():
+    """Real photos (scikit-image's samples) cut to landscape, portrait, odd and wide shapes, for JPEG and PNG."""
     from skimage import data
     coffee, astronaut, chelsea = data.coffee(), data.astronaut(), data.chelsea()
-    photos = {
+    return {
         "landscape.jpg": cv2.resize(coffee, (500, 333), interpolation=cv2.INTER_AREA),
         "portrait.png": astronaut[50:451, 130:367],
         "odd.jpg": chelsea[:211, :317],
         "small.png": cv2.resize(astronaut, (131, 97), interpolation=cv2.INTER_AREA),
         "wide.jpg": cv2.resize(coffee[100:220], (400, 120), interpolation=cv2.INTER_AREA),
     }
-    paths = []
-    for name, rgb in photos.items():
-        path = folder / name
-        assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]))
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return write_sample_photos(tmp_path_factory.mktemp("photos"))
+def photos(tmp_path_factory, write_photos):
+    return list(write_photos(tmp_path_factory.mktemp("photos"), sample_photos()).values())
 
 
 def official_test_input(path, scale):

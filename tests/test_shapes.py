@@ -7,7 +7,7 @@ not from timing, which is not robust on a loaded machine.
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor, nn
+from mindspore import nn
 
 from pvt_dense import create_backbone
 from pvt_dense.engine.shapes import ShapeFlexibleForward, execution_mode, tensor_signature
@@ -25,9 +25,10 @@ def graph_mode():
     ms.set_context(mode=previous)
 
 
-def images(sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Tensor(rng.standard_normal((1, 3, h, w)).astype(np.float32)) for h, w in sizes]
+@pytest.fixture
+def inputs_at(images):
+    """inputs_at(sizes): one random (1, 3, h, w) tensor per (h, w), each of its own seed."""
+    return lambda sizes: [images(h, w, seed=index) for index, (h, w) in enumerate(sizes)]
 
 
 def flat(outputs):
@@ -37,10 +38,9 @@ def flat(outputs):
     return [outputs.asnumpy()]
 
 
-def assert_same_as_plain_graph(net, sizes):
-    """Plain graph-mode calls (one compilation per size) against the wrapper's eager path (its graph path is the
-    plain call itself); every output agrees to 1e-5."""
-    inputs = images(sizes)
+def assert_same_as_plain_graph(net, sizes, inputs):
+    """Plain graph-mode calls (one compilation per size) on `inputs` (one per size) against the wrapper's eager path
+    (its graph path is the plain call itself); every output agrees to 1e-5."""
     plain = [flat(net(x)) for x in inputs]
     forward = ShapeFlexibleForward(net, policy="eager")
     flexible = [flat(forward(x)) for x in inputs]
@@ -52,43 +52,43 @@ def assert_same_as_plain_graph(net, sizes):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(size))
 
 
-def test_backbone_outputs_equal_the_static_graph_at_odd_sizes():
+def test_backbone_outputs_equal_the_static_graph_at_odd_sizes(inputs_at):
     net = create_backbone("pvt_tiny")
     net.set_train(False)
-    assert_same_as_plain_graph(net, ODD_SIZES)
+    assert_same_as_plain_graph(net, ODD_SIZES, inputs_at(ODD_SIZES))
 
 
-def test_retinanet_raw_outputs_equal_the_static_graph_at_odd_sizes():
+def test_retinanet_raw_outputs_equal_the_static_graph_at_odd_sizes(inputs_at):
     from pvt_dense.detection.build import build_retinanet
     from pvt_dense.detection.config import load_detection_config
     cfg = load_detection_config(None, ["--pretrained", "", "--num_classes", "3", "--neck_channels", "16",
                                        "--head_channels", "16", "--head_stacked_convs", "1"])
     detector = build_retinanet(cfg)
     detector.set_train(False)
-    assert_same_as_plain_graph(detector, SMALL_ODD_SIZES)
+    assert_same_as_plain_graph(detector, SMALL_ODD_SIZES, inputs_at(SMALL_ODD_SIZES))
 
 
-def test_segmentor_logits_equal_the_static_graph_at_odd_sizes():
+def test_segmentor_logits_equal_the_static_graph_at_odd_sizes(inputs_at):
     from pvt_dense.segmentation.build import build_segmentor
     from pvt_dense.segmentation.config import load_segmentation_config
     from pvt_dense.segmentation.segmentor import SegmentorInference
     cfg = load_segmentation_config(None, ["--neck_channels", "8", "--head_channels", "8", "--num_classes", "3"])
     net = SegmentorInference(build_segmentor(cfg))
     net.set_train(False)
-    assert_same_as_plain_graph(net, SMALL_ODD_SIZES)
+    assert_same_as_plain_graph(net, SMALL_ODD_SIZES, inputs_at(SMALL_ODD_SIZES))
 
 
-def test_many_sizes_seen_once_compile_one_graph():
+def test_many_sizes_seen_once_compile_one_graph(inputs_at):
     net = create_backbone("pvt_tiny")
     net.set_train(False)
     sizes = ((64, 64), (64, 96), (96, 64), (96, 96), (128, 64), (64, 128))
     forward = ShapeFlexibleForward(net)
-    outputs = [flat(forward(x)) for x in images(sizes)]
+    outputs = [flat(forward(x)) for x in inputs_at(sizes)]
     # The first size is compiled to measure what a compilation costs; each other size, seen once, runs eagerly
     # (an eager forward at these sizes costs a fraction of a compilation).
     assert forward.stats.compilations == 1 and forward.stats.eager_calls == len(sizes) - 1
     assert len(net.compile_cache) == 1  # MindSpore's own record of the graphs compiled for this Cell
-    again = flat(forward(images(sizes[:1])[0]))
+    again = flat(forward(inputs_at(sizes[:1])[0]))
     assert forward.stats.graph_calls == 1 and len(net.compile_cache) == 1
     for a, b in zip(again, outputs[0], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -104,9 +104,9 @@ class TinyConv(nn.Cell):
         return self.conv(x) * 2.0
 
 
-def test_a_recurring_size_is_compiled_once_its_eager_runs_cost_a_compilation():
+def test_a_recurring_size_is_compiled_once_its_eager_runs_cost_a_compilation(inputs_at):
     net = TinyConv()
-    first, second = images(((8, 8), (8, 12)))
+    first, second = inputs_at(((8, 8), (8, 12)))
     # Assumed compilation cost of (almost) nothing: one eager run already pays for it.
     forward = ShapeFlexibleForward(net, compile_seconds=1e-12)
     forward(first)
@@ -124,9 +124,9 @@ def test_a_recurring_size_is_compiled_once_its_eager_runs_cost_a_compilation():
     assert other.stats.eager_calls == 1 and len(net.compile_cache) == 1
 
 
-def test_a_size_announced_to_recur_is_compiled_at_its_first_call():
+def test_a_size_announced_to_recur_is_compiled_at_its_first_call(inputs_at):
     net = TinyConv()
-    recurring, once = images(((8, 8), (8, 12)))
+    recurring, once = inputs_at(((8, 8), (8, 12)))
     forward = ShapeFlexibleForward(net, compile_seconds=1e-12)
     forward.expect(tensor_signature((1, 3, 8, 8)), count=2)
     forward(recurring)
@@ -135,9 +135,9 @@ def test_a_size_announced_to_recur_is_compiled_at_its_first_call():
     assert forward.stats.eager_calls == 1 and len(net.compile_cache) == 1
 
 
-def test_policies_and_the_global_mode():
+def test_policies_and_the_global_mode(inputs_at):
     net = TinyConv()
-    inputs = images(((8, 8), (8, 12), (12, 8)))
+    inputs = inputs_at(((8, 8), (8, 12), (12, 8)))
     graph = ShapeFlexibleForward(net, policy="graph")
     for x in inputs:
         graph(x)

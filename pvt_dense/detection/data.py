@@ -30,7 +30,7 @@ class DetectionBatchSource:
     int32, gt_mask (B, max_gt) float32, pad_sizes (B, 2) float32) from a `CocoDetection`; pad_sizes holds each
     image's resized size rounded up to pad_divisor (mmdetection's pad_shape), which the loss needs."""
 
-    def __init__(self, dataset, batch_size, max_gt=100, img_scale=(1333, 800), pad_divisor=32, flip_ratio=0.5,
+    def __init__(self, dataset, batch_size, max_gt=100, img_scale=(1333, 800), pad_divisor=32, flip_prob=0.5,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0, rank=0, world_size=1, shuffle=True, pad_grid=128):
         if len(dataset) == 0:
             raise PVTDenseError(f"the training set {dataset.ann_file} has no images")
@@ -44,7 +44,7 @@ class DetectionBatchSource:
         if self.pad_grid < 1 or self.pad_grid % self.pad_divisor:
             raise PVTDenseError(f"pad_grid ({pad_grid}) must be a positive multiple of pad_divisor ({pad_divisor})")
         self.shapes = set()
-        self.flip_ratio = float(flip_ratio)
+        self.flip_prob = float(flip_prob)
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
         self.landscape = np.asarray([is_landscape(r.height, r.width) for r in dataset.records])
@@ -77,7 +77,7 @@ class DetectionBatchSource:
             used, (image, record) = self.unreadable.read_in_place(
                 group, int(sample), self.dataset.read, lambda: "no readable image left among the training images "
                 f"of this orientation ({len(self.unreadable)} unreadable)")
-            flip = np.random.default_rng([self.seed, epoch, used]).random() < self.flip_ratio
+            flip = np.random.default_rng([self.seed, epoch, used]).random() < self.flip_prob
             chw, resized_boxes, meta = prepare_image(image, record.boxes, self.img_scale, flip, self.mean, self.std,
                                                      self.pad_divisor)
             prepared.append(chw)

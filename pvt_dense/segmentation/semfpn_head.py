@@ -13,6 +13,7 @@ from mindspore.common.initializer import HeNormal, Normal, Zero, initializer
 
 from ..errors import ConfigError
 from ..models.conv import MatmulConv2d
+from ..models.fast_ops import kernels_for_new_cell
 from ..models.fpn import apply_mask
 from .sync_batchnorm import batch_norm
 
@@ -26,16 +27,18 @@ class ConvBNReLU(nn.Cell):
         self.conv.weight.set_data(initializer(HeNormal(mode="fan_out", nonlinearity="relu"), self.conv.weight.shape))
         self.bn = batch_norm(out_channels, synchronized_bn)
         self.relu = nn.ReLU()
+        compiled = kernels_for_new_cell()
+        self.fused = compiled.conv2d(3, 1, 1, relu=True) if compiled is not None else None
         self.fused_meta = Tensor([1.0, 1.0, 1.0], ms.float32)  # stride 1, padding 1, ReLU
 
     def construct(self, x):
-        if self.conv.fused is not None and not self.training and x.dtype == ms.float32:
+        if self.fused is not None and not self.training and x.dtype == ms.float32:
             # Inference: the BatchNorm's moving statistics folded into the convolution's weight and bias, and the
             # ReLU applied by the convolution kernel on each block while it is in cache: one pass over the map
             # instead of three (conv, norm, ReLU).
             scale = self.bn.gamma / ops.sqrt(self.bn.moving_variance + self.bn.eps)
             weight = self.conv.weight * scale.reshape(-1, 1, 1, 1)
-            return self.conv.fused(x, weight, self.bn.beta - self.bn.moving_mean * scale, self.fused_meta)
+            return self.fused(x, weight, self.bn.beta - self.bn.moving_mean * scale, self.fused_meta)
         return self.relu(self.bn(self.conv(x)))
 
 

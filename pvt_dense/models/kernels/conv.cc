@@ -1,0 +1,163 @@
+// Convolution for inference (MatmulConv2d in eval mode; Semantic FPN's conv-BN-ReLU with the norm folded in) on
+// oneDNN's sgemm: built only with PVT_HAVE_DNNL (MindSpore's libdnnl found).
+#include "common.h"
+
+#ifdef PVT_HAVE_DNNL
+namespace {
+
+// Output channels per thread when a small map's channels are split between threads.
+constexpr int64_t kConvChannelGrain = 64;
+
+// Convolution, inference only (the training path keeps MindSpore's Im2Col + BatchMatMul, which have gradients):
+//   x (B, C, H, W), w (O, C, k, k), b (O), meta (3) = [stride, pad, relu] -> y (B, O, OH, OW),
+//   OH = (H + 2 pad - k) / stride + 1 (floor), zero padding on every side, as PyTorch's and nn.Conv2d(pad_mode="pad").
+// Each block of output rows is unfolded (im2col) into a per-thread buffer of C k k rows and multiplied by the
+// weight (O x C k k) with one sgemm that writes the block's rows of every output channel in place (NCHW: a block of
+// rows of one channel is contiguous). The whole-tensor columns that Im2Col + BatchMatMul build (k*k times the
+// input, ~70 MB for 256 channels at 100x168) never exist: each block's columns stay in cache for its product.
+struct ConvLayout {
+  int64_t batch, c, h, w, o, k, stride, pad, oh, ow;
+  bool relu;
+  int64_t taps() const { return c * k * k; }
+};
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+bool conv_layout(int *ndims, int64_t **shapes, const float *meta, ConvLayout *L) {
+  const float stride = meta[0], pad = meta[1], relu = meta[2];
+  if (!(stride >= 1.0f && stride <= 64.0f) || stride != std::floor(stride) || !(pad >= 0.0f && pad <= 64.0f) ||
+      pad != std::floor(pad) || !(relu == 0.0f || relu == 1.0f))
+    return false;
+  const int64_t s = static_cast<int64_t>(stride), p = static_cast<int64_t>(pad), k = shapes[1][2];
+  const int64_t h = shapes[0][2], w = shapes[0][3];
+  if (h + 2 * p < k || w + 2 * p < k) return false;
+  const int64_t oh = (h + 2 * p - k) / s + 1, ow = (w + 2 * p - k) / s + 1;
+  if (shapes[4][2] != oh || shapes[4][3] != ow) return false;
+  *L = {shapes[0][0], shapes[0][1], h, w, shapes[1][0], k, s, p, oh, ow, relu == 1.0f};
+  return true;
+}
+
+// The columns of output rows [r0, r1) of one image x (C, H, W): col (C k k, (r1 - r0) OW), row (c, ky, kx) holding
+// x[c, r s - pad + ky, ow s - pad + kx] (0 outside the image) for each output pixel (r, ow) of the block.
+void conv_columns(const ConvLayout &L, const float *__restrict x, int64_t r0, int64_t r1, float *__restrict col) {
+  const int64_t n = (r1 - r0) * L.ow, k = L.k, s = L.stride, p = L.pad, ow = L.ow;
+  for (int64_t c = 0; c < L.c; ++c) {
+    const float *plane = x + c * L.h * L.w;
+    for (int64_t ky = 0; ky < k; ++ky) {
+      for (int64_t kx = 0; kx < k; ++kx) {
+        float *dst = col + ((c * k + ky) * k + kx) * n;
+        // output columns whose input column ix = j s - p + kx lies inside [0, W)
+        const int64_t lo = std::min<int64_t>(ow, std::max<int64_t>(0, floor_div(p - kx + s - 1, s)));
+        const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(ow, floor_div(L.w - 1 + p - kx, s) + 1));
+        for (int64_t r = r0; r < r1; ++r) {
+          float *__restrict d = dst + (r - r0) * ow;
+          const int64_t iy = r * s - p + ky;
+          if (iy < 0 || iy >= L.h) {
+            std::memset(d, 0, sizeof(float) * ow);
+            continue;
+          }
+          const float *__restrict src = plane + iy * L.w - p + kx;
+          std::memset(d, 0, sizeof(float) * lo);
+          if (s == 1) {
+            std::memcpy(d + lo, src + lo, sizeof(float) * (hi - lo));
+          } else {
+            for (int64_t j = lo; j < hi; ++j) d[j] = src[j * s];
+          }
+          std::memset(d + hi, 0, sizeof(float) * (ow - hi));
+        }
+      }
+    }
+  }
+}
+
+// Output pixels per im2col block: enough columns for an efficient sgemm, few enough that the block's columns
+// (C k k x 768 floats: 7 MB at 256 channels) stay near the cache. Measured on one thread (Xeon, AVX-512), in
+// GFLOP/s for 256 channels at 100x168 / 128 at 128x176 / 256 at 25x42: 384 columns 129 / 118 / 125, 768 141 /
+// 127 / 115, 1536 118 / 113 / 108 (PyTorch 139-167).
+constexpr int64_t kConvColumns = 768;
+
+// y rows [r0, r1) of every channel of one image: bias, then += w col, then ReLU if asked.
+int conv_block(const ConvLayout &L, const float *w, const float *b, const float *col, int64_t r0, int64_t r1,
+               int64_t o0, int64_t o1, float *y) {
+  const int64_t plane = L.oh * L.ow, n = (r1 - r0) * L.ow;
+  for (int64_t o = o0; o < o1; ++o) std::fill_n(y + o * plane + r0 * L.ow, n, b[o]);
+  if (dnnl_sgemm('N', 'N', o1 - o0, n, L.taps(), 1.0f, w + o0 * L.taps(), L.taps(), col, n, 1.0f,
+                 y + o0 * plane + r0 * L.ow, plane) != 0)
+    return 2;
+  if (L.relu) {
+    for (int64_t o = o0; o < o1; ++o) {
+      float *__restrict v = y + o * plane + r0 * L.ow;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) v[j] = v[j] > 0.0f ? v[j] : 0.0f;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// inputs: x, w, b, meta; output: y.
+static int PvtConv2dUnchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  if (nparam != 5 || !all_float32(5, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[4]);
+  ConvLayout L;
+  if (!conv_layout(ndims, shapes, static_cast<const float *>(params[3]), &L)) return 1;
+  if (L.batch == 0 || L.o == 0 || L.oh == 0 || L.ow == 0) return 0;
+  const int64_t in_size = L.c * L.h * L.w, out_size = L.o * L.oh * L.ow;
+  if (L.taps() == 0) {  // no input channels: the bias alone
+    for (int64_t i = 0; i < L.batch * L.o; ++i) std::fill_n(y + i * L.oh * L.ow, L.oh * L.ow, b[i % L.o]);
+    return 0;
+  }
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(L.oh, kConvColumns / L.ow));
+  const int64_t blocks = (L.oh + rows - 1) / rows;
+  std::atomic<int> status{0};
+  if (L.batch * blocks >= 2 * thread_count() || L.o < 2 * kConvChannelGrain) {
+    // many blocks: each thread unfolds and multiplies its own blocks
+    parallel_for(L.batch * blocks, 1, [&](int64_t t0, int64_t t1, int) {
+      std::vector<float> col(static_cast<size_t>(L.taps() * rows * L.ow));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t image = t / blocks, r0 = (t % blocks) * rows, r1 = std::min(L.oh, r0 + rows);
+        conv_columns(L, x + image * in_size, r0, r1, col.data());
+        if (conv_block(L, w, b, col.data(), r0, r1, 0, L.o, y + image * out_size) != 0) status = 2;
+      }
+    });
+  } else {
+    // a small map (few blocks): unfold it once, split the output channels over the threads
+    std::vector<float> col(static_cast<size_t>(L.taps() * L.oh * L.ow));
+    for (int64_t image = 0; image < L.batch; ++image) {
+      conv_columns(L, x + image * in_size, 0, L.oh, col.data());
+      parallel_for(L.o, kConvChannelGrain, [&](int64_t o0, int64_t o1, int) {
+        if (conv_block(L, w, b, col.data(), 0, L.oh, o0, o1, y + image * out_size) != 0) status = 2;
+      });
+    }
+  }
+  return status.load();
+}
+
+// x (B, C, H, W), w (O, C, k, k), b (O), meta [stride, pad, relu] -> y (B, O, OH, OW) (OH, OW checked in the kernel).
+// One entry per stride, each taking only its own stride and "same" padding (k odd, pad k / 2: OH = ceil(H / stride)):
+// MindSpore's PyNative mode keeps one output-shape function per kernel name, so one name must mean one shape rule.
+#define PVT_CONV_ENTRY(name, stride)                                                                              \
+  static int name##Unchecked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,       \
+                             void *extra, void *stream) {                                                         \
+    const float *meta = static_cast<const float *>(params[3]);                                                   \
+    if (meta[0] != (stride) || meta[1] != static_cast<float>(shapes[1][2] / 2) || shapes[1][2] % 2 != 1)        \
+      return 1;                                                                                                   \
+    return PvtConv2dUnchecked(nparam, params, ndims, shapes, dtypes, extra, stream);                             \
+  }                                                                                                               \
+  PVT_ENTRY(name, 5,                                                                                              \
+            ndims[0] == 4 && ndims[1] == 4 && shapes[1][1] == shapes[0][1] && shapes[1][2] == shapes[1][3] &&     \
+                is_vector(ndims, shapes, 2, shapes[1][0]) && element_count(ndims[3], shapes[3]) == 3 &&           \
+                ndims[4] == 4 && shapes[4][0] == shapes[0][0] && shapes[4][1] == shapes[1][0])
+PVT_CONV_ENTRY(PvtConv2dStride1, 1)
+PVT_CONV_ENTRY(PvtConv2dStride2, 2)
+PVT_CONV_ENTRY(PvtConv2dStride4, 4)
+
+}  // extern "C"
+#endif  // PVT_HAVE_DNNL
