@@ -1,4 +1,4 @@
-"""Exact GELU, LayerNorm and Linear for MindSpore on the CPU, as fused C++ kernels (`ops.Custom`, func_type="aot").
+"""Exact GELU, LayerNorm, Linear, attention and convolution for MindSpore on the CPU, as fused C++ kernels (`ops.Custom`, func_type="aot").
 
 Why: in MindSpore 2.10 graph mode on the CPU, exact (erf) `nn.GELU` becomes Erf, Div, Mul and Add kernels that
 take ~45% of the PVT-Tiny forward (batch 8, 224x224: ~290 of ~650 ms of op time); on the stage-1 MLP activation
@@ -17,6 +17,11 @@ runs around it. Its backward (`PvtAttentionGrad`) recomputes each block's probab
 accumulates dq, dk and dv without an N x M tensor. Single-threaded CPU time vs BatchMatMul + Softmax (before the
 token layouts): PVT-Tiny forward 758 -> 702 ms (224x224, batch 8), 3554 -> 3239 ms (800x1344). Without libdnnl
 only GELU and LayerNorm are compiled.
+
+Convolution (`PvtConv2dStride1/2/4`, inference): a k x k convolution with "same" padding as im2col per block of
+output rows into the same sgemm; `models.conv.MatmulConv2d` runs it in eval mode (see there for the speed) and
+Semantic FPN's conv-BN-ReLU folds its norm into it and lets it apply the ReLU. `channel_argmax`, on the host
+through ctypes: the segmentation masks' argmax over class maps.
 
 Accuracy (float32; measured against float64 references, see tests/test_fast_ops.py and tests/test_fast_dense.py):
 - GELU(x) = x/2 * erfc(-x/sqrt 2), with erfc(a) = t * exp(-a^2 + P(t)), t = 1/(1 + a/2) and P a degree-9
