@@ -198,14 +198,19 @@ def test_best_first_is_the_head_of_a_stable_sort(count):
 
 
 @pytest.mark.parametrize("shift, score_thr, count", [(-6.0, 0.05, 1000), (-6.0, 0.3, 5), (-1.0, 0.05, 1000),
-                                                      (-6.0, 0.0, 50), (-6.0, 1.0, 50)])
+                                                      (-6.0, 0.0, 50), (-6.0, 1.0, 50), (-1.0, 0.05, 30),
+                                                      (0.0, 0.0, 1), (20.0, 0.05, 30), ("ties", 0.05, 100)])
 def test_level_candidates_equal_the_full_map_path(shift, score_thr, count):
     """The logit pre-selection gives exactly what sigmoid-ing the whole level and `best_first` give, scores on the
-    threshold itself included (sparse: a trained head; dense: the shift of -1)."""
+    threshold itself included (sparse: a trained head; dense: the shift of -1, rounded logits with ties at the
+    count-th best, and saturated scores)."""
     from pvt_dense.detection.postprocess import flatten_level, level_candidates
     rng = np.random.default_rng(7)
     anchors, classes, height, width = 9, 4, 13, 17
-    cls_map = (rng.standard_normal((anchors * classes, height, width)) + shift).astype(np.float32)
+    if shift == "ties":  # dense, and logits rounded to 0.1: many equal scores at the count-th best
+        cls_map = np.round(rng.standard_normal((anchors * classes, height, width)), 1).astype(np.float32)
+    else:  # 20: every score is 1.0 in float32 (saturated)
+        cls_map = (rng.standard_normal((anchors * classes, height, width)) + shift).astype(np.float32)
     if 0 < score_thr < 1:
         cls_map[:, :2, :3] = np.float32(np.log(score_thr / (1 - score_thr)))  # on the boundary
     reg_map = rng.standard_normal((anchors * 4, height, width)).astype(np.float32)
