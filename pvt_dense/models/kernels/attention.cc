@@ -6,10 +6,19 @@
 extern "C" {
 
 // Row-wise softmax of a (rows x m) block in place.
-inline void softmax_rows(float *s, int64_t rows, int64_t m) {
+// Each row of s (rows x m) [plus bias (m), when given] becomes exp(row - max of row), unnormalised; inverse[r] gets
+// 1 / its sum. The forward scales the rows' product with v instead of the m scores (d values a row, not m).
+inline void exp_rows(float *s, int64_t rows, int64_t m, const float *__restrict bias, float *inverse) {
   for (int64_t r = 0; r < rows; ++r) {
     float *__restrict row = s + r * m;
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) row[j] += bias[j];
+    }
     float top = row[0];
+    // an explicit max reduction: without it the loop stays scalar (measured: 283 -> 211 ms for one stage-1
+    // attention of PVT-Tiny at 800x1216, one thread)
+#pragma omp simd reduction(max : top)
     for (int64_t j = 1; j < m; ++j) top = row[j] > top ? row[j] : top;
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
@@ -17,7 +26,16 @@ inline void softmax_rows(float *s, int64_t rows, int64_t m) {
       row[j] = exp_clamped(row[j] - top);
       total += row[j];
     }
-    const float inverse = 1.0f / total;
+    inverse[r] = 1.0f / total;
+  }
+}
+
+// Row-wise softmax in place, normalised (the backward needs the probabilities themselves).
+inline void softmax_rows(float *s, int64_t rows, int64_t m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float inverse;
+    exp_rows(s + r * m, 1, m, nullptr, &inverse);
+    float *__restrict row = s + r * m;
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) row[j] *= inverse;
   }
@@ -72,23 +90,21 @@ static int attention_forward(int *ndims, int64_t **shapes, const float *q, const
   std::atomic<int> status{0};
   parallel_for(L.groups() * blocks, 1, [&](int64_t t0, int64_t t1, int) {
     std::vector<float> scores(static_cast<size_t>(kAttentionRows * m));
+    float inverse[kAttentionRows];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / blocks, r0 = (t % blocks) * kAttentionRows;
       const int64_t rows = L.n - r0 < kAttentionRows ? L.n - r0 : kAttentionRows;
       float *s = scores.data();
       if (dnnl_sgemm('N', 'T', rows, m, d, L.scale, q + L.q_at(g, r0), c, kv + L.k_at(g), 2 * c, 0.0f, s, m) != 0)
         status = 2;
-      if (bias != nullptr) {
-        const float *__restrict b = bias + (g / L.heads) * m;
-        for (int64_t r = 0; r < rows; ++r) {
-          float *__restrict sr = s + r * m;
+      exp_rows(s, rows, m, bias != nullptr ? bias + (g / L.heads) * m : nullptr, inverse);
+      float *o = out + L.q_at(g, r0);
+      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, kv + L.v_at(g), 2 * c, 0.0f, o, c) != 0) status = 2;
+      for (int64_t r = 0; r < rows; ++r) {
+        float *__restrict orow = o + r * c;
 #pragma omp simd
-          for (int64_t j = 0; j < m; ++j) sr[j] += b[j];
-        }
+        for (int64_t j = 0; j < d; ++j) orow[j] *= inverse[r];
       }
-      softmax_rows(s, rows, m);
-      if (dnnl_sgemm('N', 'N', rows, d, m, 1.0f, s, m, kv + L.v_at(g), 2 * c, 0.0f, out + L.q_at(g, r0), c) != 0)
-        status = 2;
     }
   });
   return status.load();
