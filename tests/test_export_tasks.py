@@ -135,7 +135,7 @@ def test_detector_shapes_for_images_are_what_the_test_pipeline_feeds():
     expected = set()
     for height, width in sizes:
         chw, _, _ = prepare_image(np.zeros((height, width, 3), np.uint8), np.zeros((0, 4), np.float32),
-                                  tuple(cfg.img_scale), pad_divisor=cfg.size_divisor)
+                                  tuple(cfg.img_scale), size_divisor=cfg.size_divisor)
         expected.add((1, 3) + chw.shape[1:])
     shapes = detector_shapes_for_images(cfg, sizes)
     assert shapes == sorted(expected) and (1, 3, 800, 1088) in shapes and (1, 3, 1088, 800) in shapes

@@ -28,9 +28,9 @@ from .transforms import batch_shape, canvas_shape, is_landscape, pad_targets, pr
 class DetectionBatchSource:
     """Training batches of (images (B, 3, H, W) float32, gt_boxes (B, max_gt, 4) float32, gt_labels (B, max_gt)
     int32, gt_mask (B, max_gt) float32, pad_sizes (B, 2) float32) from a `CocoDetection`; pad_sizes holds each
-    image's resized size rounded up to pad_divisor (mmdetection's pad_shape), which the loss needs."""
+    image's resized size rounded up to size_divisor (mmdetection's pad_shape), which the loss needs."""
 
-    def __init__(self, dataset, batch_size, max_gt=100, img_scale=(1333, 800), pad_divisor=32, flip_prob=0.5,
+    def __init__(self, dataset, batch_size, max_gt=100, img_scale=(1333, 800), size_divisor=32, flip_prob=0.5,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=0, rank=0, world_size=1, shuffle=True, pad_grid=128):
         if len(dataset) == 0:
             raise PVTDenseError(f"the training set {dataset.ann_file} has no images")
@@ -39,10 +39,10 @@ class DetectionBatchSource:
         self.global_batch = self.batch_size * int(world_size)
         self.max_gt = int(max_gt)
         self.img_scale = tuple(img_scale)
-        self.pad_divisor = int(pad_divisor)
+        self.size_divisor = int(size_divisor)
         self.pad_grid = int(pad_grid)
-        if self.pad_grid < 1 or self.pad_grid % self.pad_divisor:
-            raise PVTDenseError(f"pad_grid ({pad_grid}) must be a positive multiple of pad_divisor ({pad_divisor})")
+        if self.pad_grid < 1 or self.pad_grid % self.size_divisor:
+            raise PVTDenseError(f"pad_grid ({pad_grid}) must be a positive multiple of size_divisor ({size_divisor})")
         self.shapes = set()
         self.flip_prob = float(flip_prob)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -79,12 +79,12 @@ class DetectionBatchSource:
                 f"of this orientation ({len(self.unreadable)} unreadable)")
             flip = np.random.default_rng([self.seed, epoch, used]).random() < self.flip_prob
             chw, resized_boxes, meta = prepare_image(image, record.boxes, self.img_scale, flip, self.mean, self.std,
-                                                     self.pad_divisor)
+                                                     self.size_divisor)
             prepared.append(chw)
             pad_sizes[slot] = meta["pad_size"]
             boxes[slot], labels[slot], mask[slot] = pad_targets(resized_boxes, record.labels, self.max_gt)
         shape = batch_shape([chw.shape[1:] for chw in prepared], self.pad_grid,
-                            canvas_shape(landscape, self.img_scale, self.pad_divisor))
+                            canvas_shape(landscape, self.img_scale, self.size_divisor))
         images = np.zeros((count, 3) + shape, np.float32)
         for slot, chw in enumerate(prepared):
             images[slot, :, :chw.shape[1], :chw.shape[2]] = chw
@@ -93,10 +93,10 @@ class DetectionBatchSource:
         return images, boxes, labels, mask, pad_sizes
 
 
-def evaluation_batches(dataset, indices=None, img_scale=(1333, 800), pad_divisor=32, mean=IMAGENET_MEAN,
+def evaluation_batches(dataset, indices=None, img_scale=(1333, 800), size_divisor=32, mean=IMAGENET_MEAN,
                        std=IMAGENET_STD):
     """Yield (images (1, 3, H, W), [meta], [record]) per readable image, in dataset order, each image padded only
-    to a multiple of pad_divisor (mmdetection's test protocol); unreadable images are yielded as (None, [error
+    to a multiple of size_divisor (mmdetection's test protocol); unreadable images are yielded as (None, [error
     message], [record]) so the caller can count them."""
     indices = range(len(dataset)) if indices is None else indices
     for index in indices:
@@ -105,7 +105,7 @@ def evaluation_batches(dataset, indices=None, img_scale=(1333, 800), pad_divisor
         except ImageReadError as err:
             yield None, [str(err)], [dataset.records[index]]
             continue
-        chw, _, meta = prepare_image(image, record.boxes, img_scale, False, mean, std, pad_divisor)
+        chw, _, meta = prepare_image(image, record.boxes, img_scale, False, mean, std, size_divisor)
         yield chw[None], [meta], [record]
 
 

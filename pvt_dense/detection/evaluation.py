@@ -134,13 +134,13 @@ class DetectorForward:
         return [output.asnumpy() for output in self.flexible(ms.Tensor(image_batch))]
 
 
-def announce_sizes(forward, image_sizes, img_scale, pad_divisor):
+def announce_sizes(forward, image_sizes, img_scale, size_divisor):
     """Tell `forward` (when it takes announcements) the input sizes of the images (height, width) to come."""
     if hasattr(forward, "expect_sizes"):
-        forward.expect_sizes(network_input_size(h, w, img_scale, pad_divisor) for h, w in image_sizes)
+        forward.expect_sizes(network_input_size(h, w, img_scale, size_divisor) for h, w in image_sizes)
 
 
-def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
+def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), size_divisor=32,
                     mean=None, std=None, indices=None, progress=True, forward=None):
     """(COCO result records, ids of the images evaluated, list of unreadable image messages, number of distinct
     input shapes) over `dataset`, one image at a time under mmdetection's test protocol; `forward` defaults to a
@@ -152,8 +152,8 @@ def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(
     total = len(dataset) if indices is None else len(indices)
     # The annotation file gives every image's size, so the padded sizes to come are known without reading a file.
     records = dataset.records if indices is None else [dataset.records[i] for i in indices]
-    announce_sizes(forward, ((r.height, r.width) for r in records), img_scale, pad_divisor)
-    batches = evaluation_batches(dataset, indices, img_scale, pad_divisor, mean or IMAGENET_MEAN,
+    announce_sizes(forward, ((r.height, r.width) for r in records), img_scale, size_divisor)
+    batches = evaluation_batches(dataset, indices, img_scale, size_divisor, mean or IMAGENET_MEAN,
                                  std or IMAGENET_STD)
     for images, metas, records in tqdm(batches, total=total, desc="detect", unit="img", leave=False,
                                        disable=not progress):
@@ -170,7 +170,7 @@ def predict_dataset(detector, dataset, settings=InferenceSettings(), img_scale=(
     return results, image_ids, unreadable, len(shapes)
 
 
-def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), pad_divisor=32,
+def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale=(1333, 800), size_divisor=32,
                       mean=None, std=None, max_images=0, results_json=None, verbose=True, progress=True,
                       forward=None):
     """Run the detector over `dataset` (the first `max_images` when > 0), evaluate with pycocotools and return the
@@ -179,7 +179,7 @@ def evaluate_detector(detector, dataset, settings=InferenceSettings(), img_scale
     indices = range(min(max_images, len(dataset))) if max_images else None
     forward = forward or DetectorForward(detector)
     results, image_ids, unreadable, num_shapes = predict_dataset(detector, dataset, settings, img_scale,
-                                                                 pad_divisor, mean, std, indices, progress,
+                                                                 size_divisor, mean, std, indices, progress,
                                                                  forward)
     if verbose:
         print(f"{len(image_ids)} images in {num_shapes} distinct input shapes"

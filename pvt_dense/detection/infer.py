@@ -64,14 +64,14 @@ def class_list(class_names, category_ids=None):
             for label, name in enumerate(class_names)]
 
 
-def detect_file(detector, image, settings, img_scale, pad_divisor, mean, std, forward=None):
-    """Detections of one RGB image under mmdetection's test protocol (resize, pad to a multiple of pad_divisor)."""
-    chw, _, meta = prepare_image(image, np.zeros((0, 4), np.float32), img_scale, False, mean, std, pad_divisor)
+def detect_file(detector, image, settings, img_scale, size_divisor, mean, std, forward=None):
+    """Detections of one RGB image under mmdetection's test protocol (resize, pad to a multiple of size_divisor)."""
+    chw, _, meta = prepare_image(image, np.zeros((0, 4), np.float32), img_scale, False, mean, std, size_divisor)
     outputs = (forward or DetectorForward(detector))(chw[None])
     return detect_image(outputs, 0, detector.anchor_generator, detector.num_classes, meta, settings)
 
 
-def infer_images(detector, input_path, output_dir, class_names, settings, img_scale=(1333, 800), pad_divisor=32,
+def infer_images(detector, input_path, output_dir, class_names, settings, img_scale=(1333, 800), size_divisor=32,
                  mean=None, std=None, draw_thr=0.3, category_ids=None, progress=True, forward=None, draw_scale=1):
     """Detect in every image of `input_path` (file, directory or .txt list); write drawn images (detections with
     score >= draw_thr) and `detections.json` (every detection above the config's score_thr) to `output_dir`.
@@ -90,7 +90,7 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
     detector.set_train(False)
     forward = forward or DetectorForward(detector)
     sizes = (header_image_size(entry.path) for entry in entries)
-    announce_sizes(forward, (size for size in sizes if size is not None), tuple(img_scale), pad_divisor)
+    announce_sizes(forward, (size for size in sizes if size is not None), tuple(img_scale), size_divisor)
     records, written, failed, unwritten, namer = {}, [], [], [], OutputNamer(reserved=(RESULTS_NAME,))
     json_path = contained_path(output_dir, RESULTS_NAME)
     entry = None
@@ -101,7 +101,7 @@ def infer_images(detector, input_path, output_dir, class_names, settings, img_sc
             except ImageReadError as err:
                 failed.append((entry.name, getattr(err, "reason", str(err))))
                 continue
-            boxes, scores, labels = detect_file(detector, image, settings, tuple(img_scale), pad_divisor,
+            boxes, scores, labels = detect_file(detector, image, settings, tuple(img_scale), size_divisor,
                                                 mean or IMAGENET_MEAN, std or IMAGENET_STD, forward)
             name = drawn_name(entry.name, namer)
             shown = scores >= draw_thr

@@ -3,7 +3,7 @@
 
 `img_scale` is mmdetection's (long side, short side) bound: an image is resized keeping its ratio until its short
 side reaches 800 or its long side 1333, sizes rounded as `mmcv.imrescale` does, pixels by OpenCV's bilinear resize.
-At test time each image is padded only to the next multiple of `pad_divisor`, as mmdetection does: PVT's attention is
+At test time each image is padded only to the next multiple of `size_divisor`, as mmdetection does: PVT's attention is
 global, so every padding token changes every output, and only this protocol reproduces mmdetection's detections.
 Training pads a batch to its largest image rounded up to the divisor (mmdetection), then further up to a coarser
 `grid` so that graph mode compiles a bounded number of batch shapes (`batch_shape`); the loss ignores the anchors
@@ -20,7 +20,7 @@ from ..errors import ConfigError
 
 def check_img_scale(img_scale, divisor):
     if len(img_scale) != 2 or min(img_scale) < 1 or divisor < 1:
-        raise ConfigError(f"img_scale must be two positive sizes (long, short) and pad_divisor positive, got "
+        raise ConfigError(f"img_scale must be two positive sizes (long, short) and size_divisor positive, got "
                           f"{img_scale} and {divisor}")
 
 
@@ -44,7 +44,7 @@ def canvas_shape(landscape, img_scale=(1333, 800), divisor=32):
 def batch_shape(pad_shapes, grid, limit):
     """The (height, width) a training batch is padded to: the largest of its images' padded shapes (mmdetection),
     each side rounded up to a multiple of `grid` but not beyond `limit` (the orientation's canvas) unless an image
-    needs more. grid = pad_divisor is mmdetection's batch padding; a grid >= the canvas is one fixed shape per
+    needs more. grid = size_divisor is mmdetection's batch padding; a grid >= the canvas is one fixed shape per
     orientation."""
     shape = []
     for axis in range(2):
@@ -61,11 +61,11 @@ def resize_image(img, img_scale):
 
 
 def prepare_image(img, boxes, img_scale=(1333, 800), flip=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                  pad_divisor=32, canvas=None):
+                  size_divisor=32, canvas=None):
     """(H, W, 3) uint8 RGB image and (K, 4) boxes -> ((3, H_pad, W_pad) float32, boxes in the resized image, meta).
 
     The image is resized, flipped when asked, normalised and padded with zeros (the mean colour) at the bottom
-    and right to `canvas` (height, width) when given, else to its own size rounded up to `pad_divisor`.
+    and right to `canvas` (height, width) when given, else to its own size rounded up to `size_divisor`.
     meta: `original_size`, `resized_size` (mmdetection's img_shape), `pad_size` (pad_shape: the resized size
     rounded up to the divisor) as (height, width); `scale_factor` (height, width ratios actually applied); `flip`.
     """
@@ -80,7 +80,7 @@ def prepare_image(img, boxes, img_scale=(1333, 800), flip=False, mean=IMAGENET_M
     if flip:
         img = img[:, ::-1]
         boxes = np.stack([new_width - boxes[:, 2], boxes[:, 1], new_width - boxes[:, 0], boxes[:, 3]], axis=1)
-    pad_size = padded_size(new_height, new_width, pad_divisor)
+    pad_size = padded_size(new_height, new_width, size_divisor)
     canvas = pad_size if canvas is None else tuple(canvas)
     if canvas[0] < pad_size[0] or canvas[1] < pad_size[1]:
         raise ValueError(f"canvas {canvas} is smaller than the padded image {pad_size}")
