@@ -134,3 +134,49 @@ def test_gelu_dense_kernel_matches_float64_and_the_mindspore_path(shape, out_fea
         bound = 2e-6 * max(1.0, np.abs(exact).max())
         np.testing.assert_allclose(ours, exact, rtol=0, atol=bound, err_msg=name)
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=2 * bound, err_msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(2, 301, 24), (1, 1, 16), (3, 5, 7)])
+def test_mlp_inference_kernel_equals_the_training_path(shape, threads, mode):
+    """In eval mode PVT's Mlp runs fc2(GELU(fc1(x))) as one kernel (blocks of 256 rows, the last one short); its
+    output and, when a gradient is taken anyway, its gradients are those of the training path (Dense + GeluDense)
+    and of float64."""
+    import math
+
+    from pvt_dense.models.layers import Mlp
+    ms.set_context(mode=mode)
+    handle = fast_ops.kernels().handle
+    before = handle.PvtThreadCount()
+    handle.PvtSetThreadCount(threads)
+    try:
+        rng = np.random.default_rng(shape[1])
+        mlp = Mlp(shape[-1], 4 * shape[-1])
+        assert mlp.mlp_kernel is not None
+        for param in mlp.get_parameters():
+            param.set_data(ms.Tensor(0.3 * rng.standard_normal(param.shape).astype(np.float32)))
+        x = ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+        scale = ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+
+        def results(training):
+            mlp.set_train(training)
+            weights = ms.ParameterTuple(mlp.trainable_params())
+            loss = lambda inputs: (mlp(inputs) * scale).sum()  # noqa: E731
+            grads = ms.grad(loss, grad_position=0, weights=weights)(x)
+            return [mlp(x).asnumpy(), grads[0].asnumpy()] + [g.asnumpy() for g in grads[1]]
+
+        fused, training = results(False), results(True)
+        x64 = x.asnumpy().reshape(-1, shape[-1]).astype(np.float64)
+        w1, b1, w2, b2 = (p.asnumpy().astype(np.float64) for p in
+                          (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias))
+        hidden = x64 @ w1.T + b1
+        erf = np.vectorize(math.erf)
+        exact = (0.5 * hidden * (1 + erf(hidden / math.sqrt(2)))) @ w2.T + b2
+        np.testing.assert_allclose(fused[0].reshape(exact.shape), exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+        for name, ours, theirs in zip(("y", "dx", "dw1", "db1", "dw2", "db2"), fused, training, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * max(1.0, np.abs(theirs).max()), err_msg=name)
+    finally:
+        handle.PvtSetThreadCount(before)
+        ms.set_context(mode=ms.PYNATIVE_MODE)

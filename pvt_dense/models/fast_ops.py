@@ -106,6 +106,11 @@ def _dense_shape(x, w, b):
     return list(x[:-1]) + [w[0]]
 
 
+def _mlp_shape(x, w1, b1, w2, b2):
+    _dense_shape(x, w1, b1)
+    return _dense_shape(list(x[:-1]) + [w1[0]], w2, b2)
+
+
 def _dense_grad_shape(x, w, dy):
     _require(len(x) >= 1 and len(w) == 2 and len(dy) == len(x), "Dense backward",
              "x (..., K), weight (N, K), dy (..., N)", (x, w, dy))
@@ -206,7 +211,7 @@ class _Kernels:
             return dx, dgamma, dbeta, ops.zeros_like(eps)
 
         self.library = library
-        self.dense = self.gelu_dense = self.attention = self.attention_bias = None
+        self.dense = self.gelu_dense = self.attention = self.attention_bias = self.mlp = None
         if has_dense:
             dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=_dense_grad_shape,
                                     out_dtype=lambda x, w, dy: (x, w, w), func_type="aot")
@@ -236,6 +241,16 @@ class _Kernels:
                                              out_dtype=lambda q, kv, meta, bias: q, func_type="aot")
             self.dense = ops.Custom(f"{library}:PvtDense", out_shape=_dense_shape,
                                     out_dtype=lambda x, w, b: x, func_type="aot", bprop=dense_bprop)
+
+            def mlp_bprop(x, w1, b1, w2, b2, out, dout):
+                hidden = self.dense(x, w1, b1)  # recomputed: the forward keeps no hidden activations
+                dh, dw2, db2 = gelu_dense_grad(hidden, w2, dout)
+                dx, dw1, db1 = dense_grad(x, w1, dh)
+                return dx, dw1, db1, dw2, db2
+
+            # inference (the training step keeps fc1's output for the backward through Dense + GeluDense)
+            self.mlp = ops.Custom(f"{library}:PvtMlp", out_shape=_mlp_shape,
+                                  out_dtype=lambda x, w1, b1, w2, b2: x, func_type="aot", bprop=mlp_bprop)
         self.gelu = ops.Custom(f"{library}:PvtGelu", out_shape=_gelu_shape, out_dtype=_same_dtype,
                                func_type="aot", bprop=gelu_bprop)
         self.layer_norm = ops.Custom(f"{library}:PvtLayerNorm", out_shape=_layer_norm_shape, out_dtype=_same_dtype,
