@@ -313,6 +313,22 @@ def test_the_entry_points_check_the_shapes_they_are_given():
         np.testing.assert_allclose(out, x @ w.T, atol=1e-5)
         assert call(handle, "PvtDense", [x, w, b, out], [(4, 8), (3, 9), (3,), (4, 3)]) == 1
         assert call(handle, "PvtDense", [x, w, b, out], [(4, 8), (3, 8), (3,), (5, 3)]) == 1
+        # the whole MLP: a second weight for another hidden width, an output with more rows
+        w1, b1, w2, b2 = np.ones((6, 8), np.float32), np.zeros(6, np.float32), np.ones((3, 6), np.float32), b
+        assert call(handle, "PvtMlp", [x, w1, b1, w2, b2, out]) == 0
+        assert call(handle, "PvtMlp", [x, w1, b1, w2, b2, out], [(4, 8), (6, 8), (6,), (3, 7), (3,), (4, 3)]) == 1
+        assert call(handle, "PvtMlp", [x, w1, b1, w2, b2, out], [(4, 8), (6, 8), (6,), (3, 6), (3,), (5, 3)]) == 1
+        # convolution: each entry takes only its own stride and "same" padding, and an output of the size they give
+        image, weight = rng.standard_normal((1, 2, 5, 6), np.float32), np.ones((3, 2, 3, 3), np.float32)
+        same, half = np.zeros((1, 3, 5, 6), np.float32), np.zeros((1, 3, 3, 3), np.float32)
+        meta = np.array([1, 1, 0], np.float32)
+        assert call(handle, "PvtConv2dStride1", [image, weight, b, meta, same]) == 0
+        assert call(handle, "PvtConv2dStride2", [image, weight, b, np.array([2, 1, 0], np.float32), half]) == 0
+        assert call(handle, "PvtConv2dStride1", [image, weight, b, meta, half]) == 1  # output of another size
+        assert call(handle, "PvtConv2dStride2", [image, weight, b, meta, half]) == 1  # meta says stride 1
+        assert call(handle, "PvtConv2dStride1", [image, weight, b, np.array([1, 0, 0], np.float32), same]) == 1
+        assert call(handle, "PvtConv2dStride1", [image, weight, b, meta, same],
+                    [(1, 2, 5, 6), (3, 4, 3, 3), (3,), (3,), (1, 3, 5, 6)]) == 1  # weight for 4 input channels
 
 
 def test_the_thread_pool_gives_the_same_numbers_from_any_thread():
