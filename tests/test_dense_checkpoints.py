@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 from pvt_dense.checkpoint import load_whole_model, read_whole_model_info
-from pvt_dense.checkpoint.whole_model import MMLAB_MMDET_PVT, MMLAB_MMDET_PVT_V2, MMLAB_OFFICIAL_PVT, \
-    mmdet_pvt_to_official
+from pvt_dense.checkpoint.keymaps_mmdet import mmdet_pvt_to_official
+from pvt_dense.checkpoint.whole_model import MMLAB_MMDET_PVT, MMLAB_MMDET_PVT_V2, MMLAB_OFFICIAL_PVT
 from pvt_dense.errors import CheckpointError, ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
