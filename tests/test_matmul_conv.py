@@ -2,11 +2,15 @@
 PyNative; and that each is a drop-in `nn.Conv2d` for checkpoints. `MatmulConv2d` (the necks' and heads' 3x3 convs,
 PVT v2's patch embeddings), `DepthwiseConv2d` (v2's MLP), `PatchConv2d` (kernel == stride: PVT's patch embeddings
 and spatial reductions)."""
+import contextlib
+import os
+
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn, ops
 
+from pvt_dense.models import fast_ops
 from pvt_dense.models.conv import DepthwiseConv2d, MatmulConv2d, PatchConv2d
 
 torch = pytest.importorskip("torch")
@@ -44,14 +48,20 @@ def assert_equals_torch(model, weight, x, torch_result):
     np.testing.assert_allclose(grads[1][0].asnumpy(), grad_w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "im2col"])
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
 @pytest.mark.parametrize("stride, has_bias, shape", [(1, True, (2, 6, 13, 17)), (2, True, (1, 6, 13, 16)),
                                                      (1, False, (1, 6, 7, 5))])
-def test_output_and_gradients_equal_torch_conv2d(mode, stride, has_bias, shape):
+def test_output_and_gradients_equal_torch_conv2d(mode, stride, has_bias, shape, kernel):
+    """Both paths, in training mode: the convolution kernels (forward and backward) and, where they are not
+    available, MindSpore's Im2Col + BatchMatMul."""
     ms.set_context(mode=mode)
     try:
         rng = np.random.default_rng(0)
-        conv = MatmulConv2d(6, 5, 3, stride=stride, has_bias=has_bias)
+        with contextlib.nullcontext() if kernel else fast_ops.mindspore_ops_only():
+            conv = MatmulConv2d(6, 5, 3, stride=stride, has_bias=has_bias)
+        assert (conv.fused is not None) == kernel
+        conv.set_train(True)
         conv.weight.set_data(ms.Tensor(rng.normal(size=(5, 6, 3, 3)).astype(np.float32)))
         bias = rng.normal(size=5).astype(np.float32) if has_bias else None
         if has_bias:
@@ -189,35 +199,38 @@ print(compiled - before, resident_bytes() - compiled)
 """
 
 
-def conv_gradients_memory(tmp_path, in_channels, out_channels, size):
+def conv_gradients_memory(tmp_path, in_channels, out_channels, size, kernel=True):
     """(resident bytes added by compiling, then by the first call of) the gradients of sum(MatmulConv2d(x)) in
     graph mode, for x (2, in_channels, size, size), in a fresh process so that the differences are its own."""
     import subprocess
     import sys
     script = tmp_path / "conv_gradients_memory.py"
     script.write_text(MEMORY_SCRIPT)
+    env = dict(os.environ, PVT_DENSE_FAST_OPS="1" if kernel else "0")
     result = subprocess.run([sys.executable, str(script), str(in_channels), str(out_channels), str(size)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     compiled, called = (int(value) for value in result.stdout.split()[-2:])
     return compiled, called
 
 
-def test_compiling_the_training_graph_allocates_far_less_than_the_columns(tmp_path):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "im2col"])
+def test_compiling_the_training_graph_allocates_far_less_than_the_columns(tmp_path, kernel):
     """ops.matmul's gradient transposed the im2col columns, and each Transpose kernel holds a table of 8 bytes per
     element from graph compilation on: compiling one 3x3 conv's training graph took ~2x its columns in resident
     memory, held for the graph's life (~1.3 GB of RetinaNet's head at 400x608)."""
-    compiled, _ = conv_gradients_memory(tmp_path, 256, 256, 96)
+    compiled, _ = conv_gradients_memory(tmp_path, 256, 256, 96, kernel)
     columns_bytes = 2 * 256 * 9 * 96 * 96 * 4  # 170 MB; ~50 MB is the compilation's own, whatever the sizes
     assert compiled < 0.75 * columns_bytes
 
 
-def test_the_bias_costs_no_memory_beyond_the_output(tmp_path):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "im2col"])
+def test_the_bias_costs_no_memory_beyond_the_output(tmp_path, kernel):
     """`out + bias.reshape(1, C, 1)` is a broadcasting Add, whose kernel keeps 8 bytes per output element for the
     broadcast input (MindSpore 2.10, CPU): twice the output, for the graph's life (~0.4 GB of RetinaNet's head at
     400x608). With few input channels the columns are small and the first call needs about the output (67 MB)
     and its gradient (67 MB); the broadcast Add added 134 MB."""
-    _, called = conv_gradients_memory(tmp_path, 4, 512, 128)
+    _, called = conv_gradients_memory(tmp_path, 4, 512, 128, kernel)
     output_bytes = 2 * 512 * 128 * 128 * 4
     assert called < 2.8 * output_bytes
 

@@ -17,11 +17,15 @@ the weight reshaped to (out, in*k*k) by the Im2Col columns of the input: the sam
 rounding differs at ~1e-6 relative). It costs k*k times the input's memory for the columns while it runs (and,
 in training, keeps them for the weight gradient).
 
-In eval mode (float32, the CPU kernels available) `MatmulConv2d` runs one fused kernel instead (`PvtConv2dStride*`
-in kernels/fast_ops.cc): each block of output rows is unfolded into a per-thread buffer and multiplied by the weight
-with one sgemm, so the whole columns never exist. Measured on one thread of a Xeon (AVX-512), GFLOP/s: 256 channels
-at 100x168, 141 (Im2Col + BatchMatMul: 88-108; PyTorch 148); 128 channels at 128x176, 127 (33-36; PyTorch 152).
-Semantic FPN's conv-BN-ReLU blocks fold the norm into it and let it apply the ReLU (segmentation/semfpn_head.py).
+Where the CPU kernels are available (float32, strides 1, 2 and 4 with "same" padding) `MatmulConv2d` runs its own
+kernels instead (`PvtConv2dStride*` and `PvtConv2dGrad` in kernels/conv.cc): each block of output rows is unfolded
+into a per-thread buffer and multiplied by the weight with one sgemm, forward and backward, so the whole columns
+never exist and none are kept for the backward. Measured on one thread of a Xeon (AVX-512), forward GFLOP/s: 256
+channels at 100x168, 141 (Im2Col + BatchMatMul: 88-108; PyTorch 148); 128 channels at 128x176, 127 (33-36; PyTorch
+152). RetinaNet-PVT-Tiny's training step at 800x1216, batch 2 (`tools/benchmark.py --cases det_train`, loaded
+machine): peak 13.2 -> 9.1 GB, 38 -> 18 s. Semantic FPN's conv-BN-ReLU blocks in eval mode fold the norm into the
+forward kernel and let it apply the ReLU (segmentation/semfpn_head.py). The paragraphs below are about the Im2Col
+path, which stays for everything else (PVT_DENSE_FAST_OPS=0, other strides or paddings, other dtypes).
 
 Two other ways were measured and dropped: stacking k*k shifted slices (MindSpore's StridedSlice copies ~60M
 elements/s, 0.7 s of PVT v2-B0's forward in its 7x7 patch embedding), and padding with `ops.pad`, whose gradient
@@ -149,8 +153,9 @@ class MatmulConv2d(nn.Conv2d):
         self.framework_conv = False
         self.batch_matmul = ops.BatchMatMul()
         self.bias_add = ops.BiasAdd()
-        # Inference: one fused kernel (im2col per block of output rows into sgemm; see fast_ops.cc), which never
-        # builds the whole k*k-times-the-input columns. Training keeps Im2Col + BatchMatMul, which have gradients.
+        # One kernel (im2col per block of output rows into sgemm; kernels/conv.cc) forward and backward, so the
+        # whole k*k-times-the-input columns are never built (nor kept for the backward, as Im2Col's gradient
+        # keeps them). Im2Col + BatchMatMul where the kernels are not available.
         compiled = kernels_for_new_cell()
         self.fused = compiled.conv2d(kernel_size, stride, padding) if compiled is not None else None
         self.fused_meta = Tensor([float(stride), float(padding), 0.0], ms.float32)
@@ -159,7 +164,7 @@ class MatmulConv2d(nn.Conv2d):
     def construct(self, x):
         if self.framework_conv:
             return super().construct(x)
-        if self.fused is not None and not self.training and x.dtype == ms.float32:
+        if self.fused is not None and x.dtype == ms.float32:
             bias = self.bias if self.with_bias else self.zero_bias
             return self.fused(x, self.weight, bias, self.fused_meta)
         batch, channels, height, width = x.shape

@@ -155,27 +155,24 @@ def _conv_shape(stride):
     return shape
 
 
-def _conv_bprop(stride, relu):
-    """Gradients of the convolution kernel through MindSpore's own operators: the weight's from the Im2Col columns,
-    the input's by folding (Col2Im) the columns' gradient back onto the image; with the ReLU fused (meta[2] == 1)
-    the incoming gradient is first zeroed where the output is."""
-    left = ops.BatchMatMul(transpose_a=True)
-    right = ops.BatchMatMul(transpose_b=True)
+def _conv_bprop(conv_grad, relu):
+    """The convolution's gradients from its backward kernel (`PvtConv2dGrad`: per block of output rows, the block's
+    columns rebuilt, never those of the whole input); with the ReLU fused the incoming gradient is first zeroed
+    where the output is, and the backward is told no ReLU."""
+    no_relu = Tensor([1.0, 1.0, 0.0], ms.float32)
 
     def bprop(x, w, b, meta, out, dout):
-        batch, _, height, width = x.shape
-        kernel = w.shape[2]
-        pad = kernel // 2
         if relu:
             dout = dout * (out > 0).astype(dout.dtype)
-        weight = w.reshape(w.shape[0], -1)
-        grad = dout.reshape(batch, w.shape[0], -1)
-        columns = ops.unfold(x, kernel, 1, pad, stride)
-        dw = right(grad, columns).sum(0).reshape(w.shape)
-        dcolumns = left(ops.broadcast_to(weight, (batch,) + weight.shape), grad)
-        dx = ops.fold(dcolumns, ops.tuple_to_array((height, width)), kernel, 1, pad, stride)
-        return dx, dw, grad.sum((0, 2)), ops.zeros_like(meta)
+        dx, dw, db = conv_grad(x, w, dout, meta * no_relu)
+        return dx, dw, db, ops.zeros_like(meta)
     return bprop
+
+
+def _conv_grad_shape(x, w, dy, meta):
+    _require(len(x) == 4 and len(w) == 4 and len(dy) == 4 and len(meta) == 1, "convolution backward",
+             "x (B, C, H, W), weight (O, C, k, k), dy (B, O, OH, OW) and meta [stride, pad, relu]", (x, w, dy, meta))
+    return x, w, [w[0]]
 
 
 def _same_dtype(*dtypes):
@@ -189,7 +186,7 @@ class _Kernels:
         if ":" in library:
             raise KernelLibraryError(f"the kernel library path must not contain ':' ({library})")
         self.handle = handle  # the ctypes handle: keeps the checked library loaded for MindSpore's own dlopen
-        self.library, self.has_dense, self._conv2d = library, has_dense, {}
+        self.library, self.has_dense, self._conv2d, self._conv_grad = library, has_dense, {}, None
         self.threads = None
         if handle is not None:
             handle.PvtSetThreadCount.argtypes = [ctypes.c_int]
@@ -261,16 +258,18 @@ class _Kernels:
         """The convolution kernel for a k x k convolution with this stride and padding (and a ReLU on its output
         when `relu`: pass meta[2] = 1 then), or None where it has no entry (strides other than CONV_STRIDES,
         padding other than k // 2 with k odd) or no sgemm. One primitive per (stride, relu), made once; all share
-        one kernel name per stride, whose output shape is the same with or without the ReLU. Made for inference;
-        its gradient (for a model in eval mode inside a gradient, as a test or a frozen part may take) is the
-        Im2Col + BatchMatMul one."""
+        one kernel name per stride, whose output shape is the same with or without the ReLU. Its gradient is the
+        backward kernel's (`PvtConv2dGrad`)."""
         if not self.has_dense or stride not in CONV_STRIDES or kernel_size % 2 != 1 or pad != kernel_size // 2:
             return None
         key = (stride, bool(relu))
+        if self._conv_grad is None:
+            self._conv_grad = ops.Custom(f"{self.library}:PvtConv2dGrad", out_shape=_conv_grad_shape,
+                                         out_dtype=lambda x, w, dy, meta: (x, w, w), func_type="aot")
         if key not in self._conv2d:
             self._conv2d[key] = ops.Custom(f"{self.library}:PvtConv2dStride{stride}", out_shape=_conv_shape(stride),
                                            out_dtype=lambda x, w, b, meta: x, func_type="aot",
-                                           bprop=_conv_bprop(*key))
+                                           bprop=_conv_bprop(self._conv_grad, relu))
         return self._conv2d[key]
 
 

@@ -45,7 +45,7 @@ KERNEL_SOURCES = ("thread_pool.cc", "gelu.cc", "layer_norm.cc", "dense.cc", "att
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad")
 DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad", "PvtAttention",
                  "PvtAttentionGrad", "PvtAttentionBias", "PvtConv2dStride1", "PvtConv2dStride2",
-                 "PvtConv2dStride4", "PvtMlp")
+                 "PvtConv2dStride4", "PvtConv2dGrad", "PvtMlp")
 # Called through ctypes on the host, not as MindSpore ops.
 CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount", "PvtArgmaxChannels")
 
