@@ -49,12 +49,11 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 
 DENSE_TASKS = ("detection", "segmentation")
 
-# Wall seconds of each part on an idle 2-core CPU, graph compilations included, measured on a whole run (2026-12-06,
-# AMD EPYC, nothing else running: 5 min 20 s in all), except segmentation: 53 s were measured before its canvases
-# went to 128 px with 120 iterations; on a busy machine a 128 px iteration took 1.75x a 64 px one, so ~110 s is an
-# estimate until the next idle run.
-# measured: one idle run on a 2-core Intel Xeon, 2026-12-07 (400 s in all)
-PART_ESTIMATES = (("pretraining", 77), ("features", 4), ("detection", 180), ("segmentation", 134))
+# Wall seconds of each part on an idle 2-core CPU, graph compilations included, measured on one whole run (2026-12-07,
+# Intel Xeon, nothing else running: 400 s in all), except detection: 180 s there before its stage 1 was frozen and its
+# 480 iterations became 400; the part's CPU seconds fell to 0.70x of the old setting's on a busy machine
+# (configs/demo/retinanet_pvt_tiny_digits.yaml), so ~127 s is an estimate until the next idle run.
+PART_ESTIMATES = (("pretraining", 77), ("features", 4), ("detection", 127), ("segmentation", 134))
 
 
 def print_plan(output_dir, tasks):
