@@ -50,10 +50,8 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 DENSE_TASKS = ("detection", "segmentation")
 
 # Wall seconds of each part on an idle 2-core CPU, graph compilations included, measured on one whole run (2026-12-07,
-# Intel Xeon, nothing else running: 400 s in all), except detection: 180 s there before its stage 1 was frozen and its
-# 480 iterations became 400; the part's CPU seconds fell to 0.70x of the old setting's on a busy machine
-# (configs/demo/retinanet_pvt_tiny_digits.yaml), so ~127 s is an estimate until the next idle run.
-PART_ESTIMATES = (("pretraining", 77), ("features", 4), ("detection", 127), ("segmentation", 134))
+# Intel Xeon, nothing else running: 5 min 10 s in all; docs/quickstart.md).
+PART_ESTIMATES = (("pretraining", 73), ("features", 4), ("detection", 114), ("segmentation", 115))
 
 
 def print_plan(output_dir, tasks):

@@ -165,10 +165,11 @@ def test_fallback_paths_give_the_same_numbers(pynative):
     assert fast_ops.GELU()(half).dtype == ms.float16 and fast_ops.LayerNorm(40, 1e-6)(half).dtype == ms.float16
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "numpy"])
 @pytest.mark.parametrize("shape", [(150, 37, 53), (3, 5000), (1, 7, 9), (2, 0)])
-def test_channel_argmax_is_numpys_argmax(shape):
-    """The segmentation masks' argmax over class maps: numpy's result (first index on ties, NaN the largest) from
-    the kernel library's loop, over blocks of pixels split between threads."""
+def test_running_argmax_is_numpys_argmax(shape, kernel):
+    """The segmentation masks' argmax over class maps given one map at a time: numpy's result on the stacked maps
+    (first index on ties, NaN the largest), from the kernel library's loop and from its numpy fallback."""
     assert fast_ops.kernels() is not None
     rng = np.random.default_rng(5)
     maps = rng.integers(-3, 4, size=shape).astype(np.float32)  # small integers: many ties
@@ -176,7 +177,10 @@ def test_channel_argmax_is_numpys_argmax(shape):
         flat = maps.reshape(shape[0], -1)
         flat[rng.integers(0, shape[0], 40), rng.integers(0, flat.shape[1], 40)] = np.nan
         flat[:, 0] = -np.inf
-    expected = maps.argmax(axis=0)
-    got = fast_ops.channel_argmax(maps)
-    assert got.dtype == np.int32 and got.shape == expected.shape
-    np.testing.assert_array_equal(got, expected)
+    running = fast_ops.RunningArgmax(shape[1:])
+    if not kernel:
+        running.handle = None
+    for plane in maps:
+        running.add(plane)
+    assert running.index.dtype == np.int32
+    np.testing.assert_array_equal(running.index, maps.argmax(axis=0))

@@ -20,7 +20,7 @@ only GELU and LayerNorm are compiled.
 
 Convolution (`PvtConv2dStride1/2/4`, inference): a k x k convolution with "same" padding as im2col per block of
 output rows into the same sgemm; `models.conv.MatmulConv2d` runs it in eval mode (see there for the speed) and
-Semantic FPN's conv-BN-ReLU folds its norm into it and lets it apply the ReLU. `channel_argmax`, on the host
+Semantic FPN's conv-BN-ReLU folds its norm into it and lets it apply the ReLU. `RunningArgmax`, on the host
 through ctypes: the segmentation masks' argmax over class maps.
 
 Accuracy (float32; measured against float64 references, see tests/test_fast_ops.py and tests/test_fast_dense.py):
@@ -192,8 +192,9 @@ class _Kernels:
             handle.PvtSetThreadCount.argtypes = [ctypes.c_int]
             handle.PvtSetThreadCount.restype = ctypes.c_int
             self.threads = handle.PvtSetThreadCount(kernel_library.default_thread_count())
-            handle.PvtArgmaxChannels.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            handle.PvtArgmaxChannels.restype = ctypes.c_int
+            handle.PvtArgmaxUpdate.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
+                                               ctypes.c_void_p]
+            handle.PvtArgmaxUpdate.restype = ctypes.c_int
         gelu_grad = ops.Custom(f"{library}:PvtGeluGrad", out_shape=_gelu_grad_shape, out_dtype=_same_dtype,
                                func_type="aot")
 
@@ -322,17 +323,31 @@ def kernels_for_new_cell():
     return kernels()
 
 
-def channel_argmax(maps):
-    """`maps.argmax(axis=0)` (int32) of (K, ...) float32 maps: the first index on ties, NaN counting as the largest,
-    as numpy; through the kernel library's threaded loop when it is loaded (measured for 150 x 512 x 683 maps on
-    one thread: numpy 145-157 ms), else numpy."""
-    maps = np.ascontiguousarray(maps, dtype=np.float32)
-    compiled = kernels()
-    if compiled is not None and compiled.handle is not None and maps.ndim >= 1 and maps.shape[0] > 0:
-        out = np.empty(maps.shape[1:], np.int32)
-        if compiled.handle.PvtArgmaxChannels(maps.ctypes.data, maps.shape[0], out.size, out.ctypes.data) == 0:
-            return out
-    return maps.argmax(axis=0).astype(np.int32)
+class RunningArgmax:
+    """The argmax over channels of (H, W) float32 maps given one channel at a time (`add(plane)`, channels 0, 1, ...
+    in order); `index` (int32) is numpy's argmax(axis=0) of the stacked maps: the first index on ties, NaN the
+    largest. Through the kernel library when it is loaded, else numpy."""
+
+    def __init__(self, shape):
+        self.best = np.empty(shape, np.float32)
+        self.index = np.zeros(shape, np.int32)
+        self.count = 0
+        compiled = kernels()
+        self.handle = compiled.handle if compiled is not None else None
+
+    def add(self, plane):
+        plane = np.ascontiguousarray(plane, dtype=np.float32)
+        if plane.shape != self.best.shape:
+            raise ValueError(f"RunningArgmax: a map of shape {plane.shape}, expected {self.best.shape}")
+        if self.handle is None or self.handle.PvtArgmaxUpdate(plane.ctypes.data, self.count, plane.size,
+                                                              self.best.ctypes.data, self.index.ctypes.data) != 0:
+            if self.count == 0:
+                self.best[...] = plane
+            else:
+                take = ((plane > self.best) | np.isnan(plane)) & ~np.isnan(self.best)
+                self.best[take] = plane[take]
+                self.index[take] = self.count
+        self.count += 1
 
 
 def fast_ops_status():

@@ -47,7 +47,7 @@ DENSE_KERNELS = ("PvtDense", "PvtDenseGrad", "PvtGeluDense", "PvtGeluDenseGrad",
                  "PvtAttentionGrad", "PvtAttentionBias", "PvtConv2dStride1", "PvtConv2dStride2",
                  "PvtConv2dStride4", "PvtConv2dGrad", "PvtMlp")
 # Called through ctypes on the host, not as MindSpore ops.
-CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount", "PvtArgmaxChannels")
+CONTROL_SYMBOLS = ("PvtSetThreadCount", "PvtThreadCount", "PvtArgmaxUpdate")
 
 _BASE_FLAGS = ("-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=fast", "-fopenmp-simd",
                "-fno-math-errno", "-fno-trapping-math")

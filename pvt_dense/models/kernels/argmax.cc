@@ -1,37 +1,35 @@
 // Host-side helpers called through ctypes (not MindSpore ops), on the library's thread pool.
 #include "common.h"
 
+namespace {
+
+// One channel's step of a running argmax over pixels [0, count): take v where it is larger, or NaN while the best
+// so far is not (x != x: NaN), so the first maximum (or first NaN) keeps its index, as numpy's argmax.
+inline void argmax_step(const float *__restrict plane, int32_t channel, int64_t count, float *__restrict best,
+                        int32_t *__restrict index) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = plane[i];
+    const bool take = (v > best[i] || (v != v)) && (best[i] == best[i]);
+    best[i] = take ? v : best[i];
+    index[i] = take ? channel : index[i];
+  }
+}
+
+}  // namespace
+
 extern "C" {
 
-// Host-side (called through ctypes, not a MindSpore op): out[i] = the index of the largest of x[c * n + i] over
-// c in [0, k), the first one on ties and the first NaN if any, as numpy's argmax(axis=0) on (k, n) float32.
-// Segmentation takes it over 150 class maps of a whole photo: numpy walks the pixels with a stride of n floats per
-// channel; here each thread keeps a block of pixels' running maxima and reads every channel's block contiguously.
-int PvtArgmaxChannels(const float *x, int64_t k, int64_t n, int32_t *out) {
-  if (x == nullptr || out == nullptr || k < 1 || n < 0) return 1;
-  return guarded([&] {
-    constexpr int64_t kBlock = 2048;
-    parallel_for((n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1, int) {
-      float best[kBlock];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t i0 = b * kBlock, count = std::min(kBlock, n - i0);
-        int32_t *__restrict index = out + i0;
-        std::memcpy(best, x + i0, sizeof(float) * count);
-        std::fill_n(index, count, 0);
-        for (int64_t c = 1; c < k; ++c) {
-          const float *__restrict row = x + c * n + i0;
-          for (int64_t i = 0; i < count; ++i) {
-            // take v when it is larger, or NaN while the best so far is not (best != best: NaN)
-            const float v = row[i];
-            const bool take = (v > best[i] || (v != v)) && (best[i] == best[i]);
-            best[i] = take ? v : best[i];
-            index[i] = take ? static_cast<int32_t>(c) : index[i];
-          }
-        }
-      }
-    });
+// One channel more of a running argmax over n pixels (channel 0 starts it: best = its plane, index = 0): for masks
+// computed channel by channel as each class map is resized, so the K resized maps never exist at once.
+int PvtArgmaxUpdate(const float *plane, int32_t channel, int64_t n, float *best, int32_t *index) {
+  if (plane == nullptr || best == nullptr || index == nullptr || n < 0 || channel < 0) return 1;
+  if (channel == 0) {
+    std::memcpy(best, plane, sizeof(float) * n);
+    std::fill_n(index, n, 0);
     return 0;
-  });
+  }
+  argmax_step(plane, channel, n, best, index);
+  return 0;
 }
 
 }  // extern "C"
