@@ -158,13 +158,12 @@ def _conv_shape(stride):
 def _conv_bprop(conv_grad, relu):
     """The convolution's gradients from its backward kernel (`PvtConv2dGrad`: per block of output rows, the block's
     columns rebuilt, never those of the whole input); with the ReLU fused the incoming gradient is first zeroed
-    where the output is, and the backward is told no ReLU."""
-    no_relu = Tensor([1.0, 1.0, 0.0], ms.float32)
+    where the output is."""
 
     def bprop(x, w, b, meta, out, dout):
         if relu:
             dout = dout * (out > 0).astype(dout.dtype)
-        dx, dw, db = conv_grad(x, w, dout, meta * no_relu)
+        dx, dw, db = conv_grad(x, w, dout, meta)
         return dx, dw, db, ops.zeros_like(meta)
     return bprop
 
@@ -208,7 +207,6 @@ class _Kernels:
             dx, dgamma, dbeta = layer_norm_grad(x, gamma, dout, eps)
             return dx, dgamma, dbeta, ops.zeros_like(eps)
 
-        self.library = library
         self.dense = self.gelu_dense = self.attention = self.attention_bias = self.mlp = None
         if has_dense:
             dense_grad = ops.Custom(f"{library}:PvtDenseGrad", out_shape=_dense_grad_shape,

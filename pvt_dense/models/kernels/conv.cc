@@ -38,6 +38,12 @@ bool conv_layout(int *ndims, int64_t **shapes, const float *meta, int out, ConvL
   return true;
 }
 
+// [lo, hi): the output columns j whose input column j stride - pad + kx lies inside [0, W), for kernel column kx.
+inline void inside_columns(const ConvLayout &L, int64_t kx, int64_t *lo, int64_t *hi) {
+  *lo = std::min<int64_t>(L.ow, std::max<int64_t>(0, floor_div(L.pad - kx + L.stride - 1, L.stride)));
+  *hi = std::max<int64_t>(*lo, std::min<int64_t>(L.ow, floor_div(L.w - 1 + L.pad - kx, L.stride) + 1));
+}
+
 // The columns of output rows [r0, r1) of one image x (C, H, W): col (C k k, (r1 - r0) OW), row (c, ky, kx) holding
 // x[c, r s - pad + ky, ow s - pad + kx] (0 outside the image) for each output pixel (r, ow) of the block.
 void conv_columns(const ConvLayout &L, const float *__restrict x, int64_t r0, int64_t r1, float *__restrict col) {
@@ -47,9 +53,8 @@ void conv_columns(const ConvLayout &L, const float *__restrict x, int64_t r0, in
     for (int64_t ky = 0; ky < k; ++ky) {
       for (int64_t kx = 0; kx < k; ++kx) {
         float *dst = col + ((c * k + ky) * k + kx) * n;
-        // output columns whose input column ix = j s - p + kx lies inside [0, W)
-        const int64_t lo = std::min<int64_t>(ow, std::max<int64_t>(0, floor_div(p - kx + s - 1, s)));
-        const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(ow, floor_div(L.w - 1 + p - kx, s) + 1));
+        int64_t lo, hi;
+        inside_columns(L, kx, &lo, &hi);
         for (int64_t r = r0; r < r1; ++r) {
           float *__restrict d = dst + (r - r0) * ow;
           const int64_t iy = r * s - p + ky;
@@ -104,8 +109,8 @@ void conv_columns_add(const ConvLayout &L, const float *__restrict col, int64_t 
     for (int64_t ky = 0; ky < k; ++ky) {
       for (int64_t kx = 0; kx < k; ++kx) {
         const float *src = col + ((c * k + ky) * k + kx) * n;
-        const int64_t lo = std::min<int64_t>(ow, std::max<int64_t>(0, floor_div(p - kx + s - 1, s)));
-        const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(ow, floor_div(L.w - 1 + p - kx, s) + 1));
+        int64_t lo, hi;
+        inside_columns(L, kx, &lo, &hi);
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t iy = r * s - p + ky;
           if (iy < 0 || iy >= L.h) continue;
@@ -144,7 +149,8 @@ static int PvtConv2dGradUnchecked(int nparam, void **params, int *ndims, int64_t
   float *dw = static_cast<float *>(params[5]);
   float *db = static_cast<float *>(params[6]);
   ConvLayout L;
-  if (!conv_layout(ndims, shapes, static_cast<const float *>(params[3]), 2, &L) || L.relu) return 1;
+  // meta as the forward got it: with the ReLU fused, the caller has already zeroed dy where the output was zero
+  if (!conv_layout(ndims, shapes, static_cast<const float *>(params[3]), 2, &L)) return 1;
   const int64_t in_size = L.c * L.h * L.w, plane = L.oh * L.ow, out_size = L.o * plane, taps = L.taps();
   std::fill_n(dx, L.batch * in_size, 0.0f);
   std::fill_n(dw, L.o * taps, 0.0f);
@@ -243,7 +249,7 @@ static int PvtConv2dUnchecked(int nparam, void **params, int *ndims, int64_t **s
             ndims[0] == 4 && ndims[1] == 4 && shapes[1][1] == shapes[0][1] && shapes[1][2] == shapes[1][3] &&     \
                 is_vector(ndims, shapes, 2, shapes[1][0]) && element_count(ndims[3], shapes[3]) == 3 &&           \
                 ndims[4] == 4 && shapes[4][0] == shapes[0][0] && shapes[4][1] == shapes[1][0])
-// x, w (O, C, k, k), dy (B, O, OH, OW), meta [stride, pad, 0] -> dx like x, dw like w, db (O); any stride and padding
+// x, w (O, C, k, k), dy (B, O, OH, OW), meta [stride, pad, relu] -> dx like x, dw like w, db (O); any stride and padding
 // (OH and OW checked in the kernel): the output shapes do not depend on them.
 PVT_ENTRY(PvtConv2dGrad, 7,
           ndims[0] == 4 && ndims[1] == 4 && shapes[1][1] == shapes[0][1] && shapes[1][2] == shapes[1][3] &&
