@@ -177,3 +177,47 @@ def test_convert_weights_tool_reports_and_fails_cleanly(tiny_classifier_state, t
     failed = subprocess.run(tool + [str(bad), str(tmp_path / "x.ckpt")], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2
     assert failed.stderr.startswith("error:") and "Traceback" not in failed.stderr
+
+
+def _little_free_memory(monkeypatch, pages=16):
+    """What a machine whose memory is mostly page cache reports as free (SC_AVPHYS_PAGES = MemFree): a few pages."""
+    import os
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: pages if name == "SC_AVPHYS_PAGES" else real(name))
+
+
+def test_mindspore_checkpoints_load_when_free_memory_is_page_cache(tiny_classifier_state, tmp_path, monkeypatch):
+    # CI saw MindSpore refuse a 203 MB mindcv checkpoint with 200 MB "free" on a 24 GB machine full of page cache.
+    from mindspore.train import serialization
+    from pvt_dense.checkpoint import mindspore_ckpt
+    path = save_mindspore(tiny_classifier_state, tmp_path / "pvt_tiny.ckpt")
+    original = serialization._get_available_memory
+    _little_free_memory(monkeypatch)
+    with pytest.raises(ValueError, match="exceeds current available memory"):
+        ms.load_checkpoint(str(path))  # the premise: MindSpore alone counts only free memory
+    assert mindspore_ckpt.mem_available_bytes() > path.stat().st_size
+    state = read_checkpoint(path)
+    np.testing.assert_array_equal(state["norm.gamma"], tiny_classifier_state["norm.gamma"])
+    load_pretrained(pvt_dense.create_model("pvt_tiny"), str(path), verbose=False)
+    assert serialization._get_available_memory is original  # put back after each call
+
+
+@pytest.mark.bad_input("checkpoint (any format)",
+                       "a MindSpore .ckpt larger than the memory the kernel says is available (MemAvailable)",
+                       "CheckpointError naming the file, its size and the available memory; nothing is read")
+def test_checkpoint_larger_than_available_memory_is_a_clear_error(tiny_classifier_state, tmp_path, monkeypatch):
+    from mindspore.train import serialization
+    from pvt_dense.checkpoint import mindspore_ckpt
+    path = save_mindspore(tiny_classifier_state, tmp_path / "pvt_tiny.ckpt")
+    original = serialization._get_available_memory
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24105000 kB\nMemFree:           100 kB\nMemAvailable:      200 kB\n")
+    assert mindspore_ckpt.mem_available_bytes(str(meminfo)) == 200 * 1024
+    real_reader = mindspore_ckpt.mem_available_bytes
+    monkeypatch.setattr(mindspore_ckpt, "mem_available_bytes", lambda: real_reader(str(meminfo)))
+    with pytest.raises(CheckpointError, match=r"pvt_tiny.ckpt: the file is 5\d.\d MB and only 0.2 MB of memory is "
+                                              r"available") as caught:
+        read_checkpoint(path)
+    assert "\n" not in str(caught.value)
+    assert serialization._get_available_memory is original
+    assert real_reader(str(tmp_path / "missing")) is None

@@ -17,6 +17,7 @@ from ..atomic import publish, temp_path_for
 from ..errors import CheckpointError
 from ..messages import first_line, shorten
 from .keymaps import to_native
+from .mindspore_ckpt import load_mindspore_checkpoint
 from .safetensors_reader import read_safetensors
 from .sizes import SIZE_TABLE, infer_model_name  # noqa: F401  (part of this module's API)
 from .torch_reader import read_torch_state_dict
@@ -74,17 +75,16 @@ def _is_safetensors(handle, file_size):
 
 
 def read_mindspore_checkpoint(path):
-    import mindspore as ms
     try:
         if path.endswith(".ckpt"):
-            params = ms.load_checkpoint(path)
+            params = load_mindspore_checkpoint(path)
         else:
             # MindSpore refuses names not ending in lowercase ".ckpt" (OUT.CKPT, a .bin that is MindSpore data):
             # hand it a link of an acceptable name in a private temporary folder.
             with tempfile.TemporaryDirectory(prefix="pvt_dense-") as folder:
                 link = os.path.join(folder, "checkpoint.ckpt")
                 os.symlink(os.path.abspath(path), link)
-                params = ms.load_checkpoint(link)
+                params = load_mindspore_checkpoint(link)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
         raise CheckpointError(f"cannot read MindSpore checkpoint {path}: {shorten(first_line(err))}") from None
     state = {}

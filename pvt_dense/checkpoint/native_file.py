@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..messages import examples, first_line
+from .mindspore_ckpt import load_mindspore_checkpoint
 
 # Nested dicts are refused by save_checkpoint's append_dict, strings are stored verbatim, so the metadata travels
 # as one JSON string under a name no MindSpore parameter has.
@@ -34,14 +35,13 @@ def read_checkpoint_meta(path):
     Completeness is checked in full: the CRC trailer must be there (a file cut at a record boundary still parses)
     and MindSpore must parse the whole file with its CRC, which also catches flipped bytes inside tensor data.
     """
-    import mindspore as ms
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if not has_crc_trailer(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (truncated: no CRC trailer)")
     try:
-        stored = ms.load_checkpoint(path, crc_check=True, choice_func=lambda name: name == META_KEY)
+        stored = load_mindspore_checkpoint(path, crc_check=True, choice_func=lambda name: name == META_KEY)
     except Exception as err:  # ValueError/RuntimeError with C++ traces, whatever the damage was
         raise CheckpointError(f"checkpoint {path} cannot be read: {first_line(err)}") from None
     if not isinstance(stored.get(META_KEY), str):
@@ -140,7 +140,7 @@ def load_checkpoint_into(path, cells_or_params):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = ms.load_checkpoint(path, crc_check=has_crc_trailer(path))
+        state = load_mindspore_checkpoint(path, crc_check=has_crc_trailer(path))
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: {first_line(err)}") from None
     meta_text = state.pop(META_KEY, None)

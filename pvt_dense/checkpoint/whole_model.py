@@ -43,6 +43,7 @@ from .keymaps import to_native
 from .keymaps_mmdet import mmdet_pvt_to_official, neck_name
 from .keymaps_v2 import MMDETECTION
 from .load import check_raw_state, check_weight_dtypes, fit_to_model, sniff_format
+from .mindspore_ckpt import load_mindspore_checkpoint
 from .native_file import META_KEY, load_checkpoint_into, save_entries
 from .sizes import infer_model_name
 from .torch_reader import read_torch_checkpoint
@@ -194,10 +195,9 @@ def _backbone_layout(backbone_keys):
 
 
 def _read_native_meta(path):
-    import mindspore as ms
 
     try:
-        stored = ms.load_checkpoint(path, choice_func=lambda name: name == META_KEY)
+        stored = load_mindspore_checkpoint(path, choice_func=lambda name: name == META_KEY)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with C++ traces
         text = str(err).strip()
         if "empty after filter" in text:
@@ -524,10 +524,9 @@ def native_classifier_outputs(path, layout):
     """(file's parameter name, output count) of the classification layer (`layout.classifier_params[0]`) of a
     native whole-model checkpoint, read from the file without building a model; None when it holds no such layer
     or cannot be read (the loader then says why)."""
-    import mindspore as ms
     leaf = layout.classifier_params[0]
     try:
-        stored = ms.load_checkpoint(path, choice_func=lambda name: name == leaf or name.endswith("." + leaf))
+        stored = load_mindspore_checkpoint(path, choice_func=lambda name: name == leaf or name.endswith("." + leaf))
     except Exception:  # noqa: BLE001  (an unreadable file is reported by the loader)
         return None
     for name, value in stored.items():
@@ -539,11 +538,10 @@ def native_classifier_outputs(path, layout):
 def _native_mismatched_classifier(model, path, layout):
     """{structural name: description} of the model's classification-head parameters whose shape in the native
     file at `path` differs (read from the file without loading anything)."""
-    import mindspore as ms
     params = dict(model.parameters_and_names())
     wanted = {params[name].name: name for name in layout.classifier_params if name in params}
     try:
-        stored = ms.load_checkpoint(path, choice_func=lambda name: name in wanted)
+        stored = load_mindspore_checkpoint(path, choice_func=lambda name: name in wanted)
     except Exception:  # noqa: BLE001  (load_checkpoint_into reports an unreadable file properly)
         return {}
     out = {}
