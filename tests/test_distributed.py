@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mindspore as ms
 import numpy as np
 import pytest
 
+from pvt_dense.checkpoint.mindspore_ckpt import load_mindspore_checkpoint
 from pvt_dense.data.digits import make_digits_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def run_worker(args, launcher=(), timeout=900, log_dir=None):
 
 def final_weights(ckpt_dir):
     latest = json.loads((Path(ckpt_dir) / "latest.json").read_text())["checkpoint"]
-    params = ms.load_checkpoint(str(Path(ckpt_dir) / latest))
+    params = load_mindspore_checkpoint(str(Path(ckpt_dir) / latest))
     return {k: v.asnumpy() for k, v in params.items() if not k.startswith(("adam_", "pvt_dense_meta"))}
 
 

@@ -7,6 +7,8 @@ import pytest
 
 import mindspore as ms
 from mindspore import nn
+
+from pvt_dense.checkpoint.mindspore_ckpt import load_mindspore_checkpoint
 from pvt_dense.engine.loop import IterationLoop, NonFiniteLossError
 from pvt_dense.engine.schedules import warmup_poly_schedule, warmup_step_schedule
 from pvt_dense.engine.train_step import TrainStep
@@ -95,7 +97,7 @@ def test_a_checkpoint_of_the_former_classification_trainer_resumes_where_it_stop
     with pytest.raises(Crash):
         crashing_loop.run()
     path, _ = crashing_loop.checkpoints.latest()
-    arrays = {name: value.asnumpy() for name, value in ms.load_checkpoint(path).items() if name != META_KEY}
+    arrays = {name: value.asnumpy() for name, value in load_mindspore_checkpoint(path).items() if name != META_KEY}
     old_meta = {"epoch": 1, "step_in_epoch": 1, "global_step": 4, "overflow_steps": 0, "best_top1": None,
                 "skipped_images": 0, "config": {}, "class_names": []}
     CheckpointManager(tmp_path / "old", prefix="model").save(arrays, old_meta)

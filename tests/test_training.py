@@ -12,6 +12,7 @@ from pvt_dense.classification.config import load_classification_config
 from pvt_dense.classification.evaluation import evaluate
 from pvt_dense.classification.train import ClassificationRun, NonFiniteLossError
 from pvt_dense.data.digits import make_digits_imagenet
+from pvt_dense.checkpoint.mindspore_ckpt import load_mindspore_checkpoint
 from pvt_dense.engine.checkpoints import read_checkpoint_meta
 from pvt_dense.engine.train_step import TrainStep
 from pvt_dense.errors import ConfigError, PVTDenseError
@@ -290,7 +291,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_pa
     assert ("last good checkpoint is kept" if saved else "No checkpoint was written") in str(stopped.value)
     for path in (tmp_path / "run").glob("*.ckpt"):
         meta = read_checkpoint_meta(str(path))
-        params = ms.load_checkpoint(str(path))
+        params = load_mindspore_checkpoint(str(path))
         assert all(np.isfinite(v.asnumpy()).all() for k, v in params.items() if k != "pvt_dense_meta_json"), meta
 
 
