@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
 from pvt_dense.checkpoint.mindspore_ckpt import load_mindspore_checkpoint
 from pvt_dense.engine.loop import IterationLoop, NonFiniteLossError
@@ -172,3 +172,48 @@ def test_mindcv_schedulers_cannot_express_the_dense_recipes_warmup_and_steps():
 
     assert decays(warmup_step_schedule(1.0, 1200, [800, 1100], 0.1, warmup_iters=5, warmup_ratio=0.001)) == [800, 1100]
     assert decays(create_scheduler(100, warmup_epochs=1, **recipe)) == [900]
+
+
+class TwoLayers(nn.Cell):
+    """Gradients of several shapes, large enough (x100 targets) that clipping at 1.0 bites."""
+
+    def __init__(self):
+        super().__init__()
+        ms.set_seed(5)
+        self.fc1 = nn.Dense(5, 16)
+        self.fc2 = nn.Dense(16, 1)
+
+    def construct(self, x, y):
+        return ops.mean((self.fc2(ops.relu(self.fc1(x))) - y * 100.0) ** 2)
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 1024.0])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel-library", "mindspore-ops"])
+@pytest.mark.parametrize("clip, mode", [(0.0, ms.PYNATIVE_MODE), (1.0, ms.PYNATIVE_MODE), (1e6, ms.PYNATIVE_MODE),
+                                        (1.0, ms.GRAPH_MODE)], ids=["no-clip", "clip", "clip-above-norm", "graph"])
+def test_clipped_update_is_torch_clip_grad_norm(kernels, clip, mode, loss_scale, pynative):
+    # SGD with lr 1 makes the update the (unscaled, clipped) gradient itself; the reference clips the plain
+    # gradients with torch.nn.utils.clip_grad_norm_'s rule in float64.
+    import contextlib
+    from mindspore import ops as mops
+    from pvt_dense.models.fast_ops import kernels as kernel_library, mindspore_ops_only
+    if kernels and kernel_library() is None:
+        pytest.skip("kernel library unavailable")
+    ms.set_context(mode=mode)
+    x, y = RandomRegression().batch(0, 1)
+    net = TwoLayers()
+    weights = net.trainable_params()
+    grads = mops.GradOperation(get_by_list=True)(net, weights)(ms.Tensor(x), ms.Tensor(y))
+    grads = [g.asnumpy().astype(np.float64) for g in grads]
+    norm = np.sqrt(sum((g ** 2).sum() for g in grads))
+    assert norm > 10  # clipping at 1.0 changes the update
+    expected = [g * min(1.0, clip / (norm + 1e-6)) if clip else g for g in grads]
+    before = [w.asnumpy().copy() for w in weights]
+    with (contextlib.nullcontext() if kernels else mindspore_ops_only()):
+        step = TrainStep(net, nn.SGD(weights, learning_rate=1.0), loss_scale=loss_scale, clip_grad_norm=clip)
+    assert (step.global_norm is not None) == kernels
+    loss, overflow, _ = step(ms.Tensor(x), ms.Tensor(y))
+    assert not bool(overflow.asnumpy()) and np.isfinite(loss.asnumpy())
+    for w, old, update in zip(weights, before, expected):
+        np.testing.assert_allclose(old - w.asnumpy(), update, rtol=2e-5, atol=1e-6 * np.abs(update).max(),
+                                   err_msg=w.name)

@@ -251,6 +251,9 @@ class _Kernels:
                                func_type="aot", bprop=gelu_bprop)
         self.layer_norm = ops.Custom(f"{library}:PvtLayerNorm", out_shape=_layer_norm_shape, out_dtype=_same_dtype,
                                      func_type="aot", bprop=layer_norm_bprop)
+        # The training step's gradients in, [global norm, all finite] out (no bprop: never differentiated).
+        self.global_norm = ops.Custom(f"{library}:PvtGlobalNorm", out_shape=lambda *shapes: [2],
+                                      out_dtype=lambda *dtypes: ms.float32, func_type="aot")
 
 
     def conv2d(self, kernel_size, stride, pad, relu=False):
