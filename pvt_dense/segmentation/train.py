@@ -42,6 +42,7 @@ class SegmentationRun:
                                    load_pretrained=not cfg.load_from)
         load_starting_weights(self.net, cfg.load_from)
         self.inference = SegmentorInference(self.net)
+        self.last_evaluation = {}
         self.lr_schedule = warmup_poly_schedule(cfg.lr, cfg.total_iters, cfg.power, cfg.min_lr, cfg.warmup_iters,
                                                 cfg.warmup_ratio)
         self.optimizer = build_adamw(self.net, cfg, self.lr_schedule)
@@ -73,9 +74,11 @@ class SegmentationRun:
             num_workers=cfg.num_workers)
         state = loop.run()
         state["out_of_range_label_pixels"] = self.source.out_of_range_pixels
-        return state
+        return dict(state, metrics=dict(self.last_evaluation), segmentor=self.net, inference=self.inference,
+                    run_dir=cfg.ckpt_save_dir)
 
 
 def train_segmentor(cfg):
-    """Run (or resume) the training `cfg` describes; returns the loop's final state."""
+    """Run (or resume) the training `cfg` describes; returns the loop's final state plus the last evaluation of
+    this process (`metrics`: `evaluate_segmentor`'s result, per-class IoU included; empty when none ran)."""
     return SegmentationRun(cfg).fit()
