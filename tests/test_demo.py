@@ -201,16 +201,18 @@ def test_demo_pretraining_size_gives_every_stage_query_a_gradient():
 
 
 def test_demo_segmentation_config_fits_the_demo_data():
-    """The Semantic FPN demo trains and tests at the size its canvases are drawn at (no resize blurs the strokes the
-    masks must follow, see DEMO_DATA), on the generated set's two classes."""
+    """The Semantic FPN demo trains at the size its canvases are drawn at (no resize blurs the strokes the masks
+    must follow, see DEMO_DATA) and tests at the largest scale its random rescale trains at, on the generated set's
+    two classes."""
     from pvt_dense.data.digits_segmentation import class_names
     from pvt_dense.segmentation.demo import DEMO_CONFIG, DEMO_DATA
     from pvt_dense.segmentation.config import load_segmentation_config
 
     cfg = load_segmentation_config(DEMO_CONFIG)
     size = DEMO_DATA["canvas_size"]
-    assert cfg.train_scale == cfg.crop_size == cfg.test_scale == [size, size]
-    assert size % cfg.size_divisor == 0
+    assert cfg.train_scale == cfg.crop_size == [size, size]
+    assert cfg.test_scale == [round(size * cfg.ratio_range[1])] * 2
+    assert size % cfg.size_divisor == 0 and cfg.test_scale[0] % cfg.size_divisor == 0
     assert cfg.class_names == class_names(10, merge_digits=DEMO_DATA["merge_digits"]) == ["background", "digit"]
     low, high = DEMO_DATA["digit_size"]
     assert 8 <= low <= high <= size
