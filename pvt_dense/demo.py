@@ -60,8 +60,8 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 DENSE_TASKS = ("detection", "segmentation")
 
 # Wall seconds of each part on an idle 2-core CPU, graph compilations included: the mean of two whole runs
-# (2026-12-07, Intel Xeon, nothing else running: 5 min 10 s and 5 min 18 s in all; docs/quickstart.md).
-PART_ESTIMATES = (("pretraining", 72), ("features", 4), ("detection", 117), ("segmentation", 117))
+# (2026-12-07, Intel Xeon, nothing else running: 4 min 7 s and 3 min 59 s in all; docs/quickstart.md).
+PART_ESTIMATES = (("pretraining", 64), ("features", 4), ("detection", 82), ("segmentation", 90))
 
 
 def print_plan(output_dir, tasks):

@@ -216,3 +216,16 @@ def test_demo_segmentation_config_fits_the_demo_data():
     assert cfg.class_names == class_names(10, merge_digits=DEMO_DATA["merge_digits"]) == ["background", "digit"]
     low, high = DEMO_DATA["digit_size"]
     assert 8 <= low <= high <= size
+
+
+def test_the_demo_time_the_docs_promise_is_the_plan_the_demo_prints(capsys):
+    """README and quick start say "about N minutes", the demo's plan adds up its measured parts: one figure."""
+    import re
+    from pvt_dense.demo import DENSE_TASKS, PART_ESTIMATES, print_plan
+    minutes = round(sum(seconds for _, seconds in PART_ESTIMATES) / 60)
+    print_plan("outputs/demo", DENSE_TASKS)
+    assert f"about {minutes} min on an idle 2-core CPU" in capsys.readouterr().out
+    for page in ("README.md", os.path.join("docs", "quickstart.md")):
+        with open(os.path.join(ROOT, page), encoding="utf-8") as handle:
+            claims = re.findall(r"about (\d+) minutes", handle.read().replace("\n", " "))
+        assert claims and all(int(claim) == minutes for claim in claims), (page, claims, minutes)
