@@ -6,7 +6,8 @@ memory, so the picture shows what the run left on disk (and can be rebuilt from 
 * `pretrain/metrics.jsonl`: the pretraining curves (train loss, val top-1 per epoch);
 * `detection/metrics.jsonl`, `segmentation/metrics.jsonl`: the last evaluation of each dense task (box AP/AP50,
   mIoU), recorded by the training loop;
-* `detections/*`: a few drawn detections; `segmentation_overlays/overlay/*`: a few segmentation overlays;
+* `detections/*`: a few drawn detections; `segmentation_overlays/{overlay,color}/*`: two segmentation overlays,
+  each beside its colour mask;
 * `features/*.npz`: the four stage maps of one photograph, each shown as its first three principal components
   (over the channels) mapped to red, green and blue.
 
@@ -50,6 +51,21 @@ def list_images(folder, count):
         return []
     names = sorted(name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
     return [os.path.join(folder, name) for name in names[:count]]
+
+
+def segmentation_panels(run_dir, count):
+    """(path, title) of up to `count` panels: overlays, each followed by its colour mask when there is one. The
+    demo's digits are drawn in every colour, so in an overlay alone the tint of the predicted class is hard to tell
+    from the digit's own colour; the mask beside it shows the predicted shape plainly."""
+    root = os.path.join(run_dir, "segmentation_overlays")
+    panels = []
+    for overlay in list_images(os.path.join(root, "overlay"), count):
+        name = os.path.basename(overlay)
+        color = os.path.join(root, "color", os.path.splitext(name)[0] + ".png")
+        panels.append((overlay, f"overlay/{name}"))
+        if os.path.isfile(color):
+            panels.append((color, f"color/{os.path.basename(color)}"))
+    return panels[:count]
 
 
 def principal_components_rgb(feature_map):
@@ -152,14 +168,15 @@ def build_summary(run_dir, path=None, examples=4):
              "", f"run folder: {run_dir}"]
     text_ax.text(0.15, 0.9, "\n".join(lines), va="top", family="monospace", fontsize=11)
 
-    # Row 2: drawn detections; row 3: segmentation overlays.
-    rows = ((1, list_images(os.path.join(run_dir, "detections"), examples), "detections"),
-            (2, list_images(os.path.join(run_dir, "segmentation_overlays", "overlay"), examples), "overlay"))
-    for row, paths, label in rows:
+    # Row 2: drawn detections; row 3: segmentation overlays, each beside its colour mask.
+    detections = list_images(os.path.join(run_dir, "detections"), examples)
+    rows = ((1, [(p, f"detections/{os.path.basename(p)}") for p in detections], "detections"),
+            (2, segmentation_panels(run_dir, columns), "overlay"))
+    for row, panels, label in rows:
         for column in range(columns):
             ax = figure.add_subplot(grid[row, column])
-            if column < len(paths):
-                _show_image(ax, paths[column], f"{label}/{os.path.basename(paths[column])}")
+            if column < len(panels):
+                _show_image(ax, *panels[column])
             elif column == 0:
                 _placeholder(ax, f"no {label} images")
             else:

@@ -32,7 +32,8 @@ def _fake_run(root):
                                                          "val_AP50": 0.875}])
     _write_jsonl(os.path.join(root, "segmentation", "metrics.jsonl"), [{"iteration": 100, "val_mIoU": 0.805}])
     for folder, names in ((os.path.join(root, "detections"), ["000000.png", "000001.png"]),
-                          (os.path.join(root, "segmentation_overlays", "overlay"), ["val_00000.jpg.jpg"])):
+                          (os.path.join(root, "segmentation_overlays", "overlay"), ["val_00000.jpg.jpg"]),
+                          (os.path.join(root, "segmentation_overlays", "color"), ["val_00000.jpg.png"])):
         os.makedirs(folder)
         for name in names:
             cv2.imwrite(os.path.join(folder, name), rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
@@ -63,6 +64,21 @@ def test_summary_is_drawn_from_the_run_files_and_changes_with_them(tmp_path):
     _, numbers = build_summary(root)
     assert numbers["top1"] == 10.0
     assert np.abs(cv2.imread(path).astype(int) - second).max() > 100
+
+
+def test_summary_shows_each_segmentation_overlay_beside_its_colour_mask(tmp_path):
+    from pvt_dense.demo_summary import segmentation_panels
+    root = str(tmp_path / "run")
+    _fake_run(root)
+    overlays = os.path.join(root, "segmentation_overlays", "overlay")
+    for name in ("val_00001.jpg.jpg", "val_00002.jpg.jpg"):  # val_00002 has no colour mask
+        cv2.imwrite(os.path.join(overlays, name), np.zeros((8, 8, 3), np.uint8))
+    colors = os.path.join(root, "segmentation_overlays", "color")
+    cv2.imwrite(os.path.join(colors, "val_00001.jpg.png"), np.zeros((8, 8, 3), np.uint8))
+    titles = [title for _, title in segmentation_panels(root, 4)]
+    assert titles == ["overlay/val_00000.jpg.jpg", "color/val_00000.jpg.png", "overlay/val_00001.jpg.jpg",
+                      "color/val_00001.jpg.png"]
+    assert [t for _, t in segmentation_panels(root, 6)][-1] == "overlay/val_00002.jpg.jpg"
 
 
 def test_summary_of_a_run_without_dense_tasks_says_so(tmp_path):
