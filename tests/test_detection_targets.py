@@ -126,6 +126,64 @@ def test_focal_loss_against_hand_computed_values():
     assert abs(1.0 / (1.0 + math.exp(-prior_bias(0.01))) - 0.01) < 1e-12
 
 
+@pytest.mark.parametrize("gamma", [2.0, 1.5, 0.0])
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE], ids=["graph", "pynative"])
+def test_focal_loss_kernel_equals_the_element_wise_loss_and_its_gradient(gamma, mode, pynative):
+    # RetinaNetLoss uses the kernel library's per-anchor focal loss where it is loaded: values and gradients must
+    # be the element-wise form's, for targets given as class indices (-1: none, and out of range: none).
+    from mindspore import nn, ops
+    from pvt_dense.models.fast_ops import kernels
+    library = kernels()
+    if library is None:
+        pytest.skip("kernel library unavailable")
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(0)
+    batch, anchors, classes, alpha = 2, 300, 7, 0.25
+    logits = (rng.standard_normal((batch, anchors, classes)) * 4).astype(np.float32)
+    logits[0, :3] = [[-90.0] * classes, [90.0] * classes, [0.0] * classes]  # saturated sigmoid, and p = 1/2
+    target = rng.integers(-1, classes, (batch, anchors)).astype(np.float32)
+    target[1, :2] = [classes, -5]  # out of range: no positive class
+    one_hot = (np.arange(classes) == target[..., None]).astype(np.float32)
+    weights = rng.random((batch, anchors)).astype(np.float32)  # an upstream gradient that is not all ones
+
+    class Fused(nn.Cell):
+        def construct(self, x):
+            return (library.focal_loss(x, Tensor(target), Tensor([alpha, gamma], ms.float32)) * Tensor(weights)).sum()
+
+    class ElementWise(nn.Cell):
+        def construct(self, x):
+            return (sigmoid_focal_loss(x, Tensor(one_hot), alpha, gamma).sum(axis=2) * Tensor(weights)).sum()
+
+    for net in (Fused(), ElementWise()):
+        value, grad = ops.value_and_grad(net)(Tensor(logits))
+        if isinstance(net, Fused):
+            fused = value.asnumpy(), grad.asnumpy()
+        else:
+            reference = value.asnumpy(), grad.asnumpy()
+    # Where the sigmoid saturates the element-wise gradient is nan (exp(90) overflows); the kernel's stays finite:
+    # 0 for a confident right answer (x = -90, not the class), (1 - alpha) * weight for a confident wrong one
+    # (x = 90, not the class).
+    assert np.isfinite(fused[1]).all()
+    others = [np.arange(classes) != target[0, row] for row in (0, 1)]
+    assert (fused[1][0, 0][others[0]] == 0).all()
+    np.testing.assert_allclose(fused[1][0, 1][others[1]], (1 - alpha) * weights[0, 1], rtol=1e-5)
+    # At x = 0 the element-wise form differentiates relu and abs at their kinks (0), though the loss is smooth
+    # there: its gradient is compared on the other rows, and every row against the derivative in float64.
+    rows = np.ones((batch, anchors), bool)
+    rows[0, :3] = False
+    np.testing.assert_allclose(fused[1][rows], reference[1][rows], rtol=2e-4, atol=1e-6)
+    x = logits.astype(np.float64)
+    p = 1.0 / (1.0 + np.exp(-x))
+    pt = np.where(one_hot == 1, 1.0 - p, p)
+    alpha_t = np.where(one_hot == 1, alpha, 1 - alpha)
+    bce = np.maximum(x, 0) - x * one_hot + np.log1p(np.exp(-np.abs(x)))
+    expected = (alpha_t * pt ** gamma * bce).sum(axis=2)
+    np.testing.assert_allclose(fused[0], (expected * weights).sum(), rtol=2e-5)
+    dweight = alpha_t * gamma * pt ** max(gamma - 1, 0) * np.where(one_hot == 1, -1, 1) * p * (1 - p)
+    derivative = ((p - one_hot) * alpha_t * pt ** gamma + bce * dweight) * weights[..., None]
+    np.testing.assert_allclose(fused[1], derivative, rtol=2e-4, atol=1e-6)
+
+
 def nms_reference(boxes, scores, iou_thr):
     """Brute force: visit boxes by falling score; keep one unless a kept box overlaps it above the threshold."""
     kept = []

@@ -4,6 +4,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..models.buckets import level_masks
+from ..models.fast_ops import kernels_for_new_cell
 from .anchors import graph_level_anchors, graph_level_valid
 from .assigner import MaxIoUAssigner, spread
 from .box_coder import encode_deltas
@@ -80,6 +81,11 @@ class RetinaNetLoss(nn.Cell):
         self.box_loss_weight = float(box_loss_weight)
         self.target_means = tuple(float(m) for m in target_means)
         self.target_stds = tuple(float(s) for s in target_stds)
+        # The kernel library's focal loss keeps no (batch, anchors, classes) temporaries for the backward (~1.5 GB
+        # of a PVT-Tiny training step at 800x1216, batch 2, in the element-wise form); same values.
+        kernels = kernels_for_new_cell()
+        self.fused_focal_loss = kernels.focal_loss if kernels is not None else None
+        self.focal_meta = Tensor([self.focal_alpha, self.focal_gamma], ms.float32)
 
     def flatten_outputs(self, outputs, pad_sizes):
         """(B, N, K) logits, (B, N, 4) deltas, (N, 4) anchors and (B, N) valid flags, all levels concatenated in
@@ -106,16 +112,15 @@ class RetinaNetLoss(nn.Cell):
             start = start + count
         return sums
 
-    def targets(self, anchors, anchor_valid, gt_boxes, gt_labels, gt_mask):
-        """mmdetection's `get_targets` for all anchors concatenated: (class targets (B, N, K) one-hot of the
-        positives, label weights (B, N) 1 on positives and negatives, box targets (B, N, 4) deltas of the positives
-        (0 elsewhere), positive (B, N) bool, avg_factor: the number of positives, at least one per image)."""
+    def assign(self, anchors, anchor_valid, gt_boxes, gt_labels, gt_mask):
+        """mmdetection's `get_targets` for all anchors concatenated, with the class as an index: (target class
+        (B, N) float, the positives' class, -1 elsewhere; label weights (B, N) 1 on positives and negatives; box
+        targets (B, N, 4) deltas of the positives (0 elsewhere); positive (B, N) bool; avg_factor: the number of
+        positives, at least one per image)."""
         matched, positive, negative = self.assigner(anchors, gt_boxes, gt_mask, anchor_valid)
         positive_f = ops.cast(positive, ms.float32)
-        labels = ops.gather_elements(gt_labels, 1, matched)
-        class_targets = ops.one_hot(labels, self.num_classes, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        # broadcast explicitly: a broadcasting Mul would keep 8 bytes per (B, N, K) element (see assigner.spread)
-        class_targets = ops.stop_gradient(class_targets * spread(ops.expand_dims(positive_f, -1), class_targets.shape))
+        labels = ops.cast(ops.gather_elements(gt_labels, 1, matched), ms.float32)
+        target_class = ops.stop_gradient(ops.where(positive, labels, ops.full_like(labels, -1.0)))
         label_weights = ops.cast(ops.logical_or(positive, negative), ms.float32)
         avg_factor = ops.stop_gradient(ops.maximum(positive_f.sum(axis=1), 1.0).sum())
         index = ops.tile(ops.expand_dims(matched, -1), (1, 1, 4))
@@ -124,13 +129,32 @@ class RetinaNetLoss(nn.Cell):
         # Anchors matched to padding encode log(0): replace, not multiply, or 0 * inf poisons the gradient.
         box_targets = ops.stop_gradient(ops.where(ops.expand_dims(positive, -1), box_targets,
                                                   ops.zeros_like(box_targets)))
-        return class_targets, label_weights, box_targets, positive, avg_factor
+        return target_class, label_weights, box_targets, positive, avg_factor
+
+    def one_hot_targets(self, target_class):
+        """(B, N, K) one-hot class targets of the positives (rows of zeros elsewhere) from `assign`'s classes."""
+        positive_f = ops.cast(target_class >= 0, ms.float32)
+        class_targets = ops.one_hot(ops.cast(ops.maximum(target_class, 0.0), ms.int32), self.num_classes,
+                                    Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        # broadcast explicitly: a broadcasting Mul would keep 8 bytes per (B, N, K) element (see assigner.spread)
+        return ops.stop_gradient(class_targets * spread(ops.expand_dims(positive_f, -1), class_targets.shape))
+
+    def targets(self, anchors, anchor_valid, gt_boxes, gt_labels, gt_mask):
+        """`assign` with the classes as (B, N, K) one-hot targets, as mmdetection's element-wise focal loss takes
+        them."""
+        target_class, label_weights, box_targets, positive, avg_factor = self.assign(
+            anchors, anchor_valid, gt_boxes, gt_labels, gt_mask)
+        return self.one_hot_targets(target_class), label_weights, box_targets, positive, avg_factor
 
     def construct(self, outputs, gt_boxes, gt_labels, gt_mask, pad_sizes):
         logits, deltas, anchors, anchor_valid, counts = self.flatten_outputs(outputs, pad_sizes)
-        class_targets, label_weights, box_targets, positive, avg_factor = self.targets(
+        target_class, label_weights, box_targets, positive, avg_factor = self.assign(
             anchors, anchor_valid, gt_boxes, gt_labels, gt_mask)
-        cls_elements = sigmoid_focal_loss(logits, class_targets, self.focal_alpha, self.focal_gamma).sum(axis=2)
+        if self.fused_focal_loss is None:
+            cls_elements = sigmoid_focal_loss(logits, self.one_hot_targets(target_class), self.focal_alpha,
+                                              self.focal_gamma).sum(axis=2)
+        else:
+            cls_elements = self.fused_focal_loss(logits, target_class, self.focal_meta)
         cls_elements = cls_elements * label_weights
         box_elements = (l1_loss(deltas, box_targets) * ops.expand_dims(ops.cast(positive, ms.float32), -1)).sum(
             axis=2)

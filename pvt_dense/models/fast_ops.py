@@ -174,6 +174,13 @@ def _conv_grad_shape(x, w, dy, meta):
     return x, w, [w[0]]
 
 
+def _focal_loss_shape(logits, labels, meta):
+    _require(len(logits) == 3 and len(labels) == 2 and len(meta) == 1 and
+             (not _known(logits, labels, meta) or (list(labels) == list(logits[:2]) and list(meta) == [2])),
+             "PvtFocalLoss", "logits (B, N, K), labels (B, N), meta (2,)", (logits, labels, meta))
+    return list(logits[:2])
+
+
 def _same_dtype(*dtypes):
     return dtypes[0]
 
@@ -251,6 +258,15 @@ class _Kernels:
                                func_type="aot", bprop=gelu_bprop)
         self.layer_norm = ops.Custom(f"{library}:PvtLayerNorm", out_shape=_layer_norm_shape, out_dtype=_same_dtype,
                                      func_type="aot", bprop=layer_norm_bprop)
+        focal_loss_grad = ops.Custom(f"{library}:PvtFocalLossGrad", out_shape=lambda x, labels, meta, dy: x,
+                                     out_dtype=lambda x, labels, meta, dy: x, func_type="aot")
+
+        def focal_loss_bprop(logits, labels, meta, out, dout):
+            return focal_loss_grad(logits, labels, meta, dout), ops.zeros_like(labels), ops.zeros_like(meta)
+
+        # RetinaNet's focal loss per anchor: logits (B, N, K), target class (B, N; -1 none), [alpha, gamma].
+        self.focal_loss = ops.Custom(f"{library}:PvtFocalLoss", out_shape=_focal_loss_shape,
+                                     out_dtype=lambda x, labels, meta: x, func_type="aot", bprop=focal_loss_bprop)
         # The training step's gradients in, [global norm, all finite] out (no bprop: never differentiated).
         self.global_norm = ops.Custom(f"{library}:PvtGlobalNorm", out_shape=lambda *shapes: [2],
                                       out_dtype=lambda *dtypes: ms.float32, func_type="aot")
