@@ -60,8 +60,8 @@ def pretrain_on_digits(output_dir, config_path=DEMO_CONFIG):
 DENSE_TASKS = ("detection", "segmentation")
 
 # Wall seconds of each part on an idle 2-core CPU, graph compilations included: the mean of two whole runs
-# (2026-12-07, Intel Xeon, nothing else running: 4 min 7 s and 3 min 59 s in all; docs/quickstart.md).
-PART_ESTIMATES = (("pretraining", 64), ("features", 4), ("detection", 82), ("segmentation", 90))
+# (2026-12-07, Intel Xeon, nothing else running: 3 min 58 s both times; docs/quickstart.md).
+PART_ESTIMATES = (("pretraining", 62), ("features", 4), ("detection", 78), ("segmentation", 91))
 
 
 def print_plan(output_dir, tasks):
