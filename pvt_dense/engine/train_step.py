@@ -15,14 +15,6 @@ from mindspore.context import ParallelMode
 
 from ..models.fast_ops import kernels_for_new_cell
 
-_unscale = ops.MultitypeFuncGraph("unscale")
-
-
-@_unscale.register("Tensor", "Tensor")
-def _unscale_grad(scale, grad):
-    return grad * ops.cast(ops.reciprocal(scale), grad.dtype)
-
-
 _grad_sum = ops.MultitypeFuncGraph("grad_sum")
 
 
@@ -78,7 +70,7 @@ class TrainStep(nn.Cell):
         else:
             self.grad_reducer = nn.Identity()
         # The kernel library's one-pass global norm (float32 gradients only) serves the overflow check and the
-        # clipping: 240 -> 180 ms per PVT-Tiny RetinaNet step on 64x64 canvases, batch 8 (see `_fused_construct`).
+        # clipping: 237 -> 148 ms per PVT-Tiny RetinaNet step on 64x64 canvases, batch 8 (see `_fused_construct`).
         kernels = kernels_for_new_cell()
         self.global_norm = kernels.global_norm if kernels is not None and all(
             p.dtype == ms.float32 for p in self.weights) else None
@@ -92,31 +84,17 @@ class TrainStep(nn.Cell):
         if self.global_norm is not None:
             return self._fused_construct(loss, grads, scale)
         if not self.unit_scale:
-            grads = self.hyper_map(ops.partial(_unscale, scale), grads)
-        finite = ops.cast(ops.logical_and(ops.isfinite(loss), self._all_finite(grads)), ms.float32)
-        if self.reduce_grads:
-            # Every rank must take the same decision, or the replicas drift apart; and the reported loss is the
-            # mean over all ranks, the loss of the global batch.
-            finite = ops.cast(self.all_reduce(1.0 - finite) == 0, ms.float32)
-            loss = self.all_reduce(loss) / self.world_size
-        overflow = finite < 0.5
+            grads = self.hyper_map(ops.partial(_scale_grad, ops.reciprocal(scale)), grads)
+        loss, overflow = self._agree(loss, self._all_finite(grads))
         if self.clip:
             grads = ops.clip_by_global_norm(grads, clip_norm=self.clip_grad_norm)
-        if not overflow:
-            loss = ops.depend(loss, self.optimizer(grads))
-        if self.dynamic:
-            loss = ops.depend(loss, self._update_scale(overflow))
-        return loss, overflow, scale
+        return self._update(loss, overflow, grads), overflow, scale
 
     def _fused_construct(self, loss, grads, scale):
         # One pass over the gradients gives their norm and whether all are finite; the unscaling and the clipping
         # are then one multiply by one factor, which is skipped when it is 1 for sure (unit scale, no clipping).
         stats = self.global_norm(*grads)
-        finite = ops.cast(ops.logical_and(ops.isfinite(loss), stats[1] > 0.5), ms.float32)
-        if self.reduce_grads:
-            finite = ops.cast(self.all_reduce(1.0 - finite) == 0, ms.float32)
-            loss = self.all_reduce(loss) / self.world_size
-        overflow = finite < 0.5
+        loss, overflow = self._agree(loss, stats[1] > 0.5)
         factor = ops.reciprocal(scale)
         if self.clip:
             # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / norm where the norm exceeds max_norm.
@@ -124,11 +102,25 @@ class TrainStep(nn.Cell):
             factor = factor * self.clip_grad_norm / ops.maximum(norm, self.clip_grad_norm)
         if self.clip or not self.unit_scale:
             grads = self.hyper_map(ops.partial(_scale_grad, factor), grads)
+        return self._update(loss, overflow, grads), overflow, scale
+
+    def _agree(self, loss, grads_finite):
+        """(loss, overflow): whether this step's update is skipped, decided from the loss and the gradients."""
+        finite = ops.cast(ops.logical_and(ops.isfinite(loss), grads_finite), ms.float32)
+        if self.reduce_grads:
+            # Every rank must take the same decision, or the replicas drift apart; and the reported loss is the
+            # mean over all ranks, the loss of the global batch.
+            finite = ops.cast(self.all_reduce(1.0 - finite) == 0, ms.float32)
+            loss = self.all_reduce(loss) / self.world_size
+        return loss, finite < 0.5
+
+    def _update(self, loss, overflow, grads):
+        """The optimizer step unless it overflowed, then the loss scale's update; returns the loss after both."""
         if not overflow:
             loss = ops.depend(loss, self.optimizer(grads))
         if self.dynamic:
             loss = ops.depend(loss, self._update_scale(overflow))
-        return loss, overflow, scale
+        return loss
 
     def _all_finite(self, grads):
         # An inf or nan anywhere makes the total non-finite (inf - inf is nan). One float sum per gradient costs

@@ -36,6 +36,12 @@ inline FocalTerms focal_terms(float x, bool target, float alpha, float gamma) {
   return {bce * weight, (p - t) * weight + bce * dweight};
 }
 
+// The row's target class as an index, -1 for none (negatives and ignored anchors carry -1, or any value outside
+// [0, K)).
+inline int64_t target_index(float label, int64_t classes) {
+  return label >= 0.0f && label < static_cast<float>(classes) ? static_cast<int64_t>(label) : -1;
+}
+
 // Shapes: logits (B, N, K), labels (B, N) (the positive anchor's class index, anything outside [0, K) for
 // negatives and ignored anchors), meta (2,) = [alpha, gamma].
 inline bool focal_shapes(const int *ndims, int64_t **shapes) {
@@ -53,8 +59,7 @@ int PvtFocalLossUnchecked(int, void **params, int *, int64_t **shapes, const cha
   parallel_for(rows, 256, [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       const float *x = logits + r * classes;
-      const int64_t label = labels[r] >= 0.0f && labels[r] < static_cast<float>(classes)
-                                ? static_cast<int64_t>(labels[r]) : -1;
+      const int64_t label = target_index(labels[r], classes);
       float total = 0.0f;
       for (int64_t k = 0; k < classes; ++k) total += focal_terms(x[k], k == label, alpha, gamma).loss;
       out[r] = total;
@@ -75,8 +80,7 @@ int PvtFocalLossGradUnchecked(int, void **params, int *, int64_t **shapes, const
     for (int64_t r = begin; r < end; ++r) {
       const float *x = logits + r * classes;
       float *dx = dlogits + r * classes;
-      const int64_t label = labels[r] >= 0.0f && labels[r] < static_cast<float>(classes)
-                                ? static_cast<int64_t>(labels[r]) : -1;
+      const int64_t label = target_index(labels[r], classes);
       const float g = dout[r];
       for (int64_t k = 0; k < classes; ++k) dx[k] = g * focal_terms(x[k], k == label, alpha, gamma).grad;
     }
