@@ -50,8 +50,10 @@ def assert_equals_torch(model, weight, x, torch_result):
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "im2col"])
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+# (2, 6, 45, 61): a map large enough for the kernels' 3x3 stride-1 forward to take Winograd's F(2x2, 3x3)
+# (kernels/winograd.cc: 12 blocks of 128 tiles, at least two per thread up to 6 threads), odd on both sides.
 @pytest.mark.parametrize("stride, has_bias, shape", [(1, True, (2, 6, 13, 17)), (2, True, (1, 6, 13, 16)),
-                                                     (1, False, (1, 6, 7, 5))])
+                                                     (1, False, (1, 6, 7, 5)), (1, True, (2, 6, 45, 61))])
 def test_output_and_gradients_equal_torch_conv2d(mode, stride, has_bias, shape, kernel):
     """Both paths, in training mode: the convolution kernels (forward and backward) and, where they are not
     available, MindSpore's Im2Col + BatchMatMul."""

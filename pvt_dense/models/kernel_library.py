@@ -40,8 +40,8 @@ KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 # What the library is compiled from: the header every source includes, and one source per kernel family (compiled
 # together into one library; a new family is one more name here, its entry points in the symbol tuples below).
 KERNEL_HEADERS = ("common.h",)
-KERNEL_SOURCES = ("thread_pool.cc", "gelu.cc", "layer_norm.cc", "dense.cc", "attention.cc", "conv.cc", "argmax.cc",
-                  "grad_norm.cc", "focal_loss.cc")
+KERNEL_SOURCES = ("thread_pool.cc", "gelu.cc", "layer_norm.cc", "dense.cc", "attention.cc", "conv.cc", "winograd.cc",
+                  "argmax.cc", "grad_norm.cc", "focal_loss.cc")
 # What the Custom ops of fast_ops name: every one must resolve in the loaded library before a Cell uses it.
 BASIC_KERNELS = ("PvtGelu", "PvtGeluGrad", "PvtLayerNorm", "PvtLayerNormGrad", "PvtGlobalNorm", "PvtFocalLoss",
                  "PvtFocalLossGrad")

@@ -34,6 +34,14 @@ __attribute__((visibility("hidden"))) int thread_count();
 // else all on this thread.
 __attribute__((visibility("hidden"))) void run_chunks(int threads, int64_t chunks,
                                                       const std::function<void(int64_t)> &task);
+#ifdef PVT_HAVE_DNNL
+// winograd.cc: y = ReLU?(conv3x3(x, wt) + b) with stride 1 and padding 1, x (batch, c, h, w), wt (o, c, 3, 3),
+// y (batch, o, h, w), by Winograd's F(2 x 2, 3 x 3); 0, 2 when an sgemm failed, or -1 without computing anything
+// when the map is too small for it to pay (the caller convolves directly).
+__attribute__((visibility("hidden"))) int winograd_conv3x3(int64_t batch, int64_t c, int64_t h, int64_t w,
+                                                           int64_t o, const float *x, const float *wt,
+                                                           const float *b, bool relu, float *y);
+#endif
 }  // namespace pvt
 
 // Internal linkage, as when the kernels were one file: each source inlines its own copy and the library exports

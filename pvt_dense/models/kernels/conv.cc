@@ -208,6 +208,10 @@ static int PvtConv2dUnchecked(int nparam, void **params, int *ndims, int64_t **s
     for (int64_t i = 0; i < L.batch * L.o; ++i) std::fill_n(y + i * L.oh * L.ow, L.oh * L.ow, b[i % L.o]);
     return 0;
   }
+  if (L.k == 3 && L.stride == 1 && L.pad == 1) {  // the necks' and heads' 3x3 convolutions: winograd.cc
+    const int status = pvt::winograd_conv3x3(L.batch, L.c, L.h, L.w, L.o, x, w, b, L.relu, y);
+    if (status >= 0) return status;
+  }
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(L.oh, kConvColumns / L.ow));
   const int64_t blocks = (L.oh + rows - 1) / rows;
   std::atomic<int> status{0};
