@@ -183,9 +183,11 @@ def test_load_library_resolves_every_symbol_the_custom_ops_name():
 def test_a_failed_build_is_remembered_until_the_key_changes(fresh, counting_compiler, monkeypatch, pynative):
     result, message = lookup_with_one_warning()
     assert result is None and "fake-cxx: no" in message
-    attempts = len(kernel_library._build_attempts())
+    # each attempt runs the compiler once per compilation unit (side by side), then stops
+    units = min(len(kernel_library.KERNEL_SOURCES), kernel_library.usable_cpus())
+    attempts = len(kernel_library._build_attempts()) * units
     assert calls(counting_compiler) == attempts
-    assert len(list(fresh.glob("*.failed"))) == attempts
+    assert len(list(fresh.glob("*.failed"))) == attempts // units
     assert not list(fresh.glob("*.tmp")) and not list(fresh.glob("*.src"))  # no leftovers
 
     monkeypatch.setattr(fast_ops, "_STATE", {})  # as in a second process
@@ -379,3 +381,18 @@ def test_the_thread_pool_gives_the_same_numbers_from_any_thread():
 def test_the_loaded_library_uses_the_chosen_thread_count():
     compiled = library_or_skip()
     assert compiled.threads == kernel_library.default_thread_count()
+
+
+def test_the_sources_build_as_units_side_by_side_and_as_one(tmp_path, monkeypatch):
+    """The build compiles one unit per usable CPU, each including its share of the sources: so the sources must
+    build whichever way they are grouped, as one unit (their internal names distinct) as well as one unit each."""
+    sources = kernel_library.read_kernel_sources()
+    flags, link, _ = kernel_library._build_attempts()[0]
+    compiler = kernel_library._compiler()
+    for cpus in (1, len(kernel_library.KERNEL_SOURCES)):
+        monkeypatch.setattr(kernel_library, "usable_cpus", lambda: cpus)
+        target = tmp_path / f"library_{cpus}.so"
+        kernel_library._compile(compiler, sources, flags, link, str(target))
+        assert os.path.isfile(kernel_library.record_path(str(target)))
+        kernel_library.load_library(str(target), kernel_library.BASIC_KERNELS + kernel_library.CONTROL_SYMBOLS
+                                    + kernel_library.DENSE_KERNELS)  # every entry point resolves
