@@ -37,6 +37,18 @@ def apply_mask(x, masks, level):
     return x * ops.broadcast_to(masks[level], x.shape)
 
 
+def add_upsampled(finer, coarse, training=False):
+    """finer + coarse upsampled (nearest) to finer's size. In inference, where finer is exactly twice coarse's size
+    (every input a multiple of 32), as one broadcasting add on a (h, 2, w, 2) view: MindSpore's
+    ResizeNearestNeighbor runs on one thread, 62 ms for 256 channels at 128x176 against 5 ms for the add (the
+    same values). Training keeps the interpolation, whose backward needs no broadcast tables."""
+    batch, channels, height, width = coarse.shape
+    if not training and finer.shape[2] == 2 * height and finer.shape[3] == 2 * width:
+        return (finer.reshape(batch, channels, height, 2, width, 2)
+                + coarse.reshape(batch, channels, height, 1, width, 1)).reshape(finer.shape)
+    return finer + ops.interpolate(coarse, size=finer.shape[2:], mode="nearest")
+
+
 class FPN(nn.Cell):
     """Feature pyramid over backbone maps `inputs[start_level:]`, plus `num_outs - used` extra coarser levels.
 
@@ -111,8 +123,7 @@ class FPN(nn.Cell):
         merged = (laterals[self.used_levels - 1],)
         for i in range(self.used_levels - 2, -1, -1):
             finer = laterals[i]
-            upsampled = ops.interpolate(merged[0], size=finer.shape[2:], mode="nearest")
-            merged = (finer + upsampled,) + merged
+            merged = (add_upsampled(finer, merged[0], self.training),) + merged
         outs = ()
         for i in range(self.used_levels):
             outs = outs + (self.fpn_convs[i](apply_mask(merged[i], masks, i)),)
