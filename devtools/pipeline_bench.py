@@ -281,7 +281,7 @@ def ours_seg_folder(task, case):
     cfg = load_segmentation_config(path, [("mode", 0), ("distribute", False), ("pretrained", ""),
                                           ("progress_bar", False), ("test_scale", [case["width"], case["height"]])])
     net, _ = load_trained_segmentor_with_report(cfg, task["checkpoints"]["seg"])
-    predictor = seg_evaluation.Predictor(SegmentorInference(net), **predictor_options(cfg))
+    predictor = seg_evaluation.Predictor(SegmentorInference(net, upsample=False), **predictor_options(cfg))
     loaded = time.perf_counter()
     original_predict = predictor.predict
 

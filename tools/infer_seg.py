@@ -32,7 +32,7 @@ def main(argv=None):
     ensure_output_dir(cfg.output)
     check_output_folders(cfg.output)  # before minutes of loading: an output subfolder may lead elsewhere
     net, report = load_trained_segmentor_with_report(cfg, cfg.ckpt_path)
-    predictor = Predictor(SegmentorInference(net), **predictor_options(cfg))
+    predictor = Predictor(SegmentorInference(net, upsample=False), **predictor_options(cfg))
     summary = infer_images(predictor, cfg.input, cfg.output, cfg.num_classes, cfg.opacity,
                            cfg.overwrite, progress=cfg.progress_bar)
     names = checkpoint_class_names(cfg, report)

@@ -55,7 +55,7 @@ def run_segmentation_demo(backbone_ckpt, output_dir="outputs/demo", config_path=
         # for the test scale (reloading and validating again cost ~8 s of the demo and gave the same table).
         inference, source = state["inference"], f"iteration {state['iteration']}'s validation"
     else:  # resumed after the training had finished, or an earlier evaluation was better
-        inference = SegmentorInference(load_trained_segmentor(cfg, best))
+        inference = SegmentorInference(load_trained_segmentor(cfg, best), upsample=False)
         result = evaluate_segmentor(inference, samples, cfg.num_classes, cfg.reduce_zero_label,
                                     predictor_options(cfg))
         source = "validation"

@@ -1,5 +1,6 @@
 """Evaluate a segmentor over a split: per-image prediction at the recipe's test size, logits resized back to the
 image's own size, one confusion matrix for the whole split, mIoU / mAcc / aAcc and a per-class table."""
+import functools
 import math
 import sys
 
@@ -30,14 +31,21 @@ def resize_logits(logits, size):
     return resized
 
 
-def resized_argmax(logits, size):
+def resized_argmax(logits, size, via=None):
     """`resize_logits(logits, size).argmax(axis=0)` (int32) without the K resized maps: each class map is resized into
     one reused buffer and folded into a running argmax (for 150 x 512x704 -> 512x683 the resized maps are 210 MB, a
-    fresh allocation per image whose first touch alone cost 0.1-0.5 s)."""
+    fresh allocation per image whose first touch alone cost 0.1-0.5 s). With `via` (h, w), each map is resized to
+    (h, w) first and from there to `size`: `resize_logits(resize_logits(logits, via), size).argmax(axis=0)`, the
+    two resizes of the test protocol (`Predictor`), for the price of about one."""
     height, width = size
     running = RunningArgmax((height, width))
     plane = np.empty((height, width), np.float32)
+    middle = None if via is None or tuple(via) in (tuple(logits.shape[1:]), (height, width)) else \
+        np.empty(tuple(via), np.float32)
     for channel in logits:
+        if middle is not None:
+            channel = cv2.resize(channel, (middle.shape[1], middle.shape[0]), dst=middle,
+                                 interpolation=cv2.INTER_LINEAR)
         if channel.shape == (height, width):
             running.add(channel)
         else:
@@ -45,14 +53,16 @@ def resized_argmax(logits, size):
     return running.index
 
 
-def crop_logits(outputs, size):
-    """The logits of a size bucket (`BucketedForward`) cropped to the valid region `size`."""
-    return [output[:, :, :size[0], :size[1]] for output in outputs]
+def crop_logits(outputs, size, stride=1):
+    """The logits of a size bucket (`BucketedForward`) cropped to the valid region `size` (at the logits' `stride`:
+    the bucket sizes are multiples of it)."""
+    return [output[:, :, :size[0] // stride, :size[1] // stride] for output in outputs]
 
 
 class Predictor:
     """RGB uint8 image -> (num_classes, H, W) logits at the image's size, through an inference Cell that maps
-    (1, 3, h, w) inputs to a tuple whose first item is (1, K, h, w) logits (`SegmentorInference`).
+    (1, 3, h, w) inputs to a tuple whose first item is (1, K, h / s, w / s) logits at its `output_stride` s (1 when
+    it has none; `SegmentorInference`).
 
     The test protocol of the official PVT segmentation code (mmseg 0.x `MultiScaleFlipAug(img_scale=(2048, 512))`
     around its `AlignResize(keep_ratio=True, size_divisor=32)`): `prepare_test_image` rescales keeping the ratio and
@@ -60,9 +70,10 @@ class Predictor:
     runs `crop_size` windows every `stride` pixels over it and averages the overlapping logits (for images much
     larger than the training crops). The logits come back at the network input's size and are resized bilinearly
     (half-pixel centres) to the image's own size; `predict` takes their argmax. mmseg 1.2's `EncoderDecoder.predict`
-    does the same two resizes.
+    does the same two resizes (here both on the host, from logits at the network's output stride; `predict` folds
+    each class map into the argmax as soon as it is resized).
 
-    `forward` is the one per-input call: (3, h, w) float32 -> (K, h, w) float32 logits at the input size. By default
+    `forward` is the one per-input call: (3, h, w) float32 -> (K, h / s, w / s) float32 logits. By default
     it runs `network`: in mode "whole" through a `ShapeFlexibleForward` (every image has its own aligned size, so
     per size either a compiled graph or an eager PyNative run, whichever the measured costs favour; the logits are
     the same either way, and under a global PyNative context everything runs eagerly), in mode "slide" directly in
@@ -81,10 +92,12 @@ class Predictor:
         self.mode = mode
         self.crop_size = tuple(crop_size)
         self.stride = tuple(stride)
+        self.output_stride = int(getattr(network, "output_stride", 1))
         self.flexible = self.bucketed = None
         if forward is None and mode == "whole":
             if getattr(network, "supports_buckets", False) and size_divisor % ALIGN == 0:
-                self.bucketed = BucketedForward(network, crop_logits, compile_pixels=2.0e6)
+                self.bucketed = BucketedForward(network, functools.partial(crop_logits, stride=self.output_stride),
+                                                compile_pixels=2.0e6)
                 self.flexible = self.bucketed.flexible
             else:
                 self.flexible = ShapeFlexibleForward(network)
@@ -124,14 +137,20 @@ class Predictor:
 
     def network_logits(self, image):
         """(K, h, w) float32 logits at the network input's size (h, w multiples of size_divisor)."""
-        x = prepare_test_image(image, self.scale, self.size_divisor)
+        return self._logits(prepare_test_image(image, self.scale, self.size_divisor), upsample=True)
+
+    def _logits(self, x, upsample):
+        """The logits of the network input x (3, h, w): at (h, w), or in mode "whole" without `upsample` at the
+        network's output stride."""
         if self.mode == "whole":
             out = self.forward(x)
+            if upsample:
+                out = resize_logits(out, x.shape[1:])
         else:
             height, width = x.shape[1:]
             out, count = None, np.zeros((height, width), np.float32)
             for top, bottom, left, right in sliding_windows(height, width, self.crop_size, self.stride):
-                window = self.forward(x[:, top:bottom, left:right])
+                window = resize_logits(self.forward(x[:, top:bottom, left:right]), (bottom - top, right - left))
                 if out is None:
                     out = np.zeros((window.shape[0], height, width), np.float32)
                 out[:, top:bottom, left:right] += window
@@ -141,7 +160,8 @@ class Predictor:
 
     def predict(self, image):
         """(H, W) uint8 class map: the argmax of `logits(image)`, computed without them (`resized_argmax`)."""
-        return resized_argmax(self.network_logits(image), image.shape[:2]).astype(np.uint8)
+        x = prepare_test_image(image, self.scale, self.size_divisor)
+        return resized_argmax(self._logits(x, upsample=False), image.shape[:2], via=x.shape[1:]).astype(np.uint8)
 
 
 def evaluate_segmentor(network, samples, num_classes, reduce_zero_label=True, predictor_options=None,
@@ -203,7 +223,7 @@ def evaluate_checkpoint(cfg, ckpt_path):
     from .segmentor import SegmentorInference
     net, report = load_trained_segmentor_with_report(cfg, ckpt_path)
     samples = list_samples(cfg.data_dir, cfg.val_split)
-    result = evaluate_segmentor(SegmentorInference(net), samples, cfg.num_classes, cfg.reduce_zero_label,
+    result = evaluate_segmentor(SegmentorInference(net, upsample=False), samples, cfg.num_classes, cfg.reduce_zero_label,
                                 predictor_options(cfg), progress=cfg.progress_bar)
     result["class_names"] = checkpoint_class_names(cfg, report)
     return result

@@ -29,6 +29,11 @@ class EncoderDecoder(nn.Cell):
     def supports_buckets(self):
         return getattr(self.backbone, "supports_buckets", False)
 
+    @property
+    def output_stride(self):
+        """The logits' stride: the head predicts at the finest neck level."""
+        return self.neck.strides[0]
+
     def bucket_inputs(self, valid_size, bucket_size):
         """The `valid` argument of `construct` for a valid region in a zero-padded bucket (`models.buckets`):
         the backbone's, then per neck level a mask and the edge-replicating gather indices."""
@@ -76,11 +81,20 @@ class SegmentorWithLoss(nn.Cell):
 
 
 class SegmentorInference(nn.Cell):
-    """images (N, 3, H, W) -> (logits (N, num_classes, H, W),) upsampled to the input size."""
+    """images (N, 3, H, W) -> (logits,): upsampled to the input size (N, num_classes, H, W) by default (what an
+    exported graph gives); with `upsample=False` at the head's stride `output_stride`, for a caller that resizes
+    them itself (`evaluation.Predictor` resizes them on the host, straight to the image's own size: the logits
+    upsampled in the graph were 150 x H x W floats, 216 MB at 512x704, resized on one thread in 47 ms, copied out
+    and cropped, to be resized once more)."""
 
-    def __init__(self, segmentor):
+    def __init__(self, segmentor, upsample=True):
         super().__init__(auto_prefix=False)
         self.segmentor = segmentor
+        self.upsample = bool(upsample)
+
+    @property
+    def output_stride(self):
+        return 1 if self.upsample else self.segmentor.output_stride
 
     @property
     def supports_buckets(self):
@@ -92,8 +106,9 @@ class SegmentorInference(nn.Cell):
     def construct(self, images, valid=None):
         """With `valid` (`EncoderDecoder.bucket_inputs`) the logits on the valid region (top-left; the host crops)
         equal those of the region run alone: the finest level's edge is replicated before the upsampling."""
-        if valid is None:
-            logits = self.segmentor(images)
-        else:
-            logits = replicate_edge(self.segmentor(images, valid), valid[2][0])
+        logits = self.segmentor(images) if valid is None else self.segmentor(images, valid)
+        if not self.upsample:
+            return (logits,)
+        if valid is not None:
+            logits = replicate_edge(logits, valid[2][0])
         return (ops.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False),)

@@ -41,7 +41,7 @@ class SegmentationRun:
         self.net = build_segmentor(cfg, synchronized_bn=cfg.sync_bn and self.world_size > 1,
                                    load_pretrained=not cfg.load_from)
         load_starting_weights(self.net, cfg.load_from)
-        self.inference = SegmentorInference(self.net)
+        self.inference = SegmentorInference(self.net, upsample=False)
         self.last_evaluation = {}
         self.lr_schedule = warmup_poly_schedule(cfg.lr, cfg.total_iters, cfg.power, cfg.min_lr, cfg.warmup_iters,
                                                 cfg.warmup_ratio)
