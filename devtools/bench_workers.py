@@ -198,6 +198,8 @@ def run_worker(task, timeout=3600):
     threads = str(task["threads"])
     env.update({"GLOG_v": env.get("GLOG_v", "3"), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                 "PVT_DENSE_NUM_THREADS": threads})
+    if task.get("cache_dir"):
+        env["PVT_DENSE_CACHE_DIR"] = task["cache_dir"]
     # the worker imports this module, which lives outside the installed package
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (REPOSITORY_ROOT, env.get("PYTHONPATH"))))
     command = [sys.executable, "-c", "import sys; from devtools.bench_workers import worker_main; "

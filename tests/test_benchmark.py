@@ -204,3 +204,28 @@ def test_pipeline_case_runs_on_both_sides_into_the_report(tiny_pipeline_run, cas
 def test_pipeline_cases_refuse_a_v2_model_first(tmp_path):
     with pytest.raises(benchmark.BenchmarkError, match="v1"):
         benchmark.run_benchmark(models=("pvt_v2_b0",), cases=("det_folder",), output=str(tmp_path), progress=False)
+
+
+def test_first_runs_start_from_empty_caches_and_second_runs_reuse_them(tmp_path, monkeypatch):
+    """A folder case's first run gets an empty PVT_DENSE_CACHE_DIR (a user's first run builds the kernel library);
+    its second run the same folder, filled by the first run, or by an untimed first run made for it."""
+    from devtools import benchmark as module
+    made = []
+
+    def worker(task):
+        made.append(task)
+        os.makedirs(task["cache_dir"], exist_ok=True)
+        open(os.path.join(task["cache_dir"], "library"), "w").close()
+        return {}
+
+    monkeypatch.setattr(module, "run_worker", worker)
+    again = {"framework": benchmark.OURS}
+    module.prepare_caches(again, benchmark.CASES["seg_folder_again"], str(tmp_path))
+    assert len(made) == 1 and made[0]["case_spec"]["run"] == 1 and made[0]["cache_dir"] == again["cache_dir"]
+    module.prepare_caches(again, benchmark.CASES["seg_folder_again"], str(tmp_path))
+    assert len(made) == 1  # the first run's caches are there: reused
+    first = {"framework": benchmark.OURS}
+    module.prepare_caches(first, benchmark.CASES["seg_folder"], str(tmp_path))
+    assert first["cache_dir"] == again["cache_dir"] and not os.path.exists(first["cache_dir"])
+    assert "empty caches" in benchmark.CASES["seg_folder"].label
+    assert "second run" in benchmark.CASES["seg_folder_again"].label

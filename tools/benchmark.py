@@ -23,6 +23,9 @@ against OpenMMLab on torch (mmcv's compiled NMS replaced by torchvision's, as mm
   the official dense backbone (HF's PVT adapted) over the same files.
 The folder cases count everything from building the model and loading its weights to the last result, graph
 compilations included; the report gives images/s over that total, the per-image times and where the time went.
+Each starts with empty caches (a fresh PVT_DENSE_CACHE_DIR: the kernel library is built in the run, as in a user's
+first run); det_folder_again, seg_folder_again and export_folder_again run the same again with the caches the first
+run left (the torch side, which keeps none, simply runs again).
 
 Every case runs in a fresh subprocess, so the peak memory is that case's own. Writes results.md / .csv / .json /
 .png and profile_<model>_<case>.md to --output (default outputs/benchmark). Needs the [bench] extra (torch,
