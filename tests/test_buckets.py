@@ -211,3 +211,36 @@ def test_flexible_forward_keeps_at_most_max_graphs_and_recompiles_a_released_one
         first[size] = out
     # (8, 8) was released when (16, 8) came, and compiled again on its return
     assert forward.stats.compilations == 4 and forward.stats.released == 2
+
+
+class ShapeRecorder(nn.Cell):
+    """A bucketable Cell that records the inputs it is run with: the image's shape and whether a valid region
+    came with it."""
+
+    supports_buckets = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def bucket_inputs(self, valid_size, bucket_size):
+        return (np.array(valid_size, np.int32),)
+
+    def construct(self, images, valid=None):
+        self.seen.append((tuple(images.shape), valid is None))
+        return (images * 2.0,)
+
+
+def test_a_bucket_run_eagerly_runs_each_image_at_its_own_size():
+    """Padding pays only in a graph that sizes share: when a bucket's calls run eagerly they run unpadded, and
+    under the eager inference settings (synchronous PyNative), restored afterwards."""
+    recorder = ShapeRecorder()
+    forward = BucketedForward(recorder, crop=lambda outputs, size: [o[:, :, :size[0], :size[1]] for o in outputs],
+                              policy="eager")
+    forward.expect_sizes([(64, 96), (96, 96)])
+    image = np.arange(64 * 96 * 3, dtype=np.float32).reshape(1, 3, 64, 96)
+    (out,) = forward(image)
+    np.testing.assert_array_equal(out, image * 2.0)
+    assert forward.bucket_for((64, 96)) == (96, 96) and recorder.seen == [((1, 3, 64, 96), True)]
+    assert forward.stats.eager_calls == 1
+    assert ms.get_context("pynative_synchronize") is False and ms.get_context("mode") == ms.PYNATIVE_MODE

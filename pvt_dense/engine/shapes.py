@@ -20,8 +20,9 @@ What else was tried (MindSpore 2.10, CPU):
   backbones that way: a few bucket graphs for all sizes. This class remains the engine below it, and the path of
   models that cannot be bucketed (v2 "-li").
 - PyNative (eager) gives exactly the graph's outputs (max difference 0.0 measured) with no compilation, but each
-  forward costs ~1.4-5x a graph forward here: at 97x131 an eager forward (~1.9 s) beats compile + graph forward
-  (~3.1 s), at 224x320 and above they are about even or the graph wins.
+  forward costs more than a graph forward: run synchronously (`eager_inference`), a Semantic FPN-PVT-Tiny forward
+  at 512x704 took 0.46-0.60 s against 0.33-0.40 s as a graph whose compilation costs ~3 s, so a size that comes
+  back fewer than ~15 times is cheaper eager.
 
 So the choice is made per signature from measured costs, keeping results exactly those of the model at the
 image's own size. Costs are learned on the fly per Cell: the seconds of a first graph call (compilation and one
@@ -33,8 +34,9 @@ forward), and eager and graph seconds per input element. A signature without a g
    compiled (the "ski rental" rule: a shape seen once never pays a compilation, a recurring one costs at most
    about twice what compiling it at once would have).
 A caller that knows its inputs ahead (a list of images) can say how often each signature will come with `expect`;
-such a signature with k calls left is compiled when k eager forwards are predicted to cost at least a compilation
-plus k graph forwards, and otherwise runs eagerly, without the ski-rental detour.
+once a compilation and the eager speed are measured (the first signature is compiled, the first call of the next
+one runs eagerly), such a signature with k calls left is compiled when k eager forwards are predicted to cost at
+least a compilation plus k graph forwards, and otherwise runs eagerly, without the ski-rental detour.
 """
 import contextlib
 import math
@@ -152,6 +154,23 @@ def execution_mode(mode):
             ms.set_context(mode=previous)
 
 
+@contextlib.contextmanager
+def eager_inference():
+    """PyNative for the block, its operators launched synchronously (then as before). MindSpore's asynchronous
+    PyNative queue spins a thread waiting for work (25% of the samples of a Semantic FPN forward), which on a 2-CPU
+    machine takes a core from the kernels: a PVT-Tiny Semantic FPN forward at 512x704 took 0.80-1.05 s that way,
+    0.46-0.60 s synchronously (0.33-0.40 s as a compiled graph)."""
+    synchronous = ms.get_context("pynative_synchronize")
+    with execution_mode(ms.PYNATIVE_MODE):
+        if not synchronous:
+            ms.set_context(pynative_synchronize=True)
+        try:
+            yield
+        finally:
+            if not synchronous:
+                ms.set_context(pynative_synchronize=False)
+
+
 class ShapeFlexibleForward:
     """`forward(*args)` is `cell(*args)`, run per input signature either through a compiled graph or eagerly
     (PyNative), by the rule of the module docstring; outputs are exactly what the Cell returns in either way.
@@ -190,6 +209,12 @@ class ShapeFlexibleForward:
         self.record.expected[signature] = self.record.expected.get(signature, 0) + int(count)
 
     def __call__(self, *args):
+        return self.run(args)[0]
+
+    def run(self, args, eager_args=None):
+        """(outputs, how) of one call with `args`: how is "graph", "compiled" (this call compiled the graph) or
+        "eager". `eager_args`: what to run instead when the call runs eagerly (the same results by other means: an
+        image at its own size rather than padded into a size bucket, where only a graph gains from the padding)."""
         signature = input_signature(args)
         compiled = signature in self.record.compiled
         decide_compile = not compiled and self.should_compile(signature, input_elements(args))
@@ -197,10 +222,10 @@ class ShapeFlexibleForward:
             self.record.expected[signature] -= 1
         if compiled:
             self.record.compiled.move_to_end(signature)
-            return self._run_graph(args)
+            return self._run_graph(args), "graph"
         if decide_compile:
-            return self._compile_and_run(signature, args)
-        return self._run_eager(signature, args)
+            return self._compile_and_run(signature, args), "compiled"
+        return self._run_eager(signature, args if eager_args is None else eager_args), "eager"
 
     def should_compile(self, signature, elements):
         """Whether a signature without a graph gets one now (the rule of the module docstring)."""
@@ -217,8 +242,9 @@ class ShapeFlexibleForward:
         calls_left = record.expected.get(signature, 0)
         eager = record.eager.predict(elements)
         if eager is None:
-            # The eager speed is not known yet: a signature announced to recur is compiled, any other measures it.
-            return calls_left > 1
+            # The eager speed is not known yet: this call measures it (at worst one forward's difference), and the
+            # signature's next call decides with both speeds known.
+            return False
         graph = record.graph.predict(elements) or 0.0
         if calls_left > 0:
             return calls_left * eager >= compile_seconds + calls_left * graph
@@ -265,7 +291,7 @@ class ShapeFlexibleForward:
         return outputs
 
     def _run_eager(self, signature, args):
-        with execution_mode(ms.PYNATIVE_MODE):
+        with eager_inference():
             start = time.perf_counter()
             outputs = self.cell(*args)
             wait_for(outputs)
@@ -292,9 +318,10 @@ class BucketedForward:
 
     The buckets are planned from the sizes announced with `expect_sizes` before the first call (`plan_buckets`:
     compilations against padded pixels); a size never announced goes to the smallest bucket that holds it, or
-    becomes a bucket of its own. The bucket graphs run through a `ShapeFlexibleForward` (`max_graphs` alive at a
-    time), and under a global PyNative context, where nothing is compiled, every batch simply runs at its own
-    size. h and w must be multiples of 32 (the test protocols' padding or resizing makes them so).
+    becomes a bucket of its own. Each bucket is a signature of a `ShapeFlexibleForward` (`max_graphs` alive at a
+    time): compiled when its calls pay for it, else run eagerly, and then, as under a global PyNative context
+    where nothing is compiled, each batch runs at its own size (padding only pays in a graph shared by sizes).
+    h and w must be multiples of 32 (the test protocols' padding or resizing makes them so).
 
     Args:
         cell: an inference Cell in eval mode with `bucket_inputs(valid_size, bucket_size)` and a `construct(images,
@@ -373,5 +400,7 @@ class BucketedForward:
         if bucket != size:
             padded = np.zeros(images.shape[:2] + bucket, np.float32)
             padded[:, :, :size[0], :size[1]] = images
-        outputs = self.flexible(ms.Tensor(padded), self.valid_inputs(size, bucket))
-        return self.crop([output.asnumpy() for output in outputs], size)
+        outputs, how = self.flexible.run((ms.Tensor(padded), self.valid_inputs(size, bucket)),
+                                         eager_args=(ms.Tensor(images),))
+        outputs = [output.asnumpy() for output in outputs]
+        return outputs if how == "eager" else self.crop(outputs, size)
