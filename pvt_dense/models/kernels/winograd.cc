@@ -1,10 +1,10 @@
-// 3x3 convolutions with stride 1 and "same" padding for inference by Winograd's minimal filtering, F(m x m, 3 x 3)
-// (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each m x m block of outputs of one
-// channel is computed from an (m + 2)^2 patch of the input in a transformed space where the convolution is an
-// element-wise product, so the products over the channels become (m + 2)^2 matrix products of (O x C) by
-// (C x tiles) instead of one of (O x 9 C) by (C x pixels): 2.25 times fewer multiply-adds for m = 2, 4 times for
-// m = 4. Called by conv.cc's forward for the necks' and heads' 3x3 convolutions (FPN, RetinaNet, Semantic FPN),
-// which are most of the work of a detector or segmentor after the backbone.
+// 3x3 convolutions with stride 1 and padding 1 (forward) by Winograd's minimal filtering F(2 x 2, 3 x 3) (Lavin &
+// Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each 2 x 2 block of outputs of one channel is
+// computed from the 4 x 4 patch of the input around it in a transformed space where the convolution is an
+// element-wise product, so the products over the channels become 16 matrix products of (O x C) by (C x tiles)
+// instead of one of (O x 9 C) by (C x pixels): 2.25 times fewer multiply-adds. Called by conv.cc's forward for the
+// necks' and heads' 3x3 convolutions (FPN, RetinaNet, Semantic FPN), most of a detector's or segmentor's work after
+// the backbone, where the map is large enough for it to pay.
 #include "common.h"
 
 #ifdef PVT_HAVE_DNNL
@@ -14,7 +14,8 @@ namespace {
 // product P = U .* V (summed over the input channels: 16 matrix products) -> the outputs Y = At P At^T (2 x 2), with
 // Bt = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], At = [1 1 1 0; 0 1 -1 -1].
 // Every constant is exact in float32 and the transforms only add and subtract, so the results stay within float32
-// rounding of the direct convolution's (F(4 x 4, 3 x 3), 4 times fewer products, measured 20 times the error).
+// rounding of the direct convolution's (F(4 x 4, 3 x 3), with 4 times fewer products, measured about 20 times the
+// direct kernel's error: not used).
 struct WinoLayout {
   int64_t c, h, w, o, tiles_y, tiles_x;
   int64_t tiles() const { return tiles_y * tiles_x; }
