@@ -14,7 +14,7 @@ from pvt_dense.errors import PVTDenseError
 from pvt_dense.segmentation.ade20k import (AnnotationError, Sample, convert_label, list_samples, read_label,
                                            read_label_raw, read_sample)
 from pvt_dense.segmentation.data import SegmentationBatchSource
-from pvt_dense.segmentation.evaluation import Predictor, evaluate_segmentor, resize_logits
+from pvt_dense.segmentation.evaluation import Predictor, evaluate_segmentor, resize_logits, resized_argmax
 from pvt_dense.output_names import relative_output_name
 from pvt_dense.segmentation.infer import output_paths, palette
 from pvt_dense.data.transforms import network_input_size, rescaled_size
@@ -202,6 +202,18 @@ def test_resize_logits_matches_opencv_per_channel():
     resized = resize_logits(logits, (11, 13))
     assert resized.shape == (600, 11, 13)
     assert np.allclose(resized[599], cv2.resize(logits[599], (13, 11), interpolation=cv2.INTER_LINEAR))
+
+
+@pytest.mark.parametrize("via", [None, (52, 68), (11, 13), (13, 17)], ids=["direct", "two_resizes", "via_size",
+                                                                         "via_logits"])
+def test_resized_argmax_is_the_argmax_of_the_resized_logits(via):
+    """The masks' fast path equals resizing all the logits (through `via` first: the network input's size) and
+    taking numpy's argmax, ties included (first index)."""
+    logits = np.random.default_rng(1).normal(size=(9, 13, 17)).astype(np.float32)
+    logits[3] = logits[5]  # a tie everywhere between two classes: the first one wins, as numpy's argmax
+    full = logits if via is None else resize_logits(logits, via)
+    expected = resize_logits(full, (11, 13)).argmax(axis=0)
+    np.testing.assert_array_equal(resized_argmax(logits, (11, 13), via=via), expected)
 
 
 def test_missing_annotation_and_missing_split_are_clear_errors(tmp_path):
