@@ -253,8 +253,9 @@ def test_masks_and_logits_match_mmseg_predict_on_real_photos_in_graph_mode(model
     # size is compiled at most once (odd.jpg and small.png share one), and every call is counted.
     assert len(input_sizes) < len(photos)
     stats = predictor.stats
-    # MindSpore's own count can hold one graph more than ours: the second of these tests in one process sees one
-    # graph of its first bucket compiled again by MindSpore (with the code before this test's eager changes too)
+    # MindSpore's own count can hold one graph more than ours: in the second variant run in one process, MindSpore
+    # compiles one graph of the new wrapper again on its second call (so it did before the eager changes too, and
+    # with a segmentor of its own: left alone)
     assert stats.compilations <= len(input_sizes) and len(inference.compile_cache) <= stats.compilations + 1
     assert stats.compilations + stats.graph_calls + stats.eager_calls == 2 * len(photos)  # logits, then predict
 
@@ -281,7 +282,9 @@ def test_sliding_window_logits_match_mmseg_slide_inference(models, photos, graph
             assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), path.name
     finally:
         reference.test_cfg = saved
-    assert len(inference.compile_cache) == 1  # every window has the crop size
+    # every window has the crop size: one graph (MindSpore's count can hold one more when both variants of this test
+    # run in one process, as in the whole-image test above)
+    assert len(inference.compile_cache) <= 2
 
 
 def test_metrics_match_mmseg_iou_metric(mmseg):
