@@ -213,8 +213,9 @@ class ShapeFlexibleForward:
 
     def run(self, args, eager_args=None):
         """(outputs, how) of one call with `args`: how is "graph", "compiled" (this call compiled the graph) or
-        "eager". `eager_args`: what to run instead when the call runs eagerly (the same results by other means: an
-        image at its own size rather than padded into a size bucket, where only a graph gains from the padding)."""
+        "eager". `eager_args`: a function giving what to run instead when the call runs eagerly (the same results by
+        other means: an image at its own size rather than padded into a size bucket, where only a graph gains from
+        the padding), made only then."""
         signature = input_signature(args)
         compiled = signature in self.record.compiled
         decide_compile = not compiled and self.should_compile(signature, input_elements(args))
@@ -225,7 +226,7 @@ class ShapeFlexibleForward:
             return self._run_graph(args), "graph"
         if decide_compile:
             return self._compile_and_run(signature, args), "compiled"
-        return self._run_eager(signature, args if eager_args is None else eager_args), "eager"
+        return self._run_eager(signature, args if eager_args is None else eager_args()), "eager"
 
     def should_compile(self, signature, elements):
         """Whether a signature without a graph gets one now (the rule of the module docstring)."""
@@ -401,6 +402,6 @@ class BucketedForward:
             padded = np.zeros(images.shape[:2] + bucket, np.float32)
             padded[:, :, :size[0], :size[1]] = images
         outputs, how = self.flexible.run((ms.Tensor(padded), self.valid_inputs(size, bucket)),
-                                         eager_args=(ms.Tensor(images),))
+                                         eager_args=lambda: (ms.Tensor(images),))
         outputs = [output.asnumpy() for output in outputs]
         return outputs if how == "eager" else self.crop(outputs, size)

@@ -49,41 +49,40 @@ inline bool focal_shapes(const int *ndims, int64_t **shapes) {
          is_vector(ndims, shapes, 2, 2);
 }
 
-int PvtFocalLossUnchecked(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+// Runs body(r, logits of anchor r, its target index, focal terms of (anchor r, class k) as a function of k) over the
+// B N anchors, in parallel: the loss and its gradient share inputs (logits, labels, meta [alpha, gamma]) and loop.
+template <class Body>
+void for_each_anchor(void **params, int64_t **shapes, const Body &body) {
   const float *logits = static_cast<const float *>(params[0]);
   const float *labels = static_cast<const float *>(params[1]);
   const float *meta = static_cast<const float *>(params[2]);
-  float *out = static_cast<float *>(params[3]);
   const int64_t rows = shapes[0][0] * shapes[0][1], classes = shapes[0][2];
   const float alpha = meta[0], gamma = meta[1];
   parallel_for(rows, 256, [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       const float *x = logits + r * classes;
       const int64_t label = target_index(labels[r], classes);
-      float total = 0.0f;
-      for (int64_t k = 0; k < classes; ++k) total += focal_terms(x[k], k == label, alpha, gamma).loss;
-      out[r] = total;
+      body(r, classes, [&](int64_t k) { return focal_terms(x[k], k == label, alpha, gamma); });
     }
+  });
+}
+
+int PvtFocalLossUnchecked(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  float *out = static_cast<float *>(params[3]);
+  for_each_anchor(params, shapes, [&](int64_t r, int64_t classes, const auto &terms) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < classes; ++k) total += terms(k).loss;
+    out[r] = total;
   });
   return 0;
 }
 
 int PvtFocalLossGradUnchecked(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const float *logits = static_cast<const float *>(params[0]);
-  const float *labels = static_cast<const float *>(params[1]);
-  const float *meta = static_cast<const float *>(params[2]);
   const float *dout = static_cast<const float *>(params[3]);
   float *dlogits = static_cast<float *>(params[4]);
-  const int64_t rows = shapes[0][0] * shapes[0][1], classes = shapes[0][2];
-  const float alpha = meta[0], gamma = meta[1];
-  parallel_for(rows, 256, [&](int64_t begin, int64_t end, int) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *x = logits + r * classes;
-      float *dx = dlogits + r * classes;
-      const int64_t label = target_index(labels[r], classes);
-      const float g = dout[r];
-      for (int64_t k = 0; k < classes; ++k) dx[k] = g * focal_terms(x[k], k == label, alpha, gamma).grad;
-    }
+  for_each_anchor(params, shapes, [&](int64_t r, int64_t classes, const auto &terms) {
+    float *dx = dlogits + r * classes;
+    for (int64_t k = 0; k < classes; ++k) dx[k] = dout[r] * terms(k).grad;
   });
   return 0;
 }

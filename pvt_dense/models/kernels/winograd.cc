@@ -152,8 +152,11 @@ void output_transform(const WinoLayout &L, const float *__restrict p, int64_t ld
 // while each of the 16 products still has enough columns for an efficient sgemm.
 constexpr int64_t kBlockTiles = 128;
 
-int winograd(int64_t batch, int64_t c, int64_t h, int64_t w, int64_t o, const float *x, const float *wt,
-             const float *b, bool relu, float *y) {
+}  // namespace
+
+namespace pvt {
+int winograd_conv3x3(int64_t batch, int64_t c, int64_t h, int64_t w, int64_t o, const float *x, const float *wt,
+                     const float *b, bool relu, float *y) {
   constexpr int a2 = 16;
   const WinoLayout L{c, h, w, o, (h + 1) / 2, (w + 1) / 2};
   const int64_t nt = kBlockTiles, blocks = (L.tiles() + nt - 1) / nt, units = batch * blocks;
@@ -177,14 +180,6 @@ int winograd(int64_t batch, int64_t c, int64_t h, int64_t w, int64_t o, const fl
     }
   });
   return status.load();
-}
-
-}  // namespace
-
-namespace pvt {
-int winograd_conv3x3(int64_t batch, int64_t c, int64_t h, int64_t w, int64_t o, const float *x, const float *wt,
-                     const float *b, bool relu, float *y) {
-  return winograd(batch, c, h, w, o, x, wt, b, relu, y);
 }
 }  // namespace pvt
 #endif  // PVT_HAVE_DNNL
